@@ -1,0 +1,46 @@
+"""Checkpoints: written atomically (a crash never leaves half a file), read with
+weights_only=True (no unpickling of arbitrary objects), recognised by a format tag."""
+import os
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig, UsageError
+from .models import RoutedResNet, build_model
+
+FORMAT = "drn-checkpoint"
+VERSION = 1
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": FORMAT, "version": VERSION, **state}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, pickled foreign objects...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"checkpoint {path} is corrupt or not a drn checkpoint ({first[:200]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UsageError(f"{path} is not a drn checkpoint (written by drn-train?)")
+    if ckpt.get("version") != VERSION:
+        raise UsageError(f"checkpoint {path} has version {ckpt.get('version')}, this drn reads {VERSION}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict) -> tuple[RoutedResNet, TrainConfig]:
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    model = build_model(cfg.arch, ckpt["num_classes"], ckpt["input_size"], beta=cfg.beta,
+                        router_hidden=cfg.router_hidden)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UsageError(f"checkpoint weights do not fit {cfg.arch}: {str(e).splitlines()[0]}") from None
+    return model, cfg

@@ -1,0 +1,172 @@
+"""drn-train and drn-eval. Bad input: one line on stderr, exit 2, nothing written."""
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from .config import TrainConfig, UsageError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + error; we print one line
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _fmt(v) -> str:
+    return "the paper's for the dataset" if v is None else str(v)
+
+
+# flag -> (TrainConfig field, type, help). Defaults come from TrainConfig, so help cannot drift.
+TRAIN_FLAGS = {
+    "--arch": ("arch", str, "resnet8/14/20/32/44/56/74/110 (CIFAR, basic blocks) or resnet50 (bottlenecks)"),
+    "--dataset": ("dataset", str, "cifar10, cifar100, svhn, tinyimagenet or imagefolder (DIR/train, DIR/val)"),
+    "--data-dir": ("data_dir", str, "where the dataset is (torchvision sets are downloaded there if missing)"),
+    "--out": ("out", str, "output folder: checkpoint.pt is rewritten after every epoch"),
+    "--epochs": ("epochs", int, "epochs of the main (soft-routing) schedule"),
+    "--finetune-epochs": ("finetune_epochs", int, "extra epochs with frozen routers and hard routing"),
+    "--batch-size": ("batch_size", int, "samples per step (each gives --views augmented copies)"),
+    "--views": ("views", int, "M of Eq. 5: augmented copies per sample"),
+    "--lr": ("lr", float, "initial learning rate (x lr-decay at 60%% and 80%% of --epochs)"),
+    "--momentum": ("momentum", float, "SGD momentum"),
+    "--weight-decay": ("weight_decay", float, "SGD weight decay"),
+    "--lam": ("lam", float, "lambda, weight of the consistency loss (Eq. 5)"),
+    "--alpha": ("alpha", float, "alpha, weight of the diversity loss (Eq. 6)"),
+    "--gamma": ("gamma", float, "gamma, weight of the regularisation loss (Eq. 10)"),
+    "--mu": ("mu", float, "mu, weight of the cost loss (Eq. 8); the start value when --target-flops is set"),
+    "--d-c": ("d_c", float, "consistency margin d_c"),
+    "--d-d": ("d_d", float, "diversity margin d_d"),
+    "--beta": ("beta", float, "beta of Eq. 3 (larger: soft routing closer to hard)"),
+    "--router-hidden": ("router_hidden", int, "hidden width of each router"),
+    "--target-flops": ("target_flops", str, "FLOPs budget per image, absolute (2e8) or share of full (40%%); "
+                                            "mu is then adapted to land there"),
+    "--seed": ("seed", int, "random seed (initialisation, shuffling, augmentation)"),
+    "--device": ("device", str, "auto, cpu, cuda or cuda:N"),
+    "--eval-batch-size": ("eval_batch_size", int, "batch size of the per-epoch evaluation"),
+}
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    defaults = TrainConfig.__dataclass_fields__
+    p = _Parser(prog="drn-train", description="Train a dynamic-routing ResNet (soft routing with "
+                "consistency, diversity, cost and regularisation losses; hard routing at test time).")
+    for flag, (name, typ, help_) in TRAIN_FLAGS.items():
+        f = defaults[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        p.add_argument(flag, dest=name, type=typ, default=argparse.SUPPRESS,
+                       help=f"{help_} (default: {_fmt(default)})")
+    p.add_argument("--no-amp", dest="amp", action="store_false", default=argparse.SUPPRESS,
+                   help="disable bfloat16 autocast on CUDA (default: on for CUDA, off on CPU)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint.pt, with the config stored there")
+    p.add_argument("--cost-only", action="store_true",
+                   help="print the cost table of --arch for --dataset's input size and exit")
+    p.add_argument("--json", action="store_true", help="end stdout with one JSON line of the final metrics")
+    return p
+
+
+def _eval_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="drn-eval", description="Evaluate a trained dynamic-routing ResNet with hard routing "
+                "(Eq. 11): accuracy, FLOPs, routing length K, distinct paths, same-path ratio, speed.")
+    p.add_argument("checkpoint", help="a checkpoint.pt written by drn-train")
+    p.add_argument("--dataset", help="dataset (default: the one it was trained on)")
+    p.add_argument("--data-dir", help="data folder (default: the one it was trained on)")
+    p.add_argument("--split", choices=("train", "val"), default="val",
+                   help="which split (val is the test set of torchvision datasets; default: val)")
+    p.add_argument("--threshold", type=float, default=0.5, help="execute a block iff r >= this (default: 0.5)")
+    p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default: 500)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the perturbations for the same-path ratio")
+    p.add_argument("--json", action="store_true", help="end stdout with one JSON line of the metrics")
+    return p
+
+
+def _emit(metrics: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(metrics))
+        return
+    for k, v in metrics.items():
+        if k != "block_exec_rate":
+            print(f"{k:>20}  {v:.4g}" if isinstance(v, float) else f"{k:>20}  {v}")
+
+
+def _run(fn, prog: str) -> int:
+    try:
+        return fn()
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except FloatingPointError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; the last finished epoch is in the checkpoint", file=sys.stderr)
+        return 130
+
+
+def _cost_only(cfg: TrainConfig) -> dict:
+    from .data import DATASETS, load_dataset
+    from .models import build_model
+    from .cost import measure_cost_table
+    info = DATASETS[cfg.dataset]
+    classes, size = info.num_classes, info.input_size
+    if size is None:  # imagefolder: read it off the data
+        data = load_dataset(cfg.dataset, cfg.data_dir)
+        classes, size = data.num_classes, data.input_size
+    model = build_model(cfg.arch, classes, size, beta=cfg.beta, router_hidden=cfg.router_hidden)
+    return {"arch": cfg.arch, "dataset": cfg.dataset, "input_size": size,
+            **measure_cost_table(model).to_dict()}
+
+
+def train_main(argv=None) -> int:
+    args = vars(_train_parser().parse_args(argv))
+    resume, cost_only, as_json = args.pop("resume"), args.pop("cost_only"), args.pop("json")
+
+    def go():
+        from .train import Trainer
+        cfg = TrainConfig(**args)
+        if cost_only:
+            _emit(_cost_only(cfg), as_json)
+            return 0
+        if not resume and (Path(cfg.out) / "checkpoint.pt").exists():
+            raise UsageError(f"{cfg.out} already holds a run; continue it with --resume or pick another --out")
+        trainer = Trainer(cfg, resume=resume)
+        _emit(trainer.run(), as_json)
+        return 0
+
+    return _run(go, "drn-train")
+
+
+def eval_main(argv=None) -> int:
+    args = _eval_parser().parse_args(argv)
+
+    def go():
+        import torch
+        from .checkpoint import load_checkpoint, model_from_checkpoint
+        from .cost import measure_cost_table
+        from .data import load_dataset
+        from .evaluate import evaluate
+        from .train import select_device
+        if not 0 < args.threshold < 1:
+            raise UsageError(f"threshold must be in (0, 1), got {args.threshold}")
+        if args.batch_size < 1:
+            raise UsageError(f"batch size must be >= 1, got {args.batch_size}")
+        ckpt = load_checkpoint(args.checkpoint)
+        model, cfg = model_from_checkpoint(ckpt)
+        data = load_dataset(args.dataset or cfg.dataset, args.data_dir or cfg.data_dir)
+        if (data.num_classes, data.input_size) != (ckpt["num_classes"], ckpt["input_size"]):
+            raise UsageError(f"the data has {data.num_classes} classes of {data.input_size}px images, the model "
+                             f"was trained on {ckpt['num_classes']} classes of {ckpt['input_size']}px")
+        model.to(select_device(args.device))
+        torch.set_grad_enabled(False)
+        cost = measure_cost_table(model)
+        split = data.val if args.split == "val" else data.train
+        metrics = evaluate(model, split, cost, args.batch_size, args.threshold, same_path=True, seed=args.seed)
+        metrics.update(checkpoint=str(Path(args.checkpoint).absolute()), split=args.split,
+                       threshold=args.threshold, epoch=ckpt["epoch"])
+        _emit(metrics, args.json)
+        return 0
+
+    return _run(go, "drn-eval")

@@ -1,0 +1,143 @@
+"""TrainConfig: the one place where CLI flags (and later search-trial dicts) become a validated,
+typed configuration. Bad input raises UsageError, which the CLIs print as one line, exit 2."""
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+
+
+class UsageError(ValueError):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+def parse_target(spec: str | float | None) -> tuple[str, float] | None:
+    """'2e8' -> ('abs', 2e8); '40%' -> ('frac', 0.4). Range checks need the cost table: see
+    `resolve_target`."""
+    if spec is None:
+        return None
+    s = str(spec).strip()
+    try:
+        if s.endswith("%"):
+            kind, value = "frac", float(s[:-1]) / 100
+        else:
+            kind, value = "abs", float(s)
+    except ValueError:
+        raise UsageError(f"target {spec!r} is neither FLOPs (like 2e8) nor a percentage (like 40%)") from None
+    if not math.isfinite(value) or value <= 0:
+        raise UsageError(f"target {spec!r} must be > 0")
+    return kind, value
+
+
+def resolve_target(spec: str | float | None, flops_full: float, flops_fixed: float) -> float | None:
+    """Absolute FLOPs per image for `spec`, checked against what the network can reach."""
+    parsed = parse_target(spec)
+    if parsed is None:
+        return None
+    kind, value = parsed
+    flops = value * flops_full if kind == "frac" else value
+    if flops >= flops_full:
+        raise UsageError(f"target {spec} is not below the full network's {flops_full:.4g} FLOPs; "
+                         f"ask for less, or train without --target-flops")
+    if flops <= flops_fixed:
+        raise UsageError(f"target {spec} ({flops:.4g} FLOPs) is not above the network's fixed cost "
+                         f"{flops_fixed:.4g} FLOPs (stem, head, routers), which every image pays")
+    return flops
+
+
+def default_data_dir() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "drn", "data")
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    arch: str = "resnet110"
+    dataset: str = "cifar10"
+    data_dir: str = field(default_factory=default_data_dir)
+    out: str = "runs/drn"
+    # schedule (paper Sec. 4.1: SGD 0.9, wd 1e-4, lr 0.1, x0.1 at epochs 150 and 200 of 250)
+    epochs: int = 250
+    finetune_epochs: int = 0      # extra epochs with frozen routers and hard routing
+    batch_size: int = 128         # samples per step; each contributes `views` augmented copies
+    views: int = 2                # M of Eq. 5: augmented copies per sample
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    milestones: tuple[float, ...] = (0.6, 0.8)  # fractions of `epochs` (= 150/250, 200/250)
+    lr_decay: float = 0.1
+    # Eq. 9 (None: the paper's value for the dataset -- 0.2, or 0.4 on Tiny-ImageNet)
+    lam: float | None = None
+    alpha: float | None = None
+    gamma: float = 0.5
+    mu: float = 0.05              # initial cost weight; fixed unless a target is given
+    d_c: float = 0.2
+    d_d: float = 0.5
+    # routers
+    beta: float = 5.0
+    router_hidden: int = 32
+    # budget: FLOPs per image ('2e8') or share of the full network ('40%')
+    target_flops: str | None = None
+    # runtime
+    seed: int = 0
+    device: str = "auto"          # auto | cpu | cuda | cuda:N
+    amp: bool = True              # bfloat16 autocast on CUDA; ignored on CPU
+    eval_batch_size: int = 500
+
+    def __post_init__(self):
+        from .data import DATASETS
+        from .models import ARCHS
+        if self.arch not in ARCHS:
+            raise UsageError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if self.dataset not in DATASETS:
+            raise UsageError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        default_w = 0.4 if self.dataset == "tinyimagenet" else 0.2
+        self.lam = default_w if self.lam is None else self.lam
+        self.alpha = default_w if self.alpha is None else self.alpha
+        self.milestones = tuple(self.milestones)
+        self.data_dir = os.path.abspath(os.path.expanduser(self.data_dir))
+        self.out = os.path.abspath(os.path.expanduser(self.out))
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.finetune_epochs >= 0, f"finetune epochs must be >= 0, got {self.finetune_epochs}"),
+            (self.batch_size >= 2, f"batch size must be >= 2 (Eq. 6 needs pairs), got {self.batch_size}"),
+            (self.views >= 1, f"views must be >= 1, got {self.views}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
+            (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
+            (all(0 < m <= 1 for m in self.milestones), f"milestones are fractions in (0, 1], got {self.milestones}"),
+            (0 < self.lr_decay <= 1, f"lr decay must be in (0, 1], got {self.lr_decay}"),
+            (min(self.lam, self.alpha, self.gamma, self.mu) >= 0, "loss weights must be >= 0"),
+            (self.d_c >= 0 and self.d_d >= 0, "margins d_c and d_d must be >= 0"),
+            (self.beta > 0, f"beta must be > 0, got {self.beta}"),
+            (self.router_hidden >= 1, f"router hidden width must be >= 1, got {self.router_hidden}"),
+            (self.eval_batch_size >= 1, f"eval batch size must be >= 1, got {self.eval_batch_size}"),
+            (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+             f"device must be auto, cpu or cuda[:N], got {self.device!r}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UsageError(msg)
+        parse_target(self.target_flops)
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs + self.finetune_epochs
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise UsageError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate of 0-based `epoch`; the finetune phase keeps the last rate."""
+        e = min(epoch, self.epochs - 1)
+        passed = sum(e >= round(m * self.epochs) for m in self.milestones)
+        return self.lr * self.lr_decay ** passed

@@ -1,0 +1,78 @@
+"""Cost table for Eq. 7/8: per-block FLOPs measured with torch.utils.flop_counter.
+
+Convention (BlockDrop's): FLOPs = 2 x multiply-accumulates of conv and linear layers; BN, ReLU,
+pooling and additions are not counted. Routers are counted: every router runs whatever it
+decides, so router FLOPs are part of the fixed cost together with the stem, the head and the
+shortcuts of shape-changing blocks. The full CIFAR ResNet-110 is ~5.06e8 FLOPs.
+
+    flops(route) = fixed + sum_i gate_i * block_i
+"""
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .models import RoutedResNet
+
+
+def _count(fn, *args) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return int(counter.get_total_flops())
+
+
+@dataclass(frozen=True)
+class CostTable:
+    block: tuple[float, ...]   # routable FLOPs of each block (its residual branch), per image
+    fixed: float               # FLOPs every image pays: stem, head, routers, projection shortcuts
+    router: float              # of which routers
+
+    @property
+    def full(self) -> float:
+        return self.fixed + sum(self.block)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block)
+
+    def block_tensor(self, device=None) -> torch.Tensor:
+        return torch.tensor(self.block, dtype=torch.float32, device=device)
+
+    def normalized(self, device=None) -> torch.Tensor:
+        """c_i / sum_j c_j: Eq. 8 with these weights is the executed share of routable compute."""
+        c = self.block_tensor(device)
+        return c / c.sum()
+
+    def route_flops(self, gates: torch.Tensor) -> torch.Tensor:
+        """Exact FLOPs of hard routes (B, n) 0/1, or expected FLOPs of soft routes r (B, n)."""
+        return self.fixed + gates.float() @ self.block_tensor(gates.device)
+
+    def to_dict(self) -> dict:
+        return {"flops_full": self.full, "flops_fixed": self.fixed, "flops_routers": self.router,
+                "flops_blocks": list(self.block), "num_blocks": self.num_blocks}
+
+
+@torch.no_grad()
+def measure_cost_table(model: RoutedResNet) -> CostTable:
+    """Count each part of `model` once on a 1-image input of the model's input size."""
+    was_training = model.training
+    model.eval()
+    shapes = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: shapes.append(a[0].shape)) for b in model.blocks]
+    try:
+        size = model.cfg.input_size
+        x = torch.zeros(1, 3, size, size, device=model.mean.device)
+        total = _count(lambda t: model(t, routing="mask"), x)
+        block, router, shortcut = [], 0, 0
+        for b, shape in zip(model.blocks, shapes):
+            z = torch.zeros(shape, device=x.device)
+            block.append(float(_count(b.residual, z)))
+            router += _count(b.router, z)
+            shortcut += _count(b.shortcut, z)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    fixed = total - sum(block)
+    assert fixed >= router + shortcut, "cost table does not add up"
+    return CostTable(tuple(block), float(fixed), float(router))

@@ -1,0 +1,237 @@
+"""Routed ResNets: CIFAR ResNets of depth 6n+2 (basic blocks) and ResNet-50 (bottlenecks).
+
+Every residual block carries a router and can be skipped. Three ways to run the blocks:
+
+    soft  training, Eq. 4:  x' = r * F(x) + (1 - r) * S(x)     every block runs on every sample
+    hard  testing, Eq. 11:  each block runs only on the samples routed through it (gather ->
+          block -> scatter), so time falls with FLOPs
+    mask  testing, Eq. 11 as the public implementations do it: every block runs on every sample
+          and the result is multiplied by the 0/1 gate (reference for `hard`, and a baseline)
+
+F(x) = relu(residual(x) + S(x)) is the whole block, S its shortcut. A skipped block passes x
+through its shortcut only: the identity for most blocks; for a shape-changing block (stride 2
+and/or more channels) the shortcut still has to change the shape, so a skipped one outputs S(x):
+parameter-free 2x2 average pooling plus zero channel padding in CIFAR ResNets (BlockDrop's
+choice, no FLOPs), the 1x1 projection + BN in ResNet-50 (its cost is paid whether the block runs
+or not, so it belongs to the network's fixed cost, not to the block's routable cost).
+"""
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .router import Router, hard_route, soft_route
+
+ROUTINGS = ("soft", "hard", "mask")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+
+class PadShortcut(nn.Module):
+    """Parameter-free shortcut of CIFAR ResNets: 2x2 average pool, then zero channels appended."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.stride, self.extra = stride, cout - cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = F.avg_pool2d(x, self.stride)
+        return F.pad(x, (0, 0, 0, 0, 0, self.extra)) if self.extra else x
+
+
+# ----------------------------------------------------------------------------- blocks
+
+class RoutedBlock(nn.Module):
+    """A residual block with its router. Subclasses define `residual` and `shortcut`."""
+
+    residual: nn.Module
+    shortcut: nn.Module
+
+    def __init__(self, cin: int, router_hidden: int):
+        super().__init__()
+        self.router = Router(cin, router_hidden)
+
+    def forward(self, x, routing: str, beta: float, threshold: float, gate=None):
+        """x (B, C, H, W) -> out, r (B,), gate (B,) bool. `gate` forces the decision (hard/mask)."""
+        r = soft_route(self.router(x), beta)
+        sc = self.shortcut(x)
+        if routing == "soft":
+            out = torch.lerp(sc, F.relu(self.residual(x) + sc), r.view(-1, 1, 1, 1))  # Eq. 4
+            return out, r, hard_route(r.detach(), threshold)
+        g = hard_route(r.detach(), threshold) if gate is None else gate
+        if routing == "mask":
+            out = torch.where(g.view(-1, 1, 1, 1), F.relu(self.residual(x) + sc), sc)
+            return out, r, g
+        idx = g.nonzero().squeeze(1)
+        if idx.numel() == g.numel():
+            return F.relu(self.residual(x) + sc), r, g
+        if idx.numel() == 0:
+            return sc, r, g
+        ran = F.relu(self.residual(x.index_select(0, idx)) + sc.index_select(0, idx))
+        return sc.index_copy(0, idx, ran), r, g
+
+
+class BasicBlock(RoutedBlock):
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int, router_hidden: int):
+        super().__init__(cin, router_hidden)
+        cout = planes
+        self.residual = nn.Sequential(
+            conv3x3(cin, cout, stride), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            conv3x3(cout, cout), nn.BatchNorm2d(cout))
+        self.shortcut = PadShortcut(cin, cout, stride) if (stride != 1 or cin != cout) else nn.Identity()
+
+
+class Bottleneck(RoutedBlock):
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int, router_hidden: int):
+        super().__init__(cin, router_hidden)
+        cout = planes * self.expansion
+        self.residual = nn.Sequential(
+            conv1x1(cin, planes), nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
+            conv3x3(planes, planes, stride), nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
+            conv1x1(planes, cout), nn.BatchNorm2d(cout))
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(conv1x1(cin, cout, stride), nn.BatchNorm2d(cout))
+        else:
+            self.shortcut = nn.Identity()
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass(frozen=True)
+class ArchSpec:
+    block: type
+    stages: tuple[int, ...]   # blocks per stage
+    widths: tuple[int, ...]   # planes per stage
+    stem: str                 # "cifar": 3x3 conv; "imagenet": 7x7/2 conv + 3x3/2 max pool
+
+
+def _cifar(depth: int) -> ArchSpec:
+    n = (depth - 2) // 6
+    return ArchSpec(BasicBlock, (n, n, n), (16, 32, 64), "cifar")
+
+
+ARCHS: dict[str, ArchSpec] = {f"resnet{d}": _cifar(d) for d in (8, 14, 20, 32, 44, 56, 74, 110)}
+ARCHS["resnet50"] = ArchSpec(Bottleneck, (3, 4, 6, 3), (64, 128, 256, 512), "imagenet")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "resnet110"
+    num_classes: int = 10
+    input_size: int = 32      # pixels (square inputs)
+    beta: float = 5.0         # Eq. 3 temperature of the soft routing variable
+    router_hidden: int = 32   # width of the router's hidden linear layer
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        if self.input_size < 8:
+            raise ValueError(f"input_size must be >= 8 pixels, got {self.input_size}")
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.router_hidden < 1:
+            raise ValueError(f"router_hidden must be >= 1, got {self.router_hidden}")
+
+
+class RoutedOutput(NamedTuple):
+    logits: torch.Tensor  # (B, classes)
+    r: torch.Tensor       # (B, blocks) soft routing variables (Eq. 3)
+    gates: torch.Tensor   # (B, blocks) bool, the hard decisions (Eq. 11) or the forced ones
+
+
+# ----------------------------------------------------------------------------- model
+
+class RoutedResNet(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        spec = ARCHS[cfg.arch]
+        # Inputs arrive as floats in [0, 1]; the dataset's statistics live in the model so a
+        # checkpoint (or an exported model) needs nothing else to be used.
+        self.register_buffer("mean", torch.zeros(3))
+        self.register_buffer("std", torch.ones(3))
+        if spec.stem == "cifar":
+            cin = spec.widths[0]
+            self.stem = nn.Sequential(conv3x3(3, cin), nn.BatchNorm2d(cin), nn.ReLU(inplace=True))
+        else:
+            cin = 64
+            self.stem = nn.Sequential(nn.Conv2d(3, cin, 7, 2, 3, bias=False), nn.BatchNorm2d(cin),
+                                      nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+        blocks = []
+        for i, (n, planes) in enumerate(zip(spec.stages, spec.widths)):
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(spec.block(cin, planes, stride, cfg.router_hidden))
+                cin = planes * spec.block.expansion
+        self.blocks = nn.ModuleList(blocks)
+        self.fc = nn.Linear(cin, cfg.num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def set_normalization(self, mean, std) -> None:
+        self.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.std.copy_(torch.as_tensor(std, dtype=torch.float32))
+
+    def router_parameters(self):
+        return [p for b in self.blocks for p in b.router.parameters()]
+
+    def forward_features(self, x, routing: str = "soft", threshold: float = 0.5, gates=None):
+        """x (B, 3, H, W) in [0, 1] -> features (B, C, h, w), r (B, n), gates (B, n)."""
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+        x = self.stem((x - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1))
+        rs, gs = [], []
+        for i, block in enumerate(self.blocks):
+            x, r, g = block(x, routing, self.cfg.beta, threshold, None if gates is None else gates[:, i])
+            rs.append(r)
+            gs.append(g)
+        return x, torch.stack(rs, 1), torch.stack(gs, 1)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+    def forward(self, x, routing: str = "soft", threshold: float = 0.5, gates=None) -> RoutedOutput:
+        feats, r, g = self.forward_features(x, routing, threshold, gates)
+        return RoutedOutput(self.forward_head(feats), r, g)
+
+
+def build_model(arch: str, num_classes: int = 10, input_size: int = 32, **kw) -> RoutedResNet:
+    return RoutedResNet(ModelConfig(arch, num_classes, input_size, **kw))
+
+
+def resnet20(**kw) -> RoutedResNet:
+    return build_model("resnet20", **kw)
+
+
+def resnet32(**kw) -> RoutedResNet:
+    return build_model("resnet32", **kw)
+
+
+def resnet110(**kw) -> RoutedResNet:
+    return build_model("resnet110", **kw)
+
+
+def resnet50(**kw) -> RoutedResNet:
+    return build_model("resnet50", **{"input_size": 64, "num_classes": 200, **kw})

@@ -1,0 +1,33 @@
+"""The per-block router of Fig. 2b and the routing variables of Eq. 3 and Eq. 11."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def soft_route(logits: torch.Tensor, beta: float) -> torch.Tensor:
+    """Eq. 3: r = softmax(beta * softmax(R(x)))[0], index 0 = execute.  (B, 2) -> (B,)"""
+    return F.softmax(beta * F.softmax(logits, dim=-1), dim=-1)[..., 0]
+
+
+def hard_route(r: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Eq. 11: execute iff r >= threshold. At 0.5 this is the paper's argmax for any beta > 0."""
+    return r >= threshold
+
+
+class Router(nn.Module):
+    """Global average pool -> Linear -> ReLU -> Linear -> 2 logits (execute, skip)."""
+
+    # Routers start open: p(execute) = sigmoid(2 * OPEN_BIAS) ~ 0.9, so training begins from the
+    # full network and learns what to skip (a closed start starves blocks of gradient).
+    OPEN_BIAS = 1.1
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, 2)
+        with torch.no_grad():
+            self.fc2.bias.copy_(torch.tensor([self.OPEN_BIAS, -self.OPEN_BIAS]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x.mean(dim=(2, 3))  # (B, C, H, W) -> (B, C)
+        return self.fc2(F.relu(self.fc1(z)))  # (B, 2)

@@ -1,0 +1,181 @@
+"""The trainer: the same code for drn-train and for every search trial.
+
+    train(cfg, on_epoch=callback)  ->  final metrics
+
+The caller learns about each epoch through `on_epoch(metrics)`; returning True stops training
+after that epoch's checkpoint is written (how a scheduler stops a trial, or a test interrupts).
+"""
+import contextlib
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from .config import TrainConfig, UsageError, resolve_target
+from .controller import MuController
+from .cost import CostTable, measure_cost_table
+from .data import Dataset, load_dataset, make_views, random_crop_flip
+from .evaluate import evaluate
+from .losses import LossWeights, drn_loss
+from .models import build_model
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def select_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {spec} asked for, but torch sees no CUDA GPU; use --device cpu")
+    return torch.device(spec)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _progress(m: dict, total_epochs: int) -> str:
+    target = f" target {m['target_flops']:.3g}" if m.get("target_flops") else ""
+    return (f"epoch {m['epoch']}/{total_epochs} {m['phase']:<8} lr {m['lr']:.3g} "
+            f"loss {m['loss']:.3f} (cls {m['loss_cls']:.3f} cons {m['loss_consistency']:.3f} "
+            f"div {m['loss_diversity']:.3f} cost {m['loss_cost']:.3f} reg {m['loss_reg']:.3f}) "
+            f"train {m['train_accuracy']:.1%} | val {m['accuracy']:.2%} "
+            f"flops {m['flops']:.3g} ({m['flops'] / m['flops_full']:.0%}){target} "
+            f"K {m['k']:.1f}/{m['k_full']} paths {m['distinct_paths']} mu {m['mu']:.3g} "
+            f"| {m['epoch_seconds']:.1f}s")
+
+
+class Trainer:
+    """Holds the state of one training run; `run()` trains to the end (or until stopped)."""
+
+    def __init__(self, cfg: TrainConfig, data: Dataset | None = None, resume: bool = False,
+                 log: Callable[[str], None] | None = None):
+        ckpt = load_checkpoint(Path(cfg.out) / CHECKPOINT) if resume else None
+        if ckpt is not None:
+            cfg = TrainConfig.from_dict(ckpt["config"])
+        self.cfg = cfg
+        self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+        self.device = select_device(cfg.device)
+        self.data = data if data is not None else load_dataset(cfg.dataset, cfg.data_dir)
+        torch.manual_seed(cfg.seed)
+        if ckpt is not None:
+            self.model, _ = model_from_checkpoint(ckpt)
+        else:
+            self.model = build_model(cfg.arch, self.data.num_classes, self.data.input_size,
+                                     beta=cfg.beta, router_hidden=cfg.router_hidden)
+            self.model.set_normalization(*self.data.channel_stats())
+        self.model.to(self.device)
+        self.cost: CostTable = measure_cost_table(self.model)
+        self.target = resolve_target(cfg.target_flops, self.cost.full, self.cost.fixed)
+        self.controller = MuController(target=self.target, mu=cfg.mu)
+        self.weights = LossWeights(cfg.lam, cfg.alpha, cfg.gamma, cfg.d_c, cfg.d_d)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.epoch = 0          # completed epochs
+        self.history: list[dict] = []
+        if ckpt is not None:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.controller.load_state_dict(ckpt["controller"])
+            self.generator.set_state(ckpt["rng"]["data"].to("cpu"))
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            self.epoch, self.history = ckpt["epoch"], ckpt["history"]
+        self.train_split = self.data.train._replace(images=self.data.train.images.to(self.device),
+                                                    labels=self.data.train.labels.to(self.device))
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.cfg.out) / CHECKPOINT
+
+    def state(self) -> dict:
+        return {"config": self.cfg.to_dict(), "epoch": self.epoch,
+                "num_classes": self.data.num_classes, "input_size": self.data.input_size,
+                "classes": self.data.classes, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "controller": self.controller.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "data": self.generator.get_state()},
+                "cost": self.cost.to_dict(), "target_flops": self.target, "history": self.history}
+
+    def train_epoch(self, finetune: bool) -> dict:
+        cfg, model, dev = self.cfg, self.model, self.device
+        model.train()
+        for p in model.router_parameters():
+            p.requires_grad_(not finetune)
+        lr = cfg.lr_at(self.epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        images, labels = self.train_split
+        n_img, L = labels.shape[0], min(cfg.batch_size, labels.shape[0])
+        m = 1 if finetune else cfg.views
+        cost_norm = self.cost.normalized(dev)
+        sums = torch.zeros(7, device=dev)  # loss, 5 parts, correct
+        gate_sum = torch.zeros(self.cost.num_blocks, device=dev)
+        seen = 0
+        perm = torch.randperm(n_img, generator=self.generator, device=dev)
+        for s in range(0, n_img - L + 1, L):  # drop the last partial batch
+            idx = perm[s:s + L]
+            x = images[idx].float().div_(255)
+            y = labels[idx].repeat_interleave(m)
+            with _autocast(dev, cfg.amp):
+                if finetune:  # frozen routers, hard routing: train what testing will run
+                    out = model(random_crop_flip(x, self.generator), routing="hard")
+                    loss = F.cross_entropy(out.logits.float(), y)
+                    parts = dict.fromkeys(("consistency", "diversity", "cost", "reg"), torch.zeros((), device=dev))
+                    parts["cls"] = loss.detach()
+                else:
+                    out = model(make_views(x, m, self.generator), routing="soft")
+                    loss, parts = drn_loss(out.logits.float(), y, out.r.float().view(L, m, -1), cost_norm,
+                                           self.controller.mu, self.weights)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            gates = out.gates.float()
+            if self.target is not None and not finetune:
+                self.controller.update(self.cost.route_flops(gates).mean().item())
+            sums += torch.stack([loss.detach(), parts["cls"], parts["consistency"], parts["diversity"],
+                                 parts["cost"], parts["reg"], (out.logits.argmax(1) == y).sum().float()])
+            gate_sum += gates.sum(0)
+            seen += y.shape[0]
+        steps = max(1, n_img // L)
+        v = sums.tolist()
+        if not math.isfinite(v[0]):
+            raise FloatingPointError(f"loss is not finite in epoch {self.epoch + 1} (diverged); lower --lr")
+        return {"lr": lr, "loss": v[0] / steps, "loss_cls": v[1] / steps, "loss_consistency": v[2] / steps,
+                "loss_diversity": v[3] / steps, "loss_cost": v[4] / steps, "loss_reg": v[5] / steps,
+                "train_accuracy": v[6] / max(seen, 1),
+                "train_flops_hard": self.cost.route_flops(gate_sum / max(seen, 1)).item()}
+
+    def run(self, on_epoch: Callable[[dict], bool | None] | None = None) -> dict:
+        cfg = self.cfg
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        while self.epoch < cfg.total_epochs:
+            t0 = time.perf_counter()
+            finetune = self.epoch >= cfg.epochs
+            metrics = self.train_epoch(finetune)
+            metrics.update(evaluate(self.model, self.data.val, self.cost, cfg.eval_batch_size))
+            self.epoch += 1
+            metrics.update(epoch=self.epoch, phase="finetune" if finetune else "train", mu=self.controller.mu,
+                           target_flops=self.target, epoch_seconds=time.perf_counter() - t0)
+            self.history.append(metrics)
+            save_checkpoint(self.checkpoint_path, self.state())
+            self.log(_progress(metrics, cfg.total_epochs))
+            if on_epoch is not None and on_epoch(metrics):
+                break
+        return self.final_metrics()
+
+    def final_metrics(self) -> dict:
+        last = dict(self.history[-1]) if self.history else {}
+        last.update(checkpoint=str(self.checkpoint_path), arch=self.cfg.arch, dataset=self.cfg.dataset)
+        return last
+
+
+def train(cfg: TrainConfig, on_epoch=None, resume: bool = False, data: Dataset | None = None,
+          log=None) -> dict:
+    return Trainer(cfg, data=data, resume=resume, log=log).run(on_epoch)
+
