@@ -26,8 +26,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, random bytes, pickled foreign objects...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"checkpoint {path} is corrupt or not a drn checkpoint ({first[:200]})") from None
+        raise UsageError(f"checkpoint {path} is corrupt or not a drn checkpoint "
+                         f"({type(e).__name__}); retrain, or point at another checkpoint.pt") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UsageError(f"{path} is not a drn checkpoint (written by drn-train?)")
     if ckpt.get("version") != VERSION:

@@ -15,8 +15,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _fmt(v) -> str:
-    return "the paper's for the dataset" if v is None else str(v)
+def _fmt(name: str, v) -> str:
+    if v is None:
+        return "0.2, or 0.4 on tinyimagenet (the paper's)" if name in ("lam", "alpha") else "none"
+    return str(v)
 
 
 # flag -> (TrainConfig field, type, help). Defaults come from TrainConfig, so help cannot drift.
@@ -56,7 +58,7 @@ def _train_parser() -> argparse.ArgumentParser:
         f = defaults[name]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         p.add_argument(flag, dest=name, type=typ, default=argparse.SUPPRESS,
-                       help=f"{help_} (default: {_fmt(default)})")
+                       help=f"{help_} (default: {_fmt(name, default)})")
     p.add_argument("--no-amp", dest="amp", action="store_false", default=argparse.SUPPRESS,
                    help="disable bfloat16 autocast on CUDA (default: on for CUDA, off on CPU)")
     p.add_argument("--resume", action="store_true",

@@ -57,6 +57,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, data: Dataset | None = None, resume: bool = False,
                  log: Callable[[str], None] | None = None):
+        if resume and not (Path(cfg.out) / CHECKPOINT).exists():
+            raise UsageError(f"nothing to resume: {Path(cfg.out) / CHECKPOINT} does not exist")
         ckpt = load_checkpoint(Path(cfg.out) / CHECKPOINT) if resume else None
         if ckpt is not None:
             cfg = TrainConfig.from_dict(ckpt["config"])

@@ -1,0 +1,67 @@
+import os
+import shutil
+import sys
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CLASSES = ("circle", "square", "stripes")
+
+
+def _image(kind: str, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """A 32x32 RGB image whose class is visible in its colour and shape, plus noise."""
+    img = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    c = size / 2 + rng.uniform(-3, 3, 2)
+    if kind == "circle":
+        mask = (yy - c[0]) ** 2 + (xx - c[1]) ** 2 < (size / 3) ** 2
+        img[mask] = (220, 40, 40)
+    elif kind == "square":
+        mask = (abs(yy - c[0]) < size / 4) & (abs(xx - c[1]) < size / 4)
+        img[mask] = (40, 220, 40)
+    else:
+        img[(xx // 4) % 2 == 0] = (40, 40, 220)
+    return img
+
+
+def write_imagefolder(root: Path, per_class=(12, 6), seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for split, n in zip(("train", "val"), per_class):
+        for c in CLASSES:
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                Image.fromarray(_image(c, rng)).save(d / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A 3-class ImageFolder tree (36 train / 18 val images of 32x32) made by the test."""
+    return write_imagefolder(tmp_path_factory.mktemp("tiny") / "data")
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    d = os.environ.get("DRN_DATA_DIR")
+    if not d:
+        pytest.skip("DRN_DATA_DIR is not set (CI sets it to ../shared/data/cifar10-5k)")
+    p = Path(d).absolute()
+    if not (p / "train").is_dir():
+        pytest.skip(f"DRN_DATA_DIR={d} has no train/ folder")
+    return p
+
+
+def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """Run a console entry point in a fresh interpreter, as a user would."""
+    prog, rest = args[0], args[1:]
+    exe = shutil.which(prog)  # the installed console script
+    if exe is None:
+        func = {"drn-train": "train_main", "drn-eval": "eval_main"}[prog]
+        cmd = [sys.executable, "-c", f"import sys; from drn.cli import {func}; sys.exit({func}(sys.argv[1:]))"]
+    else:
+        cmd = [exe]
+    return subprocess.run([*cmd, *rest], capture_output=True, text=True, cwd=cwd, timeout=900)

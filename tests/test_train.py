@@ -1,0 +1,134 @@
+import math
+
+import pytest
+import torch
+
+from drn.checkpoint import load_checkpoint
+from drn.config import TrainConfig, UsageError, parse_target, resolve_target
+from drn.controller import MuController
+from drn.train import Trainer, train
+
+
+def tiny_cfg(data, out, **kw) -> TrainConfig:
+    base = dict(arch="resnet8", dataset="imagefolder", data_dir=str(data), out=str(out), epochs=2,
+                batch_size=12, views=2, eval_batch_size=64, device="cpu", seed=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_train_writes_checkpoint_and_reports_every_epoch(tiny_data, tmp_path):
+    seen = []
+    result = train(tiny_cfg(tiny_data, tmp_path / "run"), on_epoch=lambda m: seen.append(m), log=lambda s: None)
+    assert [m["epoch"] for m in seen] == [1, 2]
+    for key in ("accuracy", "flops", "flops_full", "k", "k_full", "distinct_paths", "mu", "loss_cls",
+                "loss_consistency", "loss_diversity", "loss_cost", "loss_reg"):
+        assert key in result and math.isfinite(result[key]), key
+    assert 0 < result["flops"] <= result["flops_full"]
+    assert 0 <= result["k"] <= result["k_full"] == 3
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["epoch"] == 2 and len(ckpt["history"]) == 2
+    assert TrainConfig.from_dict(ckpt["config"]) == tiny_cfg(tiny_data, tmp_path / "run")
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_resume_continues_to_the_same_state(tiny_data, tmp_path):
+    """Interrupt after epoch 1, resume: identical weights, optimizer, mu and metrics to an
+    uninterrupted run -- across the main schedule, the controller and the finetune phase."""
+    kw = dict(epochs=2, finetune_epochs=1, target_flops="60%")
+    straight = Trainer(tiny_cfg(tiny_data, tmp_path / "a", **kw), log=lambda s: None)
+    straight.run()
+    interrupted = Trainer(tiny_cfg(tiny_data, tmp_path / "b", **kw), log=lambda s: None)
+    interrupted.run(on_epoch=lambda m: m["epoch"] == 1)
+    assert interrupted.epoch == 1
+    resumed = Trainer(tiny_cfg(tiny_data, tmp_path / "b", **kw), resume=True, log=lambda s: None)
+    assert resumed.epoch == 1
+    resumed.run()
+    assert resumed.epoch == straight.epoch == 3
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert straight.controller.state_dict() == resumed.controller.state_dict()
+    for ma, mb in zip(straight.history, resumed.history):
+        assert ma["accuracy"] == mb["accuracy"] and ma["loss"] == mb["loss"] and ma["mu"] == mb["mu"]
+    mom_a = straight.optimizer.state_dict()["state"]
+    mom_b = resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(mom_a[k]["momentum_buffer"], mom_b[k]["momentum_buffer"]) for k in mom_a)
+
+
+def test_finetune_freezes_routers_and_trains_blocks(tiny_data, tmp_path):
+    snap = {}
+
+    def grab(m):
+        if m["epoch"] == 1:
+            snap.update({k: v.clone() for k, v in trainer.model.state_dict().items()})
+
+    trainer = Trainer(tiny_cfg(tiny_data, tmp_path / "ft", epochs=1, finetune_epochs=1), log=lambda s: None)
+    trainer.run(on_epoch=grab)
+    after = trainer.model.state_dict()
+    routers = [k for k in after if ".router." in k]
+    others = [k for k in after if ".router." not in k and after[k].is_floating_point() and "mean" not in k.split(".")[-1]]
+    assert routers and all(torch.equal(snap[k], after[k]) for k in routers)
+    assert any(not torch.equal(snap[k], after[k]) for k in others)
+    assert trainer.history[-1]["phase"] == "finetune"
+
+
+def test_lr_follows_the_scaled_paper_milestones():
+    cfg = TrainConfig(epochs=250)
+    assert [cfg.lr_at(e) for e in (0, 149, 150, 199, 200, 249)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    short = TrainConfig(epochs=10, finetune_epochs=2)
+    assert short.lr_at(5) == pytest.approx(0.1) and short.lr_at(6) == pytest.approx(0.01) and short.lr_at(11) == short.lr_at(9)
+
+
+@pytest.mark.parametrize("spec,expected", [("2e8", 2e8), ("40%", 0.4 * 5e8), (" 1.5e8 ", 1.5e8)])
+def test_targets_absolute_or_relative(spec, expected):
+    assert resolve_target(spec, flops_full=5e8, flops_fixed=1e6) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("spec", ["0", "-1e8", "0%", "abc", "100%", "5e8", "1e12", "1e5", "nan"])
+def test_bad_targets_are_usage_errors(spec):
+    with pytest.raises(UsageError):
+        resolve_target(spec, flops_full=5e8, flops_fixed=1e6)
+
+
+def test_parse_target_none():
+    assert parse_target(None) is None
+
+
+def test_controller_raises_mu_above_target_and_lowers_it_below():
+    c = MuController(target=100.0, mu=0.05)
+    for _ in range(20):
+        c.update(150.0)
+    assert c.mu > 0.05
+    high = c.mu
+    for _ in range(200):
+        c.update(50.0)
+    assert c.mu < high and c.mu >= c.mu_min
+    fixed = MuController(target=None, mu=0.05)
+    for _ in range(10):
+        fixed.update(1e9)
+    assert fixed.mu == 0.05
+
+
+def test_controller_state_round_trips():
+    c = MuController(target=2e8, mu=0.1)
+    c.update(3e8)
+    d = MuController()
+    d.load_state_dict(c.state_dict())
+    assert d == c and d.update(1e8) == c.update(1e8)
+
+
+@pytest.mark.parametrize("bad", [dict(epochs=0), dict(epochs=-3), dict(batch_size=1), dict(views=0), dict(lr=0),
+                                 dict(arch="resnet9"), dict(dataset="mnist"), dict(beta=0), dict(d_c=-1),
+                                 dict(target_flops="x"), dict(device="tpu")])
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(UsageError):
+        TrainConfig(**bad)
+
+
+def test_config_from_dict_rejects_unknown_keys():
+    with pytest.raises(UsageError, match="unknown config keys: nope"):
+        TrainConfig.from_dict({"nope": 1})
+
+
+def test_tinyimagenet_doubles_the_route_loss_weights():
+    assert (TrainConfig(dataset="tinyimagenet").lam, TrainConfig(dataset="tinyimagenet").alpha) == (0.4, 0.4)
+    assert (TrainConfig().lam, TrainConfig(lam=0.3).lam) == (0.2, 0.3)
