@@ -114,6 +114,10 @@ class TrainConfig:
             (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
              f"device must be auto, cpu or cuda[:N], got {self.device!r}"),
         ]
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UsageError(f"{f.name.replace('_', ' ')} must be a finite number, got {v}")
         for ok, msg in checks:
             if not ok:
                 raise UsageError(msg)

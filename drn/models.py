@@ -15,6 +15,7 @@ parameter-free 2x2 average pooling plus zero channel padding in CIFAR ResNets (B
 choice, no FLOPs), the 1x1 projection + BN in ResNet-50 (its cost is paid whether the block runs
 or not, so it belongs to the network's fixed cost, not to the block's routable cost).
 """
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -144,8 +145,8 @@ class ModelConfig:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
         if self.input_size < 8:
             raise ValueError(f"input_size must be >= 8 pixels, got {self.input_size}")
-        if not self.beta > 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"beta must be finite and > 0, got {self.beta}")
         if self.router_hidden < 1:
             raise ValueError(f"router_hidden must be >= 1, got {self.router_hidden}")
 

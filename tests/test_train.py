@@ -117,7 +117,7 @@ def test_controller_state_round_trips():
 
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(epochs=-3), dict(batch_size=1), dict(views=0), dict(lr=0),
-                                 dict(arch="resnet9"), dict(dataset="mnist"), dict(beta=0), dict(d_c=-1),
+                                 dict(arch="resnet9"), dict(dataset="mnist"), dict(beta=0), dict(beta=float("inf")), dict(lr=float("nan")), dict(d_c=-1),
                                  dict(target_flops="x"), dict(device="tpu")])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(UsageError):
