@@ -68,7 +68,7 @@ class RoutedBlock(nn.Module):
         r = soft_route(self.router(x), beta)
         sc = self.shortcut(x)
         if routing == "soft":
-            out = torch.lerp(sc, F.relu(self.residual(x) + sc), r.view(-1, 1, 1, 1))  # Eq. 4
+            out = torch.lerp(sc, F.relu(self.residual(x) + sc), r.view(-1, 1, 1, 1).to(sc.dtype))  # Eq. 4
             return out, r, hard_route(r.detach(), threshold)
         g = hard_route(r.detach(), threshold) if gate is None else gate
         if routing == "mask":

@@ -304,3 +304,33 @@ def test_channel_stats(tmp_path):
         assert mean[c] == pytest.approx(x[:, c].mean().item(), rel=1e-5)
         assert std[c] == pytest.approx(x[:, c].std().item(), rel=1e-4)
     assert torch.equal(ds.train.images, load_dataset("imagefolder", tmp_path).train.images)  # not modified
+
+
+def make_tinyimagenet(root, wnids=("n01443537", "n01629819"), per_class=2):
+    """The Tiny-ImageNet-200 layout: train/<wnid>/images/*.JPEG, val/images + val_annotations.txt."""
+    lines = []
+    for k, w in enumerate(wnids):
+        for i in range(per_class):
+            write_png(root / "train" / w / "images" / f"{w}_{i}.JPEG", size=(64, 64), value=40 * k, seed=i)
+            name = f"val_{k}_{i}.JPEG"
+            write_png(root / "val" / "images" / name, size=(64, 64), value=40 * k + 1, seed=10 + i)
+            lines.append(f"{name}\t{w}\t0\t0\t63\t63")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_load_tinyimagenet_layout(tmp_path):
+    root = make_tinyimagenet(tmp_path / "tiny-imagenet-200")
+    data = load_dataset("tinyimagenet", root)
+    assert data.classes == ["n01443537", "n01629819"]
+    assert data.train.images.shape == (4, 3, 64, 64) and data.train.images.dtype == torch.uint8
+    assert data.val.images.shape == (4, 3, 64, 64)
+    assert data.train.labels.tolist() == [0, 0, 1, 1] and data.val.labels.tolist() == [0, 0, 1, 1]
+    assert data.input_size == 64
+
+
+def test_load_tinyimagenet_without_annotations(tmp_path):
+    root = make_tinyimagenet(tmp_path / "t")
+    (root / "val" / "val_annotations.txt").unlink()
+    with pytest.raises(UsageError, match="val_annotations.txt"):
+        load_dataset("tinyimagenet", root)
