@@ -39,8 +39,10 @@ def model_from_checkpoint(ckpt: dict) -> tuple[RoutedResNet, TrainConfig]:
     cfg = TrainConfig.from_dict(ckpt["config"])
     model = build_model(cfg.arch, ckpt["num_classes"], ckpt["input_size"], beta=cfg.beta,
                         router_hidden=cfg.router_hidden)
+    state = dict(ckpt["model"])
+    state.setdefault("threshold", torch.tensor(0.5))  # checkpoints written before calibration existed
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(state)
     except RuntimeError as e:
         raise UsageError(f"checkpoint weights do not fit {cfg.arch}: {str(e).splitlines()[0]}") from None
     return model, cfg

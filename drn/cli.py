@@ -44,6 +44,9 @@ TRAIN_FLAGS = {
     "--router-hidden": ("router_hidden", int, "hidden width of each router"),
     "--target-flops": ("target_flops", str, "FLOPs budget per image, absolute (2e8) or share of full (40%%); "
                                             "mu is then adapted to land there"),
+    "--target-latency-ms": ("target_latency_ms", str, "latency budget, ms per image at --latency-batch on this "
+                                                      "device (or %% of full); per-block times replace FLOPs in Eq. 8"),
+    "--latency-batch": ("latency_batch", int, "batch size at which block latencies are measured"),
     "--seed": ("seed", int, "random seed (initialisation, shuffling, augmentation)"),
     "--device": ("device", str, "auto, cpu, cuda or cuda:N"),
     "--eval-batch-size": ("eval_batch_size", int, "batch size of the per-epoch evaluation"),
@@ -61,6 +64,9 @@ def _train_parser() -> argparse.ArgumentParser:
                        help=f"{help_} (default: {_fmt(name, default)})")
     p.add_argument("--no-amp", dest="amp", action="store_false", default=argparse.SUPPRESS,
                    help="disable bfloat16 autocast on CUDA (default: on for CUDA, off on CPU)")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false", default=argparse.SUPPRESS,
+                   help="with a target, keep the routing threshold at 0.5 instead of calibrating it on the "
+                        "training images after training (default: calibrate)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint.pt, with the config stored there")
     p.add_argument("--cost-only", action="store_true",
@@ -77,7 +83,11 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="data folder (default: the one it was trained on)")
     p.add_argument("--split", choices=("train", "val"), default="val",
                    help="which split (val is the test set of torchvision datasets; default: val)")
-    p.add_argument("--threshold", type=float, default=0.5, help="execute a block iff r >= this (default: 0.5)")
+    p.add_argument("--threshold", type=float,
+                   help="execute a block iff r >= this (default: the model's, 0.5 unless calibrated to a target)")
+    p.add_argument("--sweep-threshold", type=float, nargs="*", metavar="T",
+                   help="evaluate at each threshold T (default list: 0.1 0.2 ... 0.9) and print accuracy, FLOPs "
+                        "and K for each: a cost/accuracy curve from one model")
     p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default: 500)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of the perturbations for the same-path ratio")
@@ -92,6 +102,16 @@ def _emit(metrics: dict, as_json: bool) -> None:
     for k, v in metrics.items():
         if k != "block_exec_rate":
             print(f"{k:>20}  {v:.4g}" if isinstance(v, float) else f"{k:>20}  {v}")
+
+
+def _emit_sweep(rows: list[dict], flops_full: float, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"flops_full": flops_full, "sweep": rows}))
+        return
+    print(f"{'threshold':>9}  {'accuracy':>8}  {'FLOPs':>9}  {'of full':>7}  {'K':>6}  {'paths':>5}")
+    for r in rows:
+        print(f"{r['threshold']:>9.3g}  {r['accuracy']:>8.2%}  {r['flops']:>9.3g}  {r['flops'] / flops_full:>7.1%}  "
+              f"{r['k']:>6.2f}  {r['distinct_paths']:>5}")
 
 
 def _run(fn, prog: str) -> int:
@@ -151,8 +171,12 @@ def eval_main(argv=None) -> int:
         from .data import load_dataset
         from .evaluate import evaluate
         from .train import select_device
-        if not 0 < args.threshold < 1:
-            raise UsageError(f"threshold must be in (0, 1), got {args.threshold}")
+        sweep = args.sweep_threshold
+        if sweep is not None and not sweep:
+            sweep = [round(0.1 * i, 1) for i in range(1, 10)]
+        for t in ([args.threshold] if args.threshold is not None else []) + (sweep or []):
+            if not 0 < t < 1:
+                raise UsageError(f"threshold must be in (0, 1), got {t}")
         if args.batch_size < 1:
             raise UsageError(f"batch size must be >= 1, got {args.batch_size}")
         ckpt = load_checkpoint(args.checkpoint)
@@ -165,9 +189,17 @@ def eval_main(argv=None) -> int:
         torch.set_grad_enabled(False)
         cost = measure_cost_table(model)
         split = data.val if args.split == "val" else data.train
+        if sweep:
+            rows = []
+            for t in sweep:
+                m = evaluate(model, split, cost, args.batch_size, t)
+                rows.append({k: m[k] for k in ("accuracy", "flops", "k", "distinct_paths")} | {"threshold": t})
+            _emit_sweep(rows, cost.full, args.json)
+            return 0
         metrics = evaluate(model, split, cost, args.batch_size, args.threshold, same_path=True, seed=args.seed)
         metrics.update(checkpoint=str(Path(args.checkpoint).absolute()), split=args.split,
-                       threshold=args.threshold, epoch=ckpt["epoch"])
+                       threshold=model.threshold.item() if args.threshold is None else args.threshold,
+                       epoch=ckpt["epoch"])
         _emit(metrics, args.json)
         return 0
 

@@ -28,20 +28,20 @@ def parse_target(spec: str | float | None) -> tuple[str, float] | None:
     return kind, value
 
 
-def resolve_target(spec: str | float | None, flops_full: float, flops_fixed: float) -> float | None:
-    """Absolute FLOPs per image for `spec`, checked against what the network can reach."""
+def resolve_target(spec: str | float | None, full: float, fixed: float, unit: str = "FLOPs") -> float | None:
+    """Absolute cost per image for `spec`, checked against what the network can reach."""
     parsed = parse_target(spec)
     if parsed is None:
         return None
     kind, value = parsed
-    flops = value * flops_full if kind == "frac" else value
-    if flops >= flops_full:
-        raise UsageError(f"target {spec} is not below the full network's {flops_full:.4g} FLOPs; "
-                         f"ask for less, or train without --target-flops")
-    if flops <= flops_fixed:
-        raise UsageError(f"target {spec} ({flops:.4g} FLOPs) is not above the network's fixed cost "
-                         f"{flops_fixed:.4g} FLOPs (stem, head, routers), which every image pays")
-    return flops
+    cost = value * full if kind == "frac" else value
+    if cost >= full:
+        raise UsageError(f"target {spec} is not below the full network's {full:.4g} {unit}; "
+                         f"ask for less, or train without a target")
+    if cost <= fixed:
+        raise UsageError(f"target {spec} ({cost:.4g} {unit}) is not above the network's fixed cost "
+                         f"{fixed:.4g} {unit} (stem, head, routers), which every image pays")
+    return cost
 
 
 def default_data_dir() -> str:
@@ -75,8 +75,12 @@ class TrainConfig:
     # routers
     beta: float = 5.0
     router_hidden: int = 32
-    # budget: FLOPs per image ('2e8') or share of the full network ('40%')
+    # budget: FLOPs per image ('2e8') or share of the full network ('40%'), or milliseconds per
+    # image on this device at `latency_batch` (then a measured latency table replaces FLOPs in Eq. 8)
     target_flops: str | None = None
+    target_latency_ms: str | None = None
+    latency_batch: int = 64
+    calibrate: bool = True        # with a target: move the routing threshold to land on it (controller.py)
     # runtime
     seed: int = 0
     device: str = "auto"          # auto | cpu | cuda | cuda:N
@@ -121,7 +125,16 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise UsageError(msg)
+        if self.target_flops is not None and self.target_latency_ms is not None:
+            raise UsageError("give a FLOPs target or a latency target, not both")
+        if self.latency_batch < 1:
+            raise UsageError(f"latency batch must be >= 1, got {self.latency_batch}")
         parse_target(self.target_flops)
+        parse_target(self.target_latency_ms)
+
+    @property
+    def target(self) -> str | None:
+        return self.target_flops if self.target_flops is not None else self.target_latency_ms
 
     @property
     def total_epochs(self) -> int:

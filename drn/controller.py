@@ -1,38 +1,64 @@
-"""Adaptive cost weight mu (the paper: "the weight of the cost controlling loss is adjusted
-adaptively"). Without a target mu stays at its initial value (0.05, the paper's).
+"""Budget control: the adaptive cost weight mu, and the final routing-threshold calibration.
 
-With a target T (FLOPs per image) mu follows integral control on log mu, driven by the cost the
-model pays under *hard* routing (Eq. 11) on training batches, smoothed with an EMA:
+The paper says only that mu "is adjusted adaptively". Here it is a PI controller on log mu --
+dual ascent on the constraint cost <= target with a proportional term for damping, the
+PID-Lagrangian recipe of constrained RL (Stooke et al., 2020) -- driven by the cost the model
+pays under *hard* routing (Eq. 11) on training batches, smoothed by an EMA:
 
-    e      = flops_hard_ema / T - 1           relative overshoot (> 0: too expensive)
-    log mu += gain * e                        per optimisation step, clipped to [mu_min, mu_max]
+    e_k     = cost_ema_k / target - 1                     relative overshoot (> 0: too expensive)
+    I_k     = I_{k-1} + ki / S * e_k                      S = optimisation steps per epoch
+    log mu  = log mu_0 + kp * e_k + I_k                   clipped to [mu_min, mu_max]
 
-Working in log mu keeps mu positive and makes the step a relative change, so the same gain
-serves mu = 1e-3 and mu = 1. Driving the loop with the hard cost (not the soft expected cost of
-Eq. 8) targets what evaluation measures: the soft/hard gap is what makes fixed-mu methods miss.
+* log mu: mu stays positive and a step is a relative change, so one gain serves mu = 1e-3 and 10.
+* hard cost, not Eq. 8's soft expectation: the soft/hard gap is what makes fixed-mu methods miss.
+* gains are per epoch (ki is divided by the steps in an epoch), so the loop's time constant is
+  the same on 4k images and on 50k. kp = 2: a 10 % overshoot raises mu by 22 % at once, which
+  damps the integral's overshoot; ki = 2 / epoch: a sustained 10 % overshoot multiplies mu by
+  e^0.2 = 1.22 per epoch -- slower than the routers adapt (about an epoch), so the loop does not
+  oscillate, and fast enough to settle in a few epochs of a 10-epoch CPU run. The benchmark
+  (bench/controller.py, BENCHMARKS.md) measures the result.
+* anti-windup: the integral stops growing while mu sits on a clip in the direction of the error.
+* no target: mu stays at its initial value (0.05, the paper's).
+
+Training cost and held-out cost differ a little, and the learning rate decays to nothing at the
+end, so a residual error remains; `calibrate_threshold` removes it after training by moving the
+routing threshold of Eq. 11 (0.5) so the mean hard cost on a calibration split equals the target.
+It is calibrated on the training images and judged on the val split, never on the split it is
+judged on.
 """
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 
 @dataclass
 class MuController:
-    target: float | None = None   # FLOPs per image; None = fixed mu
-    mu: float = 0.05              # current weight of Eq. 8
-    gain: float = 0.05            # d(log mu) per step per unit of relative error
-    ema_decay: float = 0.9        # smoothing of the measured hard cost (per step)
+    target: float | None = None   # cost per image (FLOPs, or ms for latency tables); None = fixed mu
+    mu: float = 0.05              # current weight of Eq. 8 (initial value until the first update)
+    kp: float = 2.0               # proportional gain on log mu, per unit relative error
+    ki: float = 2.0               # integral gain on log mu, per epoch per unit relative error
+    steps_per_epoch: int = 1
+    ema_decay: float = 0.9        # smoothing of the measured hard cost, per step
     mu_min: float = 1e-4
-    mu_max: float = 10.0
-    flops_ema: float | None = None
+    mu_max: float = 100.0
+    mu0: float | None = None      # set on the first update
+    integral: float = 0.0
+    cost_ema: float | None = None
 
-    def update(self, flops_hard: float) -> float:
-        """Feed the mean hard-routed FLOPs per image of one training batch; returns the new mu."""
-        self.flops_ema = flops_hard if self.flops_ema is None else (
-            self.ema_decay * self.flops_ema + (1 - self.ema_decay) * flops_hard)
-        if self.target is not None:
-            err = self.flops_ema / self.target - 1.0
-            log_mu = math.log(self.mu) + self.gain * err
-            self.mu = min(max(math.exp(log_mu), self.mu_min), self.mu_max)
+    def update(self, cost_hard: float) -> float:
+        """Feed the mean hard-routed cost per image of one training batch; returns the new mu."""
+        self.cost_ema = cost_hard if self.cost_ema is None else (
+            self.ema_decay * self.cost_ema + (1 - self.ema_decay) * cost_hard)
+        if self.target is None:
+            return self.mu
+        if self.mu0 is None:
+            self.mu0 = self.mu
+        err = self.cost_ema / self.target - 1.0
+        lo, hi = math.log(self.mu_min), math.log(self.mu_max)
+        base = math.log(self.mu0) + self.kp * err
+        integral = self.integral + self.ki / max(self.steps_per_epoch, 1) * err
+        self.integral = min(max(integral, lo - base), hi - base)  # anti-windup: never past a clip
+        self.mu = math.exp(base + self.integral)
         return self.mu
 
     def state_dict(self) -> dict:
@@ -41,3 +67,25 @@ class MuController:
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
             setattr(self, k, v)
+
+
+def calibrate_threshold(mean_cost: Callable[[float], float], target: float, lo: float = 0.0,
+                        hi: float = 1.0, iters: int = 14) -> tuple[float, float]:
+    """Bisection for the routing threshold t whose mean hard cost equals `target`.
+
+    `mean_cost(t)` is the mean cost per image when blocks execute iff r >= t; it falls as t
+    rises (roughly: a skipped block also changes later routers' inputs). Returns (t, cost(t)) of
+    the best threshold seen, preferring 0.5 when it is already as close as any other.
+    """
+    mid = 0.5
+    best = None
+    for _ in range(iters):
+        c = mean_cost(mid)
+        if best is None or abs(c - target) < abs(best[1] - target):
+            best = (mid, c)
+        if c > target:
+            lo = mid
+        else:
+            hi = mid
+        mid = (lo + hi) / 2
+    return best

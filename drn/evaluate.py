@@ -15,7 +15,7 @@ def _sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def route_split(model: RoutedResNet, images: torch.Tensor, batch_size: int, routing: str = "hard",
-                threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, float]:
+                threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Predictions (N,) and executed gates (N, n) for uint8 images on the model's device,
     plus the seconds spent in forward passes."""
     model.eval()
@@ -37,7 +37,7 @@ def route_stats(preds: torch.Tensor, gates: torch.Tensor, labels: torch.Tensor, 
     g = gates.float()
     return {
         "accuracy": (preds == labels).float().mean().item(),
-        "flops": cost.route_flops(g).mean().item(),
+        "flops": cost.route_cost(g).mean().item(),
         "flops_full": cost.full,
         "k": g.sum(1).mean().item(),
         "k_full": cost.num_blocks,
@@ -48,9 +48,9 @@ def route_stats(preds: torch.Tensor, gates: torch.Tensor, labels: torch.Tensor, 
 
 
 def evaluate(model: RoutedResNet, split: Split, cost: CostTable, batch_size: int = 500,
-             threshold: float = 0.5, same_path: bool = False, seed: int = 0) -> dict:
+             threshold: float | None = None, same_path: bool = False, seed: int = 0) -> dict:
     """Accuracy, mean FLOPs and routing length K per image, distinct paths (Fig. 7), per-block
-    execution rate and images/s under hard routing. With same_path: the share of images whose
+    execution rate and images/s under hard routing (threshold None: the model's own). With same_path: the share of images whose
     route is unchanged when the image is perturbed (the paper's consistency experiment)."""
     device = model.mean.device
     images, labels = split.images.to(device), split.labels.to(device)

@@ -168,6 +168,8 @@ class RoutedResNet(nn.Module):
         # checkpoint (or an exported model) needs nothing else to be used.
         self.register_buffer("mean", torch.zeros(3))
         self.register_buffer("std", torch.ones(3))
+        # Eq. 11's threshold (0.5); budget calibration may move it after training (controller.py)
+        self.register_buffer("threshold", torch.tensor(0.5))
         if spec.stem == "cifar":
             cin = spec.widths[0]
             self.stem = nn.Sequential(conv3x3(3, cin), nn.BatchNorm2d(cin), nn.ReLU(inplace=True))
@@ -198,10 +200,12 @@ class RoutedResNet(nn.Module):
     def router_parameters(self):
         return [p for b in self.blocks for p in b.router.parameters()]
 
-    def forward_features(self, x, routing: str = "soft", threshold: float = 0.5, gates=None):
-        """x (B, 3, H, W) in [0, 1] -> features (B, C, h, w), r (B, n), gates (B, n)."""
+    def forward_features(self, x, routing: str = "soft", threshold=None, gates=None):
+        """x (B, 3, H, W) in [0, 1] -> features (B, C, h, w), r (B, n), gates (B, n).
+        threshold: execute iff r >= threshold (default: the model's own, 0.5 unless calibrated)."""
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+        threshold = self.threshold if threshold is None else threshold
         x = self.stem((x - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1))
         rs, gs = [], []
         for i, block in enumerate(self.blocks):
@@ -213,7 +217,7 @@ class RoutedResNet(nn.Module):
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
-    def forward(self, x, routing: str = "soft", threshold: float = 0.5, gates=None) -> RoutedOutput:
+    def forward(self, x, routing: str = "soft", threshold=None, gates=None) -> RoutedOutput:
         feats, r, g = self.forward_features(x, routing, threshold, gates)
         return RoutedOutput(self.forward_head(feats), r, g)
 

@@ -6,6 +6,7 @@ The caller learns about each epoch through `on_epoch(metrics)`; returning True s
 after that epoch's checkpoint is written (how a scheduler stops a trial, or a test interrupts).
 """
 import contextlib
+import dataclasses
 import math
 import sys
 import time
@@ -17,10 +18,10 @@ import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import TrainConfig, UsageError, resolve_target
-from .controller import MuController
-from .cost import CostTable, measure_cost_table
+from .controller import MuController, calibrate_threshold
+from .cost import CostTable, measure_cost_table, measure_latency_table
 from .data import Dataset, load_dataset, make_views, random_crop_flip
-from .evaluate import evaluate
+from .evaluate import evaluate, route_split
 from .losses import LossWeights, drn_loss
 from .models import build_model
 
@@ -42,12 +43,13 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 def _progress(m: dict, total_epochs: int) -> str:
-    target = f" target {m['target_flops']:.3g}" if m.get("target_flops") else ""
+    target = f" target {m['target']:.3g}{'ms' if m['target_unit'] == 'ms' else ''}" if m.get("target") else ""
+    latency = f" {m['latency_ms']:.3g}ms" if "latency_ms" in m else ""
     return (f"epoch {m['epoch']}/{total_epochs} {m['phase']:<8} lr {m['lr']:.3g} "
             f"loss {m['loss']:.3f} (cls {m['loss_cls']:.3f} cons {m['loss_consistency']:.3f} "
             f"div {m['loss_diversity']:.3f} cost {m['loss_cost']:.3f} reg {m['loss_reg']:.3f}) "
             f"train {m['train_accuracy']:.1%} | val {m['accuracy']:.2%} "
-            f"flops {m['flops']:.3g} ({m['flops'] / m['flops_full']:.0%}){target} "
+            f"flops {m['flops']:.3g} ({m['flops'] / m['flops_full']:.0%}){latency}{target} "
             f"K {m['k']:.1f}/{m['k_full']} paths {m['distinct_paths']} mu {m['mu']:.3g} "
             f"| {m['epoch_seconds']:.1f}s")
 
@@ -75,8 +77,19 @@ class Trainer:
             self.model.set_normalization(*self.data.channel_stats())
         self.model.to(self.device)
         self.cost: CostTable = measure_cost_table(self.model)
-        self.target = resolve_target(cfg.target_flops, self.cost.full, self.cost.fixed)
-        self.controller = MuController(target=self.target, mu=cfg.mu)
+        # the budget's cost table: FLOPs, or per-block latency measured once on this device (kept
+        # in the checkpoint, so a resumed run optimises the same Eq. 8 weights)
+        if ckpt is not None and ckpt.get("budget_table"):
+            self.budget = CostTable(**{**ckpt["budget_table"], "block": tuple(ckpt["budget_table"]["block"])})
+        elif cfg.target_latency_ms is not None:
+            self.budget = measure_latency_table(self.model, cfg.latency_batch)
+        else:
+            self.budget = self.cost
+        unit = "FLOPs" if self.budget.unit == "flops" else "ms"
+        self.target = resolve_target(cfg.target, self.budget.full, self.budget.fixed, unit)
+        steps = max(1, self.data.train.labels.shape[0] // min(cfg.batch_size, self.data.train.labels.shape[0]))
+        self.controller = MuController(target=self.target, mu=cfg.mu, steps_per_epoch=steps)
+        self.calibration: dict | None = None
         self.weights = LossWeights(cfg.lam, cfg.alpha, cfg.gamma, cfg.d_c, cfg.d_d)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
@@ -89,6 +102,7 @@ class Trainer:
             self.generator.set_state(ckpt["rng"]["data"].to("cpu"))
             torch.set_rng_state(ckpt["rng"]["torch"])
             self.epoch, self.history = ckpt["epoch"], ckpt["history"]
+            self.calibration = ckpt.get("calibration")
         self.train_split = self.data.train._replace(images=self.data.train.images.to(self.device),
                                                     labels=self.data.train.labels.to(self.device))
 
@@ -102,7 +116,8 @@ class Trainer:
                 "classes": self.data.classes, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "controller": self.controller.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "data": self.generator.get_state()},
-                "cost": self.cost.to_dict(), "target_flops": self.target, "history": self.history}
+                "cost": self.cost.to_dict(), "budget_table": dataclasses.asdict(self.budget),
+                "target": self.target, "calibration": self.calibration, "history": self.history}
 
     def train_epoch(self, finetune: bool) -> dict:
         cfg, model, dev = self.cfg, self.model, self.device
@@ -115,7 +130,7 @@ class Trainer:
         images, labels = self.train_split
         n_img, L = labels.shape[0], min(cfg.batch_size, labels.shape[0])
         m = 1 if finetune else cfg.views
-        cost_norm = self.cost.normalized(dev)
+        cost_norm = self.budget.normalized(dev)
         sums = torch.zeros(7, device=dev)  # loss, 5 parts, correct
         gate_sum = torch.zeros(self.cost.num_blocks, device=dev)
         seen = 0
@@ -139,7 +154,7 @@ class Trainer:
             self.optimizer.step()
             gates = out.gates.float()
             if self.target is not None and not finetune:
-                self.controller.update(self.cost.route_flops(gates).mean().item())
+                self.controller.update(self.budget.route_cost(gates).mean().item())
             sums += torch.stack([loss.detach(), parts["cls"], parts["consistency"], parts["diversity"],
                                  parts["cost"], parts["reg"], (out.logits.argmax(1) == y).sum().float()])
             gate_sum += gates.sum(0)
@@ -151,7 +166,7 @@ class Trainer:
         return {"lr": lr, "loss": v[0] / steps, "loss_cls": v[1] / steps, "loss_consistency": v[2] / steps,
                 "loss_diversity": v[3] / steps, "loss_cost": v[4] / steps, "loss_reg": v[5] / steps,
                 "train_accuracy": v[6] / max(seen, 1),
-                "train_flops_hard": self.cost.route_flops(gate_sum / max(seen, 1)).item()}
+                "train_cost_hard": self.budget.route_cost(gate_sum / max(seen, 1)).item()}
 
     def run(self, on_epoch: Callable[[dict], bool | None] | None = None) -> dict:
         cfg = self.cfg
@@ -160,20 +175,55 @@ class Trainer:
             t0 = time.perf_counter()
             finetune = self.epoch >= cfg.epochs
             metrics = self.train_epoch(finetune)
-            metrics.update(evaluate(self.model, self.data.val, self.cost, cfg.eval_batch_size))
+            metrics.update(self.evaluate(self.data.val))
             self.epoch += 1
             metrics.update(epoch=self.epoch, phase="finetune" if finetune else "train", mu=self.controller.mu,
-                           target_flops=self.target, epoch_seconds=time.perf_counter() - t0)
+                           target=self.target, target_unit=self.budget.unit,
+                           epoch_seconds=time.perf_counter() - t0)
             self.history.append(metrics)
             save_checkpoint(self.checkpoint_path, self.state())
             self.log(_progress(metrics, cfg.total_epochs))
             if on_epoch is not None and on_epoch(metrics):
-                break
+                return self.final_metrics()
+        if self.target is not None and cfg.calibrate and self.calibration is None:
+            self.calibrate()
         return self.final_metrics()
+
+    def evaluate(self, split, threshold=None) -> dict:
+        m = evaluate(self.model, split, self.cost, self.cfg.eval_batch_size, threshold)
+        if self.budget.unit == "ms":
+            m["latency_ms"] = self.budget.route_cost(torch.tensor([m["block_exec_rate"]])).item()
+        return m
+
+    @torch.no_grad()
+    def calibrate(self, max_images: int = 4096) -> None:
+        """Move the routing threshold so the mean hard cost on training images (not augmented, at
+        most `max_images`, a fixed random subset) equals the target; then re-evaluate on val."""
+        images = self.train_split.images
+        pick = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(self.cfg.seed))[:max_images]
+        images = images[pick.to(images.device)]
+
+        def mean_cost(t: float) -> float:
+            _, gates, _ = route_split(self.model, images, self.cfg.eval_batch_size, "hard", t)
+            return self.budget.route_cost(gates).mean().item()
+
+        threshold, calib_cost = calibrate_threshold(mean_cost, self.target)
+        self.model.threshold.fill_(threshold)
+        val = self.evaluate(self.data.val)
+        self.calibration = {"threshold": threshold, "calib_images": int(images.shape[0]),
+                            "calib_cost": calib_cost, "val": val}
+        save_checkpoint(self.checkpoint_path, self.state())
+        cost = val["latency_ms"] if self.budget.unit == "ms" else val["flops"]
+        self.log(f"calibrated threshold {threshold:.3f}: cost {calib_cost:.4g} on {images.shape[0]} train "
+                 f"images, val {cost:.4g} (target {self.target:.4g}, {cost / self.target - 1:+.1%}), "
+                 f"val accuracy {val['accuracy']:.2%}")
 
     def final_metrics(self) -> dict:
         last = dict(self.history[-1]) if self.history else {}
-        last.update(checkpoint=str(self.checkpoint_path), arch=self.cfg.arch, dataset=self.cfg.dataset)
+        if self.calibration is not None:
+            last.update(self.calibration["val"])
+        last.update(checkpoint=str(self.checkpoint_path), arch=self.cfg.arch, dataset=self.cfg.dataset,
+                    threshold=self.model.threshold.item())
         return last
 
 

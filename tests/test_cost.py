@@ -142,7 +142,7 @@ def test_full_equals_flop_counter_of_mask_routing(resnet20):
 
 
 @pytest.mark.parametrize("arch", ["resnet20", "resnet50"])
-def test_route_flops_equal_flop_counter_of_hard_routing(arch, resnet20, resnet50):
+def test_route_cost_equal_flop_counter_of_hard_routing(arch, resnet20, resnet50):
     """What the table predicts for a route is what gather/scatter routing actually computes."""
     model = resnet20 if arch == "resnet20" else resnet50
     model.eval()
@@ -155,7 +155,7 @@ def test_route_flops_equal_flop_counter_of_hard_routing(arch, resnet20, resnet50
               torch.rand(1, n) < 0.5, torch.arange(n).view(1, n) % 3 == 0]
     for g in routes:
         flops = counted(lambda t: model(t, routing="hard", gates=g), x)
-        assert flops == pytest.approx(table.route_flops(g).item(), rel=1e-6)
+        assert flops == pytest.approx(table.route_cost(g).item(), rel=1e-6)
     assert counted(lambda t: model(t, routing="hard", gates=routes[0]), x) == table.fixed
     assert counted(lambda t: model(t, routing="hard", gates=routes[1]), x) == table.full
 
@@ -192,37 +192,37 @@ def test_resnet50_projection_shortcuts_are_fixed_cost(resnet50):
     assert n_proj == 4
 
 
-# ----------------------------------------------------------------------------- route_flops
+# ----------------------------------------------------------------------------- route_cost
 
 def small_table() -> CostTable:
     return CostTable(block=(10.0, 20.0, 30.0, 40.0), fixed=5.0, router=1.0)
 
 
-def test_route_flops_extremes_and_hand_route(resnet110):
+def test_route_cost_extremes_and_hand_route(resnet110):
     table = measure_cost_table(resnet110)
     n = table.num_blocks
     ones = torch.ones(3, n, dtype=torch.bool)
     zeros = torch.zeros(3, n, dtype=torch.bool)
-    torch.testing.assert_close(table.route_flops(ones), torch.full((3,), table.full), rtol=1e-6, atol=0)
-    torch.testing.assert_close(table.route_flops(zeros), torch.full((3,), table.fixed), rtol=1e-6, atol=0)
+    torch.testing.assert_close(table.route_cost(ones), torch.full((3,), table.full), rtol=1e-6, atol=0)
+    torch.testing.assert_close(table.route_cost(zeros), torch.full((3,), table.fixed), rtol=1e-6, atol=0)
     pick = [0, 17, 18, 53]
     g = torch.zeros(1, n, dtype=torch.bool)
     g[0, pick] = True
     expected = table.fixed + sum(table.block[i] for i in pick)
-    assert table.route_flops(g).item() == pytest.approx(expected, rel=1e-6)
+    assert table.route_cost(g).item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_route_flops_small_table_hard_and_soft():
+def test_route_cost_small_table_hard_and_soft():
     table = small_table()
     assert table.full == 105.0
     gates = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
-    assert table.route_flops(gates).tolist() == [45.0, 5.0, 105.0]
+    assert table.route_cost(gates).tolist() == [45.0, 5.0, 105.0]
     # soft r: expected FLOPs
     r = torch.tensor([[0.5, 0.25, 0.0, 1.0], [0.1, 0.2, 0.3, 0.4]])
     expected = [5 + 0.5 * 10 + 0.25 * 20 + 0 + 40, 5 + 1 + 4 + 9 + 16]
-    torch.testing.assert_close(table.route_flops(r), torch.tensor(expected))
+    torch.testing.assert_close(table.route_cost(r), torch.tensor(expected))
     # integer 0/1 routes too
-    assert table.route_flops(gates.long()).tolist() == [45.0, 5.0, 105.0]
+    assert table.route_cost(gates.long()).tolist() == [45.0, 5.0, 105.0]
 
 
 def test_normalized_costs():

@@ -5,7 +5,6 @@ import torch
 
 from drn.checkpoint import load_checkpoint
 from drn.config import TrainConfig, UsageError, parse_target, resolve_target
-from drn.controller import MuController
 from drn.train import Trainer, train
 
 
@@ -80,40 +79,17 @@ def test_lr_follows_the_scaled_paper_milestones():
 
 @pytest.mark.parametrize("spec,expected", [("2e8", 2e8), ("40%", 0.4 * 5e8), (" 1.5e8 ", 1.5e8)])
 def test_targets_absolute_or_relative(spec, expected):
-    assert resolve_target(spec, flops_full=5e8, flops_fixed=1e6) == pytest.approx(expected)
+    assert resolve_target(spec, full=5e8, fixed=1e6) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("spec", ["0", "-1e8", "0%", "abc", "100%", "5e8", "1e12", "1e5", "nan"])
 def test_bad_targets_are_usage_errors(spec):
     with pytest.raises(UsageError):
-        resolve_target(spec, flops_full=5e8, flops_fixed=1e6)
+        resolve_target(spec, full=5e8, fixed=1e6)
 
 
 def test_parse_target_none():
     assert parse_target(None) is None
-
-
-def test_controller_raises_mu_above_target_and_lowers_it_below():
-    c = MuController(target=100.0, mu=0.05)
-    for _ in range(20):
-        c.update(150.0)
-    assert c.mu > 0.05
-    high = c.mu
-    for _ in range(200):
-        c.update(50.0)
-    assert c.mu < high and c.mu >= c.mu_min
-    fixed = MuController(target=None, mu=0.05)
-    for _ in range(10):
-        fixed.update(1e9)
-    assert fixed.mu == 0.05
-
-
-def test_controller_state_round_trips():
-    c = MuController(target=2e8, mu=0.1)
-    c.update(3e8)
-    d = MuController()
-    d.load_state_dict(c.state_dict())
-    assert d == c and d.update(1e8) == c.update(1e8)
 
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(epochs=-3), dict(batch_size=1), dict(views=0), dict(lr=0),
