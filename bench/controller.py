@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--finetune-epochs", type=int, default=0)
     p.add_argument("--targets", type=float, nargs="+", default=[30, 45, 60, 80], help="percent of full FLOPs")
-    p.add_argument("--mus", type=float, nargs="+", default=[0.05, 0.15, 0.45, 1.35, 4.0], help="fixed-mu grid")
+    p.add_argument("--mus", type=float, nargs="+", default=[0.01, 0.05, 0.15, 0.25, 0.45], help="fixed-mu grid")
     p.add_argument("--only", choices=("fixed", "target"), help="train only this half (the report needs both)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(HERE / "runs" / "controller"))

@@ -3,21 +3,26 @@
 The paper says only that mu "is adjusted adaptively". Here it is a PI controller on log mu --
 dual ascent on the constraint cost <= target with a proportional term for damping, the
 PID-Lagrangian recipe of constrained RL (Stooke et al., 2020) -- driven by the cost the model
-pays under *hard* routing (Eq. 11) on training batches, smoothed by an EMA:
+pays under *hard* routing (Eq. 11) on training batches, smoothed by an EMA, and aimed at a
+setpoint that ramps from the starting cost down to the target:
 
-    e_k     = cost_ema_k / target - 1                     relative overshoot (> 0: too expensive)
-    I_k     = I_{k-1} + ki / S * e_k                      S = optimisation steps per epoch
-    log mu  = log mu_0 + kp * e_k + I_k                   clipped to [mu_min, mu_max]
+    s_k     = start + min(1, k / ramp) * (target - start)       ramp = 30 % of the main epochs
+    e_k     = clip(cost_ema_k / s_k - 1, -0.5, 0.5)             relative overshoot (> 0: too expensive)
+    I_k     = I_{k-1} + ki / S * e_k                            S = optimisation steps per epoch
+    log mu  = log mu_0 + kp * e_k + I_k                         kept in [mu_min, mu_max]
 
-* log mu: mu stays positive and a step is a relative change, so one gain serves mu = 1e-3 and 10.
+* log mu: mu stays positive and a step is a relative change, so one gain serves mu = 1e-3 and 1.
 * hard cost, not Eq. 8's soft expectation: the soft/hard gap is what makes fixed-mu methods miss.
+* the ramp and the error clip: a network that starts at 95 % of full and is told "30 %" at once
+  sees e = +2.2; a first version without them multiplied mu by ~80 within an epoch, every router
+  closed (K = 0) and -- with r near 0 the routers get almost no gradient -- never reopened.
+  Moving the setpoint gradually keeps e small, so the routers follow instead of collapsing.
 * gains are per epoch (ki is divided by the steps in an epoch), so the loop's time constant is
-  the same on 4k images and on 50k. kp = 2: a 10 % overshoot raises mu by 22 % at once, which
-  damps the integral's overshoot; ki = 2 / epoch: a sustained 10 % overshoot multiplies mu by
-  e^0.2 = 1.22 per epoch -- slower than the routers adapt (about an epoch), so the loop does not
-  oscillate, and fast enough to settle in a few epochs of a 10-epoch CPU run. The benchmark
-  (bench/controller.py, BENCHMARKS.md) measures the result.
-* anti-windup: the integral stops growing while mu sits on a clip in the direction of the error.
+  the same on 4k images and on 50k. ki = 2 / epoch: a sustained 10 % overshoot multiplies mu by
+  e^0.2 = 1.22 per epoch, slower than the routers adapt; kp = 1 damps the integral's overshoot
+  without passing much batch-to-batch noise into mu. The benchmark (bench/controller.py,
+  BENCHMARKS.md) measures the result on real training.
+* anti-windup: the integral is clamped so that it never pushes log mu past a clip.
 * no target: mu stays at its initial value (0.05, the paper's).
 
 Training cost and held-out cost differ a little, and the learning rate decays to nothing at the
@@ -35,15 +40,27 @@ from typing import Callable
 class MuController:
     target: float | None = None   # cost per image (FLOPs, or ms for latency tables); None = fixed mu
     mu: float = 0.05              # current weight of Eq. 8 (initial value until the first update)
-    kp: float = 2.0               # proportional gain on log mu, per unit relative error
+    kp: float = 1.0               # proportional gain on log mu, per unit relative error
     ki: float = 2.0               # integral gain on log mu, per epoch per unit relative error
     steps_per_epoch: int = 1
     ema_decay: float = 0.9        # smoothing of the measured hard cost, per step
     mu_min: float = 1e-4
-    mu_max: float = 100.0
+    mu_max: float = 5.0           # Eq. 8 is normalised to [0, 1]: mu = 5 already outweighs the CE
+    ramp_steps: int = 0           # the setpoint moves linearly from the first measured cost to
+                                  # the target over this many steps (0: the target from the start)
+    max_error: float = 0.5        # |relative error| fed to the loop is clipped to this
     mu0: float | None = None      # set on the first update
     integral: float = 0.0
     cost_ema: float | None = None
+    start_cost: float | None = None
+    steps: int = 0
+
+    @property
+    def setpoint(self) -> float | None:
+        if self.target is None or self.start_cost is None or self.steps >= self.ramp_steps:
+            return self.target
+        frac = self.steps / self.ramp_steps
+        return self.start_cost + frac * (self.target - self.start_cost)
 
     def update(self, cost_hard: float) -> float:
         """Feed the mean hard-routed cost per image of one training batch; returns the new mu."""
@@ -52,8 +69,9 @@ class MuController:
         if self.target is None:
             return self.mu
         if self.mu0 is None:
-            self.mu0 = self.mu
-        err = self.cost_ema / self.target - 1.0
+            self.mu0, self.start_cost = self.mu, max(self.cost_ema, self.target)
+        self.steps += 1
+        err = min(max(self.cost_ema / self.setpoint - 1.0, -self.max_error), self.max_error)
         lo, hi = math.log(self.mu_min), math.log(self.mu_max)
         base = math.log(self.mu0) + self.kp * err
         integral = self.integral + self.ki / max(self.steps_per_epoch, 1) * err

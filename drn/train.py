@@ -26,6 +26,7 @@ from .losses import LossWeights, drn_loss
 from .models import build_model
 
 CHECKPOINT = "checkpoint.pt"
+RAMP_FRACTION = 0.3  # the budget setpoint moves from the full cost to the target over 30 % of --epochs
 
 
 def select_device(spec: str) -> torch.device:
@@ -88,7 +89,8 @@ class Trainer:
         unit = "FLOPs" if self.budget.unit == "flops" else "ms"
         self.target = resolve_target(cfg.target, self.budget.full, self.budget.fixed, unit)
         steps = max(1, self.data.train.labels.shape[0] // min(cfg.batch_size, self.data.train.labels.shape[0]))
-        self.controller = MuController(target=self.target, mu=cfg.mu, steps_per_epoch=steps)
+        self.controller = MuController(target=self.target, mu=cfg.mu, steps_per_epoch=steps,
+                                       ramp_steps=round(RAMP_FRACTION * cfg.epochs) * steps)
         self.calibration: dict | None = None
         self.weights = LossWeights(cfg.lam, cfg.alpha, cfg.gamma, cfg.d_c, cfg.d_d)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
