@@ -110,7 +110,14 @@ def test_threshold_sweep_is_monotone_in_flops(budget_run):
     rows = json.loads(proc.stdout.strip().splitlines()[-1])["sweep"]
     assert [r["threshold"] for r in rows] == pytest.approx([0.1 * i for i in range(1, 10)])
     flops = [r["flops"] for r in rows]
-    assert all(a >= b for a, b in zip(flops, flops[1:])) and flops[0] > flops[-1]
+    assert all(a >= b for a, b in zip(flops, flops[1:]))
+    # with beta = 5, r lies in (0.0067, 0.9933): these ends run every block and none
+    ends = run_cli("drn-eval", str(trainer.checkpoint_path), "--sweep-threshold", "0.001", "0.3", "0.5", "0.7",
+                   "0.999", "--json", "--device", "cpu")
+    sweep = json.loads(ends.stdout.strip().splitlines()[-1])
+    flops = [r["flops"] for r in sweep["sweep"]]
+    assert all(a >= b for a, b in zip(flops, flops[1:]))
+    assert flops[0] == pytest.approx(sweep["flops_full"]) and flops[-1] == pytest.approx(trainer.cost.fixed)
 
 
 def test_latency_table_is_positive_and_stable():
