@@ -50,8 +50,9 @@ def route_stats(preds: torch.Tensor, gates: torch.Tensor, labels: torch.Tensor, 
 def evaluate(model: RoutedResNet, split: Split, cost: CostTable, batch_size: int = 500,
              threshold: float | None = None, same_path: bool = False, seed: int = 0) -> dict:
     """Accuracy, mean FLOPs and routing length K per image, distinct paths (Fig. 7), per-block
-    execution rate and images/s under hard routing (threshold None: the model's own). With same_path: the share of images whose
-    route is unchanged when the image is perturbed (the paper's consistency experiment)."""
+    execution rate and images/s under hard routing (threshold None: the model's own). With
+    same_path: the share of images whose route is unchanged when the image is perturbed (the
+    paper's consistency experiment)."""
     device = model.mean.device
     images, labels = split.images.to(device), split.labels.to(device)
     preds, gates, seconds = route_split(model, images, batch_size, "hard", threshold)

@@ -225,18 +225,3 @@ class RoutedResNet(nn.Module):
 def build_model(arch: str, num_classes: int = 10, input_size: int = 32, **kw) -> RoutedResNet:
     return RoutedResNet(ModelConfig(arch, num_classes, input_size, **kw))
 
-
-def resnet20(**kw) -> RoutedResNet:
-    return build_model("resnet20", **kw)
-
-
-def resnet32(**kw) -> RoutedResNet:
-    return build_model("resnet32", **kw)
-
-
-def resnet110(**kw) -> RoutedResNet:
-    return build_model("resnet110", **kw)
-
-
-def resnet50(**kw) -> RoutedResNet:
-    return build_model("resnet50", **{"input_size": 64, "num_classes": 200, **kw})
