@@ -116,6 +116,9 @@ def measure_latency_table(model: RoutedResNet, batch_size: int = 64, warmup: int
     finally:
         for h in hooks:
             h.remove()
+    for _ in range(warmup):  # allocator, thread pool and cuDNN autotune settle before any block is timed
+        model(x, routing="mask")
+    sync()
     ms = 1000.0 / batch_size
     block = tuple(ms * median_seconds(lambda b=b, z=z: b.residual(z), warmup, repeats, sync)
                   for b, z in zip(model.blocks, inputs))

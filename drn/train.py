@@ -173,9 +173,13 @@ class Trainer:
     def run(self, on_epoch: Callable[[dict], bool | None] | None = None) -> dict:
         cfg = self.cfg
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        calibrating = self.target is not None and cfg.calibrate
         while self.epoch < cfg.total_epochs:
             t0 = time.perf_counter()
             finetune = self.epoch >= cfg.epochs
+            if finetune and calibrating and self.calibration is None:
+                # land first, then finetune the blocks under the routes the calibrated model runs
+                self.calibrate()
             metrics = self.train_epoch(finetune)
             metrics.update(self.evaluate(self.data.val))
             self.epoch += 1
@@ -187,8 +191,8 @@ class Trainer:
             self.log(_progress(metrics, cfg.total_epochs))
             if on_epoch is not None and on_epoch(metrics):
                 return self.final_metrics()
-        if self.target is not None and cfg.calibrate and self.calibration is None:
-            self.calibrate()
+        if calibrating and (self.calibration is None or self.calibration.get("epoch", self.epoch) < self.epoch):
+            self.calibrate()  # (again) after a finetune: frozen routers see features that moved
         return self.final_metrics()
 
     def evaluate(self, split, threshold=None) -> dict:
@@ -200,7 +204,8 @@ class Trainer:
     @torch.no_grad()
     def calibrate(self, max_images: int = 4096) -> None:
         """Move the routing threshold so the mean hard cost on training images (not augmented, at
-        most `max_images`, a fixed random subset) equals the target; then re-evaluate on val."""
+        most `max_images`, a fixed random subset) equals the target; then re-evaluate on val.
+        Runs after the main schedule and, with --finetune-epochs, once more after the finetune."""
         images = self.train_split.images
         pick = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(self.cfg.seed))[:max_images]
         images = images[pick.to(images.device)]
@@ -212,7 +217,7 @@ class Trainer:
         threshold, calib_cost = calibrate_threshold(mean_cost, self.target)
         self.model.threshold.fill_(threshold)
         val = self.evaluate(self.data.val)
-        self.calibration = {"threshold": threshold, "calib_images": int(images.shape[0]),
+        self.calibration = {"epoch": self.epoch, "threshold": threshold, "calib_images": int(images.shape[0]),
                             "calib_cost": calib_cost, "val": val}
         save_checkpoint(self.checkpoint_path, self.state())
         cost = val["latency_ms"] if self.budget.unit == "ms" else val["flops"]

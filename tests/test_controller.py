@@ -103,6 +103,20 @@ def test_short_real_training_lands_near_a_50_percent_target(budget_run, tiny_dat
     assert reloaded.model.threshold.item() == final["threshold"]
 
 
+def test_finetune_runs_under_the_calibrated_routes_then_recalibrates(tiny_data, tmp_path):
+    calibrations = []
+    cfg = tiny_cfg(tiny_data, tmp_path / "ft", arch="resnet8", epochs=2, finetune_epochs=1, batch_size=4,
+                   target_flops="50%")
+    trainer = Trainer(cfg, log=lambda s: calibrations.append(s) if s.startswith("calibrated") else None)
+    seen = []
+    final = trainer.run(on_epoch=lambda m: seen.append((m["phase"], trainer.model.threshold.item())))
+    assert len(calibrations) == 2                       # after the main schedule, after the finetune
+    first = float(calibrations[0].split()[2].rstrip(":"))
+    assert seen[0] == ("train", 0.5) and seen[2] == ("finetune", pytest.approx(first, abs=1e-3))
+    assert trainer.calibration["epoch"] == 3 and final["threshold"] == trainer.calibration["threshold"]
+    assert abs(trainer.calibration["calib_cost"] / (0.5 * trainer.cost.full) - 1) < 0.05
+
+
 def test_threshold_sweep_is_monotone_in_flops(budget_run):
     trainer, _ = budget_run
     proc = run_cli("drn-eval", str(trainer.checkpoint_path), "--sweep-threshold", "--json", "--device", "cpu")
@@ -120,14 +134,16 @@ def test_threshold_sweep_is_monotone_in_flops(budget_run):
     assert flops[0] == pytest.approx(sweep["flops_full"]) and flops[-1] == pytest.approx(trainer.cost.fixed)
 
 
-def test_latency_table_is_positive_and_complete():
-    # timing spread is a benchmark figure (BENCHMARKS.md), not asserted here: CI machines are shared
+def test_latency_table_is_positive_and_stable():
     torch.manual_seed(0)
     model = build_model("resnet8")
-    a = measure_latency_table(model, batch_size=32, repeats=3)
+    a = measure_latency_table(model, batch_size=32, repeats=7)
+    b = measure_latency_table(model, batch_size=32, repeats=7)
     assert a.unit == "ms" and len(a.block) == model.num_blocks
     assert all(v > 0 for v in a.block) and a.fixed > 0 and a.router > 0
-    assert a.normalized().sum().item() == pytest.approx(1.0)
+    # stated spread on a shared 2-core CI machine (its neighbours load it): two tables' totals agree
+    # within a factor of 3; the spread on a quiet machine is measured in bench/ (BENCHMARKS.md)
+    assert max(a.full, b.full) / min(a.full, b.full) < 3
 
 
 def test_latency_grows_with_block_width():
