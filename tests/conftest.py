@@ -55,13 +55,17 @@ def real_data() -> Path:
     return p
 
 
+def cli_command(prog: str) -> list[str]:
+    exe = shutil.which(prog)  # the installed console script
+    if exe is not None:
+        return [exe]
+    mod, func = {"drn-train": ("drn.cli", "train_main"), "drn-eval": ("drn.cli", "eval_main"),
+                 "drn-search": ("search.cli", "main")}[prog]
+    return [sys.executable, "-c", f"import sys; from {mod} import {func}; sys.exit({func}(sys.argv[1:]))"]
+
+
 def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     """Run a console entry point in a fresh interpreter, as a user would."""
     prog, rest = args[0], args[1:]
-    exe = shutil.which(prog)  # the installed console script
-    if exe is None:
-        func = {"drn-train": "train_main", "drn-eval": "eval_main"}[prog]
-        cmd = [sys.executable, "-c", f"import sys; from drn.cli import {func}; sys.exit({func}(sys.argv[1:]))"]
-    else:
-        cmd = [exe]
+    cmd = cli_command(prog)
     return subprocess.run([*cmd, *rest], capture_output=True, text=True, cwd=cwd, timeout=900)

@@ -104,17 +104,25 @@ def test_short_real_training_lands_near_a_50_percent_target(budget_run, tiny_dat
 
 
 def test_finetune_runs_under_the_calibrated_routes_then_recalibrates(tiny_data, tmp_path):
-    calibrations = []
     cfg = tiny_cfg(tiny_data, tmp_path / "ft", arch="resnet8", epochs=2, finetune_epochs=1, batch_size=4,
                    target_flops="50%")
-    trainer = Trainer(cfg, log=lambda s: calibrations.append(s) if s.startswith("calibrated") else None)
-    seen = []
-    final = trainer.run(on_epoch=lambda m: seen.append((m["phase"], trainer.model.threshold.item())))
-    assert len(calibrations) == 2                       # after the main schedule, after the finetune
-    first = float(calibrations[0].split()[2].rstrip(":"))
-    assert seen[0] == ("train", 0.5) and seen[2] == ("finetune", pytest.approx(first, abs=1e-3))
+    events = []
+    trainer = Trainer(cfg, log=lambda s: events.append(s.split()[0]))
+    train_epoch = trainer.train_epoch
+    def spy(finetune):
+        events.append(("finetune" if finetune else "train", trainer.model.threshold.item()))
+        return train_epoch(finetune)
+    trainer.train_epoch = spy
+    final = trainer.run()
+    phases = [e for e in events if isinstance(e, tuple)]
+    assert [p for p, _ in phases] == ["train", "train", "finetune"] and phases[0][1] == 0.5
+    # calibrated after the main schedule, before the finetune, which runs at that threshold
+    first = events.index("calibrated")
+    assert events.index(phases[2]) == first + 1 and phases[2][1] != 0.5
+    assert events.count("calibrated") == 2              # and again at the end
     assert trainer.calibration["epoch"] == 3 and final["threshold"] == trainer.calibration["threshold"]
     assert abs(trainer.calibration["calib_cost"] / (0.5 * trainer.cost.full) - 1) < 0.05
+    assert trainer.history[-1]["flops"] == trainer.calibration["val"]["flops"]
 
 
 def test_threshold_sweep_is_monotone_in_flops(budget_run):

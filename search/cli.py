@@ -1,0 +1,259 @@
+"""drn-search: find the routed ResNet with the best accuracy at a compute budget.
+
+Bad input (flags, space file, data, Ray address, resources): one line on stderr, exit 2, nothing
+written. Everything else of a search lives in <storage>/<name>/ (see README, "Results").
+"""
+import argparse
+import dataclasses
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from drn.cli import EXIT_USAGE, _Parser
+from drn.config import UsageError, resolve_target
+
+from .config import SMOKE, SearchConfig
+
+# flag -> (SearchConfig field, type, nargs, help). Defaults are read from SearchConfig.
+FLAGS = {
+    "--target-flops": ("target_flops", str, "+", "FLOPs budget(s) per image: absolute (2e8) or share of the full "
+                       "network (40%%); several values search a front, one target per trial"),
+    "--target-latency-ms": ("target_latency_ms", str, "+", "latency budget(s), ms per image on the trial's "
+                            "device (or %% of full), instead of FLOPs"),
+    "--tolerance": ("tolerance", float, None, "a trial is feasible when |cost/target - 1| <= this"),
+    "--arch": ("arch", str, None, "resnet8/14/20/32/44/56/74/110 or resnet50"),
+    "--dataset": ("dataset", str, None, "cifar10, cifar100, svhn, tinyimagenet, imagefolder or synthetic"),
+    "--data-dir": ("data_dir", str, None, "where the dataset is (torchvision sets are downloaded there)"),
+    "--space": ("space", str, None, "search space YAML, or a name in spaces/ (default, wide)"),
+    "--num-samples": ("num_samples", int, None, "trials in all (a resumed search counts the earlier ones)"),
+    "--max-concurrent": ("max_concurrent", int, None, "trials at once (default: as many as resources fit)"),
+    "--epochs": ("epochs", int, None, "epochs of each trial's main schedule"),
+    "--finetune-epochs": ("finetune_epochs", int, None, "extra frozen-router epochs per trial"),
+    "--batch-size": ("batch_size", int, None, "samples per step"),
+    "--cpus-per-trial": ("cpus_per_trial", float, None, "CPUs per trial (default: 1 without GPUs, else the "
+                         "CPUs per GPU, at most 4)"),
+    "--gpus-per-trial": ("gpus_per_trial", float, None, "GPUs per trial, fractions share one (default: 1 when "
+                         "Ray sees GPUs, else 0)"),
+    "--address": ("address", str, None, "an existing Ray cluster: 'auto' or ray://host:port "
+                  "(default: start a local one)"),
+    "--storage": ("storage", str, None, "results dir or cloud URI (s3://...) for trials and checkpoints"),
+    "--name": ("name", str, None, "search name: the folder under --storage (default: drn-<arch>-<time>)"),
+    "--seed": ("seed", int, None, "seed of the sampler and of every trial's training"),
+    "--scheduler": ("scheduler", str, None, "asha, fifo, or auto (asha for one target, fifo for several)"),
+    "--grace-period": ("grace_period", int, None, "ASHA: epochs before a trial may be stopped (default: "
+                       "a quarter of the epochs)"),
+    "--reduction-factor": ("reduction_factor", int, None, "ASHA: keep the best 1/N at each rung"),
+    "--max-failures": ("max_failures", int, None, "retries of a crashed trial from its last checkpoint"),
+    "--optuna-storage": ("optuna_storage", str, None, "Optuna RDB URL (default: sqlite in the results dir)"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    fields = {f.name: f for f in dataclasses.fields(SearchConfig)}
+    p = _Parser(prog="drn-search", description="Search the margins and loss weights of dynamic-routing ResNets "
+                "(Optuna, trials run by Ray Tune) for the best val accuracy at a compute budget.")
+    for flag, (name, typ, nargs, help_) in FLAGS.items():
+        f = fields[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        shown = "none" if default in (None, [], "") else default
+        if name == "space":
+            shown = "spaces/default.yaml"
+        p.add_argument(flag, dest=name, type=typ, nargs=nargs, default=argparse.SUPPRESS,
+                       help=f"{help_} (default: {shown})")
+    p.add_argument("--resume", metavar="NAME", help="continue the interrupted search NAME under --storage "
+                   "with its own settings: finished trials are kept, unfinished ones go on from their last epoch")
+    p.add_argument("--smoke-test", dest="smoke_test", action="store_true", default=argparse.SUPPRESS,
+                   help="a tiny search that finishes in minutes on a laptop CPU: " +
+                        ", ".join(f"{k}={v}" for k, v in SMOKE.items()) + " (flags given still win)")
+    return p
+
+
+def _log(msg: str) -> None:
+    print(f"[drn-search] {msg}", file=sys.stderr, flush=True)
+
+
+def check_budget(cfg: SearchConfig) -> None:
+    """Every target must be reachable by the architecture on the dataset's input size: checked on
+    the FLOPs table here (latency targets in ms are checked on the trial's device)."""
+    from drn.cost import measure_cost_table
+    from drn.data import DATASETS, load_dataset
+    from drn.models import build_model
+    info = DATASETS[cfg.dataset]
+    if info.input_size is None or info.num_classes is None:
+        data = load_dataset(cfg.dataset, cfg.data_dir)
+        size, classes = data.input_size, data.num_classes
+    else:
+        if cfg.dataset != "synthetic":
+            load_dataset(cfg.dataset, cfg.data_dir)  # download now, once, and fail here if unreadable
+        size, classes = info.input_size, info.num_classes
+    cost = measure_cost_table(build_model(cfg.arch, classes, size))
+    for t in cfg.targets:
+        if cfg.target_flops or str(t).endswith("%"):
+            resolve_target(t, cost.full, cost.fixed if cfg.target_flops else 0.0,
+                           "FLOPs" if cfg.target_flops else "ms")
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """ray.init retries an unreachable host:port for ever: try a TCP connection first."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise UsageError(f"--address {address!r}: give 'auto', host:port or ray://host:port")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise UsageError(f"cannot reach Ray at {address}: {e.strerror or e}") from None
+
+
+def connect(cfg: SearchConfig) -> dict:
+    """Start or join Ray; return its resources. An unreachable address is a usage error."""
+    import ray
+    if cfg.address not in (None, "auto"):
+        check_reachable(cfg.address)
+    # "token authentication is enabled": it stays on (README, "Run on a cluster"); not news per run
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    kwargs = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
+    try:
+        if cfg.address is None:
+            ray.init(include_dashboard=False, **kwargs)
+        else:
+            ray.init(address=cfg.address, **kwargs)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        raise UsageError(f"cannot reach Ray at {cfg.address}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return ray.cluster_resources()
+
+
+def resources(cfg: SearchConfig, cluster: dict) -> tuple[float, float]:
+    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    g = cfg.gpus_per_trial if cfg.gpus_per_trial is not None else (1.0 if gpus >= 1 else 0.0)
+    if g > 0 and gpus == 0:
+        raise UsageError(f"--gpus-per-trial {g:g} asked for, but the Ray cluster has no GPUs "
+                         f"(it has {cpus:g} CPUs); use --gpus-per-trial 0")
+    if g > gpus:
+        raise UsageError(f"--gpus-per-trial {g:g} is more than the cluster's {gpus:g} GPUs")
+    c = cfg.cpus_per_trial if cfg.cpus_per_trial is not None else (
+        1.0 if g == 0 else max(1.0, min(4.0, cpus // max(gpus / g, 1))))
+    if c > cpus:
+        raise UsageError(f"--cpus-per-trial {c:g} is more than the cluster's {cpus:g} CPUs")
+    return c, g
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial-{trial.config.get('optuna_trial', 'x')}-{trial.trial_id}"
+
+
+def run_search(cfg: SearchConfig, resume: bool = False) -> list[dict]:
+    # Tune's warning that per-epoch checkpoints snapshot its state often: that is the intent here
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from .results import summary, trial_rows, write_parquet
+    from .searcher import OptunaSearcher
+    from .space import load_space
+    from .trainable import run_trial
+    from .progress import Progress
+
+    space = load_space(cfg.space)
+    results = cfg.results_dir
+    if not resume and results.exists():
+        raise UsageError(f"search {cfg.name!r} already exists in {results.parent}; "
+                         f"continue it with --resume {cfg.name} or pick another --name")
+    check_budget(cfg)
+    cluster = connect(cfg)
+    cpus, gpus = resources(cfg, cluster)
+    _log(f"Ray: {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs; "
+         f"each trial {cpus:g} CPU, {gpus:g} GPU")
+    results.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        cfg.save(results / "search.json")
+    base = {**cfg.train_config(cfg.targets[0], device="cuda" if gpus > 0 else "cpu").to_dict(),
+            "target_key": cfg.target_key, "threads": max(1, int(cpus))}
+    for k in ("target_flops", "target_latency_ms", "out"):
+        base.pop(k)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base), {"cpu": cpus, "gpu": gpus})
+    experiment = cfg.storage.rstrip("/") + "/" + cfg.name
+    progress = Progress(cfg.study_storage, cfg.name, [p.name for p in space.params], cfg.tolerance,
+                        str(results / "trials.parquet"), cfg.num_samples, cfg.total_epochs, cfg.cost_key)
+    if resume:
+        if not tune.Tuner.can_restore(experiment):
+            raise UsageError(f"nothing to resume in {experiment}: the search never started its first trial")
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
+    else:
+        searcher = OptunaSearcher(space, cfg.targets, cfg.name, cfg.study_storage, cfg.tolerance,
+                                  cfg.total_epochs, cfg.cost_key, cfg.seed)
+        use_asha = cfg.scheduler == "asha" or (cfg.scheduler == "auto" and len(cfg.targets) == 1)
+        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.total_epochs,
+                                   grace_period=cfg.grace_period or max(1, cfg.total_epochs // 4),
+                                   reduction_factor=cfg.reduction_factor)
+                     if use_asha else FIFOScheduler())
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric="accuracy", mode="max",
+                                        num_samples=cfg.num_samples,
+                                        max_concurrent_trials=cfg.max_concurrent,
+                                        trial_dirname_creator=_trial_dirname),
+            run_config=tune.RunConfig(
+                name=cfg.name, storage_path=cfg.storage, verbose=0, callbacks=[progress],
+                failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+    t0 = time.time()
+    grid = tuner.fit()
+    checkpoints = {}
+    for r in grid:
+        tid = (r.metrics or {}).get("trial_id")
+        if tid and r.checkpoint is not None:
+            checkpoints[tid] = f"{r.checkpoint.path.rstrip('/')}/checkpoint.pt"
+    import optuna
+    study = optuna.load_study(study_name=cfg.name, storage=cfg.study_storage)
+    rows = trial_rows(study, [p.name for p in space.params], cfg.tolerance, checkpoints)
+    write_parquet(rows, results / "trials.parquet")
+    print(summary(rows, cfg.targets, cfg.cost_key))
+    ended = sum(r["state"] in ("COMPLETE", "PRUNED", "FAIL") for r in rows)
+    if ended < cfg.num_samples:
+        _log(f"interrupted after {time.time() - t0:.0f}s with {ended}/{cfg.num_samples} trials ended; "
+             f"continue with: drn-search --resume {cfg.name} --storage {cfg.storage}")
+        raise KeyboardInterrupt
+    _log(f"done in {time.time() - t0:.0f}s; trials: {results / 'trials.parquet'}; "
+         f"checkpoints under {experiment}")
+    return rows
+
+
+def main(argv=None) -> int:
+    args = vars(_parser().parse_args(argv))
+    resume = args.pop("resume")
+    try:
+        if resume:
+            storage = args.get("storage", SearchConfig.__dataclass_fields__["storage"].default)
+            path = Path(storage).expanduser().absolute() / resume / "search.json"
+            if not path.is_file():
+                raise UsageError(f"no search named {resume!r} under {path.parent.parent} (no search.json)")
+            import json
+            saved = json.loads(path.read_text())
+            # a resumed search keeps its settings; where Ray runs may change
+            for k in ("address", "storage"):
+                if k in args:
+                    saved[k] = args[k]
+            cfg = SearchConfig.from_dict(saved)
+        else:
+            cfg = SearchConfig.from_flags(args)
+        run_search(cfg, resume=bool(resume))
+    except UsageError as e:
+        print(f"drn-search: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("drn-search: interrupted (trials and checkpoints so far are kept; see --resume)", file=sys.stderr)
+        return 130
+    finally:
+        if "ray" in sys.modules:
+            import ray
+            if ray.is_initialized():
+                ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""SearchConfig: the one place where drn-search's flags (or a resumed search's search.json) become
+a validated, typed configuration. Bad input raises UsageError (one line, exit 2)."""
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from drn.config import TrainConfig, UsageError, default_data_dir, parse_target
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
+# what --smoke-test sets, where the command line leaves it unset
+# (tolerance 5 %: ResNet-8 has only 3 routable blocks, and the synthetic val split only 250 images)
+SMOKE = dict(arch="resnet8", dataset="synthetic", epochs=2, num_samples=4, max_concurrent=2, batch_size=64,
+             tolerance=0.05, target_flops=["50%"])
+
+
+def is_uri(s: str) -> bool:
+    return re.match(r"^[a-z][a-z0-9+.-]*://", s) is not None
+
+
+@dataclass
+class SearchConfig:
+    target_flops: list[str] = field(default_factory=list)       # absolute (2e8) or share of full (40%)
+    target_latency_ms: list[str] = field(default_factory=list)
+    tolerance: float = 0.02          # a trial is feasible when |cost / target - 1| <= tolerance
+    arch: str = "resnet110"
+    dataset: str = "cifar10"
+    data_dir: str = field(default_factory=default_data_dir)
+    space: str = str(SPACES_DIR / "default.yaml")
+    num_samples: int = 20            # trials in all (a resumed search counts the earlier ones)
+    max_concurrent: int | None = None  # None: as many as the cluster's resources fit
+    epochs: int = 250
+    finetune_epochs: int = 0
+    batch_size: int = 128
+    cpus_per_trial: float | None = None  # None: 1 without GPUs, else the CPUs per GPU (at most 4)
+    gpus_per_trial: float | None = None  # None: 1 when Ray sees GPUs, else 0; fractions share a GPU
+    address: str | None = None       # an existing Ray cluster ('auto', or ray://host:port); None: local
+    storage: str = "drn-results"     # local dir or cloud URI for Tune's results and checkpoints
+    name: str = ""                   # '' -> drn-<arch>-<date>-<time>
+    seed: int = 0
+    scheduler: str = "auto"          # asha | fifo | auto (asha with one target, fifo with several)
+    grace_period: int | None = None  # ASHA: epochs before a trial can be stopped (None: epochs / 4)
+    reduction_factor: int = 3        # ASHA: keep the best 1/rf at each rung
+    max_failures: int = 2            # retries of a trial that errors (from its last checkpoint)
+    optuna_storage: str | None = None  # RDB URL; None: sqlite in the results dir
+    smoke_test: bool = False
+
+    def __post_init__(self):
+        if self.smoke_test and not self.target_flops and not self.target_latency_ms:
+            self.target_flops = list(SMOKE["target_flops"])
+        if bool(self.target_flops) == bool(self.target_latency_ms):
+            raise UsageError("give --target-flops or --target-latency-ms (one or several values), not both"
+                             if self.target_flops else "give a budget: --target-flops (like 2e8 or 40%) or "
+                             "--target-latency-ms")
+        for t in self.targets:
+            parse_target(t)
+        if len(set(self.targets)) != len(self.targets):
+            raise UsageError(f"targets repeat: {' '.join(self.targets)}")
+        checks = [
+            (0 < self.tolerance < 1, f"tolerance must be in (0, 1), got {self.tolerance}"),
+            (self.num_samples >= 1, f"num-samples must be >= 1, got {self.num_samples}"),
+            (self.max_concurrent is None or self.max_concurrent >= 1,
+             f"max-concurrent must be >= 1, got {self.max_concurrent}"),
+            (self.cpus_per_trial is None or self.cpus_per_trial > 0,
+             f"cpus-per-trial must be > 0, got {self.cpus_per_trial}"),
+            (self.gpus_per_trial is None or self.gpus_per_trial >= 0,
+             f"gpus-per-trial must be >= 0, got {self.gpus_per_trial}"),
+            (self.gpus_per_trial is None or self.gpus_per_trial <= 1 or float(self.gpus_per_trial).is_integer(),
+             f"gpus-per-trial above 1 must be whole, got {self.gpus_per_trial}"),
+            (self.scheduler in ("asha", "fifo", "auto"), f"scheduler must be asha, fifo or auto, got {self.scheduler!r}"),
+            (self.grace_period is None or self.grace_period >= 1, f"grace period must be >= 1, got {self.grace_period}"),
+            (self.reduction_factor >= 2, f"reduction factor must be >= 2, got {self.reduction_factor}"),
+            (self.max_failures >= 0, f"max-failures must be >= 0, got {self.max_failures}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UsageError(msg)
+        for name in ("tolerance", "cpus_per_trial", "gpus_per_trial"):
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):
+                raise UsageError(f"{name.replace('_', '-')} must be a finite number, got {v}")
+        self.name = self.name or f"drn-{self.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            raise UsageError(f"name {self.name!r}: use letters, digits, '.', '_' and '-'")
+        space = Path(self.space)
+        if not space.suffix and not space.exists():   # a bare name: spaces/<name>.yaml
+            space = SPACES_DIR / f"{self.space}.yaml"
+        self.space = str(space.expanduser().absolute())
+        self.data_dir = os.path.abspath(os.path.expanduser(self.data_dir))
+        if not is_uri(self.storage):
+            self.storage = os.path.abspath(os.path.expanduser(self.storage))
+        self.train_config(self.targets[0])   # the shared training settings are valid too
+
+    @property
+    def targets(self) -> list[str]:
+        return [str(t) for t in (self.target_flops or self.target_latency_ms)]
+
+    @property
+    def target_key(self) -> str:
+        return "target_flops" if self.target_flops else "target_latency_ms"
+
+    @property
+    def cost_key(self) -> str:
+        return "flops" if self.target_flops else "latency_ms"
+
+    @property
+    def results_dir(self) -> Path:
+        """Our files (search.json, optuna.db, trials.parquet): beside Tune's, or local for a URI."""
+        root = Path("drn-results").absolute() if is_uri(self.storage) else Path(self.storage)
+        return root / self.name
+
+    @property
+    def study_storage(self) -> str:
+        return self.optuna_storage or f"sqlite:///{self.results_dir / 'optuna.db'}"
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs + self.finetune_epochs
+
+    def train_config(self, target: str, device: str = "cpu") -> TrainConfig:
+        return TrainConfig(arch=self.arch, dataset=self.dataset, data_dir=self.data_dir, epochs=self.epochs,
+                           finetune_epochs=self.finetune_epochs, batch_size=self.batch_size, seed=self.seed,
+                           device=device, **{self.target_key: target})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SearchConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise UsageError(f"unknown search config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_flags(cls, flags: dict) -> "SearchConfig":
+        """`flags`: only what the command line set; --smoke-test fills in the rest of SMOKE."""
+        if flags.get("smoke_test"):
+            flags = {**{k: v for k, v in SMOKE.items() if k != "target_flops"}, **flags}
+        return cls.from_dict(flags)

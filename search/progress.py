@@ -1,0 +1,68 @@
+"""A Tune callback on the driver: one line per trial epoch, and trials.parquet rewritten each time a
+trial ends (so a crashed driver leaves an up-to-date table). Holds only plain values: a restored
+search unpickles it."""
+import sys
+import time
+
+import optuna
+from ray.tune import Callback
+
+from .results import trial_rows, write_parquet
+
+
+class Progress(Callback):
+    def __init__(self, study_storage: str, study_name: str, space_names: list[str], tolerance: float,
+                 parquet: str, num_samples: int, total_epochs: int, cost_key: str):
+        self.study_storage, self.study_name, self.space_names = study_storage, study_name, space_names
+        self.tolerance, self.parquet, self.num_samples = tolerance, parquet, num_samples
+        self.total_epochs, self.cost_key = total_epochs, cost_key
+        self.t0 = time.time()
+        self.ended = 0
+
+    def setup(self, **info):
+        self.t0 = time.time()  # also when a resumed search starts again
+
+    def _print(self, msg: str) -> None:
+        print(f"[drn-search {time.time() - self.t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        n = result.get("optuna_trial")
+        if result.get("diverged"):
+            self._print(f"trial {n:.0f} diverged: {result.get('error')}")
+            return
+        cost = result.get(self.cost_key, float("nan"))
+        self._print(f"trial {n:.0f} (target {trial.config.get('target')}) epoch {result.get('epoch', 0):.0f}/"
+                    f"{self.total_epochs}: val acc {result.get('accuracy', 0):.2%}, {self.cost_key} {cost:.4g} "
+                    f"({result.get('rel_error', float('nan')):+.1%} of target), K {result.get('k', 0):.1f}, "
+                    f"mu {result.get('mu', 0):.3g}")
+
+    def _write(self, trials) -> list[dict]:
+        study = optuna.load_study(study_name=self.study_name, storage=self.study_storage)
+        rows = trial_rows(study, self.space_names, self.tolerance, checkpoint_paths(trials))
+        write_parquet(rows, self.parquet)
+        return rows
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._ended(trials, trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._ended(trials, trial)
+
+    def _ended(self, trials, trial) -> None:
+        rows = self._write(trials)
+        n = trial.config.get("optuna_trial")
+        row = next((r for r in rows if r["trial"] == n), None)
+        state = row["state"] if row else "?"
+        done = sum(r["state"] in ("COMPLETE", "PRUNED", "FAIL") for r in rows)
+        extra = f" ({row['reason']})" if row and row.get("reason") else ""
+        self._print(f"trial {n} {state.lower()}{extra}; {done}/{self.num_samples} trials ended")
+
+
+def checkpoint_paths(trials) -> dict[str, str]:
+    """Tune trial id -> the trainer checkpoint of its latest Tune checkpoint."""
+    out = {}
+    for t in trials:
+        ckpt = t.checkpoint
+        if ckpt is not None:
+            out[t.trial_id] = f"{ckpt.path.rstrip('/')}/checkpoint.pt"
+    return out

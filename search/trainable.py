@@ -1,0 +1,66 @@
+"""One search trial = one drn training (drn.train.Trainer), run by Ray Tune.
+
+Every epoch the trial reports its metrics and hands Tune the trainer's checkpoint; a trial that
+Tune restarts (node lost, driver resumed) continues from that checkpoint, bit for bit. A trial
+whose loss diverges reports `diverged` and ends: retrying it would diverge again, so it is not an
+error for Tune's retry logic, and the searcher marks it FAIL.
+"""
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from ray import tune
+
+from drn.config import TrainConfig
+from drn.data import load_dataset
+from drn.train import CHECKPOINT, Trainer
+
+# keys of the trial config that are not TrainConfig fields
+META = ("target", "optuna_trial")
+
+
+def scalar_metrics(m: dict) -> dict:
+    return {k: float(v) for k, v in m.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def run_trial(config: dict, base: dict) -> None:
+    """`base`: TrainConfig fields shared by every trial, plus `target_key` (target_flops or
+    target_latency_ms) and `threads`; `config`: what the searcher sampled, plus META."""
+    base = dict(base)
+    target_key, threads = base.pop("target_key"), base.pop("threads")
+    torch.set_num_threads(max(1, int(threads)))
+    params = {k: v for k, v in config.items() if k not in META}
+    out = Path(tune.get_context().get_trial_dir()) / "run"
+    out.mkdir(parents=True, exist_ok=True)
+    resume = False
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            shutil.copyfile(Path(d) / CHECKPOINT, out / CHECKPOINT)
+        resume = True
+    cfg = TrainConfig.from_dict({**base, **params, target_key: config["target"], "out": str(out)})
+    with FileLock(os.path.join(tempfile.gettempdir(), "drn-data.lock")):  # one download per machine
+        data = load_dataset(cfg.dataset, cfg.data_dir)
+    trainer = Trainer(cfg, data=data, resume=resume, log=lambda s: None)
+    cost_key = "latency_ms" if target_key == "target_latency_ms" else "flops"
+
+    def report(m: dict) -> None:
+        m = scalar_metrics(m)
+        m.update(target_cost=trainer.target, optuna_trial=config["optuna_trial"],
+                 rel_error=m[cost_key] / trainer.target - 1, done=float(trainer.epoch >= cfg.total_epochs),
+                 checkpoint_epoch=trainer.epoch)
+        tune.report(m, checkpoint=tune.Checkpoint.from_directory(str(out)))
+
+    if resume and trainer.epoch >= cfg.total_epochs:  # finished, but its last report was lost
+        report(trainer.final_metrics())
+        return
+    try:
+        trainer.run(on_epoch=report)
+    except FloatingPointError as e:
+        tune.report({"diverged": 1.0, "error": str(e), "epoch": float(trainer.epoch + 1), "accuracy": 0.0,
+                     cost_key: math.nan, "target_cost": trainer.target, "optuna_trial": config["optuna_trial"]})

@@ -1,0 +1,138 @@
+"""drn-search end to end on a real local Ray cluster (tiny data, CPU): trials, ASHA -> PRUNED,
+Parquet, summary, resume after an interrupt, and its bad-input errors."""
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import cli_command, run_cli, write_imagefolder
+
+pytestmark = pytest.mark.slow
+
+TERMINAL = {"COMPLETE", "PRUNED", "FAIL"}
+
+
+def search_args(data: Path, storage: Path, name: str, *extra: str) -> list[str]:
+    return ["--target-flops", "50%", "--arch", "resnet8", "--dataset", "imagefolder", "--data-dir", str(data),
+            "--epochs", "2", "--batch-size", "12", "--storage", str(storage), "--name", name, *extra]
+
+
+def tune_epochs(experiment: Path) -> dict[int, list[int]]:
+    """Optuna trial number -> the epochs Tune recorded for it (result.json of each trial dir)."""
+    out = {}
+    for f in experiment.glob("trial-*/result.json"):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        out[int(rows[0]["optuna_trial"])] = [int(r["epoch"]) for r in rows]
+    return out
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory):
+    # the generated 10-class set (250 val images): tiny_data's shapes are learnt to 100 % in one
+    # epoch, so every trial ties at ASHA's rung, and ASHA keeps ties
+    storage = tmp_path_factory.mktemp("search")
+    args = search_args(Path("unused"), storage, "s4", "--num-samples", "4", "--max-concurrent", "2",
+                       "--reduction-factor", "2", "--space", "wide", "--dataset", "synthetic", "--batch-size", "64")
+    proc = run_cli("drn-search", *args)
+    return proc, storage / "s4"
+
+
+def test_a_real_search_ends_every_trial_and_writes_parquet(search):
+    proc, results = search
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = pq.read_table(results / "trials.parquet").to_pylist()
+    assert sorted(r["trial"] for r in table) == [0, 1, 2, 3]
+    assert {r["state"] for r in table} <= TERMINAL - {"FAIL"}
+    for r in table:
+        assert r["target"] == "50%" and 0.05 <= r["d_c"] <= 0.5 and 0.02 <= r["lr"] <= 0.2
+        assert 0 <= r["accuracy"] <= 1 and r["flops"] > 0 and Path(r["checkpoint"]).is_file()
+    assert any(r["pareto_flops"] for r in table if r["state"] == "COMPLETE")
+    assert "Pareto front, val accuracy vs FLOPs" in proc.stdout and "4 trials:" in proc.stdout
+    assert "epoch 2/2" in proc.stderr                                     # progress while it ran
+    json.loads((results / "search.json").read_text())                    # its settings, for --resume
+
+
+def test_asha_stopped_trials_are_pruned_in_optuna_not_complete(search):
+    proc, results = search
+    study = optuna.load_study(study_name="s4", storage=f"sqlite:///{results / 'optuna.db'}")
+    epochs = tune_epochs(results)
+    assert sorted(epochs) == [0, 1, 2, 3]
+    for t in study.trials:
+        stopped_early = epochs[t.number][-1] < 2
+        assert t.state == (optuna.trial.TrialState.PRUNED if stopped_early else optuna.trial.TrialState.COMPLETE)
+        if stopped_early:
+            assert t.values is None
+    # the first trial to reach a rung always goes on; with rf 2 some later one falls below the cut
+    assert any(e[-1] < 2 for e in epochs.values()), epochs
+
+
+def test_resume_after_an_interrupt_keeps_finished_trials_and_counts_none_twice(tiny_data, tmp_path):
+    args = search_args(tiny_data, tmp_path, "r", "--num-samples", "4", "--max-concurrent", "1", "--scheduler", "fifo")
+    proc = subprocess.Popen([*cli_command("drn-search"), *args], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    seen = []
+    deadline = time.time() + 600
+    for line in proc.stderr:                     # wait until two trials have ended, then Ctrl-C
+        seen.append(line)
+        if "2/4 trials ended" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, "".join(seen) + err[-2000:]
+    before = {r["trial"]: r for r in pq.read_table(tmp_path / "r" / "trials.parquet").to_pylist()}
+    finished = {n: r for n, r in before.items() if r["state"] in TERMINAL}
+    assert len(finished) >= 2 and len(before) < 4 + 1
+
+    resumed = run_cli("drn-search", "--resume", "r", "--storage", str(tmp_path))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = pq.read_table(tmp_path / "r" / "trials.parquet").to_pylist()
+    assert sorted(r["trial"] for r in after) == [0, 1, 2, 3] and {r["state"] for r in after} == {"COMPLETE"}
+    assert len({r["tune_trial_id"] for r in after}) == 4
+    for r in after:                               # finished trials kept as they were, not re-run
+        if r["trial"] in finished:
+            assert r["accuracy"] == finished[r["trial"]]["accuracy"]
+            assert r["tune_trial_id"] == finished[r["trial"]]["tune_trial_id"]
+    for n, epochs in tune_epochs(tmp_path / "r").items():
+        assert epochs == [1, 2], (n, epochs)      # an interrupted trial went on from its checkpoint
+
+
+BAD = [
+    (["--num-samples", "0"], "num-samples must be >= 1"),
+    (["--space", "{tmp}/bad.yaml"], "bad.yaml:1: unknown key 'learning_rate'"),
+    (["--space", "{tmp}/missing.yaml"], "does not exist"),
+    (["--target-flops", "200%"], "not below the full network"),
+    (["--target-latency-ms", "3"], "not both"),
+    (["--arch", "resnet7"], "unknown arch"),
+    (["--data-dir", "{tmp}/nowhere"], "does not exist"),
+    (["--address", "127.0.0.1:1"], "cannot reach Ray at 127.0.0.1:1"),
+    (["--address", "host"], "give 'auto', host:port"),
+    (["--gpus-per-trial", "1"], "the Ray cluster has no GPUs"),
+    (["--tolerance", "2"], "tolerance must be in (0, 1)"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD, ids=[m for _, m in BAD])
+def test_bad_input_is_one_line_exit_2_and_nothing_written(tiny_data, tmp_path, extra, message):
+    (tmp_path / "bad.yaml").write_text("learning_rate: {type: float, low: 0.01, high: 0.1}\n")
+    storage = tmp_path / "results"
+    extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    proc = run_cli("drn-search", *search_args(tiny_data, storage, "b"), *extra)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert not storage.exists()
+
+
+def test_resume_of_an_unknown_search_is_a_usage_error(tmp_path):
+    proc = run_cli("drn-search", "--resume", "nope", "--storage", str(tmp_path))
+    assert proc.returncode == 2 and "no search named 'nope'" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_an_existing_name_is_not_overwritten(search, tiny_data):
+    proc, results = search
+    again = run_cli("drn-search", *search_args(tiny_data, results.parent, "s4", "--space", "wide"))
+    assert again.returncode == 2 and "already exists" in again.stderr and "--resume s4" in again.stderr

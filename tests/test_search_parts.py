@@ -1,0 +1,173 @@
+"""drn-search's parts without a Ray cluster: spaces, the Pareto function, the Optuna searcher."""
+import json
+import pickle
+
+import optuna
+import pytest
+
+from drn.config import UsageError
+from search.config import SPACES_DIR, SearchConfig
+from search.pareto import pareto_front
+from search.searcher import OptunaSearcher, budget_violation
+from search.space import load_space
+
+
+# ----------------------------------------------------------------------------- Pareto
+
+def test_pareto_front_on_hand_made_points():
+    # (accuracy up, FLOPs down)
+    pts = [(0.90, 5.0), (0.85, 3.0), (0.80, 3.0), (0.92, 8.0), (0.70, 1.0), (0.88, 6.0), (0.85, 3.0)]
+    assert pareto_front(pts, (True, False)) == [0, 1, 3, 4, 6]  # 2 and 5 are dominated; 6 duplicates 1
+    assert pareto_front([], (True, False)) == []
+    assert pareto_front([(1.0, 1.0)], (True, True)) == [0]
+    # both maximised: only the corner survives
+    assert pareto_front([(1, 1), (2, 2), (2, 1)], (True, True)) == [1]
+
+
+# ----------------------------------------------------------------------------- spaces
+
+@pytest.mark.parametrize("name", ["default", "wide"])
+def test_shipped_spaces_load_around_the_paper_values(name):
+    space = load_space(SPACES_DIR / f"{name}.yaml")
+    d = space.distributions()
+    paper = {"d_c": 0.2, "d_d": 0.5, "lam": 0.2, "alpha": 0.2}
+    for k, v in paper.items():
+        assert d[k].low < v < d[k].high
+    assert isinstance(d["lam"], optuna.distributions.FloatDistribution) and d["lam"].log
+
+
+def test_space_with_every_kind_and_a_fixed_value(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("d_c: {type: float, low: 0.1, high: 0.3}\nviews: {type: int, low: 2, high: 4}\n"
+                 "beta: {type: categorical, choices: [3.0, 5.0]}\ngamma: 0.25\n")
+    space = load_space(f)
+    assert [p.name for p in space.params] == ["d_c", "views", "beta"] and space.fixed == {"gamma": 0.25}
+    d = space.distributions()
+    assert isinstance(d["views"], optuna.distributions.IntDistribution) and d["beta"].choices == (3.0, 5.0)
+
+
+BAD_SPACES = [
+    ("d_c: {type: float, low: 0.1, high: 0.3}\nfoo: {type: float, low: 0, high: 1}\n", ":2: unknown key 'foo'"),
+    ("d_c: {type: float, low: 0.5, high: 0.3}\n", ":1: d_c: low (0.5) must be below high (0.3)"),
+    ("\n\nlam: {type: float, low: 0.0, high: 1.0, log: true}\n", ":3: lam: a log range needs low > 0"),
+    ("d_c: {type: gaussian, low: 0, high: 1}\n", ":1: d_c: type must be one of"),
+    ("d_c: {type: float, low: 0.1}\n", ":1: d_c: a float range takes 'low' and 'high'"),
+    ("d_c: {type: float, low: 0.1, high: 0.3, step: 2}\n", ":1: d_c: unknown key 'step'"),
+    ("views: {type: int, low: 1.5, high: 4}\n", ":1: views: an int range takes whole numbers"),
+    ("d_c: {type: float, low: -1.0, high: 0.3}\n", ":1: margins d_c and d_d must be >= 0"),
+    ("beta: {type: categorical, choices: []}\n", ":1: beta: a categorical takes a non-empty 'choices'"),
+    ("d_c: {type: float, low: 0.1, high: 0.3}\ngamma: fast\n", ":2: gamma takes a number"),
+    ("d_c: [1, 2\n", ": not valid YAML"),
+    ("- d_c\n", ": a space is a mapping"),
+    ("gamma: 0.5\n", ": nothing to search"),
+    ("d_c: {type: float, low: 0.1, high: .inf}\n", ":1: d_c takes a number"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD_SPACES)
+def test_bad_space_files_are_one_line_errors_naming_file_and_line(tmp_path, text, message):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(UsageError) as e:
+        load_space(f)
+    assert str(e.value).startswith(str(f)) and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_space_file(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        load_space(tmp_path / "nope.yaml")
+
+
+# ----------------------------------------------------------------------------- search config
+
+def test_search_config_validates_once_and_round_trips(tmp_path):
+    cfg = SearchConfig(target_flops=["50%", "2e7"], arch="resnet20", storage=str(tmp_path), name="x")
+    assert cfg.targets == ["50%", "2e7"] and cfg.cost_key == "flops" and cfg.results_dir == tmp_path / "x"
+    assert SearchConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert SearchConfig(target_flops=["1e8"], space="wide").space == str(SPACES_DIR / "wide.yaml")
+    smoke = SearchConfig.from_flags({"smoke_test": True, "epochs": 3})
+    assert smoke.arch == "resnet8" and smoke.epochs == 3 and smoke.targets == ["50%"]
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({}, "give a budget"),
+    ({"target_flops": ["1e8"], "target_latency_ms": ["2"]}, "not both"),
+    ({"target_flops": ["-3"]}, "must be > 0"),
+    ({"target_flops": ["1e8", "1e8"]}, "targets repeat"),
+    ({"target_flops": ["1e8"], "num_samples": 0}, "num-samples must be >= 1"),
+    ({"target_flops": ["1e8"], "gpus_per_trial": 1.5}, "must be whole"),
+    ({"target_flops": ["1e8"], "arch": "resnet7"}, "unknown arch"),
+    ({"target_flops": ["1e8"], "name": "a/b"}, "name 'a/b'"),
+    ({"target_flops": ["1e8"], "epochs": 0}, "epochs must be >= 1"),
+])
+def test_search_config_rejects_bad_input(kw, message):
+    with pytest.raises(UsageError, match=message):
+        SearchConfig(**kw)
+
+
+# ----------------------------------------------------------------------------- searcher
+
+@pytest.fixture
+def searcher(tmp_path):
+    space = load_space(SPACES_DIR / "default.yaml")
+    return OptunaSearcher(space, ["50%"], "s", f"sqlite:///{tmp_path / 'optuna.db'}", tolerance=0.02,
+                          total_epochs=3, seed=0)
+
+
+def _final(acc, flops, target=100.0, epoch=3):
+    return {"accuracy": acc, "flops": flops, "target_cost": target, "epoch": epoch, "k": 5.0}
+
+
+def test_searcher_tells_optuna_complete_pruned_and_fail(searcher):
+    configs = {tid: searcher.suggest(tid) for tid in ("a", "b", "c", "d", "e")}
+    assert [c["optuna_trial"] for c in configs.values()] == [0, 1, 2, 3, 4]
+    assert all(c["target"] == "50%" and 0.05 <= c["d_c"] <= 0.5 for c in configs.values())
+    for epoch, acc in ((1, 0.3), (2, 0.4)):
+        searcher.on_trial_result("a", {"accuracy": acc, "epoch": epoch})
+    searcher.on_trial_complete("a", _final(0.61, 101.0))                 # finished, on budget
+    searcher.on_trial_complete("b", _final(0.40, 100.0, epoch=1))        # stopped by ASHA after epoch 1
+    searcher.on_trial_complete("c", error=True)                          # crashed
+    searcher.on_trial_complete("d", {"diverged": 1.0, "error": "loss is not finite", "accuracy": 0.0,
+                                     "flops": float("nan"), "epoch": 2})
+    searcher.on_trial_complete("e", _final(0.70, 150.0))                 # finished, 50 % over budget
+    S = optuna.trial.TrialState
+    study = searcher.study
+    assert [t.state for t in study.trials] == [S.COMPLETE, S.PRUNED, S.FAIL, S.FAIL, S.COMPLETE]
+    assert study.trials[0].intermediate_values == {1: 0.3, 2: 0.4}
+    assert study.trials[1].values is None                                # no truncated metric told
+    assert study.trials[3].user_attrs["reason"] == "loss is not finite"
+    # the constraint keeps the more accurate but over-budget trial off the front
+    assert [t.number for t in study.best_trials] == [0]
+    assert budget_violation(150.0, 100.0, 0.02) == pytest.approx(0.48)
+    searcher.on_trial_complete("a", _final(0.99, 100.0))                 # told twice: ignored
+    assert study.trials[0].value == pytest.approx(0.61)
+
+
+def test_searcher_survives_pickling_and_restores_its_trial_map(searcher, tmp_path):
+    searcher.suggest("a")
+    searcher.suggest("b")
+    searcher.save(str(tmp_path / "state.json"))
+    clone = pickle.loads(pickle.dumps(searcher))      # what Tuner.restore does with tuner.pkl
+    assert clone._study is None
+    clone.live = {}
+    # the driver died after asking for "c" but before Tune recorded it: that trial is FAILed
+    searcher.suggest("c")
+    clone.restore(str(tmp_path / "state.json"))
+    assert clone.live == {"a": 0, "b": 1}
+    S = optuna.trial.TrialState
+    assert [t.state for t in clone.study.trials] == [S.RUNNING, S.RUNNING, S.FAIL]
+    clone.on_trial_complete("b", _final(0.5, 100.0))
+    assert clone.study.trials[1].state == S.COMPLETE
+    assert clone.suggest("d")["optuna_trial"] == 3
+
+
+def test_several_targets_make_a_two_objective_study(tmp_path):
+    space = load_space(SPACES_DIR / "default.yaml")
+    s = OptunaSearcher(space, ["30%", "60%"], "m", f"sqlite:///{tmp_path / 'o.db'}", 0.02, 2)
+    targets = [s.suggest(str(i))["target"] for i in range(4)]
+    assert targets == ["30%", "60%", "30%", "60%"]
+    s.on_trial_complete("0", _final(0.5, 30.0, target=30.0, epoch=2))
+    s.on_trial_complete("1", _final(0.6, 60.0, target=60.0, epoch=2))
+    s.on_trial_complete("2", _final(0.4, 31.0, target=30.0, epoch=2))  # dominated by trial 0
+    assert s.study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
+    assert sorted(t.number for t in s.study.best_trials) == [0, 1]
