@@ -90,6 +90,9 @@ class OptunaSearcher(Searcher):
                                 result.get("diverged") else "no final metrics")
             self.study.tell(number, state=optuna.trial.TrialState.FAIL)
         elif result.get("epoch", 0) < self.total_epochs:
+            # Tune skips on_trial_result for the result that made the scheduler stop the trial
+            if not self.multi and result["epoch"] not in self.study.trials[number].intermediate_values:
+                trial.report(result["accuracy"], step=int(result["epoch"]))
             trial.set_user_attr("reason", f"stopped by the scheduler after epoch {int(result.get('epoch', 0))}")
             self.study.tell(number, state=optuna.trial.TrialState.PRUNED)
         else:

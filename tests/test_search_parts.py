@@ -134,7 +134,7 @@ def test_searcher_tells_optuna_complete_pruned_and_fail(searcher):
     study = searcher.study
     assert [t.state for t in study.trials] == [S.COMPLETE, S.PRUNED, S.FAIL, S.FAIL, S.COMPLETE]
     assert study.trials[0].intermediate_values == {1: 0.3, 2: 0.4}
-    assert study.trials[1].values is None                                # no truncated metric told
+    assert study.trials[1].intermediate_values == {1: 0.40}              # kept as what it is: partial
     assert study.trials[3].user_attrs["reason"] == "loss is not finite"
     # the constraint keeps the more accurate but over-budget trial off the front
     assert [t.number for t in study.best_trials] == [0]
