@@ -149,9 +149,9 @@ def test_latency_table_is_positive_and_stable():
     b = measure_latency_table(model, batch_size=32, repeats=7)
     assert a.unit == "ms" and len(a.block) == model.num_blocks
     assert all(v > 0 for v in a.block) and a.fixed > 0 and a.router > 0
-    # stated spread on a shared 2-core CI machine (its neighbours load it): two tables' totals agree
-    # within a factor of 3; the spread on a quiet machine is measured in bench/ (BENCHMARKS.md)
-    assert max(a.full, b.full) / min(a.full, b.full) < 3
+    # stated spread: two tables' totals agree within a factor of 4. On the 2-core CI VM ten tables
+    # spread 1.99x max/min (CV 23 %, bench/latency_spread.py, BENCHMARKS.md): its neighbours load it
+    assert max(a.full, b.full) / min(a.full, b.full) < 4
 
 
 def test_latency_grows_with_block_width():
