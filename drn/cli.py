@@ -2,6 +2,7 @@
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -78,7 +79,10 @@ def _train_parser() -> argparse.ArgumentParser:
 def _eval_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="drn-eval", description="Evaluate a trained dynamic-routing ResNet with hard routing "
                 "(Eq. 11): accuracy, FLOPs, routing length K, distinct paths, same-path ratio, speed.")
-    p.add_argument("checkpoint", help="a checkpoint.pt written by drn-train")
+    p.add_argument("checkpoint", help="a checkpoint.pt written by drn-train, or an MLflow URI of a drn-search "
+                   "trial: runs:/<run id> or models:/<name>/<version>")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI for a runs:/ or models:/ checkpoint "
+                   "(default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--dataset", help="dataset (default: the one it was trained on)")
     p.add_argument("--data-dir", help="data folder (default: the one it was trained on)")
     p.add_argument("--split", choices=("train", "val"), default="val",
@@ -179,6 +183,13 @@ def eval_main(argv=None) -> int:
                 raise UsageError(f"threshold must be in (0, 1), got {t}")
         if args.batch_size < 1:
             raise UsageError(f"batch size must be >= 1, got {args.batch_size}")
+        if args.checkpoint.startswith(("runs:/", "models:/")):
+            # drn knows nothing of MLflow: the search package fetches the run's checkpoint artifact
+            from search.tracking import fetch_checkpoint
+            uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+            if not uri:
+                raise UsageError(f"{args.checkpoint}: give --mlflow-uri (or set MLFLOW_TRACKING_URI)")
+            args.checkpoint = str(fetch_checkpoint(args.checkpoint, uri))
         ckpt = load_checkpoint(args.checkpoint)
         model, cfg = model_from_checkpoint(ckpt)
         data = load_dataset(args.dataset or cfg.dataset, args.data_dir or cfg.data_dir)

@@ -15,6 +15,7 @@ from pathlib import Path
 from drn.cli import EXIT_USAGE, _Parser
 from drn.config import UsageError, resolve_target
 
+from . import tracking
 from .config import SMOKE, SearchConfig
 
 # flag -> (SearchConfig field, type, nargs, help). Defaults are read from SearchConfig.
@@ -48,6 +49,8 @@ FLAGS = {
     "--reduction-factor": ("reduction_factor", int, None, "ASHA: keep the best 1/N at each rung"),
     "--max-failures": ("max_failures", int, None, "retries of a crashed trial from its last checkpoint"),
     "--optuna-storage": ("optuna_storage", str, None, "Optuna RDB URL (default: sqlite in the results dir)"),
+    "--mlflow-uri": ("mlflow_uri", str, None, "MLflow tracking URI, e.g. a server http://127.0.0.1:5000 "
+                     "(default: sqlite:///<results dir>/mlflow.db)"),
 }
 
 
@@ -163,6 +166,7 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> list[dict]:
         raise UsageError(f"search {cfg.name!r} already exists in {results.parent}; "
                          f"continue it with --resume {cfg.name} or pick another --name")
     check_budget(cfg)
+    mlflow_target = None if resume else tracking.check(cfg, results)
     cluster = connect(cfg)
     cpus, gpus = resources(cfg, cluster)
     _log(f"Ray: {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs; "
@@ -170,14 +174,19 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> list[dict]:
     results.mkdir(parents=True, exist_ok=True)
     if not resume:
         cfg.save(results / "search.json")
+        track = tracking.create(cfg, results, *mlflow_target)
+    else:
+        track = tracking.resumed(results)
+    _log(f"MLflow: experiment {cfg.name!r} at {track.uri}")
     base = {**cfg.train_config(cfg.targets[0], device="cuda" if gpus > 0 else "cpu").to_dict(),
-            "target_key": cfg.target_key, "threads": max(1, int(cpus))}
+            "target_key": cfg.target_key, "threads": max(1, int(cpus)), "tracking": dataclasses.asdict(track)}
     for k in ("target_flops", "target_latency_ms", "out"):
         base.pop(k)
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base), {"cpu": cpus, "gpu": gpus})
     experiment = cfg.storage.rstrip("/") + "/" + cfg.name
     progress = Progress(cfg.study_storage, cfg.name, [p.name for p in space.params], cfg.tolerance,
-                        str(results / "trials.parquet"), cfg.num_samples, cfg.total_epochs, cfg.cost_key)
+                        str(results / "trials.parquet"), cfg.num_samples, cfg.total_epochs, cfg.cost_key,
+                        dataclasses.asdict(track), cfg.targets)
     if resume:
         if not tune.Tuner.can_restore(experiment):
             raise UsageError(f"nothing to resume in {experiment}: the search never started its first trial")
@@ -211,7 +220,13 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> list[dict]:
     study = optuna.load_study(study_name=cfg.name, storage=cfg.study_storage)
     rows = trial_rows(study, [p.name for p in space.params], cfg.tolerance, checkpoints)
     write_parquet(rows, results / "trials.parquet")
+    track.update(rows, results / "trials.parquet", cfg.targets, cfg.cost_key)
+    models = track.register_front(rows)
     print(summary(rows, cfg.targets, cfg.cost_key))
+    if models:
+        print("\nfront models (drn-eval URI, or mlflow.pytorch.load_model):\n  " + "\n  ".join(models))
+    print(f"\nMLflow UI: mlflow ui --backend-store-uri {track.uri} --host 127.0.0.1   "
+          f"(filter: tags.pareto = 'true')" if track.uri.startswith("sqlite:") else f"\nMLflow: {track.uri}")
     ended = sum(r["state"] in ("COMPLETE", "PRUNED", "FAIL") for r in rows)
     if ended < cfg.num_samples:
         _log(f"interrupted after {time.time() - t0:.0f}s with {ended}/{cfg.num_samples} trials ended; "

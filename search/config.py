@@ -47,6 +47,7 @@ class SearchConfig:
     reduction_factor: int = 3        # ASHA: keep the best 1/rf at each rung
     max_failures: int = 2            # retries of a trial that errors (from its last checkpoint)
     optuna_storage: str | None = None  # RDB URL; None: sqlite in the results dir
+    mlflow_uri: str | None = None    # MLflow tracking URI (a server: http://host:port); None: sqlite in the results dir
     smoke_test: bool = False
 
     def __post_init__(self):

@@ -3,19 +3,23 @@ trial ends (so a crashed driver leaves an up-to-date table). Holds only plain va
 search unpickles it."""
 import sys
 import time
+from pathlib import Path
 
 import optuna
 from ray.tune import Callback
 
 from .results import trial_rows, write_parquet
+from .tracking import Tracking
 
 
 class Progress(Callback):
     def __init__(self, study_storage: str, study_name: str, space_names: list[str], tolerance: float,
-                 parquet: str, num_samples: int, total_epochs: int, cost_key: str):
+                 parquet: str, num_samples: int, total_epochs: int, cost_key: str,
+                 tracking: dict | None = None, targets: list[str] | None = None):
         self.study_storage, self.study_name, self.space_names = study_storage, study_name, space_names
         self.tolerance, self.parquet, self.num_samples = tolerance, parquet, num_samples
         self.total_epochs, self.cost_key = total_epochs, cost_key
+        self.tracking, self.targets = tracking, targets or []
         self.t0 = time.time()
         self.ended = 0
 
@@ -40,6 +44,8 @@ class Progress(Callback):
         study = optuna.load_study(study_name=self.study_name, storage=self.study_storage)
         rows = trial_rows(study, self.space_names, self.tolerance, checkpoint_paths(trials))
         write_parquet(rows, self.parquet)
+        if self.tracking is not None:   # states, Pareto tags, the parent's table and plot
+            Tracking(**self.tracking).update(rows, Path(self.parquet), self.targets, self.cost_key)
         return rows
 
     def on_trial_complete(self, iteration, trials, trial, **info):

@@ -19,6 +19,8 @@ from drn.config import TrainConfig
 from drn.data import load_dataset
 from drn.train import CHECKPOINT, Trainer
 
+from .tracking import Tracking
+
 # keys of the trial config that are not TrainConfig fields
 META = ("target", "optuna_trial")
 
@@ -33,6 +35,8 @@ def run_trial(config: dict, base: dict) -> None:
     target_latency_ms) and `threads`; `config`: what the searcher sampled, plus META."""
     base = dict(base)
     target_key, threads = base.pop("target_key"), base.pop("threads")
+    track = Tracking(**base.pop("tracking")) if base.get("tracking") else None
+    base.pop("tracking", None)
     torch.set_num_threads(max(1, int(threads)))
     params = {k: v for k, v in config.items() if k not in META}
     out = Path(tune.get_context().get_trial_dir()) / "run"
@@ -48,12 +52,17 @@ def run_trial(config: dict, base: dict) -> None:
         data = load_dataset(cfg.dataset, cfg.data_dir)
     trainer = Trainer(cfg, data=data, resume=resume, log=lambda s: None)
     cost_key = "latency_ms" if target_key == "target_latency_ms" else "flops"
+    run_id = track.child_run(config["optuna_trial"], config["target"], {**params, "seed": cfg.seed}) if track else None
 
     def report(m: dict) -> None:
         m = scalar_metrics(m)
         m.update(target_cost=trainer.target, optuna_trial=config["optuna_trial"],
                  rel_error=m[cost_key] / trainer.target - 1, done=float(trainer.epoch >= cfg.total_epochs),
                  checkpoint_epoch=trainer.epoch)
+        if run_id is not None:
+            track.log_epoch(run_id, {k: v for k, v in m.items() if math.isfinite(v)}, int(trainer.epoch))
+            if trainer.epoch >= cfg.total_epochs:   # finished: the model, before Tune hears the end
+                track.log_final(run_id, trainer)
         tune.report(m, checkpoint=tune.Checkpoint.from_directory(str(out)))
 
     if resume and trainer.epoch >= cfg.total_epochs:  # finished, but its last report was lost
