@@ -160,7 +160,9 @@ class Tracking:
         for run in front:
             rid = run.info.run_id
             if rid not in have:
-                v = client.create_model_version(name, source=run.data.tags["model_uri"], run_id=rid,
+                model_uri = run.data.tags["model_uri"]
+                v = client.create_model_version(name, source=model_uri, run_id=rid,
+                                                model_id=model_uri.removeprefix("models:/"),
                                                 tags={"optuna_trial": run.data.tags.get("optuna_trial", "")})
                 have[rid] = v.version
             uris.append(f"models:/{name}/{have[rid]}")

@@ -58,6 +58,10 @@ def test_a_real_search_ends_every_trial_and_writes_parquet(search):
     assert "Pareto front, val accuracy vs FLOPs" in proc.stdout and "4 trials:" in proc.stdout
     assert "epoch 2/2" in proc.stderr                                     # progress while it ran
     json.loads((results / "search.json").read_text())                    # its settings, for --resume
+    # the default MLflow store: sqlite in the results dir, by an absolute URI
+    tracking = json.loads((results / "mlflow.json").read_text())
+    assert tracking["uri"] == f"sqlite:///{results / 'mlflow.db'}" and (results / "mlflow.db").is_file()
+    assert tracking["uri"].startswith("sqlite:////")
 
 
 def test_asha_stopped_trials_are_pruned_in_optuna_not_complete(search):
@@ -116,6 +120,8 @@ BAD = [
     (["--address", "host"], "give 'auto', host:port"),
     (["--gpus-per-trial", "1"], "the Ray cluster has no GPUs"),
     (["--tolerance", "2"], "tolerance must be in (0, 1)"),
+    (["--mlflow-uri", "http://127.0.0.1:1"], "cannot reach MLflow at http://127.0.0.1:1"),
+    (["--mlflow-uri", "bogus://x"], "give http(s)://host:port, sqlite:///path"),
 ]
 
 
