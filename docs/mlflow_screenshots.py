@@ -1,0 +1,76 @@
+"""Real-browser check of the MLflow walk-through: start `mlflow server` on 127.0.0.1, run a tiny
+drn-search against it, and take headless-Chromium screenshots of (1) the experiment page filtered
+to the Pareto front and (2) the parent run's Pareto plot. Writes docs/img/*.png.
+
+    apt-get install chromium        # Debian's package: /usr/bin/chromium
+    python docs/mlflow_screenshots.py [--chromium /usr/bin/chromium]
+"""
+import argparse
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shot(chromium: str, url: str, out: Path, size=(1500, 900)) -> None:
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--window-size={size[0]},{size[1]}", "--virtual-time-budget=20000",
+                    f"--screenshot={out}", url], check=True, capture_output=True, timeout=120)
+    print(f"wrote {out}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="drn-mlflow-"))
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}",
+                               "--artifacts-destination", str(work / "artifacts"), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(uri + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        subprocess.run(["drn-search", "--smoke-test", "--num-samples", "6", "--max-concurrent", "2", "--scheduler", "fifo", "--tolerance",
+                        "0.2", "--storage", str(work / "results"), "--name", "demo", "--mlflow-uri", uri], check=True)
+        from mlflow import MlflowClient
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name("demo")
+        parent = client.search_runs([exp.experiment_id], filter_string="tags.role = 'search'")[0]
+        flt = urllib.parse.quote("tags.pareto = 'true'")
+        (HERE / "img").mkdir(exist_ok=True)
+        expanded = urllib.parse.quote(json.dumps({parent.info.run_id: True}))
+        shot(args.chromium, f"{uri}/#/experiments/{exp.experiment_id}/runs?searchFilter={flt}"
+                            f"&runsExpanded={expanded}", HERE / "img" / "mlflow-front.png")
+        shot(args.chromium, f"{uri}/#/experiments/{exp.experiment_id}/runs?searchFilter={flt}"
+                            f"&runsExpanded={expanded}&compareRunsMode=CHART", HERE / "img" / "mlflow-front-charts.png")
+        shot(args.chromium, f"{uri}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}/artifacts/pareto.png",
+             HERE / "img" / "mlflow-pareto-plot.png")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
