@@ -103,8 +103,9 @@ class Tracking:
             with torch.no_grad():
                 out = RoutedClassifier(model)(torch.from_numpy(example)).numpy()
             signature = mlflow.models.infer_signature(example, out)
+            # requirements given, not inferred: inference re-imports the model in a subprocess (~10 s)
             info = mlflow.pytorch.log_model(RoutedClassifier(model), name="model", signature=signature,
-                                            input_example=example)
+                                            input_example=example, pip_requirements=requirements())
         client.set_tag(run_id, "model", "logged")
         client.set_tag(run_id, "model_uri", info.model_uri)   # MLflow 3: models:/m-<id>, not the run's artifacts
 
@@ -270,6 +271,13 @@ def pareto_plot(rows: list[dict], targets: list[str], path: Path, cost_key: str 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def requirements() -> list[str]:
+    """The logged model is a torch.export program: it needs torch (and drn-search to be used as a
+    routed model through its checkpoint)."""
+    import torch
+    return [f"torch=={torch.__version__.split('+')[0]}", f"drn-search=={version()}"]
 
 
 def git_commit() -> str:
