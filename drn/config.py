@@ -44,6 +44,14 @@ def resolve_target(spec: str | float | None, full: float, fixed: float, unit: st
     return cost
 
 
+def build_checked(cls, d: dict, what: str):
+    """cls(**d) for a dataclass, with unknown keys as a UsageError rather than a TypeError."""
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise UsageError(f"unknown {what} keys: {', '.join(unknown)}")
+    return cls(**d)
+
+
 def default_data_dir() -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "drn", "data")
 
@@ -147,11 +155,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise UsageError(f"unknown config keys: {', '.join(unknown)}")
-        return cls(**d)
+        return build_checked(cls, d, "config")
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate of 0-based `epoch`; the finetune phase keeps the last rate."""

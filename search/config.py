@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from drn.config import TrainConfig, UsageError, default_data_dir, parse_target
+from drn.config import TrainConfig, UsageError, build_checked, default_data_dir, parse_target
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
 # what --smoke-test sets, where the command line leaves it unset
@@ -135,11 +135,7 @@ class SearchConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SearchConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise UsageError(f"unknown search config keys: {', '.join(unknown)}")
-        return cls(**d)
+        return build_checked(cls, d, "search config")
 
     @classmethod
     def from_flags(cls, flags: dict) -> "SearchConfig":

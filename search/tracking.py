@@ -130,7 +130,9 @@ class Tracking:
                     client.set_tag(rid, "reason", str(row["reason"])[:4000])
             if run.data.tags.get("pareto") != pareto:
                 client.set_tag(rid, "pareto", pareto)
-            client.set_tag(rid, "pareto_k", "true" if row.get("pareto_k") else "false")
+            pareto_k = "true" if row.get("pareto_k") else "false"
+            if run.data.tags.get("pareto_k") != pareto_k:   # one call per change, not per trial per update
+                client.set_tag(rid, "pareto_k", pareto_k)
             if row["state"] in status and run.info.status == "RUNNING":
                 client.set_terminated(rid, status[row["state"]])
         if parquet is not None and parquet.exists():
@@ -145,7 +147,7 @@ class Tracking:
         import mlflow
         mlflow.set_tracking_uri(self.uri)   # the registry resolves models:/m-<id> sources through it
         client = self.client()
-        name = f"drn-{self.search}"
+        name = self.search if self.search.startswith("drn-") else f"drn-{self.search}"  # not drn-drn-…
         runs = {r.data.tags.get("optuna_trial"): r for r in client.search_runs(
             [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' "
                                                 f"and tags.model = 'logged'", max_results=10000)}
