@@ -6,7 +6,6 @@ to the Pareto front and (2) the parent run's Pareto plot. Writes docs/img/*.png.
     python docs/mlflow_screenshots.py [--chromium /usr/bin/chromium]
 """
 import argparse
-import json
 import shutil
 import socket
 import subprocess
@@ -51,19 +50,22 @@ def main() -> int:
                 break
             except OSError:
                 time.sleep(1)
-        subprocess.run(["drn-search", "--smoke-test", "--num-samples", "6", "--max-concurrent", "2", "--scheduler", "fifo", "--tolerance",
-                        "0.2", "--storage", str(work / "results"), "--name", "demo", "--mlflow-uri", uri], check=True)
+        # two targets: one front per target (tags.pareto) and the front across them (tags.pareto_all)
+        subprocess.run(["drn-search", "--smoke-test", "--target-flops", "40%", "70%", "--num-samples", "8",
+                        "--max-concurrent", "2", "--tolerance", "0.2", "--storage", str(work / "results"),
+                        "--name", "demo", "--mlflow-uri", uri], check=True)
         from mlflow import MlflowClient
         client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name("demo")
         parent = client.search_runs([exp.experiment_id], filter_string="tags.role = 'search'")[0]
         flt = urllib.parse.quote("tags.pareto = 'true'")
         (HERE / "img").mkdir(exist_ok=True)
-        expanded = urllib.parse.quote(json.dumps({parent.info.run_id: True}))
-        shot(args.chromium, f"{uri}/#/experiments/{exp.experiment_id}/runs?searchFilter={flt}"
-                            f"&runsExpanded={expanded}", HERE / "img" / "mlflow-front.png")
-        shot(args.chromium, f"{uri}/#/experiments/{exp.experiment_id}/runs?searchFilter={flt}"
-                            f"&runsExpanded={expanded}&compareRunsMode=CHART", HERE / "img" / "mlflow-front-charts.png")
+        # the UI nests child runs under their (collapsed) parent only when sorted by start time:
+        # sorting by accuracy lists the front's runs flat
+        order = "&orderByKey=" + urllib.parse.quote("metrics.`accuracy`") + "&orderByAsc=false"
+        runs = f"{uri}/#/experiments/{exp.experiment_id}/runs?searchFilter={flt}{order}"
+        shot(args.chromium, runs, HERE / "img" / "mlflow-front.png")
+        shot(args.chromium, runs + "&compareRunsMode=CHART", HERE / "img" / "mlflow-front-charts.png")
         shot(args.chromium, f"{uri}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}/artifacts/pareto.png",
              HERE / "img" / "mlflow-pareto-plot.png")
     finally:

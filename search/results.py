@@ -16,9 +16,9 @@ METRICS = ("accuracy", "flops", "k", "latency_ms", "epoch", "threshold", "mu", "
 
 def trial_rows(study: optuna.Study, space_names: list[str], tolerance: float,
                checkpoints: dict[str, str] | None = None) -> list[dict]:
-    """Every trial of the study with its parameters, final metrics, state and Pareto flags
-    (`pareto_flops`: accuracy vs FLOPs, `pareto_k`: accuracy vs routing length K; finished
-    trials only)."""
+    """Every trial of the study with its parameters, final metrics, state and Pareto flags over the
+    finished trials: `pareto_flops` (accuracy vs FLOPs) and `pareto_k` (accuracy vs routing length
+    K) among the trials of the same target, `pareto_all` (accuracy vs FLOPs) across all targets."""
     rows = []
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
@@ -32,12 +32,15 @@ def trial_rows(study: optuna.Study, space_names: list[str], tolerance: float,
         row["checkpoint"] = (checkpoints or {}).get(a.get("tune_trial_id"))
         rows.append(row)
     done = [r for r in rows if r["state"] == "COMPLETE" and _finite(r["accuracy"]) and _finite(r["flops"])]
-    for key, col in (("flops", "pareto_flops"), ("k", "pareto_k")):
-        front = set(pareto_front([(r["accuracy"], r[key]) for r in done], (True, False)))
-        for i, r in enumerate(done):
-            r[col] = i in front
-        for r in rows:
-            r.setdefault(col, False)
+    for r in rows:
+        r.update(pareto_flops=False, pareto_k=False, pareto_all=False)
+    for target in dict.fromkeys(r["target"] for r in done):   # one front per target, in first-seen order
+        group = [r for r in done if r["target"] == target]
+        for key, col in (("flops", "pareto_flops"), ("k", "pareto_k")):
+            for i in pareto_front([(r["accuracy"], r[key]) for r in group], (True, False)):
+                group[i][col] = True
+    for i in pareto_front([(r["accuracy"], r["flops"]) for r in done], (True, False)):
+        done[i]["pareto_all"] = True   # across targets; equals pareto_flops when there is one target
     return rows
 
 
@@ -64,12 +67,17 @@ def summary(rows: list[dict], targets: list[str], cost_key: str = "flops") -> st
         b = max(cands, key=lambda r: r["accuracy"])
         lines.append(f"  {target:>10}  {b['trial']:>5}  {b['accuracy']:>7.2%}  {b[cost_key]:>9.4g}  "
                      f"{b['rel_error']:>+7.2%}  {b['k']:>5.1f}")
-    front = sorted((r for r in rows if r.get("pareto_flops")), key=lambda r: r["flops"])
-    lines.append("")
-    lines.append("Pareto front, val accuracy vs FLOPs:")
-    lines.append(f"  {'trial':>5}  {'target':>10}  {'val acc':>7}  {'FLOPs':>9}  {'K':>5}")
-    for r in front:
-        lines.append(f"  {r['trial']:>5}  {r['target']:>10}  {r['accuracy']:>7.2%}  {r['flops']:>9.4g}  {r['k']:>5.1f}")
+    for target in targets:
+        front = sorted((r for r in rows if r["target"] == target and r["pareto_flops"]), key=lambda r: r["flops"])
+        lines.append("")
+        lines.append(f"Pareto front of target {target}, val accuracy vs FLOPs:")
+        several = len(targets) > 1
+        lines.append(f"  {'trial':>5}  {'val acc':>7}  {'FLOPs':>9}  {'K':>5}" + "  on the front of all targets" * several)
+        for r in front:
+            line = f"  {r['trial']:>5}  {r['accuracy']:>7.2%}  {r['flops']:>9.4g}  {r['k']:>5.1f}"
+            lines.append(line + f"  {'yes' if r['pareto_all'] else 'no'}" * several)
+        if not front:
+            lines.append("  no finished trial yet")
     failed = [r for r in rows if r["state"] == "FAIL"]
     for r in failed:
         lines.append(f"trial {r['trial']} failed: {r['reason']}")

@@ -21,6 +21,10 @@ import torch.nn as nn
 from drn.config import UsageError
 
 RDB_SCHEMES = ("postgresql", "mysql", "mssql", "databricks")
+# child-run tag -> trials-table column; the UI filter `tags.pareto = 'true'` shows the front(s)
+PARETO_TAGS = {"pareto": "pareto_flops",      # accuracy vs FLOPs, among the trials of the run's target
+               "pareto_k": "pareto_k",        # accuracy vs routing length K, same target
+               "pareto_all": "pareto_all"}    # accuracy vs FLOPs across all targets of the search
 
 
 def resolve_uri(uri: str | None, results_dir: Path) -> str:
@@ -73,7 +77,7 @@ class Tracking:
             return found[0].info.run_id
         run = client.create_run(self.experiment_id, run_name=f"trial-{trial}", tags={
             "mlflow.parentRunId": self.parent_run_id, "optuna_trial": str(trial), "target": str(target),
-            "state": "RUNNING", "pareto": "false", "search": self.search})
+            "state": "RUNNING", "search": self.search, **{tag: "false" for tag in PARETO_TAGS}})
         for k, v in params.items():
             client.log_param(run.info.run_id, k, v)
         return run.info.run_id
@@ -123,16 +127,13 @@ class Tracking:
             if run is None:
                 continue
             rid = run.info.run_id
-            pareto = "true" if row.get("pareto_flops") else "false"
-            if run.data.tags.get("state") != row["state"]:
-                client.set_tag(rid, "state", row["state"])
-                if row.get("reason"):
-                    client.set_tag(rid, "reason", str(row["reason"])[:4000])
-            if run.data.tags.get("pareto") != pareto:
-                client.set_tag(rid, "pareto", pareto)
-            pareto_k = "true" if row.get("pareto_k") else "false"
-            if run.data.tags.get("pareto_k") != pareto_k:   # one call per change, not per trial per update
-                client.set_tag(rid, "pareto_k", pareto_k)
+            tags = {"state": row["state"]}
+            tags.update({tag: "true" if row.get(col) else "false" for tag, col in PARETO_TAGS.items()})
+            for tag, value in tags.items():
+                if run.data.tags.get(tag) != value:   # one call per change, not per trial per update
+                    client.set_tag(rid, tag, value)
+            if row.get("reason") and run.data.tags.get("reason") is None:
+                client.set_tag(rid, "reason", str(row["reason"])[:4000])
             if row["state"] in status and run.info.status == "RUNNING":
                 client.set_terminated(rid, status[row["state"]])
         if parquet is not None and parquet.exists():
@@ -151,13 +152,13 @@ class Tracking:
         runs = {r.data.tags.get("optuna_trial"): r for r in client.search_runs(
             [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' "
                                                 f"and tags.model = 'logged'", max_results=10000)}
-        front = [runs[str(r["trial"])] for r in rows if r.get("pareto_flops") and str(r["trial"]) in runs]
+        front = [runs[str(r["trial"])] for r in rows if r.get("pareto_flops") and str(r["trial"]) in runs]  # every target's
         if not front:
             return []
         try:
             client.get_registered_model(name)
         except Exception:
-            client.create_registered_model(name, description=f"Pareto front (val accuracy vs FLOPs) of search {self.search}")
+            client.create_registered_model(name, description=f"Pareto fronts (val accuracy vs FLOPs, one per target) of search {self.search}")
         have = {v.run_id: v.version for v in client.search_model_versions(f"name = '{name}'")}
         uris = []
         for run in front:
@@ -245,31 +246,47 @@ def write_routes(path: Path, labels, preds, gates, flops) -> None:
 
 
 def pareto_plot(rows: list[dict], targets: list[str], path: Path, cost_key: str = "flops") -> None:
+    """Two panels, accuracy vs FLOPs and accuracy vs K: every trial, each target's front as a line,
+    the front across targets (when several) circled, FLOPs targets as dashed lines."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    done = [r for r in rows if r["state"] == "COMPLETE" and r.get("accuracy") is not None and r.get("flops")]
-    other = [r for r in rows if r["state"] != "COMPLETE" and r.get("accuracy") is not None and r.get("flops")]
-    if other:
-        ax.scatter([r["flops"] for r in other], [100 * r["accuracy"] for r in other], c="0.75", s=18,
-                   label="pruned / failed (partial)")
-    if done:
-        ax.scatter([r["flops"] for r in done], [100 * r["accuracy"] for r in done], c="tab:blue", s=24,
-                   label="finished")
-    front = sorted((r for r in done if r.get("pareto_flops")), key=lambda r: r["flops"])
-    if front:
-        ax.plot([r["flops"] for r in front], [100 * r["accuracy"] for r in front], "o-", c="tab:red", lw=1.5,
-                label="Pareto front")
-        for r in front:
-            ax.annotate(str(r["trial"]), (r["flops"], 100 * r["accuracy"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=8)
-    for t in sorted({r["target_cost"] for r in rows if r.get("target_cost")}):
-        ax.axvline(t, color="0.4", ls="--", lw=0.8)
-    ax.set_xlabel("FLOPs per image (hard routing, val)")
-    ax.set_ylabel("val accuracy (%)")
-    ax.set_title("accuracy vs FLOPs; dashed: targets " + ", ".join(targets))
-    ax.legend(fontsize=8, loc="lower right")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    has = [r for r in rows if r.get("accuracy") is not None and r.get("flops")]
+    done = [r for r in has if r["state"] == "COMPLETE"]
+    other = [r for r in has if r["state"] != "COMPLETE"]
+    groups = list(dict.fromkeys([*targets, *(r["target"] for r in done)]))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, key, col, label in ((axes[0], "flops", "pareto_flops", "FLOPs per image"),
+                                (axes[1], "k", "pareto_k", "routing length K (executed blocks)")):
+        if other:
+            ax.scatter([r[key] for r in other], [100 * r["accuracy"] for r in other], c="0.75", s=16,
+                       label="pruned / failed (partial)")
+        for i, target in enumerate(groups):
+            c = colors[i % len(colors)]
+            group = [r for r in done if r["target"] == target]
+            if not group:
+                continue
+            ax.scatter([r[key] for r in group], [100 * r["accuracy"] for r in group], color=c, s=22, alpha=0.6)
+            front = sorted((r for r in group if r.get(col)), key=lambda r: r[key])
+            ax.plot([r[key] for r in front], [100 * r["accuracy"] for r in front], "o-", color=c, lw=1.5,
+                    label=f"front, target {target}" if len(groups) > 1 else "Pareto front")
+            for r in front:
+                ax.annotate(str(r["trial"]), (r[key], 100 * r["accuracy"]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=8)
+        if key == "flops" and len(groups) > 1:
+            top = [r for r in done if r.get("pareto_all")]
+            ax.scatter([r["flops"] for r in top], [100 * r["accuracy"] for r in top], s=110, facecolors="none",
+                       edgecolors="k", lw=1.2, label="front across targets")
+        if key == "flops" and cost_key == "flops":
+            for t in sorted({r["target_cost"] for r in rows if r.get("target_cost")}):
+                ax.axvline(t, color="0.4", ls="--", lw=0.8)
+        ax.set_xlabel(f"{label} (hard routing, val)")
+        ax.legend(fontsize=8, loc="lower right")
+    axes[0].set_ylabel("val accuracy (%)")
+    axes[0].set_title("accuracy vs FLOPs" + ("; dashed: targets" if cost_key == "flops" else "")
+                      + f" ({', '.join(targets)})")
+    axes[1].set_title("accuracy vs routing length")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

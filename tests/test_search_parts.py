@@ -171,3 +171,38 @@ def test_several_targets_make_a_two_objective_study(tmp_path):
     s.on_trial_complete("2", _final(0.4, 31.0, target=30.0, epoch=2))  # dominated by trial 0
     assert s.study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
     assert sorted(t.number for t in s.study.best_trials) == [0, 1]
+
+
+def test_several_targets_get_one_front_each_and_one_across(tmp_path):
+    from PIL import Image
+
+    from search.results import summary, trial_rows
+    from search.tracking import pareto_plot
+    space = load_space(SPACES_DIR / "default.yaml")
+    s = OptunaSearcher(space, ["30%", "60%"], "m", f"sqlite:///{tmp_path / 'o.db'}", 0.1, 2)
+    #        target   acc   flops  K
+    final = [("30%", 0.50, 30.0, 5.0),   # 0
+             ("60%", 0.60, 60.0, 9.0),   # 1
+             ("30%", 0.40, 31.0, 5.0),   # 2 dominated by 0 in FLOPs and K
+             ("60%", 0.55, 55.0, 8.0),   # 3
+             ("30%", 0.52, 33.0, 4.0),   # 4 beats 0 in K, not in FLOPs
+             ("60%", 0.45, 50.0, 7.0)]   # 5 on the 60 % front, but 4 dominates it across targets
+    for i, (target, acc, flops, k) in enumerate(final):
+        assert s.suggest(str(i))["target"] == target
+        budget = 30.0 if target == "30%" else 60.0
+        s.on_trial_complete(str(i), {"accuracy": acc, "flops": flops, "k": k, "target_cost": budget,
+                                     "epoch": 2, "rel_error": flops / budget - 1})
+    rows = trial_rows(s.study, [p.name for p in space.params], 0.1)
+    flags = {c: [i for i, r in enumerate(rows) if r[c]] for c in ("pareto_flops", "pareto_k", "pareto_all")}
+    assert flags == {"pareto_flops": [0, 1, 3, 4, 5], "pareto_k": [1, 3, 4, 5], "pareto_all": [0, 1, 3, 4]}
+    # each per-target front is the Pareto function's answer on that target's trials alone
+    for target in ("30%", "60%"):
+        group = [r for r in rows if r["target"] == target]
+        front = pareto_front([(r["accuracy"], r["flops"]) for r in group], (True, False))
+        assert [r["pareto_flops"] for r in group] == [i in front for i in range(len(group))]
+    text = summary(rows, ["30%", "60%"])
+    assert "Pareto front of target 30%" in text and "Pareto front of target 60%" in text
+    line5 = next(l for l in text.splitlines() if l.split()[:1] == ["5"] and "45.00%" in l)
+    assert line5.endswith("no")                 # on its target's front, not on the front across targets
+    pareto_plot(rows, ["30%", "60%"], tmp_path / "p.png")
+    assert Image.open(tmp_path / "p.png").size[0] > 600

@@ -88,6 +88,10 @@ def test_pareto_tags_equal_the_pareto_function(tracked):
     points = [(r.data.metrics["accuracy"], r.data.metrics["flops"]) for r in children]
     front = set(pareto_front(points, (True, False)))
     assert [r.data.tags["pareto"] == "true" for r in children] == [i in front for i in range(3)]
+    assert [r.data.tags["pareto_all"] for r in children] == [r.data.tags["pareto"] for r in children]  # one target
+    points_k = [(r.data.metrics["accuracy"], r.data.metrics["k"]) for r in children]
+    front_k = set(pareto_front(points_k, (True, False)))
+    assert [r.data.tags["pareto_k"] == "true" for r in children] == [i in front_k for i in range(3)]
 
 
 def test_parent_and_child_artifacts_parse(tracked, tmp_path):
