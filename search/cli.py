@@ -16,7 +16,7 @@ from drn.cli import EXIT_USAGE, _Parser
 from drn.config import UsageError, resolve_target
 
 from . import tracking
-from .config import SMOKE, SearchConfig
+from .config import SMOKE, SearchConfig, results_root
 
 # flag -> (SearchConfig field, type, nargs, help). Defaults are read from SearchConfig.
 FLAGS = {
@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
                    "with its own settings: finished trials are kept, unfinished ones go on from their last epoch")
     p.add_argument("--smoke-test", dest="smoke_test", action="store_true", default=argparse.SUPPRESS,
                    help="a tiny search that finishes in minutes on a laptop CPU: " +
-                        ", ".join(f"{k}={v}" for k, v in SMOKE.items()) + " (flags given still win)")
+                        ", ".join(f"{k}={v}" for k, v in SMOKE.items()).replace("%", "%%") + " (flags given still win)")
     return p
 
 
@@ -151,6 +151,11 @@ def _trial_dirname(trial) -> str:
 def run_search(cfg: SearchConfig, resume: bool = False) -> list[dict]:
     # Tune's warning that per-epoch checkpoints snapshot its state often: that is the intent here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # a trial's error is one line from Progress (with the path of its traceback), not Tune's traceback
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+    # the experiment state (which trials ended, their checkpoints) saved every 2 s, not Tune's
+    # adaptive >= 10 s: a killed driver loses at most 2 s of it, so --resume re-runs nothing finished
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -186,7 +191,7 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> list[dict]:
     experiment = cfg.storage.rstrip("/") + "/" + cfg.name
     progress = Progress(cfg.study_storage, cfg.name, [p.name for p in space.params], cfg.tolerance,
                         str(results / "trials.parquet"), cfg.num_samples, cfg.total_epochs, cfg.cost_key,
-                        dataclasses.asdict(track), cfg.targets)
+                        dataclasses.asdict(track), cfg.targets, cfg.max_failures)
     if resume:
         if not tune.Tuner.can_restore(experiment):
             raise UsageError(f"nothing to resume in {experiment}: the search never started its first trial")
@@ -243,7 +248,7 @@ def main(argv=None) -> int:
     try:
         if resume:
             storage = args.get("storage", SearchConfig.__dataclass_fields__["storage"].default)
-            path = Path(storage).expanduser().absolute() / resume / "search.json"
+            path = results_root(storage) / resume / "search.json"
             if not path.is_file():
                 raise UsageError(f"no search named {resume!r} under {path.parent.parent} (no search.json)")
             import json

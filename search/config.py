@@ -18,6 +18,11 @@ SMOKE = dict(arch="resnet8", dataset="synthetic", epochs=2, num_samples=4, max_c
              tolerance=0.05, target_flops=["50%"])
 
 
+def results_root(storage: str) -> Path:
+    """Where our files of every search under `storage` live: beside Tune's, or ./drn-results for a URI."""
+    return Path("drn-results").absolute() if is_uri(storage) else Path(storage).expanduser().absolute()
+
+
 def is_uri(s: str) -> bool:
     return re.match(r"^[a-z][a-z0-9+.-]*://", s) is not None
 
@@ -111,8 +116,7 @@ class SearchConfig:
     @property
     def results_dir(self) -> Path:
         """Our files (search.json, optuna.db, trials.parquet): beside Tune's, or local for a URI."""
-        root = Path("drn-results").absolute() if is_uri(self.storage) else Path(self.storage)
-        return root / self.name
+        return results_root(self.storage) / self.name
 
     @property
     def study_storage(self) -> str:

@@ -15,11 +15,12 @@ from .tracking import Tracking
 class Progress(Callback):
     def __init__(self, study_storage: str, study_name: str, space_names: list[str], tolerance: float,
                  parquet: str, num_samples: int, total_epochs: int, cost_key: str,
-                 tracking: dict | None = None, targets: list[str] | None = None):
+                 tracking: dict | None = None, targets: list[str] | None = None, max_failures: int = 0):
         self.study_storage, self.study_name, self.space_names = study_storage, study_name, space_names
         self.tolerance, self.parquet, self.num_samples = tolerance, parquet, num_samples
         self.total_epochs, self.cost_key = total_epochs, cost_key
         self.tracking, self.targets = tracking, targets or []
+        self.max_failures = max_failures
         self.t0 = time.time()
         self.ended = 0
 
@@ -38,7 +39,9 @@ class Progress(Callback):
         self._print(f"trial {n:.0f} (target {trial.config.get('target')}) epoch {result.get('epoch', 0):.0f}/"
                     f"{self.total_epochs}: val acc {result.get('accuracy', 0):.2%}, {self.cost_key} {cost:.4g} "
                     f"({result.get('rel_error', float('nan')):+.1%} of target), K {result.get('k', 0):.1f}, "
-                    f"mu {result.get('mu', 0):.3g}")
+                    f"mu {result.get('mu', 0):.3g}"
+                    + (f" (restarted from its epoch {result['start_epoch']:.0f} checkpoint)"
+                       if result.get("start_epoch") and result.get("epoch") == result["start_epoch"] + 1 else ""))
 
     def _write(self, trials) -> list[dict]:
         study = optuna.load_study(study_name=self.study_name, storage=self.study_storage)
@@ -53,6 +56,14 @@ class Progress(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._ended(trials, trial)
+        self._print(f"trial {trial.config.get('optuna_trial')} raised: {error_line(trial)} "
+                    f"(traceback: {trial.error_file})")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """A trial's worker died (node lost, OOM, a bug): Tune starts it again from its checkpoint."""
+        self._print(f"trial {trial.config.get('optuna_trial')} lost its worker ({error_line(trial)}); "
+                    f"retrying from its last epoch checkpoint (failure {trial.num_failures} of "
+                    f"{self.max_failures} allowed)")
 
     def _ended(self, trials, trial) -> None:
         rows = self._write(trials)
@@ -62,6 +73,15 @@ class Progress(Callback):
         done = sum(r["state"] in ("COMPLETE", "PRUNED", "FAIL") for r in rows)
         extra = f" ({row['reason']})" if row and row.get("reason") else ""
         self._print(f"trial {n} {state.lower()}{extra}; {done}/{self.num_samples} trials ended")
+
+
+def error_line(trial) -> str:
+    """The last line of the trial's error file: the exception, without Tune's traceback."""
+    try:
+        lines = [l for l in Path(trial.error_file).read_text().splitlines() if l.strip()]
+        return lines[-1][:300] if lines else "unknown error"
+    except (OSError, TypeError):
+        return "unknown error"
 
 
 def checkpoint_paths(trials) -> dict[str, str]:

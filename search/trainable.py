@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import ray
 import torch
 from filelock import FileLock
 from ray import tune
@@ -52,6 +53,8 @@ def run_trial(config: dict, base: dict) -> None:
         data = load_dataset(cfg.dataset, cfg.data_dir)
     trainer = Trainer(cfg, data=data, resume=resume, log=lambda s: None)
     cost_key = "latency_ms" if target_key == "target_latency_ms" else "flops"
+    start_epoch = trainer.epoch   # > 0 when Tune restarted the trial (node lost, driver resumed)
+    node = ray.get_runtime_context().get_node_id()
     run_id = track.child_run(config["optuna_trial"], config["target"], {**params, "seed": cfg.seed}) if track else None
 
     def report(m: dict) -> None:
@@ -63,6 +66,7 @@ def run_trial(config: dict, base: dict) -> None:
             track.log_epoch(run_id, {k: v for k, v in m.items() if math.isfinite(v)}, int(trainer.epoch))
             if trainer.epoch >= cfg.total_epochs:   # finished: the model, before Tune hears the end
                 track.log_final(run_id, trainer)
+        m.update(start_epoch=start_epoch, node_id=node)  # where this attempt ran, and from which epoch
         tune.report(m, checkpoint=tune.Checkpoint.from_directory(str(out)))
 
     if resume and trainer.epoch >= cfg.total_epochs:  # finished, but its last report was lost

@@ -55,7 +55,7 @@ def test_a_real_search_ends_every_trial_and_writes_parquet(search):
         assert r["target"] == "50%" and 0.05 <= r["d_c"] <= 0.5 and 0.02 <= r["lr"] <= 0.2
         assert 0 <= r["accuracy"] <= 1 and r["flops"] > 0 and Path(r["checkpoint"]).is_file()
     assert any(r["pareto_flops"] for r in table if r["state"] == "COMPLETE")
-    assert "Pareto front, val accuracy vs FLOPs" in proc.stdout and "4 trials:" in proc.stdout
+    assert "Pareto front of target 50%, val accuracy vs FLOPs" in proc.stdout and "4 trials:" in proc.stdout
     assert "epoch 2/2" in proc.stderr                                     # progress while it ran
     json.loads((results / "search.json").read_text())                    # its settings, for --resume
     # the default MLflow store: sqlite in the results dir, by an absolute URI

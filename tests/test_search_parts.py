@@ -206,3 +206,19 @@ def test_several_targets_get_one_front_each_and_one_across(tmp_path):
     assert line5.endswith("no")                 # on its target's front, not on the front across targets
     pareto_plot(rows, ["30%", "60%"], tmp_path / "p.png")
     assert Image.open(tmp_path / "p.png").size[0] > 600
+
+
+def test_help_lists_every_flag(capsys):
+    from search.cli import FLAGS, main
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and all(flag in out for flag in FLAGS) and "--smoke-test" in out and "50%" in out
+
+
+def test_resume_with_a_cloud_storage_looks_in_the_local_results_dir(tmp_path, monkeypatch, capsys):
+    from search.cli import main
+    monkeypatch.chdir(tmp_path)   # a cloud --storage keeps our files in ./drn-results/<name>
+    assert main(["--resume", "nope", "--storage", "s3://bucket/drn"]) == 2
+    err = capsys.readouterr().err
+    assert f"no search named 'nope' under {tmp_path / 'drn-results'}" in err and err.count("\n") == 1
