@@ -321,6 +321,10 @@ def fetch_checkpoint(uri: str, tracking_uri: str | None = None) -> Path:
     drn checkpoint (downloaded), which drn-eval loads with weights_only=True."""
     import mlflow
     from mlflow import MlflowClient
+    tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+    store = _local_store(tracking_uri)
+    if store is not None and not store.exists():   # MLflow would create an empty store there
+        raise UsageError(f"{uri}: no MLflow store at {store}; give --mlflow-uri (or $MLFLOW_TRACKING_URI)")
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
         if uri.startswith("runs:/"):
@@ -337,3 +341,14 @@ def fetch_checkpoint(uri: str, tracking_uri: str | None = None) -> Path:
                                                         tracking_uri=tracking_uri))
     except mlflow.exceptions.MlflowException as e:
         raise UsageError(f"{uri}: {str(e).splitlines()[0]}") from None
+
+
+def _local_store(tracking_uri: str) -> Path | None:
+    """The file or folder of a local tracking store (sqlite file, ./mlruns folder), else None."""
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri[len("sqlite:///"):])
+    if tracking_uri.startswith("file:"):
+        return Path(tracking_uri[len("file:"):].removeprefix("//"))
+    if "://" not in tracking_uri and ":" not in tracking_uri:
+        return Path(tracking_uri)
+    return None

@@ -1,5 +1,5 @@
 """drn-search end to end on a real local Ray cluster (tiny data, CPU): trials, ASHA -> PRUNED,
-Parquet, summary, resume after an interrupt, and its bad-input errors."""
+Parquet, summary, resume after an interrupt (bad input: test_bad_input.py)."""
 import json
 import signal
 import subprocess
@@ -10,7 +10,7 @@ import optuna
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import cli_command, run_cli, write_imagefolder
+from conftest import cli_command, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -106,39 +106,6 @@ def test_resume_after_an_interrupt_keeps_finished_trials_and_counts_none_twice(t
             assert r["tune_trial_id"] == finished[r["trial"]]["tune_trial_id"]
     for n, epochs in tune_epochs(tmp_path / "r").items():
         assert epochs == [1, 2], (n, epochs)      # an interrupted trial went on from its checkpoint
-
-
-BAD = [
-    (["--num-samples", "0"], "num-samples must be >= 1"),
-    (["--space", "{tmp}/bad.yaml"], "bad.yaml:1: unknown key 'learning_rate'"),
-    (["--space", "{tmp}/missing.yaml"], "does not exist"),
-    (["--target-flops", "200%"], "not below the full network"),
-    (["--target-latency-ms", "3"], "not both"),
-    (["--arch", "resnet7"], "unknown arch"),
-    (["--data-dir", "{tmp}/nowhere"], "does not exist"),
-    (["--address", "127.0.0.1:1"], "cannot reach Ray at 127.0.0.1:1"),
-    (["--address", "host"], "give 'auto', host:port"),
-    (["--gpus-per-trial", "1"], "the Ray cluster has no GPUs"),
-    (["--tolerance", "2"], "tolerance must be in (0, 1)"),
-    (["--mlflow-uri", "http://127.0.0.1:1"], "cannot reach MLflow at http://127.0.0.1:1"),
-    (["--mlflow-uri", "bogus://x"], "give http(s)://host:port, sqlite:///path"),
-]
-
-
-@pytest.mark.parametrize("extra,message", BAD, ids=[m for _, m in BAD])
-def test_bad_input_is_one_line_exit_2_and_nothing_written(tiny_data, tmp_path, extra, message):
-    (tmp_path / "bad.yaml").write_text("learning_rate: {type: float, low: 0.01, high: 0.1}\n")
-    storage = tmp_path / "results"
-    extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
-    proc = run_cli("drn-search", *search_args(tiny_data, storage, "b"), *extra)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
-    assert not storage.exists()
-
-
-def test_resume_of_an_unknown_search_is_a_usage_error(tmp_path):
-    proc = run_cli("drn-search", "--resume", "nope", "--storage", str(tmp_path))
-    assert proc.returncode == 2 and "no search named 'nope'" in proc.stderr and proc.stderr.count("\n") == 1
 
 
 def test_an_existing_name_is_not_overwritten(search, tiny_data):

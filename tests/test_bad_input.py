@@ -1,0 +1,115 @@
+"""Every bad input the console scripts reject, in one table: exit 2, one line on stderr, no
+traceback, nothing on stdout, and no file left behind (neither in the paths given nor in the
+working directory)."""
+import subprocess
+from pathlib import Path
+
+import torch
+
+from conftest import cli_command
+
+
+def train_and_eval_cases(data: Path, tmp: Path) -> dict[str, tuple]:
+    empty = tmp / "empty"
+    empty.mkdir()
+    corrupt = tmp / "corrupt.pt"
+    corrupt.write_bytes(b"\x00not a checkpoint" * 10)
+    foreign = tmp / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    truncated = tmp / "truncated.pt"
+    good = tmp / "good.pt"
+    torch.save({"format": "drn-checkpoint", "version": 1, "x": torch.zeros(1000)}, good)
+    truncated.write_bytes(good.read_bytes()[:300])
+    out = str(tmp / "out")
+    d = str(data)
+    common = ("--dataset", "imagefolder", "--data-dir", d, "--out", out, "--epochs", "1", "--device", "cpu")
+    return {
+        "unknown arch": ("drn-train", "--arch", "resnet9", *common),
+        "unknown dataset": ("drn-train", "--dataset", "mnist", "--out", out),
+        "missing data dir": ("drn-train", "--arch", "resnet8", "--dataset", "imagefolder",
+                             "--data-dir", str(tmp / "nope"), "--out", out),
+        "empty data dir": ("drn-train", "--arch", "resnet8", "--dataset", "imagefolder",
+                           "--data-dir", str(empty), "--out", out),
+        "target zero": ("drn-train", "--arch", "resnet8", *common, "--target-flops", "0"),
+        "target negative": ("drn-train", "--arch", "resnet8", *common, "--target-flops", "-2e8"),
+        "target above full": ("drn-train", "--arch", "resnet8", *common, "--target-flops", "1e12"),
+        "target 100%": ("drn-train", "--arch", "resnet8", *common, "--target-flops", "100%"),
+        "target garbage": ("drn-train", "--arch", "resnet8", *common, "--target-flops", "lots"),
+        "flops and latency targets": ("drn-train", "--arch", "resnet8", *common, "--target-flops", "50%",
+                                      "--target-latency-ms", "1"),
+        "latency below fixed cost": ("drn-train", "--arch", "resnet8", *common, "--target-latency-ms", "1e-6"),
+        "latency above full": ("drn-train", "--arch", "resnet8", *common, "--target-latency-ms", "1e6"),
+        "eval threshold out of range": ("drn-eval", str(foreign), "--threshold", "1.5"),
+        "epochs zero": ("drn-train", "--arch", "resnet8", *common[:-4], "--epochs", "0", "--out", out),
+        "epochs not int": ("drn-train", "--epochs", "two", "--out", out),
+        "unknown flag": ("drn-train", "--bogus", "--out", out),
+        "resume nothing": ("drn-train", "--resume", "--out", out),
+        "cuda without gpu" if not torch.cuda.is_available() else "cuda bad index":
+            ("drn-train", "--arch", "resnet8", *common[:-2], "--device",
+             "cuda" if not torch.cuda.is_available() else "cuda:99"),
+        "eval missing checkpoint": ("drn-eval", str(tmp / "none.pt")),
+        "eval corrupt checkpoint": ("drn-eval", str(corrupt)),
+        "eval truncated checkpoint": ("drn-eval", str(truncated)),
+        "eval foreign checkpoint": ("drn-eval", str(foreign)),
+    }
+
+
+
+def search_cases(data: Path, tmp: Path) -> dict[str, tuple]:
+    storage = str(tmp / "results")
+    bad_key = tmp / "bad-key.yaml"
+    bad_key.write_text("learning_rate: {type: float, low: 0.01, high: 0.1}\n")
+    low_high = tmp / "low-high.yaml"
+    low_high.write_text("d_c: {type: float, low: 0.5, high: 0.1}\n")
+    not_yaml = tmp / "not-yaml.yaml"
+    not_yaml.write_text("d_c: [0.1, 0.2\n")
+    base = ("drn-search", "--target-flops", "50%", "--arch", "resnet8", "--dataset", "imagefolder",
+            "--data-dir", str(data), "--epochs", "2", "--batch-size", "12", "--storage", storage, "--name", "b")
+    return {
+        "search: no trials": (*base, "--num-samples", "0"),
+        "search: unknown space key": (*base, "--space", str(bad_key)),
+        "search: space low >= high": (*base, "--space", str(low_high)),
+        "search: space not YAML": (*base, "--space", str(not_yaml)),
+        "search: missing space file": (*base, "--space", str(tmp / "missing.yaml")),
+        "search: target above full": (*base, "--target-flops", "200%"),
+        "search: target zero": (*base, "--target-flops", "0"),
+        "search: flops and latency targets": (*base, "--target-latency-ms", "3"),
+        "search: unknown arch": (*base, "--arch", "resnet7"),
+        "search: unknown dataset": (*base, "--dataset", "mnist"),
+        "search: missing data dir": (*base, "--data-dir", str(tmp / "nowhere")),
+        "search: unreachable address": (*base, "--address", "127.0.0.1:1"),
+        "search: malformed address": (*base, "--address", "host"),
+        "search: GPU where Ray has none" if not torch.cuda.is_available() else "search: more GPUs than Ray has":
+            (*base, "--gpus-per-trial", "1" if not torch.cuda.is_available() else "1000"),
+        "search: tolerance out of range": (*base, "--tolerance", "2"),
+        "search: unreachable MLflow": (*base, "--mlflow-uri", "http://127.0.0.1:1"),
+        "search: malformed MLflow URI": (*base, "--mlflow-uri", "bogus://x"),
+        "search: resume of an unknown name": ("drn-search", "--resume", "nope", "--storage", storage),
+        "eval: model URI, no store given": ("drn-eval", "models:/some-model/1"),
+        "eval: unknown MLflow model": ("drn-eval", "models:/no-such-model/1", "--mlflow-uri",
+                                       f"sqlite:///{tmp / 'mlflow' / 'm.db'}"),
+    }
+
+
+def tree(*roots: Path) -> set[str]:
+    return {str(p) for r in roots if r.exists() for p in r.rglob("*")}
+
+
+def test_every_bad_input_is_one_line_exit_2_and_leaves_nothing(tiny_data, tmp_path):
+    given, cwd = tmp_path / "given", tmp_path / "cwd"
+    given.mkdir()
+    cwd.mkdir()
+    (given / "mlflow").mkdir()
+    cases = {**train_and_eval_cases(tiny_data, given), **search_cases(tiny_data, given)}
+    assert len(cases) >= 40
+    before = tree(given)
+    failures = []
+    for name, (prog, *args) in cases.items():
+        proc = subprocess.run([*cli_command(prog), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+        lines = proc.stderr.strip().splitlines()
+        if proc.returncode != 2 or len(lines) != 1 or "Traceback" in proc.stderr or proc.stdout.strip():
+            failures.append(f"{name}: rc={proc.returncode} stdout={proc.stdout[-200:]!r} stderr={proc.stderr[-400:]!r}")
+        left = (tree(given) - before) | tree(cwd)
+        if left:
+            failures.append(f"{name}: left {sorted(left)[:5]}")
+    assert not failures, "\n".join(failures)
