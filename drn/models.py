@@ -51,6 +51,28 @@ class PadShortcut(nn.Module):
         return F.pad(x, (0, 0, 0, 0, 0, self.extra)) if self.extra else x
 
 
+class SoftBlend(torch.autograd.Function):
+    """Eq. 4 of a block: lerp(sc, relu(res + sc), w). res, sc (B, C, H, W), w (B, 1, 1, 1).
+    The same values and gradients as autograd through add, relu and lerp, with fewer passes over
+    the activations in backward (the routed step's main extra cost over a plain ResNet's)."""
+
+    @staticmethod
+    def forward(ctx, res, sc, w):
+        h = (res + sc).relu_()
+        ctx.save_for_backward(h, sc, w)
+        return torch.lerp(sc, h, w)
+
+    @staticmethod
+    def backward(ctx, g):
+        h, sc, w = ctx.saved_tensors
+        g_res = torch.ops.aten.threshold_backward(g * w, h, 0)        # relu' = (h > 0)
+        g_sc = torch.addcmul(g_res, g, 1 - w)
+        g_w = None
+        if ctx.needs_input_grad[2]:                                  # sum over C, H, W of g * (h - sc)
+            g_w = torch.linalg.vecdot((h - sc).flatten(1), g.flatten(1)).view_as(w)
+        return g_res, g_sc, g_w
+
+
 # ----------------------------------------------------------------------------- blocks
 
 class RoutedBlock(nn.Module):
@@ -63,12 +85,20 @@ class RoutedBlock(nn.Module):
         super().__init__()
         self.router = Router(cin, router_hidden)
 
-    def forward(self, x, routing: str, beta: float, threshold: float, gate=None):
-        """x (B, C, H, W) -> out, r (B,), gate (B,) bool. `gate` forces the decision (hard/mask)."""
-        r = soft_route(self.router(x), beta)
+    def forward(self, x, routing: str, beta: float, threshold: float, gate=None, pooled: dict | None = None):
+        """x (B, C, H, W) -> out, r (B,), gate (B,) bool. `gate` forces the decision (hard/mask).
+        pooled: given by the model for hard routing without autograd. It hands x's global average
+        pool (B, C) from block to block in pooled["z"] -- an image that skips an identity block
+        keeps its pool, so only the images a block ran are pooled again and the router's cost
+        falls with FLOPs too -- and lets the block scatter into x in place."""
+        z = None
+        if pooled is not None:
+            z = pooled.pop("z", None)
+            z = x.mean(dim=(2, 3)) if z is None else z
+        r = soft_route(self.router(x, z), beta)
         sc = self.shortcut(x)
         if routing == "soft":
-            out = torch.lerp(sc, F.relu(self.residual(x) + sc), r.view(-1, 1, 1, 1).to(sc.dtype))  # Eq. 4
+            out = SoftBlend.apply(self.residual(x), sc, r.view(-1, 1, 1, 1).to(sc.dtype))  # Eq. 4
             return out, r, hard_route(r.detach(), threshold)
         g = hard_route(r.detach(), threshold) if gate is None else gate
         if routing == "mask":
@@ -76,11 +106,19 @@ class RoutedBlock(nn.Module):
             return out, r, g
         idx = g.nonzero().squeeze(1)
         if idx.numel() == g.numel():
-            return F.relu(self.residual(x) + sc), r, g
+            return self.residual(x).add_(sc).relu_(), r, g
         if idx.numel() == 0:
+            if pooled is not None and sc is x:
+                pooled["z"] = z
             return sc, r, g
-        ran = F.relu(self.residual(x.index_select(0, idx)) + sc.index_select(0, idx))
-        return sc.index_copy(0, idx, ran), r, g
+        xs = x.index_select(0, idx)
+        # an identity shortcut of the gathered images is the gathered images: no second gather
+        ran = self.residual(xs).add_(xs if sc is x else sc.index_select(0, idx)).relu_()
+        if pooled is None:  # autograd, or a call from outside the model: x stays as it is
+            return sc.index_copy(0, idx, ran), r, g
+        if sc is x:
+            pooled["z"] = z.index_copy_(0, idx, ran.mean(dim=(2, 3)))
+        return sc.index_copy_(0, idx, ran), r, g  # x is the model's own: scatter into it, no copy
 
 
 class BasicBlock(RoutedBlock):
@@ -208,8 +246,9 @@ class RoutedResNet(nn.Module):
         threshold = self.threshold if threshold is None else threshold
         x = self.stem((x - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1))
         rs, gs = [], []
+        pooled = {} if routing == "hard" and not torch.is_grad_enabled() else None
         for i, block in enumerate(self.blocks):
-            x, r, g = block(x, routing, self.cfg.beta, threshold, None if gates is None else gates[:, i])
+            x, r, g = block(x, routing, self.cfg.beta, threshold, None if gates is None else gates[:, i], pooled)
             rs.append(r)
             gs.append(g)
         return x, torch.stack(rs, 1), torch.stack(gs, 1)

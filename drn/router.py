@@ -28,6 +28,7 @@ class Router(nn.Module):
         with torch.no_grad():
             self.fc2.bias.copy_(torch.tensor([self.OPEN_BIAS, -self.OPEN_BIAS]))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = x.mean(dim=(2, 3))  # (B, C, H, W) -> (B, C)
-        return self.fc2(F.relu(self.fc1(z)))  # (B, 2)
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W) -> logits (B, 2); z: x's global average pool (B, C), when already known."""
+        z = x.mean(dim=(2, 3)) if z is None else z
+        return self.fc2(F.relu(self.fc1(z)))

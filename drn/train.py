@@ -55,6 +55,32 @@ def _progress(m: dict, total_epochs: int) -> str:
             f"| {m['epoch_seconds']:.1f}s")
 
 
+def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, *,
+               views: int, finetune: bool, cost_norm: torch.Tensor, mu: float, weights: LossWeights,
+               amp: bool = True):
+    """One optimisation step on a batch of L uint8 images (L, C, H, W) and labels (L,): M augmented
+    views of each, forward, Eq. 9 (soft routing; or CE under hard routing when finetuning, M = 1),
+    backward, SGD. Returns the loss (detached), its parts, the model output and the labels (L*M,)."""
+    dev = images.device
+    m = 1 if finetune else views
+    x = images.float().div_(255)
+    y = labels.repeat_interleave(m)
+    with _autocast(dev, amp):
+        if finetune:  # frozen routers, hard routing: train what testing will run
+            out = model(random_crop_flip(x, generator), routing="hard")
+            loss = F.cross_entropy(out.logits.float(), y)
+            parts = dict.fromkeys(("consistency", "diversity", "cost", "reg"), torch.zeros((), device=dev))
+            parts["cls"] = loss.detach()
+        else:
+            out = model(make_views(x, m, generator), routing="soft")
+            loss, parts = drn_loss(out.logits.float(), y, out.r.float().view(x.shape[0], m, -1), cost_norm,
+                                   mu, weights)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), parts, out, y
+
+
 class Trainer:
     """Holds the state of one training run; `run()` trains to the end (or until stopped)."""
 
@@ -131,7 +157,6 @@ class Trainer:
             group["lr"] = lr
         images, labels = self.train_split
         n_img, L = labels.shape[0], min(cfg.batch_size, labels.shape[0])
-        m = 1 if finetune else cfg.views
         cost_norm = self.budget.normalized(dev)
         sums = torch.zeros(7, device=dev)  # loss, 5 parts, correct
         gate_sum = torch.zeros(self.cost.num_blocks, device=dev)
@@ -139,25 +164,13 @@ class Trainer:
         perm = torch.randperm(n_img, generator=self.generator, device=dev)
         for s in range(0, n_img - L + 1, L):  # drop the last partial batch
             idx = perm[s:s + L]
-            x = images[idx].float().div_(255)
-            y = labels[idx].repeat_interleave(m)
-            with _autocast(dev, cfg.amp):
-                if finetune:  # frozen routers, hard routing: train what testing will run
-                    out = model(random_crop_flip(x, self.generator), routing="hard")
-                    loss = F.cross_entropy(out.logits.float(), y)
-                    parts = dict.fromkeys(("consistency", "diversity", "cost", "reg"), torch.zeros((), device=dev))
-                    parts["cls"] = loss.detach()
-                else:
-                    out = model(make_views(x, m, self.generator), routing="soft")
-                    loss, parts = drn_loss(out.logits.float(), y, out.r.float().view(L, m, -1), cost_norm,
-                                           self.controller.mu, self.weights)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            loss, parts, out, y = train_step(model, self.optimizer, images[idx], labels[idx], self.generator,
+                                             views=cfg.views, finetune=finetune, cost_norm=cost_norm,
+                                             mu=self.controller.mu, weights=self.weights, amp=cfg.amp)
             gates = out.gates.float()
             if self.target is not None and not finetune:
                 self.controller.update(self.budget.route_cost(gates).mean().item())
-            sums += torch.stack([loss.detach(), parts["cls"], parts["consistency"], parts["diversity"],
+            sums += torch.stack([loss, parts["cls"], parts["consistency"], parts["diversity"],
                                  parts["cost"], parts["reg"], (out.logits.argmax(1) == y).sum().float()])
             gate_sum += gates.sum(0)
             seen += y.shape[0]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from drn.cost import measure_cost_table
 from drn.losses import LossWeights, drn_loss
-from drn.models import ModelConfig, PadShortcut, build_model
+from drn.models import ModelConfig, PadShortcut, SoftBlend, build_model
 from drn.router import hard_route, soft_route
 
 # arch -> (input size, classes, batch, blocks)
@@ -189,6 +189,42 @@ def test_forced_gates_skip_one_sample_only():
         b = model(x, routing="hard", gates=g).logits
     torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(a[0], b[0], atol=1e-4)
+
+
+def test_hard_routing_with_autograd_equals_inference_and_leaves_block_inputs_alone():
+    """Without autograd the model scatters into its own activations and hands the pooled features
+    of skipped images on; with autograd (the finetune phase) it copies. Same logits either way, and
+    a block called from outside does not change its input."""
+    torch.manual_seed(10)
+    model = make("resnet20")
+    x = torch.rand(6, 3, 32, 32)
+    calibrate_bn(model, x)
+    g = torch.rand(6, 9) < 0.5
+    g[0], g[1] = True, False  # every block runs some images and skips others
+    with torch.no_grad():
+        fast = model(x, routing="hard", gates=g)
+    graded = model(x, routing="hard", gates=g)
+    torch.testing.assert_close(graded.logits, fast.logits, atol=1e-5, rtol=1e-5)
+    graded.logits.sum().backward()
+    assert model.blocks[1].residual[0].weight.grad.abs().sum() > 0
+    h = torch.randn(6, 16, 32, 32)
+    h0 = h.clone()
+    with torch.no_grad():
+        out, _, _ = model.blocks[1](h, "hard", model.cfg.beta, 0.5, gate=g[:, 1])
+    assert torch.equal(h, h0) and not torch.equal(out, h)
+
+
+def test_soft_blend_equals_autograd_through_add_relu_lerp():
+    torch.manual_seed(11)
+    res, sc = (torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w = torch.rand(4, 1, 1, 1, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    out = SoftBlend.apply(res, sc, w)
+    ref = torch.lerp(sc, F.relu(res + sc), w)  # Eq. 4 as written
+    assert torch.equal(out, ref)
+    for a, b in zip(torch.autograd.grad(out, (res, sc, w), g), torch.autograd.grad(ref, (res, sc, w), g)):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(SoftBlend.apply, (res, sc, w))
 
 
 # ----------------------------------------------------------------------------- skipped blocks
