@@ -48,7 +48,10 @@ TRAIN_FLAGS = {
     "--target-latency-ms": ("target_latency_ms", str, "latency budget, ms per image at --latency-batch on this "
                                                       "device (or %% of full); per-block times replace FLOPs in Eq. 8"),
     "--latency-batch": ("latency_batch", int, "batch size at which block latencies are measured"),
-    "--seed": ("seed", int, "random seed (initialisation, shuffling, augmentation)"),
+    "--routing": ("routing", str, "drn (routers), or a static baseline of the paper's Table 4a: firstk, randomk, "
+                                  "distributedk (every image runs the same k blocks; no routers, cross-entropy)"),
+    "--k": ("k", int, "blocks a static baseline runs (default: the k closest to --target-flops)"),
+    "--seed": ("seed", int, "random seed (initialisation, shuffling, augmentation; randomk's blocks)"),
     "--device": ("device", str, "auto, cpu, cuda or cuda:N"),
     "--eval-batch-size": ("eval_batch_size", int, "batch size of the per-epoch evaluation"),
 }
@@ -94,7 +97,11 @@ def _eval_parser() -> argparse.ArgumentParser:
                         "and K for each: a cost/accuracy curve from one model")
     p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default: 500)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the perturbations for the same-path ratio")
+    p.add_argument("--seed", type=int, default=0, help="seed of the perturbations for the same-path ratio "
+                   "(and of the draws of --routing sample)")
+    p.add_argument("--routing", choices=("hard", "sample"), default="hard",
+                   help="hard: Eq. 11, execute iff r >= threshold; sample: Ber-Dis (Table 4b), each gate drawn "
+                        "from Bernoulli(r) (default: hard)")
     p.add_argument("--json", action="store_true", help="end stdout with one JSON line of the metrics")
     return p
 
@@ -141,7 +148,11 @@ def _cost_only(cfg: TrainConfig) -> dict:
     if size is None:  # imagefolder: read it off the data
         data = load_dataset(cfg.dataset, cfg.data_dir)
         classes, size = data.num_classes, data.input_size
-    model = build_model(cfg.arch, classes, size, beta=cfg.beta, router_hidden=cfg.router_hidden)
+    from .baselines import route_of
+    if cfg.routing != "drn" and cfg.k is None:
+        raise UsageError("--cost-only of a static routing needs --k")
+    model = build_model(cfg.arch, classes, size, beta=cfg.beta, router_hidden=cfg.router_hidden,
+                        static_route=route_of(cfg))
     return {"arch": cfg.arch, "dataset": cfg.dataset, "input_size": size,
             **measure_cost_table(model).to_dict()}
 
@@ -207,8 +218,9 @@ def eval_main(argv=None) -> int:
                 rows.append({k: m[k] for k in ("accuracy", "flops", "k", "distinct_paths")} | {"threshold": t})
             _emit_sweep(rows, cost.full, args.json)
             return 0
-        metrics = evaluate(model, split, cost, args.batch_size, args.threshold, same_path=True, seed=args.seed)
-        metrics.update(checkpoint=str(Path(args.checkpoint).absolute()), split=args.split,
+        metrics = evaluate(model, split, cost, args.batch_size, args.threshold, same_path=True, seed=args.seed,
+                           routing=args.routing)
+        metrics.update(checkpoint=str(Path(args.checkpoint).absolute()), split=args.split, routing=args.routing,
                        threshold=model.threshold.item() if args.threshold is None else args.threshold,
                        epoch=ckpt["epoch"])
         _emit(metrics, args.json)

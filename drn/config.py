@@ -89,6 +89,10 @@ class TrainConfig:
     target_latency_ms: str | None = None
     latency_batch: int = 64
     calibrate: bool = True        # with a target: move the routing threshold to land on it (controller.py)
+    # drn, or a static baseline of Table 4a (baselines.py): firstk | randomk | distributedk, running
+    # k blocks (None: the k whose FLOPs are closest to target_flops)
+    routing: str = "drn"
+    k: int | None = None
     # runtime
     seed: int = 0
     device: str = "auto"          # auto | cpu | cuda | cuda:N
@@ -135,6 +139,18 @@ class TrainConfig:
                 raise UsageError(msg)
         if self.target_flops is not None and self.target_latency_ms is not None:
             raise UsageError("give a FLOPs target or a latency target, not both")
+        from .baselines import STATIC
+        if self.routing not in ("drn", *STATIC):
+            raise UsageError(f"unknown routing {self.routing!r}; choose drn, {', '.join(STATIC)}")
+        if self.routing != "drn":
+            if self.target_latency_ms is not None:
+                raise UsageError(f"routing {self.routing} takes --k or --target-flops, not a latency target")
+            if self.k is None and self.target_flops is None:
+                raise UsageError(f"routing {self.routing} needs --k (blocks to run) or --target-flops")
+        elif self.k is not None:
+            raise UsageError("--k is for the static routings (firstk, randomk, distributedk), not drn")
+        if self.k is not None and self.k < 1:
+            raise UsageError(f"k must be >= 1, got {self.k}")
         if self.latency_batch < 1:
             raise UsageError(f"latency batch must be >= 1, got {self.latency_batch}")
         parse_target(self.target_flops)

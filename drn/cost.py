@@ -7,6 +7,7 @@ shortcuts of shape-changing blocks. The full CIFAR ResNet-110 is ~5.06e8 FLOPs.
 
     flops(route) = fixed + sum_i gate_i * block_i
 """
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -59,6 +60,9 @@ class CostTable:
 @torch.no_grad()
 def measure_cost_table(model: RoutedResNet) -> CostTable:
     """Count each part of `model` once on a 1-image input of the model's input size."""
+    if model.cfg.static_route is not None:   # a static baseline runs no routers
+        t = measure_cost_table(RoutedResNet(dataclasses.replace(model.cfg, static_route=None)).to(model.mean.device))
+        return CostTable(t.block, t.fixed - t.router, 0.0)
     was_training = model.training
     model.eval()
     shapes = []

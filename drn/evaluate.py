@@ -48,21 +48,25 @@ def route_stats(preds: torch.Tensor, gates: torch.Tensor, labels: torch.Tensor, 
 
 
 def evaluate(model: RoutedResNet, split: Split, cost: CostTable, batch_size: int = 500,
-             threshold: float | None = None, same_path: bool = False, seed: int = 0) -> dict:
+             threshold: float | None = None, same_path: bool = False, seed: int = 0,
+             routing: str = "hard") -> dict:
     """Accuracy, mean FLOPs and routing length K per image, distinct paths (Fig. 7), per-block
     execution rate and images/s under hard routing (threshold None: the model's own). With
     same_path: the share of images whose route is unchanged when the image is perturbed (the
-    paper's consistency experiment)."""
+    paper's consistency experiment). routing="sample": Ber-Dis, gates drawn from Bernoulli(r),
+    seeded by `seed`."""
     device = model.mean.device
     images, labels = split.images.to(device), split.labels.to(device)
-    preds, gates, seconds = route_split(model, images, batch_size, "hard", threshold)
+    if routing == "sample":
+        torch.manual_seed(seed)
+    preds, gates, seconds = route_split(model, images, batch_size, routing, threshold)
     stats = route_stats(preds, gates, labels, cost)
     stats["images_per_s"] = labels.shape[0] / max(seconds, 1e-9)
     if same_path:
         gen = torch.Generator(device=device).manual_seed(seed)
         moved = torch.cat([perturb(images[s:s + batch_size].float().div_(255), gen).mul_(255).round_().to(torch.uint8)
                            for s in range(0, images.shape[0], batch_size)])
-        preds_p, gates_p, _ = route_split(model, moved, batch_size, "hard", threshold)
+        preds_p, gates_p, _ = route_split(model, moved, batch_size, routing, threshold)
         stats["same_path_ratio"] = (gates_p == gates).all(1).float().mean().item()
         stats["accuracy_perturbed"] = (preds_p == labels).float().mean().item()
     return stats

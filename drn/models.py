@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .router import Router, hard_route, soft_route
 
-ROUTINGS = ("soft", "hard", "mask")
+ROUTINGS = ("soft", "hard", "mask", "sample")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -100,7 +100,12 @@ class RoutedBlock(nn.Module):
         if routing == "soft":
             out = SoftBlend.apply(self.residual(x), sc, r.view(-1, 1, 1, 1).to(sc.dtype))  # Eq. 4
             return out, r, hard_route(r.detach(), threshold)
-        g = hard_route(r.detach(), threshold) if gate is None else gate
+        if gate is not None:
+            g = gate
+        elif routing == "sample":   # Ber-Dis (Table 4b): each gate drawn from Bernoulli(r)
+            g = torch.bernoulli(r.detach().float()).bool()
+        else:
+            g = hard_route(r.detach(), threshold)
         if routing == "mask":
             out = torch.where(g.view(-1, 1, 1, 1), F.relu(self.residual(x) + sc), sc)
             return out, r, g
@@ -119,6 +124,11 @@ class RoutedBlock(nn.Module):
         if sc is x:
             pooled["z"] = z.index_copy_(0, idx, ran.mean(dim=(2, 3)))
         return sc.index_copy_(0, idx, ran), r, g  # x is the model's own: scatter into it, no copy
+
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole block on every image, no router (static routes)."""
+        return self.residual(x).add_(self.shortcut(x)).relu_()
 
 
 class BasicBlock(RoutedBlock):
@@ -175,6 +185,7 @@ class ModelConfig:
     input_size: int = 32      # pixels (square inputs)
     beta: float = 5.0         # Eq. 3 temperature of the soft routing variable
     router_hidden: int = 32   # width of the router's hidden linear layer
+    static_route: tuple[bool, ...] | None = None  # a baseline's fixed route (baselines.py): no routers run
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -187,6 +198,9 @@ class ModelConfig:
             raise ValueError(f"beta must be finite and > 0, got {self.beta}")
         if self.router_hidden < 1:
             raise ValueError(f"router_hidden must be >= 1, got {self.router_hidden}")
+        if self.static_route is not None and len(self.static_route) != sum(ARCHS[self.arch].stages):
+            raise ValueError(f"static_route has {len(self.static_route)} entries, {self.arch} has "
+                             f"{sum(ARCHS[self.arch].stages)} blocks")
 
 
 class RoutedOutput(NamedTuple):
@@ -245,8 +259,13 @@ class RoutedResNet(nn.Module):
             raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
         threshold = self.threshold if threshold is None else threshold
         x = self.stem((x - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1))
+        if self.cfg.static_route is not None:   # every image the same blocks: no router, no gather
+            for block, on in zip(self.blocks, self.cfg.static_route):
+                x = block.run(x) if on else block.shortcut(x)
+            g = torch.tensor(self.cfg.static_route, device=x.device).expand(x.shape[0], -1)
+            return x, g.to(x.dtype), g
         rs, gs = [], []
-        pooled = {} if routing == "hard" and not torch.is_grad_enabled() else None
+        pooled = {} if routing in ("hard", "sample") and not torch.is_grad_enabled() else None
         for i, block in enumerate(self.blocks):
             x, r, g = block(x, routing, self.cfg.beta, threshold, None if gates is None else gates[:, i], pooled)
             rs.append(r)

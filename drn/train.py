@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .baselines import k_for_budget, route_of
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import TrainConfig, UsageError, resolve_target
 from .controller import MuController, calibrate_threshold
@@ -23,7 +24,7 @@ from .cost import CostTable, measure_cost_table, measure_latency_table
 from .data import Dataset, load_dataset, make_views, random_crop_flip
 from .evaluate import evaluate, route_split
 from .losses import LossWeights, drn_loss
-from .models import build_model
+from .models import ARCHS, build_model
 
 CHECKPOINT = "checkpoint.pt"
 RAMP_FRACTION = 0.3  # the budget setpoint moves from the full cost to the target over 30 % of --epochs
@@ -99,9 +100,12 @@ class Trainer:
         if ckpt is not None:
             self.model, _ = model_from_checkpoint(ckpt)
         else:
-            self.model = build_model(cfg.arch, self.data.num_classes, self.data.input_size,
-                                     beta=cfg.beta, router_hidden=cfg.router_hidden)
+            if cfg.routing != "drn" and cfg.k is None:   # a static baseline at the FLOPs target
+                cfg = self.cfg = dataclasses.replace(cfg, k=self._k_for_target(cfg))
+            self.model = build_model(cfg.arch, self.data.num_classes, self.data.input_size, beta=cfg.beta,
+                                     router_hidden=cfg.router_hidden, static_route=route_of(cfg))
             self.model.set_normalization(*self.data.channel_stats())
+        self.static = cfg.routing != "drn"
         self.model.to(self.device)
         self.cost: CostTable = measure_cost_table(self.model)
         # the budget's cost table: FLOPs, or per-block latency measured once on this device (kept
@@ -113,6 +117,7 @@ class Trainer:
         else:
             self.budget = self.cost
         unit = "FLOPs" if self.budget.unit == "flops" else "ms"
+        # a static baseline is trained at its k: the target only chose k, it is not steered to
         self.target = resolve_target(cfg.target, self.budget.full, self.budget.fixed, unit)
         steps = max(1, self.data.train.labels.shape[0] // min(cfg.batch_size, self.data.train.labels.shape[0]))
         self.controller = MuController(target=self.target, mu=cfg.mu, steps_per_epoch=steps,
@@ -133,6 +138,13 @@ class Trainer:
             self.calibration = ckpt.get("calibration")
         self.train_split = self.data.train._replace(images=self.data.train.images.to(self.device),
                                                     labels=self.data.train.labels.to(self.device))
+
+    def _k_for_target(self, cfg: TrainConfig) -> int:
+        twin = build_model(cfg.arch, self.data.num_classes, self.data.input_size)
+        table = measure_cost_table(twin)
+        fixed = table.fixed - table.router                 # a static route runs no routers
+        target = resolve_target(cfg.target_flops, fixed + sum(table.block), fixed, "FLOPs")
+        return k_for_budget(cfg.routing, ARCHS[cfg.arch].stages, list(table.block), fixed, target, cfg.seed)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -164,11 +176,13 @@ class Trainer:
         perm = torch.randperm(n_img, generator=self.generator, device=dev)
         for s in range(0, n_img - L + 1, L):  # drop the last partial batch
             idx = perm[s:s + L]
+            # a static baseline trains like the finetune: its route, cross-entropy, no routing losses
             loss, parts, out, y = train_step(model, self.optimizer, images[idx], labels[idx], self.generator,
-                                             views=cfg.views, finetune=finetune, cost_norm=cost_norm,
+                                             views=cfg.views, finetune=finetune or self.static,
+                                             cost_norm=cost_norm,
                                              mu=self.controller.mu, weights=self.weights, amp=cfg.amp)
             gates = out.gates.float()
-            if self.target is not None and not finetune:
+            if self.target is not None and not finetune and not self.static:
                 self.controller.update(self.budget.route_cost(gates).mean().item())
             sums += torch.stack([loss, parts["cls"], parts["consistency"], parts["diversity"],
                                  parts["cost"], parts["reg"], (out.logits.argmax(1) == y).sum().float()])
@@ -186,7 +200,7 @@ class Trainer:
     def run(self, on_epoch: Callable[[dict], bool | None] | None = None) -> dict:
         cfg = self.cfg
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        calibrating = self.target is not None and cfg.calibrate
+        calibrating = self.target is not None and cfg.calibrate and not self.static
         while self.epoch < cfg.total_epochs:
             t0 = time.perf_counter()
             finetune = self.epoch >= cfg.epochs

@@ -38,11 +38,13 @@ FLAGS = {
                          "CPUs per GPU, at most 4)"),
     "--gpus-per-trial": ("gpus_per_trial", float, None, "GPUs per trial, fractions share one (default: 1 when "
                          "Ray sees GPUs, else 0)"),
-    "--address": ("address", str, None, "an existing Ray cluster: 'auto' or ray://host:port "
+    "--address": ("address", str, None, "an existing Ray cluster: 'auto', host:port or ray://host:port "
                   "(default: start a local one)"),
     "--storage": ("storage", str, None, "results dir or cloud URI (s3://...) for trials and checkpoints"),
     "--name": ("name", str, None, "search name: the folder under --storage (default: drn-<arch>-<time>)"),
     "--seed": ("seed", int, None, "seed of the sampler and of every trial's training"),
+    "--routing": ("routing", str, None, "drn, or a static baseline of Table 4a trained at each target: "
+                  "firstk, randomk, distributedk"),
     "--scheduler": ("scheduler", str, None, "asha, fifo, or auto (asha for one target, fifo for several)"),
     "--grace-period": ("grace_period", int, None, "ASHA: epochs before a trial may be stopped (default: "
                        "a quarter of the epochs)"),

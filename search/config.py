@@ -53,6 +53,7 @@ class SearchConfig:
     max_failures: int = 2            # retries of a trial that errors (from its last checkpoint)
     optuna_storage: str | None = None  # RDB URL; None: sqlite in the results dir
     mlflow_uri: str | None = None    # MLflow tracking URI (a server: http://host:port); None: sqlite in the results dir
+    routing: str = "drn"             # drn, or a static baseline (firstk | randomk | distributedk) at each target
     smoke_test: bool = False
 
     def __post_init__(self):
@@ -129,7 +130,7 @@ class SearchConfig:
     def train_config(self, target: str, device: str = "cpu") -> TrainConfig:
         return TrainConfig(arch=self.arch, dataset=self.dataset, data_dir=self.data_dir, epochs=self.epochs,
                            finetune_epochs=self.finetune_epochs, batch_size=self.batch_size, seed=self.seed,
-                           device=device, **{self.target_key: target})
+                           device=device, routing=self.routing, **{self.target_key: target})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

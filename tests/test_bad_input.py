@@ -39,6 +39,9 @@ def train_and_eval_cases(data: Path, tmp: Path) -> dict[str, tuple]:
                                       "--target-latency-ms", "1"),
         "latency below fixed cost": ("drn-train", "--arch", "resnet8", *common, "--target-latency-ms", "1e-6"),
         "latency above full": ("drn-train", "--arch", "resnet8", *common, "--target-latency-ms", "1e6"),
+        "static k above the blocks": ("drn-train", "--arch", "resnet8", *common, "--routing", "firstk", "--k", "99"),
+        "k without a static routing": ("drn-train", "--arch", "resnet8", *common, "--k", "2"),
+        "unknown routing": ("drn-train", "--arch", "resnet8", *common, "--routing", "lastk", "--k", "2"),
         "eval threshold out of range": ("drn-eval", str(foreign), "--threshold", "1.5"),
         "epochs zero": ("drn-train", "--arch", "resnet8", *common[:-4], "--epochs", "0", "--out", out),
         "epochs not int": ("drn-train", "--epochs", "two", "--out", out),
@@ -81,6 +84,7 @@ def search_cases(data: Path, tmp: Path) -> dict[str, tuple]:
         "search: malformed address": (*base, "--address", "host"),
         "search: GPU where Ray has none" if not torch.cuda.is_available() else "search: more GPUs than Ray has":
             (*base, "--gpus-per-trial", "1" if not torch.cuda.is_available() else "1000"),
+        "search: unknown routing": (*base, "--routing", "bestk"),
         "search: tolerance out of range": (*base, "--tolerance", "2"),
         "search: unreachable MLflow": (*base, "--mlflow-uri", "http://127.0.0.1:1"),
         "search: malformed MLflow URI": (*base, "--mlflow-uri", "bogus://x"),
@@ -95,20 +99,41 @@ def tree(*roots: Path) -> set[str]:
     return {str(p) for r in roots if r.exists() for p in r.rglob("*")}
 
 
-def test_every_bad_input_is_one_line_exit_2_and_leaves_nothing(tiny_data, tmp_path):
+def run_case(prog: str, args: list[str], cwd: Path, capsys) -> tuple[int, str, str]:
+    """drn-train and drn-eval in this process (their console scripts call exactly these functions;
+    saves an interpreter and torch import per case); drn-search, which starts Ray, in its own."""
+    from drn.cli import eval_main, train_main
+    entry = {"drn-train": train_main, "drn-eval": eval_main}.get(prog)
+    if entry is None:
+        proc = subprocess.run([*cli_command(prog), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+        return proc.returncode, proc.stdout, proc.stderr
+    capsys.readouterr()
+    try:
+        rc = entry(list(args))
+    except SystemExit as e:   # argparse's own exit
+        rc = e.code
+    finally:
+        torch.set_grad_enabled(True)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_every_bad_input_is_one_line_exit_2_and_leaves_nothing(tiny_data, tmp_path, monkeypatch, capsys):
     given, cwd = tmp_path / "given", tmp_path / "cwd"
     given.mkdir()
     cwd.mkdir()
     (given / "mlflow").mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cases = {**train_and_eval_cases(tiny_data, given), **search_cases(tiny_data, given)}
     assert len(cases) >= 40
     before = tree(given)
     failures = []
     for name, (prog, *args) in cases.items():
-        proc = subprocess.run([*cli_command(prog), *args], capture_output=True, text=True, cwd=cwd, timeout=300)
-        lines = proc.stderr.strip().splitlines()
-        if proc.returncode != 2 or len(lines) != 1 or "Traceback" in proc.stderr or proc.stdout.strip():
-            failures.append(f"{name}: rc={proc.returncode} stdout={proc.stdout[-200:]!r} stderr={proc.stderr[-400:]!r}")
+        rc, out, err = run_case(prog, args, cwd, capsys)
+        lines = err.strip().splitlines()
+        if rc != 2 or len(lines) != 1 or "Traceback" in err or out.strip():
+            failures.append(f"{name}: rc={rc} stdout={out[-200:]!r} stderr={err[-400:]!r}")
         left = (tree(given) - before) | tree(cwd)
         if left:
             failures.append(f"{name}: left {sorted(left)[:5]}")
