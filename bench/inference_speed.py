@@ -101,6 +101,23 @@ def counted_flops(model, x, gates) -> float:
     return counter.get_total_flops() / x.shape[0]
 
 
+def parse_common(p: argparse.ArgumentParser, name: str) -> argparse.Namespace:
+    """The flags every speed benchmark takes (malloc, threads, out), then parse."""
+    p.add_argument("--glibc-malloc", action="store_true", help="leave glibc's malloc thresholds as they are "
+                   "(default on CPU: keep freed memory in the heap, see inference_speed.keep_freed_memory)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", default=None, help=f"JSON path (default: bench/results/{name}-<device>.json)")
+    return p.parse_args()
+
+
+def setup(args) -> tuple[torch.device, bool]:
+    """The device, torch's threads, and whether freed memory is kept in the heap (CPU)."""
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return device, device.type == "cpu" and not args.glibc_malloc and keep_freed_memory()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
@@ -109,15 +126,8 @@ def main() -> None:
     p.add_argument("--fractions", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     p.add_argument("--repeats", type=int, default=9, help="timed rounds (median)")
     p.add_argument("--dtypes", nargs="+", default=None, help="fp32, bf16 (default: fp32 on CPU, both on CUDA)")
-    p.add_argument("--glibc-malloc", action="store_true", help="leave glibc's malloc thresholds as they are "
-                   "(default on CPU: keep freed memory in the heap, see keep_freed_memory)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", default=None, help="JSON path (default: bench/results/inference_speed-<device>.json)")
-    args = p.parse_args()
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    kept = device.type == "cpu" and not args.glibc_malloc and keep_freed_memory()
+    args = parse_common(p, "inference_speed")
+    device, kept = setup(args)
     dtypes = args.dtypes or (["fp32", "bf16"] if device.type == "cuda" else ["fp32"])
     out_path = Path(args.out or f"bench/results/inference_speed-{device.type}.json")
     info = env(device) | {"malloc_keeps_freed_memory": kept}

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inference_speed import env, keep_freed_memory, pick_device  # noqa: E402
+from inference_speed import env, parse_common, setup  # noqa: E402
 
 from drn.cost import measure_cost_table  # noqa: E402
 from drn.losses import LossWeights  # noqa: E402
@@ -129,15 +129,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed steps (default: 5 on CPU, 30 on CUDA)")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on CUDA (the trainer's default is on)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables instead of timing")
-    p.add_argument("--glibc-malloc", action="store_true", help="leave glibc's malloc thresholds as they are "
-                   "(default on CPU: keep freed memory in the heap, see inference_speed.keep_freed_memory)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", default=None, help="JSON path (default: bench/results/train_overhead-<device>.json)")
-    args = p.parse_args()
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    kept = device.type == "cpu" and not args.glibc_malloc and keep_freed_memory()
+    args = parse_common(p, "train_overhead")
+    device, kept = setup(args)
     cuda = device.type == "cuda"
     warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
     repeats = args.repeats if args.repeats is not None else (30 if cuda else 5)
