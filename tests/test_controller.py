@@ -75,10 +75,28 @@ def test_controller_keeps_mu_positive_and_winds_down_from_a_clip():
 
 def test_calibrate_threshold_finds_the_target_on_a_monotone_curve():
     curve = lambda t: 100.0 * (1 - t)                  # cost falls as the threshold rises
-    t, cost = calibrate_threshold(curve, 37.0)
-    assert cost == pytest.approx(37.0, rel=1e-3) and t == pytest.approx(0.63, abs=1e-3)
+    t, cost = calibrate_threshold(curve, 37.0, tol=1e-4)
+    assert cost == pytest.approx(37.0, rel=1e-4) and t == pytest.approx(0.63, abs=1e-4)
     t, cost = calibrate_threshold(curve, 50.0)
-    assert t == 0.5 and cost == 50.0
+    assert t == 0.5 and cost == 50.0                   # already there: one pass, 0.5 kept
+
+
+@pytest.mark.parametrize("curve", [lambda t: 100 * (1 - t) ** 3, lambda t: 100 / (1 + math.exp(20 * (t - 0.3))),
+                                   lambda t: 100 * (1 - t) ** 0.5])
+def test_calibrate_threshold_lands_in_fewer_passes_than_bisection(curve):
+    passes = []
+    counted = lambda t: passes.append(t) or curve(t)
+    t, cost = calibrate_threshold(counted, 20.0, cost_at_0=curve(0), cost_at_1=curve(1))
+    assert abs(cost / 20 - 1) <= 0.0025 and len(passes) <= 8   # bisection to 0.25 % takes 10-14
+    passes.clear()
+    t2, cost2 = calibrate_threshold(counted, 20.0)     # without the ends: still lands
+    assert abs(cost2 / 20 - 1) <= 0.0025 and len(passes) <= 14
+
+
+def test_calibrate_threshold_on_a_step_curve_returns_the_closest_step():
+    steps = lambda t: 100.0 if t < 0.4 else 60.0 if t < 0.7 else 10.0   # 50 is not reachable
+    t, cost = calibrate_threshold(steps, 50.0, cost_at_0=100.0, cost_at_1=10.0)
+    assert cost == 60.0 and 0.4 <= t < 0.7
 
 
 @pytest.fixture(scope="module")
