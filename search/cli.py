@@ -211,10 +211,7 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> list[dict]:
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric="accuracy", mode="max",
                                         num_samples=cfg.num_samples,
                                         max_concurrent_trials=cfg.max_concurrent,
-                                        trial_dirname_creator=_trial_dirname,
-                                        # a finished trial's worker runs the next one: no new
-                                        # process, imports or image loading per trial
-                                        reuse_actors=True),
+                                        trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(
                 name=cfg.name, storage_path=cfg.storage, verbose=0, callbacks=[progress],
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),

@@ -24,16 +24,6 @@ from .tracking import Tracking
 
 # keys of the trial config that are not TrainConfig fields
 META = ("target", "optuna_trial")
-# the images, per worker process: the trials that reuse this actor (reuse_actors) load them once
-_DATA: dict = {}
-
-
-def dataset(name: str, data_dir: str | None):
-    if (name, data_dir) not in _DATA:
-        with FileLock(os.path.join(tempfile.gettempdir(), "drn-data.lock")):  # one download per machine
-            _DATA.clear()
-            _DATA[name, data_dir] = load_dataset(name, data_dir)
-    return _DATA[name, data_dir]
 
 
 def scalar_metrics(m: dict) -> dict:
@@ -59,7 +49,9 @@ def run_trial(config: dict, base: dict) -> None:
             shutil.copyfile(Path(d) / CHECKPOINT, out / CHECKPOINT)
         resume = True
     cfg = TrainConfig.from_dict({**base, **params, target_key: config["target"], "out": str(out)})
-    trainer = Trainer(cfg, data=dataset(cfg.dataset, cfg.data_dir), resume=resume, log=lambda s: None)
+    with FileLock(os.path.join(tempfile.gettempdir(), "drn-data.lock")):  # one download per machine
+        data = load_dataset(cfg.dataset, cfg.data_dir)
+    trainer = Trainer(cfg, data=data, resume=resume, log=lambda s: None)
     cost_key = "latency_ms" if target_key == "target_latency_ms" else "flops"
     start_epoch = trainer.epoch   # > 0 when Tune restarted the trial (node lost, driver resumed)
     node = ray.get_runtime_context().get_node_id()
@@ -74,8 +66,7 @@ def run_trial(config: dict, base: dict) -> None:
             track.log_epoch(run_id, {k: v for k, v in m.items() if math.isfinite(v)}, int(trainer.epoch))
             if trainer.epoch >= cfg.total_epochs:   # finished: the model, before Tune hears the end
                 track.log_final(run_id, trainer)
-        # where this attempt ran (node, worker process: reused across trials) and from which epoch
-        m.update(start_epoch=start_epoch, node_id=node, pid=os.getpid())
+        m.update(start_epoch=start_epoch, node_id=node)  # where this attempt ran, and from which epoch
         tune.report(m, checkpoint=tune.Checkpoint.from_directory(str(out)))
 
     if resume and trainer.epoch >= cfg.total_epochs:  # finished, but its last report was lost
