@@ -240,15 +240,11 @@ class Trainer:
         images = self.train_split.images
         pick = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(self.cfg.seed))[:max_images]
         images = images[pick.to(images.device)]
-        bs = self.cfg.eval_batch_size
-        self.model.eval()
-
         passes = []
 
         def mean_cost(t: float) -> float:
             passes.append(t)
-            gates = torch.cat([self.model(images[s:s + bs].float().div_(255), routing="hard", threshold=t).gates
-                               for s in range(0, images.shape[0], bs)])
+            _, gates, _ = route_split(self.model, images, self.cfg.eval_batch_size, "hard", t)
             return self.budget.route_cost(gates).mean().item()
 
         n = self.cost.num_blocks
