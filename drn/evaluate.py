@@ -33,6 +33,26 @@ def route_split(model: RoutedResNet, images: torch.Tensor, batch_size: int, rout
     return torch.cat(preds), torch.cat(gates), seconds
 
 
+@torch.inference_mode()
+def threshold_curve(model: RoutedResNet, images: torch.Tensor, cost: CostTable, lo: float, hi: float,
+                    batch_size: int) -> tuple[list[float], list[float]]:
+    """The mean hard cost per image of uint8 `images` as the step function of the threshold t that
+    it is on (lo, hi], exactly, from one routed pass (RoutedResNet.route_intervals): edges
+    lo = e_0 < e_1 < ... < e_m = hi and means c_1 ... c_m, c_k for every t in (e_{k-1}, e_k]."""
+    model.eval()
+    t_lo, t_hi, costs = [], [], []
+    for s in range(0, images.shape[0], batch_size):
+        _, a, b, gates = model.route_intervals(images[s:s + batch_size].float().div_(255), lo, hi)
+        t_lo.append(a)
+        t_hi.append(b)
+        costs.append(cost.route_cost(gates).double())
+    a, b, c = torch.cat(t_lo), torch.cat(t_hi), torch.cat(costs)
+    edges, at = torch.unique(torch.cat([a, b]), return_inverse=True)
+    step = torch.zeros(edges.shape[0], dtype=torch.float64, device=c.device)
+    step.index_add_(0, at[:a.shape[0]], c).index_add_(0, at[a.shape[0]:], -c)  # a row adds its cost on (lo, hi]
+    return edges.tolist(), (step.cumsum(0)[:-1] / images.shape[0]).tolist()
+
+
 def route_stats(preds: torch.Tensor, gates: torch.Tensor, labels: torch.Tensor, cost: CostTable) -> dict:
     g = gates.float()
     return {

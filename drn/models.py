@@ -272,6 +272,34 @@ class RoutedResNet(nn.Module):
             gs.append(g)
         return x, torch.stack(rs, 1), torch.stack(gs, 1)
 
+    @torch.inference_mode()
+    def route_intervals(self, x: torch.Tensor, lo: float, hi: float):
+        """Every hard route each image takes while the threshold t sweeps (lo, hi], in one pass:
+        x (B, 3, H, W) in [0, 1] -> image (R,), t_lo (R,), t_hi (R,) float64, gates (R, n) bool;
+        image[j] runs route gates[j] for every t in (t_lo[j], t_hi[j]]. A block runs iff r >= t, so a
+        row whose interval holds the block's r splits in two: (t_lo, r] runs it, (r, t_hi] skips it;
+        both go on. The routes are exactly those of `forward(routing="hard", threshold=t)`."""
+        if self.cfg.static_route is not None:
+            raise ValueError("a static route has no threshold to sweep")
+        x = self.stem((x - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1))
+        B = x.shape[0]
+        image = torch.arange(B, device=x.device)
+        t_lo = torch.full((B,), lo, dtype=torch.float64, device=x.device)
+        t_hi = torch.full((B,), hi, dtype=torch.float64, device=x.device)
+        gates = torch.zeros(B, 0, dtype=torch.bool, device=x.device)
+        for block in self.blocks:
+            r = soft_route(block.router(x), self.cfg.beta).double()   # float32 values, compared exactly
+            split = ((t_lo < r) & (r < t_hi)).nonzero().squeeze(1)
+            if split.numel():
+                x, image, gates = (torch.cat([v, v.index_select(0, split)]) for v in (x, image, gates))
+                runs = t_hi.index_copy(0, split, r[split])          # (t_lo, r]: runs the block
+                t_lo, t_hi = torch.cat([t_lo, r[split]]), torch.cat([runs, t_hi[split]])  # + (r, t_hi]: skips
+                r = torch.cat([r, r[split]])
+            on = t_hi <= r                                            # the whole interval runs the block
+            x = block(x, "hard", self.cfg.beta, 0.5, gate=on)[0]
+            gates = torch.cat([gates, on[:, None]], 1)
+        return image, t_lo, t_hi, gates
+
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 

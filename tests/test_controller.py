@@ -9,6 +9,7 @@ import torch
 from conftest import run_cli
 from drn.controller import MuController, calibrate_threshold
 from drn.cost import measure_latency_table
+from drn.data import load_dataset
 from drn.models import BasicBlock, build_model
 from drn.train import Trainer
 from test_train import tiny_cfg
@@ -73,30 +74,71 @@ def test_controller_keeps_mu_positive_and_winds_down_from_a_clip():
     assert c.mu < 0.5 and c.mu > 0
 
 
-def test_calibrate_threshold_finds_the_target_on_a_monotone_curve():
-    curve = lambda t: 100.0 * (1 - t)                  # cost falls as the threshold rises
-    t, cost = calibrate_threshold(curve, 37.0, tol=1e-4)
-    assert cost == pytest.approx(37.0, rel=1e-4) and t == pytest.approx(0.63, abs=1e-4)
-    t, cost = calibrate_threshold(curve, 50.0)
-    assert t == 0.5 and cost == 50.0                   # already there: one pass, 0.5 kept
+def population(n: int = 2048, blocks: int = 9, seed: int = 0):
+    """Stand-in routers: image i runs block j iff r[i, j] >= t, r piled up near 0 and 1 like trained
+    routers' (Beta(0.4, 0.4)); returns the exact cost curve of images[rows] and the cost at t."""
+    rng = np.random.default_rng(seed)
+    r, c = rng.beta(0.4, 0.4, size=(n, blocks)), rng.uniform(1.0, 3.0, size=blocks)
+    cost_at = lambda t, rows=slice(None): float(((r[rows] >= t) * c).sum(1).mean())
+
+    def curve(lo, hi, rows=slice(None)):
+        rr = r[rows]
+        edges = [lo, *np.unique(rr[(rr > lo) & (rr < hi)]).tolist(), hi]
+        return edges, [cost_at(e, rows) for e in edges[1:]]   # constant on (e_{k-1}, e_k]: its value at e_k
+    return curve, cost_at, float(c.sum())
 
 
-@pytest.mark.parametrize("curve", [lambda t: 100 * (1 - t) ** 3, lambda t: 100 / (1 + math.exp(20 * (t - 0.3))),
-                                   lambda t: 100 * (1 - t) ** 0.5])
-def test_calibrate_threshold_lands_in_fewer_passes_than_bisection(curve):
-    passes = []
-    counted = lambda t: passes.append(t) or curve(t)
-    t, cost = calibrate_threshold(counted, 20.0, cost_at_0=curve(0), cost_at_1=curve(1))
-    assert abs(cost / 20 - 1) <= 0.0025 and len(passes) <= 8   # bisection to 0.25 % takes 10-14
-    passes.clear()
-    t2, cost2 = calibrate_threshold(counted, 20.0)     # without the ends: still lands
-    assert abs(cost2 / 20 - 1) <= 0.0025 and len(passes) <= 14
+@pytest.mark.parametrize("frac", [0.15, 0.4, 0.5, 0.62, 0.9])
+@pytest.mark.parametrize("coarse", [False, True])
+def test_calibrate_threshold_lands_on_the_target(frac, coarse):
+    curve, cost_at, full = population()
+    swept = []
+    exact = lambda lo, hi: swept.append(hi - lo) or curve(lo, hi)
+    rough = (lambda lo, hi: curve(lo, hi, slice(512))) if coarse else None
+    t, cost, sweeps = calibrate_threshold(exact, frac * full, cost_at_0=full, cost_at_1=0.0, coarse_curve=rough)
+    assert abs(cost / (frac * full) - 1) <= 0.0025 and cost == cost_at(t)   # the reported cost is t's
+    assert sweeps <= 8
+    if coarse:   # all images are swept once, on a narrow window only
+        assert len(swept) == 1 and swept[0] < 0.2
+
+
+def test_calibrate_threshold_takes_one_sweep_near_a_half():
+    curve, cost_at, full = population()
+    t, cost, sweeps = calibrate_threshold(curve, cost_at(0.47))
+    assert sweeps == 1 and abs(cost / cost_at(0.47) - 1) <= 0.0025 and 0.4 < t <= 0.6
+
+
+def test_calibrate_threshold_without_known_ends_still_lands():
+    curve, cost_at, full = population(seed=1)
+    t, cost, sweeps = calibrate_threshold(curve, 0.1 * full)
+    assert abs(cost / (0.1 * full) - 1) <= 0.0025 and cost == cost_at(t)
 
 
 def test_calibrate_threshold_on_a_step_curve_returns_the_closest_step():
-    steps = lambda t: 100.0 if t < 0.4 else 60.0 if t < 0.7 else 10.0   # 50 is not reachable
-    t, cost = calibrate_threshold(steps, 50.0, cost_at_0=100.0, cost_at_1=10.0)
-    assert cost == 60.0 and 0.4 <= t < 0.7
+    steps = lambda t: 100.0 if t <= 0.4 else 60.0 if t <= 0.7 else 10.0   # 50 is not reachable
+    curve = lambda lo, hi: (e := [lo, *[v for v in (0.4, 0.7) if lo < v < hi], hi], [steps(v) for v in e[1:]])
+    t, cost, _ = calibrate_threshold(curve, 50.0, cost_at_0=100.0, cost_at_1=10.0)
+    assert cost == 60.0 and 0.4 < t <= 0.7
+
+
+def test_threshold_curve_is_the_cost_of_real_hard_passes(tiny_data):
+    """evaluate.threshold_curve on a real model: inside each step, the mean cost of
+    forward(hard, threshold=t) over the same images."""
+    from drn.cost import measure_cost_table
+    from drn.evaluate import route_split, threshold_curve
+    torch.manual_seed(0)
+    model = build_model("resnet20").eval()
+    with torch.no_grad():
+        for b in model.blocks:
+            torch.nn.init.normal_(b.router.fc2.weight, std=0.3)
+            b.router.fc2.bias.zero_()
+    table, images = measure_cost_table(model), load_dataset("imagefolder", tiny_data).train.images
+    edges, means = threshold_curve(model, images, table, 0.25, 0.75, batch_size=16)
+    assert len(means) == len(edges) - 1 > 3
+    for k in range(0, len(means), max(1, len(means) // 8)):
+        t = (edges[k] + edges[k + 1]) / 2
+        _, gates, _ = route_split(model, images, 16, "hard", t)
+        assert means[k] == pytest.approx(table.route_cost(gates).double().mean().item(), rel=1e-6)
 
 
 @pytest.fixture(scope="module")

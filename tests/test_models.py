@@ -397,3 +397,27 @@ def test_infinite_beta_is_rejected():
     # softmax(inf * p) is NaN: every r and logit would be NaN and hard routing would skip everything
     with pytest.raises(ValueError, match="beta"):
         build_model("resnet8", beta=float("inf"))
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "resnet50"])
+def test_route_intervals_are_the_hard_routes_of_every_threshold_in_the_window(arch):
+    """One routed pass gives, per image, each route it takes as t sweeps (lo, hi]: at every t,
+    the row whose interval holds t is exactly forward(hard, threshold=t)'s route."""
+    torch.manual_seed(0)
+    model = make(arch).eval()
+    randomize_routers(model, std=0.3)       # r spread over (0, 1), many of them inside the window
+    size, _, _, n = ARCH_CASES[arch]
+    x = torch.rand(6, 3, size, size)
+    image, t_lo, t_hi, gates = model.route_intervals(x, 0.25, 0.75)   # float32 values: compared exactly
+    assert gates.shape == (image.shape[0], n) and image.shape[0] > 6   # routes did split
+    for i in range(6):   # each image's intervals tile (0.25, 0.75] without overlap
+        lo, hi = t_lo[image == i].sort().values, t_hi[image == i].sort().values
+        assert lo[0] == 0.25 and hi[-1] == 0.75 and torch.equal(lo[1:], hi[:-1])
+    # inside each step of the cost curve (at a step's end r itself is t: a batch of another size
+    # may round r the other way)
+    edges = torch.cat([t_lo, t_hi]).unique()
+    for t in ((edges[1:] + edges[:-1]) / 2)[edges.diff() > 1e-5].float().tolist():
+        row = (t_lo < t) & (t <= t_hi)
+        assert torch.equal(image[row].sort().values, torch.arange(6))    # one route per image
+        want = model(x, routing="hard", threshold=t).gates
+        assert torch.equal(gates[row][image[row].argsort()], want), t
