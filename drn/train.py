@@ -245,9 +245,8 @@ class Trainer:
         batch = max(1, self.cfg.eval_batch_size // 4)   # a sweep holds ~2-20 routes per image (ResNet-110: 20 on all of [0, 1])
         curve = lambda lo, hi: threshold_curve(self.model, images, self.budget, lo, hi, batch)
         coarse = lambda lo, hi: threshold_curve(self.model, images[:max_images // 4], self.budget, lo, hi, batch)
-        n = self.cost.num_blocks
-        every, none = (self.budget.route_cost(torch.full((1, n), float(on))).item() for on in (1, 0))
-        threshold, calib_cost, sweeps = calibrate_threshold(curve, self.target, cost_at_0=every, cost_at_1=none,
+        threshold, calib_cost, sweeps = calibrate_threshold(curve, self.target, cost_at_0=self.budget.full,
+                                                            cost_at_1=self.budget.fixed,
                                                             coarse_curve=coarse if images.shape[0] >= 1024 else None)
         self.model.threshold.fill_(threshold)
         threshold = self.model.threshold.item()   # as the float32 buffer holds it
