@@ -1,6 +1,8 @@
-"""The paper's heuristic baselines (Sec. 4.4, Table 4a): static routes of K blocks that every image
-runs, chosen without a router, and trained as such (cross-entropy, no routing losses).
+"""Static routes, which every image runs, chosen without a router and trained as such
+(cross-entropy, no routing losses): the plain network, and the paper's heuristic baselines
+(Sec. 4.4, Table 4a) of K blocks.
 
+    full          every block: the plain ResNet (the warm start of `--init`)
     firstk        the first K residual blocks
     randomk       K blocks drawn at random (once, from the run's seed)
     distributedk  K blocks spread flatly over the stages (Table 4's caption; "Dis-K"): K/S per
@@ -67,10 +69,13 @@ def k_for_budget(kind: str, stages: tuple[int, ...], block_cost: list[float], fi
 
 
 def route_of(cfg: TrainConfig) -> tuple[bool, ...] | None:
-    """The static route a config asks for (its k resolved), or None for drn."""
+    """The static route a config asks for (its k resolved), or None for drn. `full` is the plain
+    network: every block, no router."""
     if cfg.routing == "drn":
         return None
     stages = ARCHS[cfg.arch].stages
+    if cfg.routing == "full":
+        return (True,) * sum(stages)
     if cfg.k is None or not 1 <= cfg.k <= sum(stages):
         raise UsageError(f"k must be in [1, {sum(stages)}] for {cfg.arch}, got {cfg.k}")
     return tuple(static_route(cfg.routing, stages, cfg.k, cfg.seed).tolist())

@@ -9,7 +9,7 @@ from .config import TrainConfig, UsageError
 from .models import RoutedResNet, build_model
 
 FORMAT = "drn-checkpoint"
-VERSION = 1
+VERSION = 2   # 2: val split indices (val_index), test metrics, init_info
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:

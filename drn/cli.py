@@ -18,6 +18,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _fmt(name: str, v) -> str:
     if v is None:
+        if name == "warmup_epochs":
+            return "2 for resnet56 and deeper and resnet50, else 0"
         return "0.2, or 0.4 on tinyimagenet (the paper's)" if name in ("lam", "alpha") else "none"
     return str(v)
 
@@ -28,11 +30,19 @@ TRAIN_FLAGS = {
     "--dataset": ("dataset", str, "cifar10, cifar100, svhn, tinyimagenet or imagefolder (DIR/train, DIR/val)"),
     "--data-dir": ("data_dir", str, "where the dataset is (torchvision sets are downloaded there if missing)"),
     "--out": ("out", str, "output folder: checkpoint.pt is rewritten after every epoch"),
+    "--val-fraction": ("val_fraction", float, "share of the training images held out as val, in (0, 0.5]: the "
+                                              "controller, the threshold trim and every choice read val; the "
+                                              "dataset's test split is only reported"),
+    "--val-seed": ("val_seed", int, "seed of the val carve (stratified by class)"),
+    "--init": ("init", str, "warm start from a trained plain network: a `drn-train --routing full` checkpoint of "
+                            "the same arch, data and val split (or, for resnet50, a torchvision state_dict); "
+                            "routers start open"),
     "--epochs": ("epochs", int, "epochs of the main (soft-routing) schedule"),
     "--finetune-epochs": ("finetune_epochs", int, "extra epochs with frozen routers and hard routing"),
     "--batch-size": ("batch_size", int, "samples per step (each gives --views augmented copies)"),
     "--views": ("views", int, "M of Eq. 5: augmented copies per sample"),
     "--lr": ("lr", float, "initial learning rate (x lr-decay at 60%% and 80%% of --epochs)"),
+    "--warmup-epochs": ("warmup_epochs", float, "epochs of linear lr warm-up from 0"),
     "--momentum": ("momentum", float, "SGD momentum"),
     "--weight-decay": ("weight_decay", float, "SGD weight decay"),
     "--lam": ("lam", float, "lambda, weight of the consistency loss (Eq. 5)"),
@@ -48,8 +58,9 @@ TRAIN_FLAGS = {
     "--target-latency-ms": ("target_latency_ms", str, "latency budget, ms per image at --latency-batch on this "
                                                       "device (or %% of full); per-block times replace FLOPs in Eq. 8"),
     "--latency-batch": ("latency_batch", int, "batch size at which block latencies are measured"),
-    "--routing": ("routing", str, "drn (routers), or a static baseline of the paper's Table 4a: firstk, randomk, "
-                                  "distributedk (every image runs the same k blocks; no routers, cross-entropy)"),
+    "--routing": ("routing", str, "drn (routers); full (the plain network, every block: the warm start of --init); "
+                                  "or a static baseline of the paper's Table 4a: firstk, randomk, distributedk "
+                                  "(every image runs the same k blocks; no routers, cross-entropy)"),
     "--k": ("k", int, "blocks a static baseline runs (default: the k closest to --target-flops)"),
     "--seed": ("seed", int, "random seed (initialisation, shuffling, augmentation; randomk's blocks)"),
     "--device": ("device", str, "auto, cpu, cuda or cuda:N"),
@@ -88,8 +99,10 @@ def _eval_parser() -> argparse.ArgumentParser:
                    "(default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--dataset", help="dataset (default: the one it was trained on)")
     p.add_argument("--data-dir", help="data folder (default: the one it was trained on)")
-    p.add_argument("--split", choices=("train", "val"), default="val",
-                   help="which split (val is the test set of torchvision datasets; default: val)")
+    p.add_argument("--split", choices=("train", "val", "test"), default="test",
+                   help="test: the dataset's held-out split (CIFAR/SVHN test set, Tiny-ImageNet val, ImageFolder "
+                        "test/ or val/), only ever reported; val: the training images the run held out for its "
+                        "choices (the checkpoint's own carve); train: the rest (default: test)")
     p.add_argument("--threshold", type=float,
                    help="execute a block iff r >= this (default: the model's, 0.5 unless calibrated to a target)")
     p.add_argument("--sweep-threshold", type=float, nargs="*", metavar="T",
@@ -176,7 +189,8 @@ def train_main(argv=None) -> int:
     return _run(go, "drn-train")
 
 
-def eval_main(argv=None) -> int:
+def eval_main(argv=None, fetch=None) -> int:
+    """drn-eval. fetch(uri, tracking_uri) -> local checkpoint path, for MLflow URIs (search.evaluate)."""
     args = _eval_parser().parse_args(argv)
 
     def go():
@@ -195,22 +209,26 @@ def eval_main(argv=None) -> int:
         if args.batch_size < 1:
             raise UsageError(f"batch size must be >= 1, got {args.batch_size}")
         if args.checkpoint.startswith(("runs:/", "models:/")):
-            # drn knows nothing of MLflow: the search package fetches the run's checkpoint artifact
-            from search.tracking import fetch_checkpoint
+            # drn knows nothing of MLflow: the caller (search.evaluate) fetches the checkpoint artifact
+            if fetch is None:
+                raise UsageError(f"{args.checkpoint}: this drn-eval reads checkpoint files only")
             uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
             if not uri:
                 raise UsageError(f"{args.checkpoint}: give --mlflow-uri (or set MLFLOW_TRACKING_URI)")
-            args.checkpoint = str(fetch_checkpoint(args.checkpoint, uri))
+            args.checkpoint = str(fetch(args.checkpoint, uri))
         ckpt = load_checkpoint(args.checkpoint)
         model, cfg = model_from_checkpoint(ckpt)
-        data = load_dataset(args.dataset or cfg.dataset, args.data_dir or cfg.data_dir)
+        dataset = args.dataset or cfg.dataset
+        # the run's own val carve; on another dataset, the same fraction and seed
+        data = load_dataset(dataset, args.data_dir or cfg.data_dir, cfg.val_fraction, cfg.val_seed,
+                            ckpt["val_index"] if dataset == cfg.dataset else None)
         if (data.num_classes, data.input_size) != (ckpt["num_classes"], ckpt["input_size"]):
             raise UsageError(f"the data has {data.num_classes} classes of {data.input_size}px images, the model "
                              f"was trained on {ckpt['num_classes']} classes of {ckpt['input_size']}px")
         model.to(select_device(args.device))
         torch.set_grad_enabled(False)
         cost = measure_cost_table(model)
-        split = data.val if args.split == "val" else data.train
+        split = getattr(data, args.split)
         if sweep:
             rows = []
             for t in sweep:

@@ -63,12 +63,17 @@ class TrainConfig:
     dataset: str = "cifar10"
     data_dir: str = field(default_factory=default_data_dir)
     out: str = "runs/drn"
+    val_fraction: float = 0.1     # share of the training images carved out as val (selection reads it)
+    val_seed: int = 0             # seed of that carve: the same val split whatever the training seed
+    init: str | None = None       # warm start: a `--routing full` checkpoint of the same arch and data
+                                  # (or, for resnet50, a torchvision state_dict); routers start open
     # schedule (paper Sec. 4.1: SGD 0.9, wd 1e-4, lr 0.1, x0.1 at epochs 150 and 200 of 250)
     epochs: int = 250
     finetune_epochs: int = 0      # extra epochs with frozen routers and hard routing
     batch_size: int = 128         # samples per step; each contributes `views` augmented copies
     views: int = 2                # M of Eq. 5: augmented copies per sample
     lr: float = 0.1
+    warmup_epochs: float | None = None  # linear lr warm-up from 0 (None: 2 for resnet56 and deeper, else 0)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     milestones: tuple[float, ...] = (0.6, 0.8)  # fractions of `epochs` (= 150/250, 200/250)
@@ -89,8 +94,9 @@ class TrainConfig:
     target_latency_ms: str | None = None
     latency_batch: int = 64
     calibrate: bool = True        # with a target: move the routing threshold to land on it (controller.py)
-    # drn, or a static baseline of Table 4a (baselines.py): firstk | randomk | distributedk, running
-    # k blocks (None: the k whose FLOPs are closest to target_flops)
+    # drn, or a static route (baselines.py): full (the plain network: every block, no routers), or a
+    # baseline of Table 4a, firstk | randomk | distributedk, running k blocks (None: the k whose
+    # FLOPs are closest to target_flops)
     routing: str = "drn"
     k: int | None = None
     # runtime
@@ -107,12 +113,18 @@ class TrainConfig:
         if self.dataset not in DATASETS:
             raise UsageError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
         default_w = 0.4 if self.dataset == "tinyimagenet" else 0.2
+        if self.warmup_epochs is None:
+            self.warmup_epochs = 2.0 if (self.arch == "resnet50" or int(self.arch[6:]) >= 56) else 0.0
         self.lam = default_w if self.lam is None else self.lam
         self.alpha = default_w if self.alpha is None else self.alpha
         self.milestones = tuple(self.milestones)
         self.data_dir = os.path.abspath(os.path.expanduser(self.data_dir))
         self.out = os.path.abspath(os.path.expanduser(self.out))
+        if self.init is not None:
+            self.init = os.path.abspath(os.path.expanduser(self.init))
         checks = [
+            (0 < self.val_fraction <= 0.5, f"val fraction must be in (0, 0.5], got {self.val_fraction}"),
+            (self.warmup_epochs >= 0, f"warm-up epochs must be >= 0, got {self.warmup_epochs}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.finetune_epochs >= 0, f"finetune epochs must be >= 0, got {self.finetune_epochs}"),
             (self.batch_size >= 2, f"batch size must be >= 2 (Eq. 6 needs pairs), got {self.batch_size}"),
@@ -140,9 +152,12 @@ class TrainConfig:
         if self.target_flops is not None and self.target_latency_ms is not None:
             raise UsageError("give a FLOPs target or a latency target, not both")
         from .baselines import STATIC
-        if self.routing not in ("drn", *STATIC):
-            raise UsageError(f"unknown routing {self.routing!r}; choose drn, {', '.join(STATIC)}")
-        if self.routing != "drn":
+        if self.routing not in ("drn", "full", *STATIC):
+            raise UsageError(f"unknown routing {self.routing!r}; choose drn, full, {', '.join(STATIC)}")
+        if self.routing == "full":
+            if self.target is not None or self.k is not None:
+                raise UsageError("routing full trains the plain network (every block): it takes no target and no --k")
+        elif self.routing != "drn":
             if self.target_latency_ms is not None:
                 raise UsageError(f"routing {self.routing} takes --k or --target-flops, not a latency target")
             if self.k is None and self.target_flops is None:
@@ -173,8 +188,10 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         return build_checked(cls, d, "config")
 
-    def lr_at(self, epoch: int) -> float:
-        """Learning rate of 0-based `epoch`; the finetune phase keeps the last rate."""
+    def lr_at(self, epoch: int, frac: float = 0.0) -> float:
+        """Learning rate at `frac` of the way through 0-based `epoch`: a linear warm-up over
+        `warmup_epochs`, then steps at the milestones; the finetune phase keeps the last rate."""
         e = min(epoch, self.epochs - 1)
         passed = sum(e >= round(m * self.epochs) for m in self.milestones)
-        return self.lr * self.lr_decay ** passed
+        warm = min(1.0, (epoch + frac) / self.warmup_epochs) if self.warmup_epochs > 0 else 1.0
+        return self.lr * self.lr_decay ** passed * warm

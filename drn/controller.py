@@ -34,9 +34,7 @@ It is calibrated on the training images and judged on the val split, never on th
 judged on.
 """
 import math
-import struct
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
 
 
 @dataclass
@@ -88,75 +86,3 @@ class MuController:
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
             setattr(self, k, v)
-
-
-def _float32(x: float) -> float:
-    return struct.unpack("f", struct.pack("f", x))[0]
-
-
-def _search(curve, f, a: float, fa, b: float, fb, lo: float, hi: float, tol: float, window: float,
-            max_sweeps: int):
-    """Windows of `curve` from (lo, hi] on, until one holds the target (f = 0): Illinois false
-    position on the bracket (a, b), f(cost) known or None at its ends. Returns the window that
-    landed (or came closest) as (edges, means), and the sweeps taken."""
-    best, side, sweeps = None, 0, 0
-    while sweeps < max_sweeps and b - a > 1e-6:   # (a bracket this narrow has closed on a jump)
-        edges, means = curve(_float32(lo), _float32(hi))
-        errs = [f(c) for c in means]
-        sweeps += 1
-        if best is None or min(map(abs, errs)) < min(map(abs, best[2])):
-            best = (edges, means, errs)
-        if any(abs(e) <= tol for e in errs) or min(errs) < 0 < max(errs):   # landed, or jumps over
-            break
-        if errs[-1] > 0:        # still too expensive at hi: the target lies above the window
-            a, fa = hi, errs[-1]
-            if side == +1 and fb is not None:
-                fb /= 2         # Illinois: the same end moved twice, so halve the stale one's value
-            side = +1
-        else:                   # already too cheap at lo: below it
-            b, fb = lo, errs[0]
-            if side == -1 and fa is not None:
-                fa /= 2
-            side = -1
-        t = a - fa * (b - a) / (fb - fa) if fa is not None and fb is not None and fa > 0 > fb else (a + b) / 2
-        lo, hi = max(a, t - window / 2), min(b, t + window / 2)
-    return best[0], best[1], sweeps
-
-
-def calibrate_threshold(cost_curve: Callable[[float, float], tuple[Sequence[float], Sequence[float]]],
-                        target: float, cost_at_0: float | None = None, cost_at_1: float | None = None,
-                        coarse_curve: Callable[[float, float], tuple[Sequence[float], Sequence[float]]] | None = None,
-                        tol: float = 0.0025, window: float = 0.2, noise: float = 0.03,
-                        max_sweeps: int = 10) -> tuple[float, float, int]:
-    """The routing threshold t whose mean hard cost is closest to `target` (within a relative `tol`
-    is enough). Returns (t, cost(t), windows swept).
-
-    `cost_curve(lo, hi)` gives the mean cost per image exactly on a window of thresholds, as a step
-    function (evaluate.threshold_curve, one routed pass over the calibration images: edges
-    lo = e_0 < ... < e_m = hi, means c_1 ... c_m on (e_{k-1}, e_k]); the cost falls as t rises.
-    A model trained to the target usually lands in the first window, around 0.5. Otherwise the
-    window's ends narrow the bracket and the next window is centred on the Illinois false-position
-    estimate. With `coarse_curve` (the same on fewer images) that search runs on it first, and
-    cost_curve starts from the part of its last window within `noise` of the target (512 of 2048
-    images: a standard error of ~1 %). A sweep costs about one forward pass per route it finds in
-    its window, and routers saturate near 0 and 1, so that r's pile up there: sweeping all of
-    [0, 1] at once cost 4-14 passes of all images on the fidelity benchmark's ResNet-20s.
-    The picked t is the middle of the widest step within tol -- the one farthest from flipping an
-    image on float noise -- or of the closest step when the cost jumps over the target.
-    cost_at_0 / cost_at_1: the cost at t = 0 (every block runs) and t = 1 (none does), when known
-    without a pass.
-    """
-    f = lambda c: c / target - 1   # > 0: too expensive, so raise t
-    ends = (0.0, None if cost_at_0 is None else f(cost_at_0), 1.0, None if cost_at_1 is None else f(cost_at_1))
-    lo, hi, sweeps = 0.5 - window / 2, 0.5 + window / 2, 0
-    if coarse_curve is not None:
-        edges, means, sweeps = _search(coarse_curve, f, *ends, lo, hi, noise, window, max_sweeps)
-        errs = [f(c) for c in means]
-        near = [k for k, e in enumerate(errs) if abs(e) <= noise] or [min(range(len(errs)), key=lambda k: abs(errs[k]))]
-        lo, hi = edges[min(near)], edges[max(near) + 1]
-    edges, means, n = _search(cost_curve, f, *ends, lo, hi, tol, window, max_sweeps)
-    within = [k for k in range(len(means)) if abs(f(means[k])) <= tol]
-    k = (max(within, key=lambda k: edges[k + 1] - edges[k]) if within
-         else min(range(len(means)), key=lambda k: abs(f(means[k]))))
-    mid = _float32((edges[k] + edges[k + 1]) / 2)
-    return (mid if edges[k] < mid <= edges[k + 1] else edges[k + 1]), means[k], sweeps + n

@@ -66,7 +66,7 @@ def measure_cost_table(model: RoutedResNet) -> CostTable:
     was_training = model.training
     model.eval()
     shapes = []
-    hooks = [b.register_forward_pre_hook(lambda m, a: shapes.append(a[0].shape)) for b in model.blocks]
+    hooks = [b.residual.register_forward_pre_hook(lambda m, a: shapes.append(a[0].shape)) for b in model.blocks]
     try:
         size = model.cfg.input_size
         x = torch.zeros(1, 3, size, size, device=model.mean.device)
@@ -114,7 +114,7 @@ def measure_latency_table(model: RoutedResNet, batch_size: int = 64, warmup: int
     size = model.cfg.input_size
     x = torch.rand(batch_size, 3, size, size, device=device)
     inputs = []
-    hooks = [b.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for b in model.blocks]
+    hooks = [b.residual.register_forward_pre_hook(lambda m, a: inputs.append(a[0])) for b in model.blocks]
     try:
         model(x, routing="mask")
     finally:

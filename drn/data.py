@@ -1,12 +1,20 @@
 """Datasets as whole tensors, and augmentation of whole batches on the device.
 
 Every split is held as one uint8 tensor (N, 3, H, W) plus int64 labels; the training loop
-indexes it, augments on the device and never touches a Python image. Sources:
+indexes it, augments on the device and never touches a Python image.
 
-    cifar10, cifar100, svhn   torchvision (downloaded into --data-dir when missing)
-    tinyimagenet              the Tiny-ImageNet-200 folder layout (train/<wnid>/images/*.JPEG,
-                              val/images/*.JPEG + val/val_annotations.txt)
-    imagefolder               any DIR/train/<class>/* and DIR/val/<class>/* of equal-size images
+Three roles, whatever the source:
+    train   what the weights see
+    val     what every choice reads (mu controller, threshold trim, ASHA, TPE, Pareto flags, "best"):
+            a stratified, seeded share (--val-fraction) carved from the source's training images
+    test    the source's held-out split, only measured and reported
+
+Sources (train images / held-out test images):
+    cifar10, cifar100, svhn   torchvision train / test (downloaded into --data-dir when missing)
+    tinyimagenet              the Tiny-ImageNet-200 folder layout: train/<wnid>/images/*.JPEG /
+                              val/images/*.JPEG + val/val_annotations.txt
+    imagefolder               DIR/train/<class>/* / DIR/test/<class>/* when DIR/test exists, else
+                              DIR/val/<class>/*; images of one size
 """
 import math
 import os
@@ -32,7 +40,7 @@ class Split(NamedTuple):
 class DatasetInfo:
     num_classes: int | None   # None: read from the data (imagefolder)
     input_size: int | None
-    val_split: str            # the name of the held-out split the source provides
+    test_split: str           # the name of the held-out split the source provides
 
 
 DATASETS = {
@@ -40,16 +48,26 @@ DATASETS = {
     "cifar100": DatasetInfo(100, 32, "test"),
     "svhn": DatasetInfo(10, 32, "test"),
     "tinyimagenet": DatasetInfo(200, 64, "val"),
-    "imagefolder": DatasetInfo(None, None, "val"),
-    "synthetic": DatasetInfo(10, 32, "val"),  # generated, no files: for --smoke-test and first tries
+    "imagefolder": DatasetInfo(None, None, "test/ or val/"),
+    "synthetic": DatasetInfo(10, 32, "generated"),  # no files: for --smoke-test and first tries
 }
+
+
+@dataclass
+class Source:
+    """A dataset as its source provides it: training images and the held-out split."""
+    train: Split
+    test: Split
+    classes: list[str]
 
 
 @dataclass
 class Dataset:
     train: Split
     val: Split
+    test: Split
     classes: list[str]
+    val_index: tuple[int, ...]   # positions in the source's training images that val took
 
     @property
     def num_classes(self) -> int:
@@ -100,10 +118,11 @@ def _class_dirs(split_dir: Path) -> list[str]:
     return classes
 
 
-def load_imagefolder(root: Path) -> Dataset:
+def load_imagefolder(root: Path) -> Source:
     classes = _class_dirs(root / "train")
+    held_out = "test" if (root / "test").is_dir() else "val"
     splits = {}
-    for name in ("train", "val"):
+    for name in ("train", held_out):
         found = _class_dirs(root / name)
         unknown = sorted(set(found) - set(classes))
         if unknown:
@@ -116,10 +135,10 @@ def load_imagefolder(root: Path) -> Dataset:
         if not arrays:
             raise UsageError(f"no images under {root / name} (extensions: {' '.join(IMAGE_EXTENSIONS)})")
         splits[name] = _stack(arrays, labels, root / name)
-    return Dataset(splits["train"], splits["val"], classes)
+    return Source(splits["train"], splits[held_out], classes)
 
 
-def load_tinyimagenet(root: Path) -> Dataset:
+def load_tinyimagenet(root: Path) -> Source:
     classes = _class_dirs(root / "train")
     index = {c: i for i, c in enumerate(classes)}
     arrays, labels = [], []
@@ -141,10 +160,10 @@ def load_tinyimagenet(root: Path) -> Dataset:
             labels.append(index[fields[1]])
     if not arrays:
         raise UsageError(f"{ann} names no image of a known class")
-    return Dataset(train, _stack(arrays, labels, root / "val"), classes)
+    return Source(train, _stack(arrays, labels, root / "val"), classes)
 
 
-def load_torchvision(name: str, root: Path) -> Dataset:
+def load_torchvision(name: str, root: Path) -> Source:
     import torchvision.datasets as tvd
     try:
         if name == "svhn":
@@ -161,10 +180,10 @@ def load_torchvision(name: str, root: Path) -> Dataset:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"cannot load {name} from {root} ({msg}); put the dataset there or pass "
                          f"--data-dir to a folder holding it") from None
-    return Dataset(splits[0], splits[1], classes)
+    return Source(splits[0], splits[1], classes)
 
 
-def load_synthetic(train: int = 1000, val: int = 250, size: int = 32, seed: int = 0) -> Dataset:
+def load_synthetic(train: int = 1000, test: int = 250, size: int = 32, seed: int = 0) -> Source:
     """Ten classes of generated 32x32 images that a small ResNet learns in a few epochs: each class
     is a colour plus an oriented stripe pattern, shifted in phase per image, under pixel noise."""
     g = torch.Generator().manual_seed(seed)
@@ -180,11 +199,11 @@ def load_synthetic(train: int = 1000, val: int = 250, size: int = 32, seed: int 
         x = colours[labels] + 0.25 * stripes.unsqueeze(1) + 0.15 * torch.randn(n, 3, size, size, generator=g)
         return Split(x.clamp(0, 1).mul(255).round().to(torch.uint8), labels)
 
-    return Dataset(split(train), split(val), [f"class{i}" for i in range(10)])
+    return Source(split(train), split(test), [f"class{i}" for i in range(10)])
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike) -> Dataset:
-    """Load train and val/test splits of `name` into memory. Bad input raises UsageError."""
+def load_source(name: str, data_dir: str | os.PathLike) -> Source:
+    """The training images and the held-out split of `name`, in memory. Bad input: UsageError."""
     if name not in DATASETS:
         raise UsageError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if name == "synthetic":
@@ -197,6 +216,50 @@ def load_dataset(name: str, data_dir: str | os.PathLike) -> Dataset:
             raise UsageError(f"data dir {root} is empty")
         return load_imagefolder(root) if name == "imagefolder" else load_tinyimagenet(root)
     return load_torchvision(name, root)
+
+
+def carve_val(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Sorted positions of a stratified, seeded `fraction` of the training images: each class gives
+    its share (rounded so the total is round(fraction * N), at least 1), at random."""
+    n = labels.shape[0]
+    k = max(1, round(fraction * n))
+    if k >= n:
+        raise UsageError(f"{n} training images are too few to carve a val split of {fraction:g}")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    # rank of each image inside its class (in random order), as a share of its class:
+    # taking the k smallest shares takes every class in proportion
+    order = perm[torch.argsort(labels[perm], stable=True)]
+    counts = torch.bincount(labels, minlength=int(labels.max()) + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty(n, dtype=torch.float64)
+    rank[order] = torch.arange(n, dtype=torch.float64) - starts[labels[order]].double()
+    share = (rank + 0.5) / counts[labels].double()
+    share += torch.rand(n, generator=g, dtype=torch.float64) * 1e-9     # ties between classes: at random
+    return torch.sort(torch.argsort(share)[:k]).values
+
+
+def split_source(src: Source, val_fraction: float = 0.1, val_seed: int = 0,
+                 val_index: list[int] | tuple[int, ...] | None = None) -> Dataset:
+    """train / val / test of a source; `val_index` (from a checkpoint) replaces the carve."""
+    n = src.train.labels.shape[0]
+    if val_index is None:
+        idx = carve_val(src.train.labels, val_fraction, val_seed)
+    else:
+        idx = torch.as_tensor(list(val_index), dtype=torch.int64)
+        if idx.numel() == 0 or idx.min() < 0 or idx.max() >= n or idx.unique().numel() != idx.numel():
+            raise UsageError(f"the stored val split does not fit these {n} training images; is this the data it "
+                             f"was trained on?")
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[idx] = False
+    take = lambda s, i: Split(s.images[i], s.labels[i])
+    return Dataset(take(src.train, keep), take(src.train, idx), src.test, src.classes, tuple(idx.tolist()))
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike, val_fraction: float = 0.1, val_seed: int = 0,
+                 val_index=None) -> Dataset:
+    """train, val (carved from the training images) and test of `name`, in memory."""
+    return split_source(load_source(name, data_dir), val_fraction, val_seed, val_index)
 
 
 # ----------------------------------------------------------------------------- augmentation

@@ -76,7 +76,8 @@ class SoftBlend(torch.autograd.Function):
 # ----------------------------------------------------------------------------- blocks
 
 class RoutedBlock(nn.Module):
-    """A residual block with its router. Subclasses define `residual` and `shortcut`."""
+    """A residual block with its router. Subclasses define `residual` and `shortcut`; the model
+    asks the router (`route`) and then runs the block one way (`soft`, `mask` or `gather`)."""
 
     residual: nn.Module
     shortcut: nn.Module
@@ -85,46 +86,33 @@ class RoutedBlock(nn.Module):
         super().__init__()
         self.router = Router(cin, router_hidden)
 
-    def forward(self, x, routing: str, beta: float, threshold: float, gate=None, pooled: dict | None = None):
-        """x (B, C, H, W) -> out, r (B,), gate (B,) bool. `gate` forces the decision (hard/mask).
-        pooled: given by the model for hard routing without autograd. It hands x's global average
-        pool (B, C) from block to block in pooled["z"] -- an image that skips an identity block
-        keeps its pool, so only the images a block ran are pooled again and the router's cost
-        falls with FLOPs too -- and lets the block scatter into x in place."""
-        z = None
-        if pooled is not None:
-            z = pooled.pop("z", None)
-            z = x.mean(dim=(2, 3)) if z is None else z
-        r = soft_route(self.router(x, z), beta)
+    def route(self, x: torch.Tensor, beta: float, z: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W) -> r (B,), Eq. 3; z: x's global average pool (B, C) when known."""
+        return soft_route(self.router(x, z), beta)
+
+    def soft(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """Eq. 4: r * F(x) + (1 - r) * S(x), every image through the block."""
         sc = self.shortcut(x)
-        if routing == "soft":
-            out = SoftBlend.apply(self.residual(x), sc, r.view(-1, 1, 1, 1).to(sc.dtype))  # Eq. 4
-            return out, r, hard_route(r.detach(), threshold)
-        if gate is not None:
-            g = gate
-        elif routing == "sample":   # Ber-Dis (Table 4b): each gate drawn from Bernoulli(r)
-            g = torch.bernoulli(r.detach().float()).bool()
-        else:
-            g = hard_route(r.detach(), threshold)
-        if routing == "mask":
-            out = torch.where(g.view(-1, 1, 1, 1), F.relu(self.residual(x) + sc), sc)
-            return out, r, g
+        return SoftBlend.apply(self.residual(x), sc, r.view(-1, 1, 1, 1).to(sc.dtype))
+
+    def mask(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Eq. 11 as the public implementations run it: F(x) where g, else S(x); every image runs."""
+        sc = self.shortcut(x)
+        return torch.where(g.view(-1, 1, 1, 1), F.relu(self.residual(x) + sc), sc)
+
+    def gather(self, x: torch.Tensor, g: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+        """Eq. 11 with the work that the route saves: F runs on the images with g only (gather ->
+        block -> scatter). in_place: x is the model's own (no autograd), scatter into it."""
+        sc = self.shortcut(x)
         idx = g.nonzero().squeeze(1)
         if idx.numel() == g.numel():
-            return self.residual(x).add_(sc).relu_(), r, g
+            return self.residual(x).add_(sc).relu_()
         if idx.numel() == 0:
-            if pooled is not None and sc is x:
-                pooled["z"] = z
-            return sc, r, g
+            return sc
         xs = x.index_select(0, idx)
         # an identity shortcut of the gathered images is the gathered images: no second gather
         ran = self.residual(xs).add_(xs if sc is x else sc.index_select(0, idx)).relu_()
-        if pooled is None:  # autograd, or a call from outside the model: x stays as it is
-            return sc.index_copy(0, idx, ran), r, g
-        if sc is x:
-            pooled["z"] = z.index_copy_(0, idx, ran.mean(dim=(2, 3)))
-        return sc.index_copy_(0, idx, ran), r, g  # x is the model's own: scatter into it, no copy
-
+        return sc.index_copy_(0, idx, ran) if in_place else sc.index_copy(0, idx, ran)
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         """The whole block on every image, no router (static routes)."""
@@ -264,10 +252,31 @@ class RoutedResNet(nn.Module):
                 x = block.run(x) if on else block.shortcut(x)
             g = torch.tensor(self.cfg.static_route, device=x.device).expand(x.shape[0], -1)
             return x, g.to(x.dtype), g
-        rs, gs = [], []
-        pooled = {} if routing in ("hard", "sample") and not torch.is_grad_enabled() else None
+        # inference: x's global average pool goes from block to block -- an image that skips an
+        # identity block keeps its pool, so only the images a block ran are pooled again
+        fast = routing in ("hard", "sample") and not torch.is_grad_enabled()
+        z, rs, gs = None, [], []
         for i, block in enumerate(self.blocks):
-            x, r, g = block(x, routing, self.cfg.beta, threshold, None if gates is None else gates[:, i], pooled)
+            if fast and z is None:
+                z = x.mean(dim=(2, 3))
+            r = block.route(x, self.cfg.beta, z)
+            if gates is not None:
+                g = gates[:, i]
+            elif routing == "sample":   # Ber-Dis (Table 4b): each gate drawn from Bernoulli(r)
+                g = torch.bernoulli(r.detach().float()).bool()
+            else:
+                g = hard_route(r.detach(), threshold)
+            if routing == "soft":
+                x = block.soft(x, r)
+            elif routing == "mask":
+                x = block.mask(x, g)
+            else:
+                x = block.gather(x, g, in_place=fast)
+                if fast and isinstance(block.shortcut, nn.Identity):
+                    ran = g.nonzero().squeeze(1)
+                    z = z.index_copy_(0, ran, x.index_select(0, ran).mean(dim=(2, 3)))
+                else:
+                    z = None
             rs.append(r)
             gs.append(g)
         return x, torch.stack(rs, 1), torch.stack(gs, 1)
@@ -288,7 +297,7 @@ class RoutedResNet(nn.Module):
         t_hi = torch.full((B,), hi, dtype=torch.float64, device=x.device)
         gates = torch.zeros(B, 0, dtype=torch.bool, device=x.device)
         for block in self.blocks:
-            r = soft_route(block.router(x), self.cfg.beta).double()   # float32 values, compared exactly
+            r = block.route(x, self.cfg.beta).double()   # float32 values, compared exactly
             split = ((t_lo < r) & (r < t_hi)).nonzero().squeeze(1)
             if split.numel():
                 x, image, gates = (torch.cat([v, v.index_select(0, split)]) for v in (x, image, gates))
@@ -296,7 +305,7 @@ class RoutedResNet(nn.Module):
                 t_lo, t_hi = torch.cat([t_lo, r[split]]), torch.cat([runs, t_hi[split]])  # + (r, t_hi]: skips
                 r = torch.cat([r, r[split]])
             on = t_hi <= r                                            # the whole interval runs the block
-            x = block(x, "hard", self.cfg.beta, 0.5, gate=on)[0]
+            x = block.gather(x, on)
             gates = torch.cat([gates, on[:, None]], 1)
         return image, t_lo, t_hi, gates
 

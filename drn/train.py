@@ -17,14 +17,16 @@ import torch
 import torch.nn.functional as F
 
 from .baselines import k_for_budget, route_of
+from .calibrate import TRIM, trim_threshold
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import TrainConfig, UsageError, resolve_target
-from .controller import MuController, calibrate_threshold
+from .controller import MuController
 from .cost import CostTable, measure_cost_table, measure_latency_table
 from .data import Dataset, load_dataset, make_views, random_crop_flip
 from .evaluate import evaluate, threshold_curve
 from .losses import LossWeights, drn_loss
 from .models import ARCHS, build_model
+from .warmstart import warm_start
 
 CHECKPOINT = "checkpoint.pt"
 RAMP_FRACTION = 0.3  # the budget setpoint moves from the full cost to the target over 30 % of --epochs
@@ -53,7 +55,7 @@ def _progress(m: dict, total_epochs: int) -> str:
             f"train {m['train_accuracy']:.1%} | val {m['accuracy']:.2%} "
             f"flops {m['flops']:.3g} ({m['flops'] / m['flops_full']:.0%}){latency}{target} "
             f"K {m['k']:.1f}/{m['k_full']} paths {m['distinct_paths']} mu {m['mu']:.3g} "
-            f"| {m['epoch_seconds']:.1f}s")
+            f"| {m['epoch_seconds']:.1f}s" + (f" | test {m['test_accuracy']:.2%}" if "test_accuracy" in m else ""))
 
 
 def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, *,
@@ -95,16 +97,22 @@ class Trainer:
         self.cfg = cfg
         self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self.device = select_device(cfg.device)
-        self.data = data if data is not None else load_dataset(cfg.dataset, cfg.data_dir)
+        self.data = data if data is not None else load_dataset(
+            cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.val_seed, None if ckpt is None else ckpt["val_index"])
+        if ckpt is not None and tuple(ckpt["val_index"]) != self.data.val_index:
+            raise UsageError("the data's val split is not the one this run was trained with")
         torch.manual_seed(cfg.seed)
+        self.init_info = None if ckpt is None else ckpt.get("init_info")
         if ckpt is not None:
             self.model, _ = model_from_checkpoint(ckpt)
         else:
-            if cfg.routing != "drn" and cfg.k is None:   # a static baseline at the FLOPs target
+            if cfg.routing not in ("drn", "full") and cfg.k is None:   # a static baseline at the FLOPs target
                 cfg = self.cfg = dataclasses.replace(cfg, k=self._k_for_target(cfg))
             self.model = build_model(cfg.arch, self.data.num_classes, self.data.input_size, beta=cfg.beta,
                                      router_hidden=cfg.router_hidden, static_route=route_of(cfg))
             self.model.set_normalization(*self.data.channel_stats())
+            if cfg.init is not None:
+                self.init_info = warm_start(self.model, cfg.init, cfg.dataset, self.data.val_index)
         self.static = cfg.routing != "drn"
         self.model.to(self.device)
         self.cost: CostTable = measure_cost_table(self.model)
@@ -136,8 +144,9 @@ class Trainer:
             torch.set_rng_state(ckpt["rng"]["torch"])
             self.epoch, self.history = ckpt["epoch"], ckpt["history"]
             self.calibration = ckpt.get("calibration")
-        self.train_split = self.data.train._replace(images=self.data.train.images.to(self.device),
-                                                    labels=self.data.train.labels.to(self.device))
+        on_device = lambda split: split._replace(images=split.images.to(self.device), labels=split.labels.to(self.device))
+        self.train_split, self.val_split = on_device(self.data.train), on_device(self.data.val)
+        self.test_metrics: dict | None = None if ckpt is None else ckpt.get("test")
 
     def _k_for_target(self, cfg: TrainConfig) -> int:
         twin = build_model(cfg.arch, self.data.num_classes, self.data.input_size)
@@ -157,16 +166,14 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "controller": self.controller.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "data": self.generator.get_state()},
                 "cost": self.cost.to_dict(), "budget_table": dataclasses.asdict(self.budget),
-                "target": self.target, "calibration": self.calibration, "history": self.history}
+                "target": self.target, "calibration": self.calibration, "history": self.history,
+                "val_index": list(self.data.val_index), "init_info": self.init_info, "test": self.test_metrics}
 
     def train_epoch(self, finetune: bool) -> dict:
         cfg, model, dev = self.cfg, self.model, self.device
         model.train()
         for p in model.router_parameters():
             p.requires_grad_(not finetune)
-        lr = cfg.lr_at(self.epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         images, labels = self.train_split
         n_img, L = labels.shape[0], min(cfg.batch_size, labels.shape[0])
         cost_norm = self.budget.normalized(dev)
@@ -174,7 +181,11 @@ class Trainer:
         gate_sum = torch.zeros(self.cost.num_blocks, device=dev)
         seen = 0
         perm = torch.randperm(n_img, generator=self.generator, device=dev)
-        for s in range(0, n_img - L + 1, L):  # drop the last partial batch
+        steps = max(1, n_img // L)
+        for i, s in enumerate(range(0, n_img - L + 1, L)):  # drop the last partial batch
+            lr = cfg.lr_at(self.epoch, (i + 1) / steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             idx = perm[s:s + L]
             # a static baseline trains like the finetune: its route, cross-entropy, no routing losses
             loss, parts, out, y = train_step(model, self.optimizer, images[idx], labels[idx], self.generator,
@@ -188,7 +199,6 @@ class Trainer:
                                  parts["cost"], parts["reg"], (out.logits.argmax(1) == y).sum().float()])
             gate_sum += gates.sum(0)
             seen += y.shape[0]
-        steps = max(1, n_img // L)
         v = sums.tolist()
         if not math.isfinite(v[0]):
             raise FloatingPointError(f"loss is not finite in epoch {self.epoch + 1} (diverged); lower --lr")
@@ -200,30 +210,35 @@ class Trainer:
     def run(self, on_epoch: Callable[[dict], bool | None] | None = None) -> dict:
         cfg = self.cfg
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        calibrating = self.target is not None and cfg.calibrate and not self.static
+        trimming = self.target is not None and cfg.calibrate and not self.static
         while self.epoch < cfg.total_epochs:
             t0 = time.perf_counter()
             finetune = self.epoch >= cfg.epochs
-            if finetune and calibrating and self.calibration is None:
-                # land first, then finetune the blocks under the routes the calibrated model runs
+            if finetune and trimming and self.calibration is None:
+                # land first, then finetune the blocks under the routes the landed model runs
                 self.calibrate()
             metrics = self.train_epoch(finetune)
-            metrics.update(self.evaluate(self.data.val))
+            metrics.update(self.evaluate(self.val_split))
             self.epoch += 1
             metrics.update(epoch=self.epoch, phase="finetune" if finetune else "train", mu=self.controller.mu,
                            target=self.target, target_unit=self.budget.unit,
                            epoch_seconds=time.perf_counter() - t0)
-            if self.epoch == cfg.total_epochs and calibrating:
-                # the last epoch reports the landed model (its loop-only numbers are kept aside)
-                metrics.update(uncalibrated_accuracy=metrics["accuracy"], uncalibrated_flops=metrics["flops"])
-                metrics.update(self.calibrate(save=False), threshold=self.calibration["threshold"],
-                               calib_seconds=self.calibration["seconds"])
+            if self.epoch == cfg.total_epochs:
+                if trimming:   # the routers' own landing at 0.5 is kept beside the trimmed one
+                    half = self.evaluate(self.val_split, threshold=0.5)
+                    metrics.update(uncalibrated_accuracy=half["accuracy"], uncalibrated_flops=half["flops"],
+                                   uncalibrated_k=half["k"])
+                    metrics.update(self.calibrate(save=False), calib_seconds=self.calibration["seconds"],
+                                   trim_landed=float(self.calibration["landed"]))
+                metrics.update(self.measure_test())
+            metrics.update(threshold=self.model.threshold.item(), val_accuracy=metrics["accuracy"],
+                           val_flops=metrics["flops"], val_k=metrics["k"])
             self.history.append(metrics)
             save_checkpoint(self.checkpoint_path, self.state())
             self.log(_progress(metrics, cfg.total_epochs))
             if on_epoch is not None and on_epoch(metrics):
                 return self.final_metrics()
-        if calibrating and (self.calibration is None or self.calibration.get("epoch", self.epoch) < self.epoch):
+        if trimming and (self.calibration is None or self.calibration.get("epoch", self.epoch) < self.epoch):
             self.calibrate()  # (again) after a finetune: frozen routers see features that moved
         return self.final_metrics()
 
@@ -233,41 +248,48 @@ class Trainer:
             m["latency_ms"] = self.budget.route_cost(torch.tensor([m["block_exec_rate"]])).item()
         return m
 
+    def measure_test(self) -> dict:
+        """The held-out split, once, at the end of the run: reported, never read by a choice."""
+        m = self.evaluate(self.data.test)
+        self.test_metrics = {f"test_{k}": m[k] for k in ("accuracy", "flops", "k", "latency_ms", "images") if k in m}
+        return self.test_metrics
+
     @torch.no_grad()
-    def calibrate(self, max_images: int = 2048, save: bool = True) -> dict:
-        """Move the routing threshold so the mean hard cost on training images (not augmented, at
-        most `max_images`, a fixed random subset) equals the target; then re-evaluate on val.
+    def calibrate(self, save: bool = True) -> dict:
+        """Trim the routing threshold inside calibrate.TRIM so the mean hard cost on the val images
+        equals the target, if the routers at 0.5 are not on it already; returns the val metrics.
         Runs after the main schedule and, with --finetune-epochs, once more after the finetune."""
         t0 = time.perf_counter()
-        images = self.train_split.images
-        pick = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(self.cfg.seed))[:max_images]
-        images = images[pick.to(images.device)]
-        batch = max(1, self.cfg.eval_batch_size // 4)   # a sweep holds ~2-20 routes per image (ResNet-110: 20 on all of [0, 1])
+        images = self.val_split.images
+        batch = max(1, self.cfg.eval_batch_size // 4)   # a sweep holds a few routes per image
         curve = lambda lo, hi: threshold_curve(self.model, images, self.budget, lo, hi, batch)
-        coarse = lambda lo, hi: threshold_curve(self.model, images[:max_images // 4], self.budget, lo, hi, batch)
-        threshold, calib_cost, sweeps = calibrate_threshold(curve, self.target, cost_at_0=self.budget.full,
-                                                            cost_at_1=self.budget.fixed,
-                                                            coarse_curve=coarse if images.shape[0] >= 1024 else None)
+        threshold, calib_cost, landed = trim_threshold(curve, self.target)
         self.model.threshold.fill_(threshold)
         threshold = self.model.threshold.item()   # as the float32 buffer holds it
-        val = self.evaluate(self.data.val)
-        self.calibration = {"epoch": self.epoch, "threshold": threshold, "calib_images": int(images.shape[0]),
-                            "calib_cost": calib_cost, "calib_sweeps": sweeps, "val": val,
+        val = self.evaluate(self.val_split)
+        self.calibration = {"epoch": self.epoch, "threshold": threshold, "landed": landed,
+                            "calib_images": int(images.shape[0]), "calib_cost": calib_cost, "val": val,
                             "seconds": time.perf_counter() - t0}   # with the val evaluation
         if save:
             save_checkpoint(self.checkpoint_path, self.state())
         cost = val["latency_ms"] if self.budget.unit == "ms" else val["flops"]
-        self.log(f"calibrated threshold {threshold:.3f}: cost {calib_cost:.4g} on {images.shape[0]} train "
-                 f"images ({sweeps} threshold sweep{'s' * (sweeps > 1)}), val {cost:.4g} (target {self.target:.4g}, {cost / self.target - 1:+.1%}), "
-                 f"val accuracy {val['accuracy']:.2%}")
+        how = "kept at 0.5" if threshold == 0.5 else f"trimmed to {threshold:.3f}"
+        miss = "" if landed else f" (the target is out of the trim window {TRIM[0]}-{TRIM[1]}: the routers missed it)"
+        self.log(f"threshold {how}: val cost {cost:.4g} (target {self.target:.4g}, {cost / self.target - 1:+.1%}), "
+                 f"val accuracy {val['accuracy']:.2%}{miss}")
         return val
 
     def final_metrics(self) -> dict:
         last = dict(self.history[-1]) if self.history else {}
         if self.calibration is not None:
             last.update(self.calibration["val"])
+        last.update(self.test_metrics or {})
+        if "accuracy" in last:
+            last.update(val_accuracy=last["accuracy"], val_flops=last["flops"], val_k=last["k"])
         last.update(checkpoint=str(self.checkpoint_path), arch=self.cfg.arch, dataset=self.cfg.dataset,
                     threshold=self.model.threshold.item())
+        if self.init_info:
+            last.update(self.init_info)
         return last
 
 

@@ -34,6 +34,8 @@ FLAGS = {
     "--epochs": ("epochs", int, None, "epochs of each trial's main schedule"),
     "--finetune-epochs": ("finetune_epochs", int, None, "extra frozen-router epochs per trial"),
     "--batch-size": ("batch_size", int, None, "samples per step"),
+    "--val-fraction": ("val_fraction", float, None, "share of the training images held out as val, in (0, 0.5]: "
+                       "ASHA, TPE, the Pareto flags and the best trial read val; the test split is only reported"),
     "--cpus-per-trial": ("cpus_per_trial", float, None, "CPUs per trial (default: 1 without GPUs, else the "
                          "CPUs per GPU, at most 4)"),
     "--gpus-per-trial": ("gpus_per_trial", float, None, "GPUs per trial, fractions share one (default: 1 when "

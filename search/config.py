@@ -41,6 +41,7 @@ class SearchConfig:
     epochs: int = 250
     finetune_epochs: int = 0
     batch_size: int = 128
+    val_fraction: float = 0.1        # share of the training images held out as val: every choice reads it
     cpus_per_trial: float | None = None  # None: 1 without GPUs, else the CPUs per GPU (at most 4)
     gpus_per_trial: float | None = None  # None: 1 when Ray sees GPUs, else 0; fractions share a GPU
     address: str | None = None       # an existing Ray cluster ('auto', or ray://host:port); None: local
@@ -130,6 +131,7 @@ class SearchConfig:
     def train_config(self, target: str, device: str = "cpu") -> TrainConfig:
         return TrainConfig(arch=self.arch, dataset=self.dataset, data_dir=self.data_dir, epochs=self.epochs,
                            finetune_epochs=self.finetune_epochs, batch_size=self.batch_size, seed=self.seed,
+                           val_fraction=self.val_fraction,
                            device=device, routing=self.routing, **{self.target_key: target})
 
     def to_dict(self) -> dict:

@@ -80,8 +80,8 @@ class OptunaSearcher(Searcher):
             return  # not ours, or already told (a restored driver replays)
         trial = self._trial(number)
         result = result or {}
-        for k in ("accuracy", "flops", "k", "latency_ms", "epoch", "threshold", "mu", "target_cost",
-                  "rel_error", "distinct_paths", "checkpoint_epoch"):
+        from .results import METRICS
+        for k in (*METRICS, "checkpoint_epoch"):
             if _finite(result.get(k)):
                 trial.set_user_attr(k, float(result[k]))
         cost = result.get(self.cost_key)

@@ -50,7 +50,7 @@ def run_trial(config: dict, base: dict) -> None:
         resume = True
     cfg = TrainConfig.from_dict({**base, **params, target_key: config["target"], "out": str(out)})
     with FileLock(os.path.join(tempfile.gettempdir(), "drn-data.lock")):  # one download per machine
-        data = load_dataset(cfg.dataset, cfg.data_dir)
+        data = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.val_seed)
     trainer = Trainer(cfg, data=data, resume=resume, log=lambda s: None)
     cost_key = "latency_ms" if target_key == "target_latency_ms" else "flops"
     start_epoch = trainer.epoch   # > 0 when Tune restarted the trial (node lost, driver resumed)

@@ -59,7 +59,7 @@ def cli_command(prog: str) -> list[str]:
     exe = shutil.which(prog)  # the installed console script
     if exe is not None:
         return [exe]
-    mod, func = {"drn-train": ("drn.cli", "train_main"), "drn-eval": ("drn.cli", "eval_main"),
+    mod, func = {"drn-train": ("drn.cli", "train_main"), "drn-eval": ("search.evaluate", "main"),
                  "drn-search": ("search.cli", "main")}[prog]
     return [sys.executable, "-c", f"import sys; from {mod} import {func}; sys.exit({func}(sys.argv[1:]))"]
 

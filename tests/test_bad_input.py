@@ -9,6 +9,17 @@ import torch
 from conftest import cli_command
 
 
+def _full_checkpoint(arch: str, path: Path) -> None:
+    """A checkpoint of a plain `arch` network, as drn-train --routing full writes it."""
+    from drn.checkpoint import save_checkpoint
+    from drn.config import TrainConfig
+    from drn.models import build_model
+    cfg = TrainConfig(arch=arch, dataset="imagefolder", routing="full", out=str(path.parent))
+    model = build_model(arch, 3, 32, static_route=(True,) * (len(build_model(arch).blocks)))
+    save_checkpoint(path, {"config": cfg.to_dict(), "epoch": 1, "num_classes": 3, "input_size": 32,
+                           "model": model.state_dict(), "val_index": [0, 1], "history": []})
+
+
 def train_and_eval_cases(data: Path, tmp: Path) -> dict[str, tuple]:
     empty = tmp / "empty"
     empty.mkdir()
@@ -20,6 +31,8 @@ def train_and_eval_cases(data: Path, tmp: Path) -> dict[str, tuple]:
     good = tmp / "good.pt"
     torch.save({"format": "drn-checkpoint", "version": 1, "x": torch.zeros(1000)}, good)
     truncated.write_bytes(good.read_bytes()[:300])
+    other_arch = tmp / "resnet14-full.pt"
+    _full_checkpoint("resnet14", other_arch)
     out = str(tmp / "out")
     d = str(data)
     common = ("--dataset", "imagefolder", "--data-dir", d, "--out", out, "--epochs", "1", "--device", "cpu")
@@ -50,6 +63,14 @@ def train_and_eval_cases(data: Path, tmp: Path) -> dict[str, tuple]:
         "cuda without gpu" if not torch.cuda.is_available() else "cuda bad index":
             ("drn-train", "--arch", "resnet8", *common[:-2], "--device",
              "cuda" if not torch.cuda.is_available() else "cuda:99"),
+        "val fraction zero": ("drn-train", "--arch", "resnet8", *common, "--val-fraction", "0"),
+        "val fraction above half": ("drn-train", "--arch", "resnet8", *common, "--val-fraction", "0.6"),
+        "init of another arch": ("drn-train", "--arch", "resnet8", *common, "--init", str(other_arch)),
+        "init corrupt file": ("drn-train", "--arch", "resnet8", *common, "--init", str(corrupt)),
+        "init missing file": ("drn-train", "--arch", "resnet8", *common, "--init", str(tmp / "none.pt")),
+        "full routing with a target": ("drn-train", "--arch", "resnet8", *common, "--routing", "full",
+                                       "--target-flops", "50%"),
+        "warm-up negative": ("drn-train", "--arch", "resnet8", *common, "--warmup-epochs", "-1"),
         "eval missing checkpoint": ("drn-eval", str(tmp / "none.pt")),
         "eval corrupt checkpoint": ("drn-eval", str(corrupt)),
         "eval truncated checkpoint": ("drn-eval", str(truncated)),
@@ -86,6 +107,7 @@ def search_cases(data: Path, tmp: Path) -> dict[str, tuple]:
             (*base, "--gpus-per-trial", "1" if not torch.cuda.is_available() else "1000"),
         "search: unknown routing": (*base, "--routing", "bestk"),
         "search: tolerance out of range": (*base, "--tolerance", "2"),
+        "search: val fraction out of range": (*base, "--val-fraction", "0.9"),
         "search: unreachable MLflow": (*base, "--mlflow-uri", "http://127.0.0.1:1"),
         "search: malformed MLflow URI": (*base, "--mlflow-uri", "bogus://x"),
         "search: resume of an unknown name": ("drn-search", "--resume", "nope", "--storage", storage),
@@ -102,7 +124,8 @@ def tree(*roots: Path) -> set[str]:
 def run_case(prog: str, args: list[str], cwd: Path, capsys) -> tuple[int, str, str]:
     """drn-train and drn-eval in this process (their console scripts call exactly these functions;
     saves an interpreter and torch import per case); drn-search, which starts Ray, in its own."""
-    from drn.cli import eval_main, train_main
+    from drn.cli import train_main
+    from search.evaluate import main as eval_main
     entry = {"drn-train": train_main, "drn-eval": eval_main}.get(prog)
     if entry is None:
         proc = subprocess.run([*cli_command(prog), *args], capture_output=True, text=True, cwd=cwd, timeout=300)

@@ -102,12 +102,12 @@ def test_ber_dis_samples_gates_from_r_reproducibly():
     model = build_model("resnet8")
     for b in model.blocks:                         # routers near 50/50: sampling differs from thresholding
         torch.nn.init.zeros_(b.router.fc2.bias)
-    data = load_synthetic(train=10, val=200)
+    data = load_synthetic(train=10, test=200)
     cost = measure_cost_table(model)
-    a = evaluate(model, data.val, cost, routing="sample", seed=1)
-    b = evaluate(model, data.val, cost, routing="sample", seed=1)
-    c = evaluate(model, data.val, cost, routing="sample", seed=2)
-    h = evaluate(model, data.val, cost)
+    a = evaluate(model, data.test, cost, routing="sample", seed=1)
+    b = evaluate(model, data.test, cost, routing="sample", seed=1)
+    c = evaluate(model, data.test, cost, routing="sample", seed=2)
+    h = evaluate(model, data.test, cost)
     assert a == {**b, "images_per_s": a["images_per_s"]} and a["block_exec_rate"] != c["block_exec_rate"]
     assert a["distinct_paths"] > h["distinct_paths"]
 

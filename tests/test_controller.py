@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from drn.controller import MuController, calibrate_threshold
+from drn.calibrate import TOLERANCE, TRIM, trim_threshold
+from drn.controller import MuController
 from drn.cost import measure_latency_table
 from drn.data import load_dataset
 from drn.models import BasicBlock, build_model
@@ -88,37 +89,39 @@ def population(n: int = 2048, blocks: int = 9, seed: int = 0):
     return curve, cost_at, float(c.sum())
 
 
-@pytest.mark.parametrize("frac", [0.15, 0.4, 0.5, 0.62, 0.9])
-@pytest.mark.parametrize("coarse", [False, True])
-def test_calibrate_threshold_lands_on_the_target(frac, coarse):
+@pytest.mark.parametrize("t_true", [0.42, 0.47, 0.55, 0.59])
+def test_trim_lands_on_a_target_inside_the_window(t_true):
     curve, cost_at, full = population()
     swept = []
-    exact = lambda lo, hi: swept.append(hi - lo) or curve(lo, hi)
-    rough = (lambda lo, hi: curve(lo, hi, slice(512))) if coarse else None
-    t, cost, sweeps = calibrate_threshold(exact, frac * full, cost_at_0=full, cost_at_1=0.0, coarse_curve=rough)
-    assert abs(cost / (frac * full) - 1) <= 0.0025 and cost == cost_at(t)   # the reported cost is t's
-    assert sweeps <= 8
-    if coarse:   # all images are swept once, on a narrow window only
-        assert len(swept) == 1 and swept[0] < 0.2
+    exact = lambda lo, hi: swept.append((lo, hi)) or curve(lo, hi)
+    target = cost_at(t_true)
+    t, cost, landed = trim_threshold(exact, target)
+    assert landed and abs(cost / target - 1) <= TOLERANCE and cost == cost_at(t)   # the reported cost is t's
+    assert TRIM[0] < t <= TRIM[1] and len(swept) == 1                             # one pass, inside the window
 
 
-def test_calibrate_threshold_takes_one_sweep_near_a_half():
+def test_trim_keeps_a_half_that_is_on_target():
     curve, cost_at, full = population()
-    t, cost, sweeps = calibrate_threshold(curve, cost_at(0.47))
-    assert sweeps == 1 and abs(cost / cost_at(0.47) - 1) <= 0.0025 and 0.4 < t <= 0.6
+    t, cost, landed = trim_threshold(curve, cost_at(0.5) * 1.001)
+    assert (t, landed) == (0.5, True) and cost == cost_at(0.5)
 
 
-def test_calibrate_threshold_without_known_ends_still_lands():
-    curve, cost_at, full = population(seed=1)
-    t, cost, sweeps = calibrate_threshold(curve, 0.1 * full)
-    assert abs(cost / (0.1 * full) - 1) <= 0.0025 and cost == cost_at(t)
+@pytest.mark.parametrize("frac", [0.1, 0.95])
+def test_trim_never_leaves_the_window_and_says_it_missed(frac):
+    """A target that only a threshold far from 0.5 would reach: the trim goes to the window's edge
+    and reports the miss instead of moving the routers' decision further."""
+    curve, cost_at, full = population()
+    t, cost, landed = trim_threshold(curve, frac * full)
+    assert not landed and TRIM[0] < t <= TRIM[1] and cost == cost_at(t)
+    best = min((cost_at(x) for x in np.linspace(0.4001, 0.6, 400)), key=lambda c: abs(c - frac * full))
+    assert abs(cost - frac * full) <= abs(best - frac * full) + 1e-9
 
 
-def test_calibrate_threshold_on_a_step_curve_returns_the_closest_step():
-    steps = lambda t: 100.0 if t <= 0.4 else 60.0 if t <= 0.7 else 10.0   # 50 is not reachable
-    curve = lambda lo, hi: (e := [lo, *[v for v in (0.4, 0.7) if lo < v < hi], hi], [steps(v) for v in e[1:]])
-    t, cost, _ = calibrate_threshold(curve, 50.0, cost_at_0=100.0, cost_at_1=10.0)
-    assert cost == 60.0 and 0.4 < t <= 0.7
+def test_trim_on_a_step_curve_returns_the_closest_step():
+    steps = lambda t: 100.0 if t <= 0.45 else 60.0 if t <= 0.55 else 10.0   # 50 is not reachable
+    curve = lambda lo, hi: (e := [lo, *[v for v in (0.45, 0.55) if lo < v < hi], hi], [steps(v) for v in e[1:]])
+    t, cost, landed = trim_threshold(curve, 50.0)
+    assert cost == 60.0 and 0.45 < t <= 0.55 and not landed
 
 
 def test_threshold_curve_is_the_cost_of_real_hard_passes(tiny_data):
@@ -150,38 +153,43 @@ def budget_run(tiny_data, tmp_path_factory):
     return trainer, trainer.run()
 
 
-def test_short_real_training_lands_near_a_50_percent_target(budget_run, tiny_data):
+def test_short_real_training_trims_on_val_inside_the_window(budget_run, tiny_data):
     trainer, final = budget_run
-    goal = 0.5 * trainer.cost.full
     cal = trainer.calibration
-    assert cal is not None and cal["calib_images"] == trainer.data.train.labels.shape[0]  # train, not val
-    assert abs(cal["calib_cost"] / goal - 1) < 0.05     # the split it was calibrated on
-    assert abs(final["flops"] / goal - 1) < 0.15        # val: 18 tiny images, so a loose bound
-    assert 0 < final["threshold"] < 1
+    assert cal is not None and cal["calib_images"] == trainer.data.val.labels.shape[0]  # val, not train or test
+    assert TRIM[0] < final["threshold"] <= TRIM[1]
+    goal = 0.5 * trainer.cost.full
+    if cal["landed"]:
+        assert abs(cal["calib_cost"] / goal - 1) <= TOLERANCE
+    # the routers' own landing is reported at 0.5, beside the trimmed one
+    half = trainer.evaluate(trainer.val_split, threshold=0.5)
+    assert trainer.history[-1]["uncalibrated_flops"] == half["flops"]
+    assert final["flops"] == pytest.approx(cal["calib_cost"], rel=1e-6)
     assert max(h["mu"] for h in trainer.history) > 0.05  # started above the target: mu rose
     reloaded = Trainer(tiny_cfg(tiny_data, trainer.cfg.out), resume=True, log=lambda s: None)
     assert reloaded.model.threshold.item() == final["threshold"]
 
 
-def test_finetune_runs_under_the_calibrated_routes_then_recalibrates(tiny_data, tmp_path):
-    cfg = tiny_cfg(tiny_data, tmp_path / "ft", arch="resnet8", epochs=2, finetune_epochs=1, batch_size=4,
+def test_finetune_runs_under_the_trimmed_routes_then_trims_again(tiny_data, tmp_path):
+    cfg = tiny_cfg(tiny_data, tmp_path / "ft", arch="resnet20", epochs=2, finetune_epochs=1, batch_size=4,
                    target_flops="50%")
     events = []
     trainer = Trainer(cfg, log=lambda s: events.append(s.split()[0]))
-    train_epoch = trainer.train_epoch
+    train_epoch, calibrate = trainer.train_epoch, trainer.calibrate
     def spy(finetune):
         events.append(("finetune" if finetune else "train", trainer.model.threshold.item()))
         return train_epoch(finetune)
-    trainer.train_epoch = spy
+    def spy_trim(*a, **kw):
+        val = calibrate(*a, **kw)
+        events.append(("trim", trainer.model.threshold.item()))
+        return val
+    trainer.train_epoch, trainer.calibrate = spy, spy_trim
     final = trainer.run()
-    phases = [e for e in events if isinstance(e, tuple)]
-    assert [p for p, _ in phases] == ["train", "train", "finetune"] and phases[0][1] == 0.5
-    # calibrated after the main schedule, before the finetune, which runs at that threshold
-    first = events.index("calibrated")
-    assert events.index(phases[2]) == first + 1 and phases[2][1] != 0.5
-    assert events.count("calibrated") == 2              # and again at the end
+    steps = [e for e in events if isinstance(e, tuple)]
+    # trimmed after the main schedule, before the finetune, which runs at that threshold; again at the end
+    assert [p for p, _ in steps] == ["train", "train", "trim", "finetune", "trim"] and steps[0][1] == 0.5
+    assert steps[3][1] == steps[2][1] and all(TRIM[0] < t <= TRIM[1] for _, t in steps)
     assert trainer.calibration["epoch"] == 3 and final["threshold"] == trainer.calibration["threshold"]
-    assert abs(trainer.calibration["calib_cost"] / (0.5 * trainer.cost.full) - 1) < 0.05
     assert trainer.history[-1]["flops"] == trainer.calibration["val"]["flops"]
 
 

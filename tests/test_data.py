@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from drn.config import UsageError
-from drn.data import load_dataset, make_views, perturb, random_crop_flip, rotate
+from drn.data import carve_val, load_dataset, load_source, make_views, perturb, random_crop_flip, rotate
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -209,10 +209,10 @@ def make_tree(root, per_class=(2, 1), size=(32, 32)):
 
 def test_load_imagefolder(tmp_path):
     written = make_tree(tmp_path, per_class=(3, 2))
-    ds = load_dataset("imagefolder", tmp_path)
+    ds = load_source("imagefolder", tmp_path)
     assert ds.classes == sorted(CLASSES) == ["ant", "bee", "cat"]
-    assert ds.num_classes == 3 and ds.input_size == 32
-    for split, n in (("train", 9), ("val", 6)):
+    written["test"] = written["val"]   # without DIR/test, DIR/val is the held-out split
+    for split, n in (("train", 9), ("test", 6)):
         s = getattr(ds, split)
         assert s.images.dtype == torch.uint8 and s.images.shape == (n, 3, 32, 32)
         assert s.labels.dtype == torch.int64
@@ -230,9 +230,9 @@ def test_load_imagefolder_converts_grayscale_to_rgb(tmp_path):
     from PIL import Image
     make_tree(tmp_path)
     Image.fromarray(np.full((32, 32), 77, dtype=np.uint8), mode="L").save(tmp_path / "val" / "ant" / "gray.png")
-    ds = load_dataset("imagefolder", tmp_path)
-    assert ds.val.images.shape == (4, 3, 32, 32)
-    assert (ds.val.images == 77).all(dim=(1, 2, 3)).sum() == 1
+    ds = load_source("imagefolder", tmp_path)
+    assert ds.test.images.shape == (4, 3, 32, 32)
+    assert (ds.test.images == 77).all(dim=(1, 2, 3)).sum() == 1
 
 
 def test_load_imagefolder_missing_dir(tmp_path):
@@ -321,12 +321,12 @@ def make_tinyimagenet(root, wnids=("n01443537", "n01629819"), per_class=2):
 
 def test_load_tinyimagenet_layout(tmp_path):
     root = make_tinyimagenet(tmp_path / "tiny-imagenet-200")
-    data = load_dataset("tinyimagenet", root)
+    data = load_source("tinyimagenet", root)
     assert data.classes == ["n01443537", "n01629819"]
     assert data.train.images.shape == (4, 3, 64, 64) and data.train.images.dtype == torch.uint8
-    assert data.val.images.shape == (4, 3, 64, 64)
-    assert data.train.labels.tolist() == [0, 0, 1, 1] and data.val.labels.tolist() == [0, 0, 1, 1]
-    assert data.input_size == 64
+    assert data.test.images.shape == (4, 3, 64, 64)     # Tiny-ImageNet's val/ is the held-out split
+    assert data.train.labels.tolist() == [0, 0, 1, 1] and data.test.labels.tolist() == [0, 0, 1, 1]
+    assert load_dataset("tinyimagenet", root, val_fraction=0.5).input_size == 64
 
 
 def test_load_tinyimagenet_without_annotations(tmp_path):
@@ -334,3 +334,49 @@ def test_load_tinyimagenet_without_annotations(tmp_path):
     (root / "val" / "val_annotations.txt").unlink()
     with pytest.raises(UsageError, match="val_annotations.txt"):
         load_dataset("tinyimagenet", root)
+
+
+# ----------------------------------------------------------------------------- train / val / test
+
+def _rows(split) -> set[bytes]:
+    return {img.numpy().tobytes() for img in split.images}
+
+
+def test_val_is_a_stratified_seeded_carve_of_train_disjoint_from_test(tmp_path):
+    make_tree(tmp_path, per_class=(10, 5))   # (images of make_tree are distinct up to 10 a class)
+    source = load_source("imagefolder", tmp_path)
+    ds = load_dataset("imagefolder", tmp_path, val_fraction=0.2, val_seed=3)
+    assert (ds.train.labels.shape[0], ds.val.labels.shape[0], ds.test.labels.shape[0]) == (24, 6, 15)
+    assert torch.bincount(ds.val.labels).tolist() == [2, 2, 2]           # stratified
+    train, val, test = _rows(ds.train), _rows(ds.val), _rows(ds.test)
+    assert len(val) == 6 and not val & train and not val & test and not train & test
+    assert val | train == _rows(source.train)                          # carved from the training images
+    assert torch.equal(ds.val.images, source.train.images[list(ds.val_index)])
+    again = load_dataset("imagefolder", tmp_path, val_fraction=0.2, val_seed=3)
+    other = load_dataset("imagefolder", tmp_path, val_fraction=0.2, val_seed=4)
+    assert again.val_index == ds.val_index != other.val_index          # seeded
+    stored = load_dataset("imagefolder", tmp_path, val_index=ds.val_index)   # a checkpoint's carve
+    assert torch.equal(stored.val.images, ds.val.images) and torch.equal(stored.train.images, ds.train.images)
+
+
+def test_imagefolder_test_folder_is_the_held_out_split_when_present(tmp_path):
+    make_tree(tmp_path, per_class=(6, 2))
+    for c in CLASSES:
+        write_png(tmp_path / "test" / c / "t.png", value=200, seed=99)
+    ds = load_dataset("imagefolder", tmp_path)
+    assert ds.test.labels.shape[0] == 3 and (ds.test.images == ds.test.images[0]).all()
+
+
+@pytest.mark.parametrize("n, fraction, k", [(4068, 0.1, 407), (36, 0.1, 4), (10, 0.01, 1), (7, 0.5, 4)])
+def test_carve_size(n, fraction, k):
+    labels = torch.arange(n) % 3
+    idx = carve_val(labels, fraction, 0)
+    assert idx.numel() == k and idx.unique().numel() == k and bool((idx[1:] > idx[:-1]).all())
+    per_class = torch.bincount(labels[idx], minlength=3)
+    assert int(per_class.max() - per_class.min()) <= 1                 # every class in proportion
+
+
+def test_a_stored_carve_that_does_not_fit_is_refused(tmp_path):
+    make_tree(tmp_path, per_class=(3, 2))
+    with pytest.raises(UsageError, match="val split"):
+        load_dataset("imagefolder", tmp_path, val_index=(0, 99))

@@ -210,7 +210,7 @@ def test_hard_routing_with_autograd_equals_inference_and_leaves_block_inputs_alo
     h = torch.randn(6, 16, 32, 32)
     h0 = h.clone()
     with torch.no_grad():
-        out, _, _ = model.blocks[1](h, "hard", model.cfg.beta, 0.5, gate=g[:, 1])
+        out = model.blocks[1].gather(h, g[:, 1])
     assert torch.equal(h, h0) and not torch.equal(out, h)
 
 
@@ -229,6 +229,10 @@ def test_soft_blend_equals_autograd_through_add_relu_lerp():
 
 # ----------------------------------------------------------------------------- skipped blocks
 
+def run_block(block, routing: str, x, g):
+    return block.gather(x, g) if routing == "hard" else block.mask(x, g)
+
+
 @pytest.mark.parametrize("routing", ["hard", "mask"])
 def test_skipped_cifar_downsampling_block_outputs_its_pad_shortcut(routing):
     torch.manual_seed(5)
@@ -237,11 +241,10 @@ def test_skipped_cifar_downsampling_block_outputs_its_pad_shortcut(routing):
     assert isinstance(block.shortcut, PadShortcut)
     x = torch.randn(3, 16, 32, 32)
     with torch.no_grad():
-        out, r, g = block(x, routing, model.cfg.beta, 0.5, gate=torch.zeros(3, dtype=torch.bool))
+        out = run_block(block, routing, x, torch.zeros(3, dtype=torch.bool))
         sc = block.shortcut(x)
     assert out.shape == (3, 32, 16, 16)
     assert torch.equal(out, sc)
-    assert not g.any()
     # written out: 2x2 average pooling, then 16 zero channels appended
     expected = torch.zeros(3, 32, 16, 16)
     expected[:, :16] = x.view(3, 16, 16, 2, 16, 2).mean(dim=(3, 5))
@@ -260,8 +263,9 @@ def test_skipped_cifar_block_via_soft_routing_with_r_zero():
         block.router.fc2.bias.copy_(torch.tensor([-50.0, 50.0]))
     x = torch.randn(2, 16, 32, 32)
     with torch.no_grad():
-        out, r, g = block(x, "soft", model.cfg.beta, 0.5)
-    assert (r < 1e-6).all() and not g.any()
+        r = block.route(x, model.cfg.beta)
+        out = block.soft(x, r)
+    assert (r < 1e-6).all()
     torch.testing.assert_close(out, block.shortcut(x), atol=1e-5, rtol=0)
 
 
@@ -274,10 +278,10 @@ def test_skipped_bottleneck_block_outputs_its_projection_shortcut(routing):
     assert isinstance(block.shortcut[0], nn.Conv2d) and block.shortcut[0].kernel_size == (1, 1)
     x = torch.randn(2, 64, 16, 16)
     with torch.no_grad():
-        out, r, g = block(x, routing, model.cfg.beta, 0.5, gate=torch.zeros(2, dtype=torch.bool))
+        out = run_block(block, routing, x, torch.zeros(2, dtype=torch.bool))
         sc = block.shortcut(x)
         proj = block.shortcut[1](F.conv2d(x, block.shortcut[0].weight))
-        executed, _, _ = block(x, routing, model.cfg.beta, 0.5, gate=torch.ones(2, dtype=torch.bool))
+        executed = run_block(block, routing, x, torch.ones(2, dtype=torch.bool))
     assert out.shape == (2, 256, 16, 16)
     assert torch.equal(out, sc)
     torch.testing.assert_close(out, proj)
@@ -287,7 +291,7 @@ def test_skipped_bottleneck_block_outputs_its_projection_shortcut(routing):
     block = model.blocks[3]
     x = torch.randn(2, 256, 16, 16)
     with torch.no_grad():
-        out, _, _ = block(x, routing, model.cfg.beta, 0.5, gate=torch.zeros(2, dtype=torch.bool))
+        out = run_block(block, routing, x, torch.zeros(2, dtype=torch.bool))
     assert out.shape == (2, 512, 8, 8)
     assert torch.equal(out, block.shortcut(x))
 
@@ -298,7 +302,7 @@ def test_skipped_identity_block_passes_input_through():
     block = model.blocks[1]
     x = torch.randn(2, 16, 32, 32)
     with torch.no_grad():
-        out, _, _ = block(x, "hard", model.cfg.beta, 0.5, gate=torch.zeros(2, dtype=torch.bool))
+        out = block.gather(x, torch.zeros(2, dtype=torch.bool))
     assert torch.equal(out, x)
 
 

@@ -10,7 +10,7 @@ from drn.train import Trainer, train
 
 def tiny_cfg(data, out, **kw) -> TrainConfig:
     base = dict(arch="resnet8", dataset="imagefolder", data_dir=str(data), out=str(out), epochs=2,
-                batch_size=12, views=2, eval_batch_size=64, device="cpu", seed=1)
+                batch_size=12, views=2, eval_batch_size=64, device="cpu", seed=1, val_fraction=0.25)
     return TrainConfig(**{**base, **kw})
 
 
