@@ -1,4 +1,5 @@
-"""Budget control: the adaptive cost weight mu, and the final routing-threshold calibration.
+"""Budget control: the adaptive cost weight mu (the threshold trim after training is in
+calibrate.py: it is not control).
 
 The paper says only that mu "is adjusted adaptively". Here it is a PI controller on log mu --
 dual ascent on the constraint cost <= target with a proportional term for damping, the
@@ -25,13 +26,8 @@ setpoint that ramps from the starting cost down to the target:
 * anti-windup: the integral is clamped so that it never pushes log mu past a clip.
 * no target: mu stays at its initial value (0.05, the paper's).
 
-Training cost and held-out cost differ a little, and the learning rate decays to nothing at the
-end, so a residual error remains; `calibrate_threshold` removes it after training by moving the
-routing threshold of Eq. 11 (0.5) so the mean hard cost on a calibration split equals the target
-(within 0.25 %, from about one routed pass over it that gives the exact cost of every threshold
-in a window).
-It is calibrated on the training images and judged on the val split, never on the split it is
-judged on.
+The loop should land the routers on the target at Eq. 11's threshold 0.5 by itself; the trim
+(calibrate.py) may only correct what is left inside [0.4, 0.6], and reports a miss beyond it.
 """
 import math
 from dataclasses import asdict, dataclass

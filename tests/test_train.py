@@ -70,10 +70,10 @@ def test_finetune_freezes_routers_and_trains_blocks(tiny_data, tmp_path):
 
 
 def test_lr_follows_the_scaled_paper_milestones():
-    cfg = TrainConfig(epochs=250)
+    cfg = TrainConfig(epochs=250, warmup_epochs=0)
     assert [cfg.lr_at(e) for e in (0, 149, 150, 199, 200, 249)] == pytest.approx(
         [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
-    short = TrainConfig(epochs=10, finetune_epochs=2)
+    short = TrainConfig(arch="resnet20", epochs=10, finetune_epochs=2)
     assert short.lr_at(5) == pytest.approx(0.1) and short.lr_at(6) == pytest.approx(0.01) and short.lr_at(11) == short.lr_at(9)
 
 
@@ -108,3 +108,50 @@ def test_config_from_dict_rejects_unknown_keys():
 def test_tinyimagenet_doubles_the_route_loss_weights():
     assert (TrainConfig(dataset="tinyimagenet").lam, TrainConfig(dataset="tinyimagenet").alpha) == (0.4, 0.4)
     assert (TrainConfig().lam, TrainConfig(lam=0.3).lam) == (0.2, 0.3)
+
+
+def test_warm_up_defaults_by_depth_and_ramps_linearly():
+    assert TrainConfig(arch="resnet20").warmup_epochs == 0
+    assert TrainConfig(arch="resnet56").warmup_epochs == TrainConfig(arch="resnet110").warmup_epochs == 2
+    assert TrainConfig(arch="resnet50").warmup_epochs == 2
+    cfg = TrainConfig(arch="resnet110", epochs=10)
+    assert [cfg.lr_at(0, 0.5), cfg.lr_at(1, 0.0), cfg.lr_at(1, 1.0), cfg.lr_at(5)] == pytest.approx([0.025, 0.05, 0.1, 0.1])
+    assert cfg.lr_at(6) == pytest.approx(0.01)    # warm-up and milestones compose
+
+
+def test_warm_up_sets_each_steps_lr(tiny_data, tmp_path):
+    trainer = Trainer(tiny_cfg(tiny_data, tmp_path / "w", epochs=2, warmup_epochs=1, batch_size=4, milestones=(1.0,)),
+                      log=lambda s: None)
+    lrs, step = [], trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **kw: (lrs.append(trainer.optimizer.param_groups[0]["lr"]), step(*a, **kw))[1]
+    trainer.run()
+    n = len(lrs) // 2                                # 27 training images, batch 4: 6 steps an epoch
+    assert lrs[:n] == pytest.approx([0.1 * (i + 1) / n for i in range(n)]) and lrs[n:] == pytest.approx([0.1] * n)
+
+
+def test_no_choice_reads_the_test_split(tiny_data, tmp_path):
+    """Train twice, once with the test split replaced by noise with other labels: every per-epoch
+    figure the controller, the trim, ASHA, TPE or the Pareto flags read, the threshold and the
+    weights are identical; only the test_* figures differ."""
+    import dataclasses
+    from drn.data import Split, load_dataset
+    cfg = tiny_cfg(tiny_data, tmp_path / "a", arch="resnet20", epochs=2, finetune_epochs=1, batch_size=4,
+                   target_flops="50%")
+    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.val_seed)
+    g = torch.Generator().manual_seed(5)
+    noise = Split(torch.randint(0, 256, data.test.images.shape, generator=g, dtype=torch.uint8),
+                  torch.randint(0, 3, data.test.labels.shape, generator=g))
+    a = Trainer(cfg, data=data, log=lambda s: None)
+    b = Trainer(dataclasses.replace(cfg, out=str(tmp_path / "b")), data=dataclasses.replace(data, test=noise),
+                log=lambda s: None)
+    fa, fb = a.run(), b.run()
+    timing = ("epoch_seconds", "images_per_s", "calib_seconds")
+    for ha, hb in zip(a.history, b.history):
+        same = lambda h: {k: v for k, v in h.items() if not k.startswith("test_") and k not in timing}
+        assert same(ha) == same(hb)
+    assert "test_accuracy" in a.history[-1] and not any("test_accuracy" in h for h in a.history[:-1])
+    assert fa["threshold"] == fb["threshold"]
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert (fa["test_accuracy"], fa["test_images"]) != (fb["test_accuracy"], -1)
+    assert fa["test_flops"] != fb["test_flops"] or fa["test_accuracy"] != fb["test_accuracy"]

@@ -1,0 +1,86 @@
+"""--init: a routed (or static) network starts from a trained plain one, routers open."""
+import dataclasses
+
+import pytest
+import torch
+
+from drn.checkpoint import load_checkpoint
+from drn.config import UsageError
+from drn.models import Router, build_model
+from drn.train import Trainer
+from drn.warmstart import IMAGENET_MEAN, warm_start
+from test_train import tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_data, tmp_path_factory):
+    """A plain ResNet-20 (`--routing full`), one epoch on the tiny images."""
+    out = tmp_path_factory.mktemp("plain")
+    trainer = Trainer(tiny_cfg(tiny_data, out, arch="resnet20", routing="full", epochs=1, batch_size=6),
+                      log=lambda s: None)
+    trainer.run()
+    return trainer
+
+
+def test_routing_full_is_the_plain_network(plain):
+    assert plain.model.cfg.static_route == (True,) * 9
+    assert plain.cost.router == 0 and plain.history[-1]["k"] == 9
+
+
+def test_init_copies_every_weight_but_the_routers_which_start_open(plain, tiny_data, tmp_path):
+    cfg = tiny_cfg(tiny_data, tmp_path / "warm", arch="resnet20", epochs=1, target_flops="50%",
+                   init=str(plain.checkpoint_path))
+    warm = Trainer(cfg, log=lambda s: None)
+    src, dst = plain.model.state_dict(), warm.model.state_dict()
+    shared = [k for k in dst if ".router." not in k and k != "threshold"]
+    assert shared and all(torch.equal(src[k], dst[k]) for k in shared)
+    for b in warm.model.blocks:
+        assert b.router.fc2.bias.tolist() == pytest.approx([Router.OPEN_BIAS, -Router.OPEN_BIAS])
+    assert warm.model.threshold.item() == 0.5
+    # every block run: the routed network computes what the plain one does
+    x = torch.rand(5, 3, 32, 32)
+    warm.model.eval(), plain.model.eval()
+    with torch.no_grad():
+        routed = warm.model(x, routing="mask", gates=torch.ones(5, 9, dtype=torch.bool)).logits
+        torch.testing.assert_close(routed, plain.model(x, routing="hard").logits)
+    final = warm.run()
+    assert final["init"] == str(plain.checkpoint_path) and load_checkpoint(warm.checkpoint_path)["init_info"]
+
+
+def test_a_static_baseline_warm_starts_too(plain, tiny_data, tmp_path):
+    cfg = tiny_cfg(tiny_data, tmp_path / "rk", arch="resnet20", epochs=1, routing="randomk", k=4,
+                   init=str(plain.checkpoint_path))
+    t = Trainer(cfg, log=lambda s: None)
+    assert torch.equal(t.model.blocks[3].residual[0].weight, plain.model.blocks[3].residual[0].weight)
+
+
+def test_init_from_another_val_split_is_refused(plain, tiny_data, tmp_path):
+    cfg = tiny_cfg(tiny_data, tmp_path / "x", arch="resnet20", epochs=1, val_fraction=0.3,
+                   init=str(plain.checkpoint_path))
+    with pytest.raises(UsageError, match="val split"):
+        Trainer(cfg, log=lambda s: None)
+    assert not (tmp_path / "x").exists()
+
+
+def test_resnet50_warm_starts_from_a_torchvision_state_dict(tmp_path):
+    import torchvision
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet50(num_classes=10).eval()
+    for m in tv.modules():                       # non-trivial BN statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "resnet50.pth"
+    torch.save(tv.state_dict(), path)
+    model = build_model("resnet50", 10, 64)
+    info = warm_start(model, path, "imagefolder", ())
+    assert info["init_kind"] == "torchvision" and info["init_classifier"]
+    assert model.mean.tolist() == pytest.approx(IMAGENET_MEAN)
+    x = torch.rand(2, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        ours = model(x, routing="mask", gates=torch.ones(2, 16, dtype=torch.bool)).logits
+        theirs = tv((x - model.mean.view(1, 3, 1, 1)) / model.std.view(1, 3, 1, 1))
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    with pytest.raises(UsageError, match="resnet50 only"):
+        warm_start(build_model("resnet20"), path, "imagefolder", ())
