@@ -53,6 +53,8 @@ TRAIN_FLAGS = {
     "--d-d": ("d_d", float, "diversity margin d_d"),
     "--beta": ("beta", float, "beta of Eq. 3 (larger: soft routing closer to hard)"),
     "--router-hidden": ("router_hidden", int, "hidden width of each router"),
+    "--router-leak": ("router_leak", float, "gradient floor of the routing variable w.r.t. its router's logits "
+                                            "in training, in [0, 0.1]: lets closed routers reopen (0: Eq. 3 as is)"),
     "--target-flops": ("target_flops", str, "FLOPs budget per image, absolute (2e8) or share of full (40%%); "
                                             "mu is then adapted to land there"),
     "--target-latency-ms": ("target_latency_ms", str, "latency budget, ms per image at --latency-batch on this "
@@ -164,7 +166,7 @@ def _cost_only(cfg: TrainConfig) -> dict:
     from .baselines import route_of
     if cfg.routing != "drn" and cfg.k is None:
         raise UsageError("--cost-only of a static routing needs --k")
-    model = build_model(cfg.arch, classes, size, beta=cfg.beta, router_hidden=cfg.router_hidden,
+    model = build_model(cfg.arch, classes, size, beta=cfg.beta, router_hidden=cfg.router_hidden, leak=cfg.router_leak,
                         static_route=route_of(cfg))
     return {"arch": cfg.arch, "dataset": cfg.dataset, "input_size": size,
             **measure_cost_table(model).to_dict()}
@@ -197,7 +199,7 @@ def eval_main(argv=None, fetch=None) -> int:
         import torch
         from .checkpoint import load_checkpoint, model_from_checkpoint
         from .cost import measure_cost_table
-        from .data import load_dataset
+        from .data import load_source, split_source
         from .evaluate import evaluate
         from .train import select_device
         sweep = args.sweep_threshold
@@ -219,16 +221,19 @@ def eval_main(argv=None, fetch=None) -> int:
         ckpt = load_checkpoint(args.checkpoint)
         model, cfg = model_from_checkpoint(ckpt)
         dataset = args.dataset or cfg.dataset
-        # the run's own val carve; on another dataset, the same fraction and seed
-        data = load_dataset(dataset, args.data_dir or cfg.data_dir, cfg.val_fraction, cfg.val_seed,
-                            ckpt["val_index"] if dataset == cfg.dataset else None)
-        if (data.num_classes, data.input_size) != (ckpt["num_classes"], ckpt["input_size"]):
-            raise UsageError(f"the data has {data.num_classes} classes of {data.input_size}px images, the model "
+        src = load_source(dataset, args.data_dir or cfg.data_dir)
+        classes, size = len(src.classes), src.train.images.shape[-1]
+        if (classes, size) != (ckpt["num_classes"], ckpt["input_size"]):
+            raise UsageError(f"the data has {classes} classes of {size}px images, the model "
                              f"was trained on {ckpt['num_classes']} classes of {ckpt['input_size']}px")
+        if args.split == "test":
+            split = src.test
+        else:   # the run's own val carve; on another dataset, the same fraction and seed
+            split = getattr(split_source(src, cfg.val_fraction, cfg.val_seed,
+                                         ckpt["val_index"] if dataset == cfg.dataset else None), args.split)
         model.to(select_device(args.device))
         torch.set_grad_enabled(False)
         cost = measure_cost_table(model)
-        split = getattr(data, args.split)
         if sweep:
             rows = []
             for t in sweep:

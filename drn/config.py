@@ -88,6 +88,8 @@ class TrainConfig:
     # routers
     beta: float = 5.0
     router_hidden: int = 32
+    router_leak: float = 0.0      # gradient floor of r w.r.t. the router logits (router.soft_route): lets
+                                  # closed routers reopen; 0 = Eq. 3's own gradient (BENCHMARKS.md, issue 14)
     # budget: FLOPs per image ('2e8') or share of the full network ('40%'), or milliseconds per
     # image on this device at `latency_batch` (then a measured latency table replaces FLOPs in Eq. 8)
     target_flops: str | None = None
@@ -138,6 +140,7 @@ class TrainConfig:
             (self.d_c >= 0 and self.d_d >= 0, "margins d_c and d_d must be >= 0"),
             (self.beta > 0, f"beta must be > 0, got {self.beta}"),
             (self.router_hidden >= 1, f"router hidden width must be >= 1, got {self.router_hidden}"),
+            (0 <= self.router_leak <= 0.1, f"router leak must be in [0, 0.1], got {self.router_leak}"),
             (self.eval_batch_size >= 1, f"eval batch size must be >= 1, got {self.eval_batch_size}"),
             (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
              f"device must be auto, cpu or cuda[:N], got {self.device!r}"),

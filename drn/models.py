@@ -86,9 +86,10 @@ class RoutedBlock(nn.Module):
         super().__init__()
         self.router = Router(cin, router_hidden)
 
-    def route(self, x: torch.Tensor, beta: float, z: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, H, W) -> r (B,), Eq. 3; z: x's global average pool (B, C) when known."""
-        return soft_route(self.router(x, z), beta)
+    def route(self, x: torch.Tensor, beta: float, z: torch.Tensor | None = None, leak: float = 0.0) -> torch.Tensor:
+        """x (B, C, H, W) -> r (B,), Eq. 3; z: x's global average pool (B, C) when known; leak:
+        router.soft_route's gradient floor (training)."""
+        return soft_route(self.router(x, z), beta, leak)
 
     def soft(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """Eq. 4: r * F(x) + (1 - r) * S(x), every image through the block."""
@@ -173,6 +174,7 @@ class ModelConfig:
     input_size: int = 32      # pixels (square inputs)
     beta: float = 5.0         # Eq. 3 temperature of the soft routing variable
     router_hidden: int = 32   # width of the router's hidden linear layer
+    leak: float = 0.0         # gradient floor of r w.r.t. the router's logit gap (router.soft_route)
     static_route: tuple[bool, ...] | None = None  # a baseline's fixed route (baselines.py): no routers run
 
     def __post_init__(self):
@@ -186,6 +188,8 @@ class ModelConfig:
             raise ValueError(f"beta must be finite and > 0, got {self.beta}")
         if self.router_hidden < 1:
             raise ValueError(f"router_hidden must be >= 1, got {self.router_hidden}")
+        if not (math.isfinite(self.leak) and self.leak >= 0):
+            raise ValueError(f"leak must be finite and >= 0, got {self.leak}")
         if self.static_route is not None and len(self.static_route) != sum(ARCHS[self.arch].stages):
             raise ValueError(f"static_route has {len(self.static_route)} entries, {self.arch} has "
                              f"{sum(ARCHS[self.arch].stages)} blocks")
@@ -259,7 +263,7 @@ class RoutedResNet(nn.Module):
         for i, block in enumerate(self.blocks):
             if fast and z is None:
                 z = x.mean(dim=(2, 3))
-            r = block.route(x, self.cfg.beta, z)
+            r = block.route(x, self.cfg.beta, z, self.cfg.leak)
             if gates is not None:
                 g = gates[:, i]
             elif routing == "sample":   # Ber-Dis (Table 4b): each gate drawn from Bernoulli(r)

@@ -4,9 +4,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def soft_route(logits: torch.Tensor, beta: float) -> torch.Tensor:
-    """Eq. 3: r = softmax(beta * softmax(R(x)))[0], index 0 = execute.  (B, 2) -> (B,)"""
-    return F.softmax(beta * F.softmax(logits, dim=-1), dim=-1)[..., 0]
+def soft_route(logits: torch.Tensor, beta: float, leak: float = 0.0) -> torch.Tensor:
+    """Eq. 3: r = softmax(beta * softmax(R(x)))[0], index 0 = execute.  (B, 2) -> (B,)
+
+    leak > 0 (training): r's value is Eq. 3's exactly, but its gradient with respect to the logit
+    gap d = R_0 - R_1 gets a floor of `leak`. Eq. 3 saturates twice: dr/dd = 2 beta r(1-r) p(1-p)
+    with p = sigmoid(d), which vanishes as |d| grows. So a router that has closed cannot reopen,
+    and an open one needs a large cost weight before it moves: hysteresis, which makes the mu loop
+    close too many blocks at once and then leaves them closed (BENCHMARKS.md, issue 14)."""
+    r = F.softmax(beta * F.softmax(logits, dim=-1), dim=-1)[..., 0]
+    if leak and torch.is_grad_enabled():
+        d = logits[..., 0] - logits[..., 1]
+        r = r + leak * (d - d.detach())
+    return r
 
 
 def hard_route(r: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

@@ -37,7 +37,12 @@ def test_eval_reproduces_training_metrics(trained, tiny_data):
     for key in ("accuracy", "flops", "flops_full", "k", "k_full", "distinct_paths", "same_path_ratio",
                 "images_per_s", "block_exec_rate"):
         assert key in m, key
-    assert m["accuracy"] == trained_metrics["accuracy"] and m["flops"] == trained_metrics["flops"]
+    # the default split is test; --split val is the run's own carve, read back from the checkpoint
+    assert m["split"] == "test" and m["images"] == trained_metrics["test_images"]
+    assert m["accuracy"] == trained_metrics["test_accuracy"] and m["flops"] == trained_metrics["test_flops"]
+    val = json.loads(run_cli("drn-eval", str(out / "checkpoint.pt"), "--json", "--device", "cpu", "--split",
+                             "val").stdout.strip().splitlines()[-1])
+    assert val["accuracy"] == trained_metrics["val_accuracy"] and val["flops"] == trained_metrics["val_flops"]
     assert 0 <= m["same_path_ratio"] <= 1 and m["images_per_s"] > 0
     human = run_cli("drn-eval", str(out / "checkpoint.pt"), "--device", "cpu", "--split", "train")
     assert human.returncode == 0 and "accuracy" in human.stdout
@@ -78,3 +83,18 @@ def test_eval_rejects_data_of_another_shape(trained, tmp_path):
     out, _ = trained
     proc = run_cli("drn-eval", str(out / "checkpoint.pt"), "--data-dir", str(other))
     assert proc.returncode == 2 and "classes" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_drn_imports_nothing_of_the_search_stack():
+    """drn/ is the model and its trainer: no search/, Ray, Optuna or MLflow import anywhere in it
+    (drn-eval's MLflow URIs are resolved in search.evaluate)."""
+    import ast
+    from pathlib import Path
+    import drn
+    banned = ("search", "ray", "optuna", "mlflow")
+    for path in Path(drn.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            for name in names:
+                assert name.split(".")[0] not in banned, f"{path.name} imports {name}"

@@ -425,3 +425,31 @@ def test_route_intervals_are_the_hard_routes_of_every_threshold_in_the_window(ar
         assert torch.equal(image[row].sort().values, torch.arange(6))    # one route per image
         want = model(x, routing="hard", threshold=t).gates
         assert torch.equal(gates[row][image[row].argsort()], want), t
+
+
+# ----------------------------------------------------------------------------- router leak
+
+def test_leak_keeps_eq3_values_and_floors_the_gradient_of_a_saturated_router():
+    from drn.router import soft_route
+    logits = torch.tensor([[-20.0, 20.0], [0.3, -0.2], [20.0, -20.0]], requires_grad=True)
+    plain = soft_route(logits, 5.0)
+    leaky = soft_route(logits, 5.0, leak=0.05)
+    assert torch.equal(plain, leaky)                                    # forward: Eq. 3 exactly
+    g_plain, = torch.autograd.grad(plain.sum(), logits)
+    g_leaky, = torch.autograd.grad(leaky.sum(), logits)
+    assert g_plain[0].abs().max() < 1e-12 and g_plain[2].abs().max() < 1e-12   # closed/open: no gradient
+    torch.testing.assert_close(g_leaky[0], torch.tensor([0.05, -0.05]))          # the floor: d(r)/d(gap) = leak
+    torch.testing.assert_close(g_leaky[1], g_plain[1] + torch.tensor([0.05, -0.05]))
+    with torch.no_grad():
+        assert torch.equal(soft_route(logits, 5.0, leak=0.05), plain)
+
+
+def test_leak_changes_no_forward_of_the_model():
+    torch.manual_seed(12)
+    a = make("resnet20")
+    b = build_model("resnet20", leak=0.05)
+    b.load_state_dict(a.state_dict())
+    x = torch.rand(4, 3, 32, 32)
+    for routing in ("soft", "hard", "mask"):
+        oa, ob = a(x, routing=routing), b(x, routing=routing)
+        assert torch.equal(oa.logits, ob.logits) and torch.equal(oa.gates, ob.gates)

@@ -103,7 +103,8 @@ def test_parent_and_child_artifacts_parse(tracked, tmp_path):
     assert (d / "default.yaml").is_file() and json.loads((d / "search.json").read_text())["name"] == "t3"
     child = next(r for r in runs if r.data.tags.get("mlflow.parentRunId"))
     routes = pq.read_table(client.download_artifacts(child.info.run_id, "routes.parquet", str(tmp_path))).to_pylist()
-    assert len(routes) == 250 and set(routes[0]) == {"index", "label", "prediction", "route", "executed", "flops"}
+    assert len(routes) == 100   # the val carve: 10 % of the 1000 synthetic images
+    assert set(routes[0]) == {"index", "label", "prediction", "route", "executed", "flops"}
     assert all(len(r["route"]) == 3 and r["executed"] == r["route"].count("1") for r in routes)
     mean = sum(r["flops"] for r in routes) / len(routes)
     assert mean == pytest.approx(child.data.metrics["flops"], rel=1e-6)
@@ -125,7 +126,12 @@ def test_front_model_reloads_in_a_fresh_process_and_drn_eval_reproduces_it(track
         ev = run_cli("drn-eval", uri, "--mlflow-uri", server, "--json", "--device", "cpu")
         assert ev.returncode == 0, ev.stderr[-2000:]
         m = json.loads(ev.stdout.strip().splitlines()[-1])
-        assert m["accuracy"] == run.data.metrics["accuracy"] and m["flops"] == pytest.approx(run.data.metrics["flops"])
+        # drn-eval reports the test split by default; the trial logged the same figures at its end
+        assert m["split"] == "test" and m["accuracy"] == run.data.metrics["test_accuracy"]
+        assert m["flops"] == pytest.approx(run.data.metrics["test_flops"])
+        val = json.loads(run_cli("drn-eval", uri, "--mlflow-uri", server, "--json", "--device", "cpu", "--split",
+                                 "val").stdout.strip().splitlines()[-1])
+        assert val["accuracy"] == run.data.metrics["accuracy"] and val["flops"] == pytest.approx(run.data.metrics["flops"])
 
 
 def test_a_model_uri_that_does_not_exist_is_a_usage_error(server):

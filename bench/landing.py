@@ -1,0 +1,103 @@
+"""Do the routers land the budget themselves? (issue 14, item 2)
+
+Each run is one `drn-train` to a FLOPs target with the default recipe (plus the variant's flags),
+on the real cifar10-5k images. What counts is `uncalibrated_flops`: the val cost of the trained
+model at Eq. 11's own threshold 0.5, before any trim; the goal is within 5 % of the target. The
+trim that may follow (inside [0.4, 0.6]) and the test accuracy are recorded beside it.
+
+    python bench/landing.py run [--arch resnet20 resnet56] [--targets 30 50 70] [--variant NAME -- FLAGS...]
+    python bench/landing.py report          # Markdown table of every result -> stdout
+
+Resumable: a run whose JSON is in bench/results/landing/ is not run again; an interrupted one
+resumes from its checkpoint.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "landing"
+RUNS = ROOT / "bench" / "runs" / "landing"
+SCHEDULE = ["--epochs", "6", "--finetune-epochs", "2", "--batch-size", "64"]   # the fidelity benchmark's
+
+
+def _train(args: list[str]) -> subprocess.CompletedProcess:
+    code = "import sys; from drn.cli import train_main; sys.exit(train_main(sys.argv[1:]))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+
+
+def run(args) -> int:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for arch in args.arch:
+        for t in args.targets:
+            for seed in args.seeds:
+                name = f"{args.variant}-{arch}-{t:g}-s{seed}"
+                if (RESULTS / f"{name}.json").exists():
+                    continue
+                out = RUNS / name
+                flags = ["--arch", arch, "--dataset", "imagefolder", "--data-dir", args.data_dir, *SCHEDULE,
+                         "--target-flops", f"{t:g}%", "--seed", str(seed), "--device", "cpu", "--json",
+                         *args.flags, "--out", str(out)]
+                flags = [f.format(arch=arch, seed=seed, runs=RUNS) if "{" in f else f for f in flags]
+                if (out / "checkpoint.pt").exists():
+                    flags.append("--resume")
+                t0 = time.time()
+                proc = _train(flags)
+                if proc.returncode != 0:
+                    print(f"{name}: drn-train failed: {proc.stderr[-800:]}", file=sys.stderr)
+                    return 1
+                m = json.loads(proc.stdout.strip().splitlines()[-1])
+                hist = [{k: h.get(k) for k in ("epoch", "phase", "flops", "train_cost_hard", "mu", "accuracy")}
+                        for h in _history(out)]
+                rec = {"name": name, "variant": args.variant, "arch": arch, "target_pct": t, "seed": seed,
+                       "flags": args.flags, "seconds": time.time() - t0, "final": m, "history": hist}
+                (RESULTS / f"{name}.json").write_text(json.dumps(rec, indent=1))
+                err = m["uncalibrated_flops"] / m["target"] - 1
+                print(f"{name}: at 0.5 {m['uncalibrated_flops'] / m['flops_full']:.1%} of full ({err:+.1%}), "
+                      f"threshold {m['threshold']:.3f}, val {m['val_accuracy']:.2%}, test {m['test_accuracy']:.2%} "
+                      f"| {rec['seconds']:.0f}s", flush=True)
+    return 0
+
+
+def _history(out: Path) -> list[dict]:
+    import torch
+    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["history"]
+
+
+def report(args) -> int:
+    recs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    print("| variant | arch | target | seed | val FLOPs at 0.5 (of full) | error at 0.5 | within 5 % | trimmed threshold "
+          "| val acc | test acc | peak μ |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(recs, key=lambda r: (r["variant"], r["arch"], r["target_pct"], r["seed"])):
+        m = r["final"]
+        err = m["uncalibrated_flops"] / m["target"] - 1
+        print(f"| {r['variant']} | {r['arch']} | {r['target_pct']:g} % | {r['seed']} | "
+              f"{m['uncalibrated_flops'] / m['flops_full']:.1%} | {err:+.1%} | {'yes' if abs(err) <= 0.05 else 'no'} | "
+              f"{m['threshold']:.3f} | {m['val_accuracy']:.1%} | {m['test_accuracy']:.1%} | "
+              f"{max(h['mu'] for h in r['history']):.2f} |")
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=("run", "report"))
+    ap.add_argument("--data-dir", default=os.environ.get("DRN_DATA_DIR", str(ROOT.parent / "shared/data/cifar10-5k")))
+    ap.add_argument("--arch", nargs="+", default=["resnet20"])
+    ap.add_argument("--targets", type=float, nargs="+", default=[30, 50, 70])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--variant", default="default", help="a name for the flags that follow --")
+    ap.add_argument("flags", nargs="*", help="extra drn-train flags, after --; {arch}, {seed} and {runs} (the "
+                    "runs folder) in a value are filled in, e.g. --init {runs}/full-{arch}-s{seed}/checkpoint.pt")
+    args = ap.parse_args()
+    args.data_dir = str(Path(args.data_dir).absolute())
+    return run(args) if args.what == "run" else report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
