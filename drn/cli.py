@@ -18,6 +18,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _fmt(name: str, v) -> str:
     if v is None:
+        if name == "finetune_epochs":
+            return "with a target, max(2, 10%% of --epochs); else 0"
         if name == "warmup_epochs":
             return "2 for resnet56 and deeper and resnet50, else 0"
         return "0.2, or 0.4 on tinyimagenet (the paper's)" if name in ("lam", "alpha") else "none"

@@ -69,7 +69,8 @@ class TrainConfig:
                                   # (or, for resnet50, a torchvision state_dict); routers start open
     # schedule (paper Sec. 4.1: SGD 0.9, wd 1e-4, lr 0.1, x0.1 at epochs 150 and 200 of 250)
     epochs: int = 250
-    finetune_epochs: int = 0      # extra epochs with frozen routers and hard routing
+    finetune_epochs: int | None = None  # extra epochs with frozen routers and hard routing (None: with a
+                                  # target, max(2, 10 % of epochs), measured to lift accuracy; else 0)
     batch_size: int = 128         # samples per step; each contributes `views` augmented copies
     views: int = 2                # M of Eq. 5: augmented copies per sample
     lr: float = 0.1
@@ -115,6 +116,9 @@ class TrainConfig:
         if self.dataset not in DATASETS:
             raise UsageError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
         default_w = 0.4 if self.dataset == "tinyimagenet" else 0.2
+        if self.finetune_epochs is None:
+            routed_target = self.routing == "drn" and (self.target_flops or self.target_latency_ms) is not None
+            self.finetune_epochs = max(2, round(0.1 * self.epochs)) if routed_target else 0
         if self.warmup_epochs is None:
             self.warmup_epochs = 2.0 if (self.arch == "resnet50" or int(self.arch[6:]) >= 56) else 0.0
         self.lam = default_w if self.lam is None else self.lam

@@ -39,7 +39,8 @@ class SearchConfig:
     num_samples: int = 20            # trials in all (a resumed search counts the earlier ones)
     max_concurrent: int | None = None  # None: as many as the cluster's resources fit
     epochs: int = 250
-    finetune_epochs: int = 0
+    finetune_epochs: int = 0         # per trial; drn-train's own default (max(2, 10 % of epochs)) is not
+                                     # taken over until the trial schedule becomes a fine-tune (issue 15)
     batch_size: int = 128
     val_fraction: float = 0.1        # share of the training images held out as val: every choice reads it
     cpus_per_trial: float | None = None  # None: 1 without GPUs, else the CPUs per GPU (at most 4)
@@ -126,7 +127,7 @@ class SearchConfig:
 
     @property
     def total_epochs(self) -> int:
-        return self.epochs + self.finetune_epochs
+        return self.train_config(self.targets[0]).total_epochs
 
     def train_config(self, target: str, device: str = "cpu") -> TrainConfig:
         return TrainConfig(arch=self.arch, dataset=self.dataset, data_dir=self.data_dir, epochs=self.epochs,

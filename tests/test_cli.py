@@ -21,7 +21,8 @@ def trained(tiny_data, tmp_path_factory):
 
 def test_train_prints_progress_and_ends_with_json(trained):
     out, proc = trained
-    assert "epoch 1/1" in proc.stderr and "mu" in proc.stderr and "K " in proc.stderr
+    # with a target, 2 finetune epochs follow the main one by default
+    assert "epoch 1/3" in proc.stderr and "epoch 3/3 finetune" in proc.stderr and "mu" in proc.stderr and "K " in proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("accuracy", "flops", "flops_full", "k", "k_full", "distinct_paths"):
         assert key in result
