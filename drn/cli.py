@@ -21,7 +21,7 @@ def _fmt(name: str, v) -> str:
         if name == "finetune_epochs":
             return "with a target, max(2, 10%% of --epochs); else 0"
         if name == "warmup_epochs":
-            return "2 for resnet56 and deeper and resnet50, else 0"
+            return "2 for resnet56 and deeper and resnet50 unless --zero-init-residual, else 0"
         return "0.2, or 0.4 on tinyimagenet (the paper's)" if name in ("lam", "alpha") else "none"
     return str(v)
 
@@ -81,6 +81,10 @@ def _train_parser() -> argparse.ArgumentParser:
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         p.add_argument(flag, dest=name, type=typ, default=argparse.SUPPRESS,
                        help=f"{help_} (default: {_fmt(name, default)})")
+    p.add_argument("--zero-init-residual", dest="zero_init_residual", action=argparse.BooleanOptionalAction,
+                   default=argparse.SUPPRESS, help="start each residual branch's last BN at 0, so every block "
+                   "starts as its shortcut (default: on for full and static routes of resnet56 and deeper and "
+                   "resnet50, off for drn)")
     p.add_argument("--no-amp", dest="amp", action="store_false", default=argparse.SUPPRESS,
                    help="disable bfloat16 autocast on CUDA (default: on for CUDA, off on CPU)")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false", default=argparse.SUPPRESS,

@@ -74,7 +74,10 @@ class TrainConfig:
     batch_size: int = 128         # samples per step; each contributes `views` augmented copies
     views: int = 2                # M of Eq. 5: augmented copies per sample
     lr: float = 0.1
-    warmup_epochs: float | None = None  # linear lr warm-up from 0 (None: 2 for resnet56 and deeper, else 0)
+    warmup_epochs: float | None = None  # linear lr warm-up from 0 (None: 2 for resnet56 and deeper and
+                                  # resnet50 unless zero_init_residual, else 0)
+    zero_init_residual: bool | None = None  # each residual branch's last BN starts at 0 (None: on for the plain
+                                  # and static networks of resnet56 and deeper and resnet50; off for drn)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     milestones: tuple[float, ...] = (0.6, 0.8)  # fractions of `epochs` (= 150/250, 200/250)
@@ -119,8 +122,11 @@ class TrainConfig:
         if self.finetune_epochs is None:
             routed_target = self.routing == "drn" and (self.target_flops or self.target_latency_ms) is not None
             self.finetune_epochs = max(2, round(0.1 * self.epochs)) if routed_target else 0
+        deep = self.arch == "resnet50" or int(self.arch[6:]) >= 56
+        if self.zero_init_residual is None:
+            self.zero_init_residual = deep and self.routing != "drn"
         if self.warmup_epochs is None:
-            self.warmup_epochs = 2.0 if (self.arch == "resnet50" or int(self.arch[6:]) >= 56) else 0.0
+            self.warmup_epochs = 2.0 if deep and not self.zero_init_residual else 0.0
         self.lam = default_w if self.lam is None else self.lam
         self.alpha = default_w if self.alpha is None else self.alpha
         self.milestones = tuple(self.milestones)

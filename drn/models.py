@@ -175,6 +175,8 @@ class ModelConfig:
     beta: float = 5.0         # Eq. 3 temperature of the soft routing variable
     router_hidden: int = 32   # width of the router's hidden linear layer
     leak: float = 0.0         # gradient floor of r w.r.t. the router's logit gap (router.soft_route)
+    zero_init_residual: bool = False  # last BN of each residual branch starts at 0: every block starts
+                                      # as its shortcut (Goyal et al.), so a deep ResNet trains like a shallow one first
     static_route: tuple[bool, ...] | None = None  # a baseline's fixed route (baselines.py): no routers run
 
     def __post_init__(self):
@@ -232,6 +234,9 @@ class RoutedResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if cfg.zero_init_residual:
+            for b in self.blocks:
+                nn.init.zeros_(b.residual[-1].weight)
 
     @property
     def num_blocks(self) -> int:

@@ -109,7 +109,8 @@ class Trainer:
             if cfg.routing not in ("drn", "full") and cfg.k is None:   # a static baseline at the FLOPs target
                 cfg = self.cfg = dataclasses.replace(cfg, k=self._k_for_target(cfg))
             self.model = build_model(cfg.arch, self.data.num_classes, self.data.input_size, beta=cfg.beta,
-                                     router_hidden=cfg.router_hidden, leak=cfg.router_leak, static_route=route_of(cfg))
+                                     router_hidden=cfg.router_hidden, leak=cfg.router_leak, static_route=route_of(cfg),
+                                     zero_init_residual=cfg.zero_init_residual)
             self.model.set_normalization(*self.data.channel_stats())
             if cfg.init is not None:
                 self.init_info = warm_start(self.model, cfg.init, cfg.dataset, self.data.val_index)

@@ -155,3 +155,24 @@ def test_no_choice_reads_the_test_split(tiny_data, tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert (fa["test_accuracy"], fa["test_images"]) != (fb["test_accuracy"], -1)
     assert fa["test_flops"] != fb["test_flops"] or fa["test_accuracy"] != fb["test_accuracy"]
+
+
+def test_deep_plain_networks_start_as_their_shortcuts_without_warm_up():
+    """Measured on ResNet-110 (BENCHMARKS.md): zero-init residuals without warm-up train best in 10
+    epochs; the routed network keeps its BN init (unmeasured there) and the warm-up."""
+    plain, routed = TrainConfig(arch="resnet110", routing="full"), TrainConfig(arch="resnet110")
+    assert (plain.zero_init_residual, plain.warmup_epochs) == (True, 0)
+    assert (routed.zero_init_residual, routed.warmup_epochs) == (False, 2)
+    assert not TrainConfig(arch="resnet20", routing="full").zero_init_residual
+    from drn.models import build_model
+    torch.manual_seed(0)
+    model = build_model("resnet56", zero_init_residual=True).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        ran = model(x, routing="mask", gates=torch.ones(2, 27, dtype=torch.bool)).logits
+        skipped = model(x, routing="mask", gates=torch.zeros(2, 27, dtype=torch.bool)).logits
+        usual = build_model("resnet56").eval()   # the BN init: running a block changes the output
+        assert not torch.allclose(usual(x, routing="mask", gates=torch.ones(2, 27, dtype=torch.bool)).logits,
+                                  usual(x, routing="mask", gates=torch.zeros(2, 27, dtype=torch.bool)).logits)
+    assert all(b.residual[-1].weight.abs().sum() == 0 for b in model.blocks)
+    torch.testing.assert_close(ran, skipped)   # every block is its shortcut at the start
