@@ -11,10 +11,11 @@ def test_resnet20_learns_real_images_with_hard_routing(real_data, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("epoch ") == 3
     m = json.loads(proc.stdout.strip().splitlines()[-1])
-    # 10 classes: chance is 10 %. Three epochs on 4068 images reach ~30-35 % (hard routing, val split).
-    assert m["accuracy"] > 0.25, m
+    # 10 classes: chance is 10 %. Three epochs on 3661 images reach ~27-35 % (hard routing, on the
+    # 407 val images carved from train/ and on the 1017 held-out test images of val/)
+    assert m["accuracy"] > 0.22 and m["test_accuracy"] > 0.22, m
     assert m["flops"] < m["flops_full"] and m["k"] <= 9
     ev = run_cli("drn-eval", str(out / "checkpoint.pt"), "--json", "--device", "cpu")
     assert ev.returncode == 0, ev.stderr
     e = json.loads(ev.stdout.strip().splitlines()[-1])
-    assert e["accuracy"] == m["accuracy"] and e["images"] == 1017
+    assert e["accuracy"] == m["test_accuracy"] and e["images"] == 1017 == m["test_images"]   # drn-eval: test
