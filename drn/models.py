@@ -101,18 +101,26 @@ class RoutedBlock(nn.Module):
         sc = self.shortcut(x)
         return torch.where(g.view(-1, 1, 1, 1), F.relu(self.residual(x) + sc), sc)
 
-    def gather(self, x: torch.Tensor, g: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    def gather(self, x: torch.Tensor, g: torch.Tensor, in_place: bool = False,
+               z: torch.Tensor | None = None) -> torch.Tensor:
         """Eq. 11 with the work that the route saves: F runs on the images with g only (gather ->
-        block -> scatter). in_place: x is the model's own (no autograd), scatter into it."""
+        block -> scatter). in_place: x is the model's own (no autograd), scatter into it. z: x's
+        global average pool (B, C), updated in place to the output's when the shortcut is the
+        identity (only the images that ran are pooled again)."""
         sc = self.shortcut(x)
         idx = g.nonzero().squeeze(1)
         if idx.numel() == g.numel():
-            return self.residual(x).add_(sc).relu_()
+            out = self.residual(x).add_(sc).relu_()
+            if z is not None and sc is x:
+                z.copy_(out.mean(dim=(2, 3)))
+            return out
         if idx.numel() == 0:
             return sc
         xs = x.index_select(0, idx)
         # an identity shortcut of the gathered images is the gathered images: no second gather
         ran = self.residual(xs).add_(xs if sc is x else sc.index_select(0, idx)).relu_()
+        if z is not None and sc is x:
+            z.index_copy_(0, idx, ran.mean(dim=(2, 3)))
         return sc.index_copy_(0, idx, ran) if in_place else sc.index_copy(0, idx, ran)
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
@@ -280,12 +288,9 @@ class RoutedResNet(nn.Module):
             elif routing == "mask":
                 x = block.mask(x, g)
             else:
-                x = block.gather(x, g, in_place=fast)
-                if fast and isinstance(block.shortcut, nn.Identity):
-                    ran = g.nonzero().squeeze(1)
-                    z = z.index_copy_(0, ran, x.index_select(0, ran).mean(dim=(2, 3)))
-                else:
-                    z = None
+                x = block.gather(x, g, in_place=fast, z=z)
+                if not isinstance(block.shortcut, nn.Identity):
+                    z = None   # the shape changed: pool again
             rs.append(r)
             gs.append(g)
         return x, torch.stack(rs, 1), torch.stack(gs, 1)
