@@ -92,9 +92,12 @@ def main() -> int:
     ap.add_argument("--targets", type=float, nargs="+", default=[30, 50, 70])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--variant", default="default", help="a name for the flags that follow --")
-    ap.add_argument("flags", nargs="*", help="extra drn-train flags, after --; {arch}, {seed} and {runs} (the "
-                    "runs folder) in a value are filled in, e.g. --init {runs}/full-{arch}-s{seed}/checkpoint.pt")
-    args = ap.parse_args()
+    ap.epilog = ("extra drn-train flags go after --; {arch}, {seed} and {runs} (the runs folder) in a value are "
+                 "filled in, e.g. -- --init {runs}/full-{arch}-s{seed}/checkpoint.pt")
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = ap.parse_args(argv[:cut])
+    args.flags = argv[cut + 1:]
     args.data_dir = str(Path(args.data_dir).absolute())
     return run(args) if args.what == "run" else report(args)
 

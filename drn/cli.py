@@ -51,6 +51,9 @@ TRAIN_FLAGS = {
     "--alpha": ("alpha", float, "alpha, weight of the diversity loss (Eq. 6)"),
     "--gamma": ("gamma", float, "gamma, weight of the regularisation loss (Eq. 10)"),
     "--mu": ("mu", float, "mu, weight of the cost loss (Eq. 8); the start value when --target-flops is set"),
+    "--mu-ki": ("mu_ki", float, "integral gain of the budget loop on asinh(mu / 0.05), per epoch of error"),
+    "--mu-min": ("mu_min", float, "the budget controller's floor for mu; < 0 lets it reward compute "
+                                  "to reach a target from below"),
     "--d-c": ("d_c", float, "consistency margin d_c"),
     "--d-d": ("d_d", float, "diversity margin d_d"),
     "--beta": ("beta", float, "beta of Eq. 3 (larger: soft routing closer to hard)"),

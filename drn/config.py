@@ -87,6 +87,9 @@ class TrainConfig:
     alpha: float | None = None
     gamma: float = 0.5
     mu: float = 0.05              # initial cost weight; fixed unless a target is given
+    mu_ki: float = 2.0            # the controller's integral gain on asinh(mu / 0.05), per epoch (controller.py)
+    mu_min: float = -1.0          # the controller's floor: < 0 lets it reward compute to reach a target
+                                  # from below (controller.py)
     d_c: float = 0.2
     d_d: float = 0.5
     # routers
@@ -147,6 +150,8 @@ class TrainConfig:
             (all(0 < m <= 1 for m in self.milestones), f"milestones are fractions in (0, 1], got {self.milestones}"),
             (0 < self.lr_decay <= 1, f"lr decay must be in (0, 1], got {self.lr_decay}"),
             (min(self.lam, self.alpha, self.gamma, self.mu) >= 0, "loss weights must be >= 0"),
+            (0 < self.mu_ki <= 50, f"mu integral gain must be in (0, 50], got {self.mu_ki}"),
+            (-5 <= self.mu_min <= self.mu, f"mu floor must be in [-5, mu], got {self.mu_min}"),
             (self.d_c >= 0 and self.d_d >= 0, "margins d_c and d_d must be >= 0"),
             (self.beta > 0, f"beta must be > 0, got {self.beta}"),
             (self.router_hidden >= 1, f"router hidden width must be >= 1, got {self.router_hidden}"),

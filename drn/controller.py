@@ -1,18 +1,22 @@
 """Budget control: the adaptive cost weight mu (the threshold trim after training is in
 calibrate.py: it is not control).
 
-The paper says only that mu "is adjusted adaptively". Here it is a PI controller on log mu --
-dual ascent on the constraint cost <= target with a proportional term for damping, the
-PID-Lagrangian recipe of constrained RL (Stooke et al., 2020) -- driven by the cost the model
-pays under *hard* routing (Eq. 11) on training batches, smoothed by an EMA, and aimed at a
-setpoint that ramps from the starting cost down to the target:
+The paper says only that mu "is adjusted adaptively". Here it is a PI controller -- dual ascent
+on the constraint cost = target with a proportional term for damping, the PID-Lagrangian recipe
+of constrained RL (Stooke et al., 2020) -- driven by the cost the model pays under *hard* routing
+(Eq. 11) on training batches, smoothed by an EMA, and aimed at a setpoint that ramps from the
+starting cost down to the target. It acts on u = asinh(mu / mu_scale):
 
     s_k     = start + min(1, k / ramp) * (target - start)       ramp = 30 % of the main epochs
     e_k     = clip(cost_ema_k / s_k - 1, -0.5, 0.5)             relative overshoot (> 0: too expensive)
     I_k     = I_{k-1} + ki / S * e_k                            S = optimisation steps per epoch
-    log mu  = log mu_0 + kp * e_k + I_k                         kept in [mu_min, mu_max]
+    mu      = mu_scale * sinh(u_0 + kp * e_k + I_k)             kept in [mu_min, mu_max]
 
-* log mu: mu stays positive and a step is a relative change, so one gain serves mu = 1e-3 and 1.
+* asinh space: for |mu| >> mu_scale a step is a relative change (as on log mu), so one gain
+  serves mu = 0.05 and 3; near 0 it is linear, so mu can change sign. A budget is an equality
+  here (the user wants the accuracy the target pays for, not less compute): a network whose
+  routers close blocks with no cost pressure at all -- as short schedules do, because the
+  shallower network learns faster -- is pulled back up by mu < 0 (BENCHMARKS.md, issue 14).
 * hard cost, not Eq. 8's soft expectation: the soft/hard gap is what makes fixed-mu methods miss.
 * the ramp and the error clip: a network that starts at 95 % of full and is told "30 %" at once
   sees e = +2.2; a first version without them multiplied mu by ~80 within an epoch, every router
@@ -23,7 +27,7 @@ setpoint that ramps from the starting cost down to the target:
   e^0.2 = 1.22 per epoch, slower than the routers adapt; kp = 1 damps the integral's overshoot
   without passing much batch-to-batch noise into mu. The benchmark (bench/controller.py,
   BENCHMARKS.md) measures the result on real training.
-* anti-windup: the integral is clamped so that it never pushes log mu past a clip.
+* anti-windup: the integral is clamped so that it never pushes mu past a clip.
 * no target: mu stays at its initial value (0.05, the paper's).
 
 The loop should land the routers on the target at Eq. 11's threshold 0.5 by itself; the trim
@@ -41,8 +45,9 @@ class MuController:
     ki: float = 2.0               # integral gain on log mu, per epoch per unit relative error
     steps_per_epoch: int = 1
     ema_decay: float = 0.9        # smoothing of the measured hard cost, per step
-    mu_min: float = 1e-4
+    mu_min: float = -1.0          # < 0: the loop may reward compute to reach a target from below
     mu_max: float = 5.0           # Eq. 8 is normalised to [0, 1]: mu = 5 already outweighs the CE
+    mu_scale: float = 0.05        # mu changes relatively above this size, linearly below
     ramp_steps: int = 0           # the setpoint moves linearly from the first measured cost to
                                   # the target over this many steps (0: the target from the start)
     max_error: float = 0.5        # |relative error| fed to the loop is clipped to this
@@ -69,11 +74,12 @@ class MuController:
             self.mu0, self.start_cost = self.mu, max(self.cost_ema, self.target)
         self.steps += 1
         err = min(max(self.cost_ema / self.setpoint - 1.0, -self.max_error), self.max_error)
-        lo, hi = math.log(self.mu_min), math.log(self.mu_max)
-        base = math.log(self.mu0) + self.kp * err
+        u = lambda mu: math.asinh(mu / self.mu_scale)
+        lo, hi = u(self.mu_min), u(self.mu_max)
+        base = u(self.mu0) + self.kp * err
         integral = self.integral + self.ki / max(self.steps_per_epoch, 1) * err
         self.integral = min(max(integral, lo - base), hi - base)  # anti-windup: never past a clip
-        self.mu = math.exp(base + self.integral)
+        self.mu = self.mu_scale * math.sinh(base + self.integral)
         return self.mu
 
     def state_dict(self) -> dict:

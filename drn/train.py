@@ -129,7 +129,7 @@ class Trainer:
         # a static baseline is trained at its k: the target only chose k, it is not steered to
         self.target = resolve_target(cfg.target, self.budget.full, self.budget.fixed, unit)
         steps = max(1, self.data.train.labels.shape[0] // min(cfg.batch_size, self.data.train.labels.shape[0]))
-        self.controller = MuController(target=self.target, mu=cfg.mu, steps_per_epoch=steps,
+        self.controller = MuController(target=self.target, mu=cfg.mu, mu_min=cfg.mu_min, ki=cfg.mu_ki, steps_per_epoch=steps,
                                        ramp_steps=round(RAMP_FRACTION * cfg.epochs) * steps)
         self.calibration: dict | None = None
         self.weights = LossWeights(cfg.lam, cfg.alpha, cfg.gamma, cfg.d_c, cfg.d_d)

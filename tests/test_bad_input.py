@@ -71,6 +71,8 @@ def train_and_eval_cases(data: Path, tmp: Path) -> dict[str, tuple]:
         "full routing with a target": ("drn-train", "--arch", "resnet8", *common, "--routing", "full",
                                        "--target-flops", "50%"),
         "warm-up negative": ("drn-train", "--arch", "resnet8", *common, "--warmup-epochs", "-1"),
+        "mu floor above mu": ("drn-train", "--arch", "resnet8", *common, "--mu-min", "0.5"),
+        "mu gain zero": ("drn-train", "--arch", "resnet8", *common, "--mu-ki", "0"),
         "eval missing checkpoint": ("drn-eval", str(tmp / "none.pt")),
         "eval corrupt checkpoint": ("drn-eval", str(corrupt)),
         "eval truncated checkpoint": ("drn-eval", str(truncated)),

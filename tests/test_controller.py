@@ -65,8 +65,26 @@ def test_controller_state_round_trips_mid_run():
     assert [a.update(0.7) for _ in range(5)] == [b.update(0.7) for _ in range(5)]
 
 
+def test_controller_turns_mu_negative_when_the_routers_close_on_their_own():
+    """Short schedules close blocks with no cost pressure at all (the shallower network learns
+    faster): at mu = 0 this plant sits at 52 %, so a 70 % target needs mu < 0 -- the loop goes
+    there and lands; with the floor at 0 it cannot."""
+    def run(mu_min):
+        rng = np.random.default_rng(0)
+        c = MuController(target=0.7, mu=0.05, mu_min=mu_min, steps_per_epoch=40)
+        cost = 0.95
+        for _ in range(30 * 40):
+            cost += 0.05 * (0.1 + 0.85 / (1 + math.exp(4.0 * c.mu)) - cost)
+            c.update(cost + rng.normal(0, 0.03))
+        return c, cost
+    c, cost = run(-1.0)
+    assert c.mu < 0 and abs(cost / 0.7 - 1) < 0.02
+    c, cost = run(0.0)
+    assert c.mu == pytest.approx(0.0, abs=1e-9) and cost < 0.6
+
+
 def test_controller_keeps_mu_positive_and_winds_down_from_a_clip():
-    c = MuController(target=0.5, mu=0.05, steps_per_epoch=10, mu_max=1.0)
+    c = MuController(target=0.5, mu=0.05, steps_per_epoch=10, mu_max=1.0, mu_min=1e-4)
     for _ in range(500):
         c.update(0.99)                                 # unreachable: mu pins to its ceiling
     assert c.mu == pytest.approx(1.0)
