@@ -18,8 +18,10 @@ The plan, for each arch and seed (seeds 0 of everything first):
     {arch}-{start}-{method}-{t}-s{seed}      start: scratch | warm (--init the plain network);
                                              method: drn | firstk | randomk | distributedk; t: the
                                              budget in % of the full FLOPs (statics at the closest k)
-    resnet20-scratch-drn-50-{ablation}-s{seed}   nocons (lambda = 0), nodiv (alpha = 0), and the margin
-                                             of Eq. 5 at the scale of the routes (d_c = 0.02)
+    resnet20-scratch-drn-50-{ablation}-s{seed}   soft (the paper's Eq. 4 in training instead of the
+                                             straight-through hard routes), nocons (lambda = 0), nodiv
+                                             (alpha = 0), and the margin of Eq. 5 at the scale of the
+                                             routes (d_c = 0.02)
 """
 import argparse
 import json
@@ -39,7 +41,8 @@ BATCH = 64                        # 63 steps per epoch on the 3661 training imag
 TARGETS = {"resnet20": (30, 50, 70), "resnet56": (50,)}
 METHODS = ("drn", "firstk", "randomk", "distributedk")
 STATIC = METHODS[1:]
-ABLATIONS = {"nocons": ["--lam", "0"], "nodiv": ["--alpha", "0"], "dc002": ["--d-c", "0.02"]}
+ABLATIONS = {"soft": ["--train-routing", "soft"], "nocons": ["--lam", "0"], "nodiv": ["--alpha", "0"],
+             "dc002": ["--d-c", "0.02"]}
 
 
 def plan(archs: list[str]) -> dict[str, list[str]]:
@@ -207,10 +210,25 @@ def report(args) -> int:
                              + f" | {_pm(ff[best_m])} ({best_m}) | {gap} | {len(drn)} |")
         if full:
             lines.append(f"| {arch} | plain network | 100 % | {_pm(full.values())} | 100 | | | | | | {len(full)} |")
+    lines += ["", "**Landing (item 2)**: the DRN's val FLOPs at Eq. 11's threshold 0.5 after training, as an error "
+              "against the target, per seed; then the threshold the trim chose (inside [0.4, 0.6])", "",
+              "| arch | start | budget | error at 0.5, per seed | within 5 % | trimmed threshold, per seed |",
+              "|---|---|---|---|---|---|"]
+    for arch in TARGETS:
+        for start in ("scratch", "warm"):
+            for t in TARGETS[arch]:
+                recs = [res[f"{arch}-{start}-drn-{t}-s{s}"]["train"] for s in SEEDS if f"{arch}-{start}-drn-{t}-s{s}" in res]
+                if not recs:
+                    continue
+                errs = [m["uncalibrated_flops"] / m["target"] - 1 for m in recs]
+                lines.append(f"| {arch} | {start} | {t} % | {' '.join(f'{100 * e:+.1f} %' for e in errs)} | "
+                             f"{sum(abs(e) <= 0.05 for e in errs)} / {len(errs)} | "
+                             f"{' '.join(format(m['threshold'], '.3f') for m in recs)} |")
     lines += ["", "**Ber-Dis (Table 4b), the ablation and the consistency experiment** (ResNet-20, scratch, 50 %)", "",
               "| variant | test acc | test acc, perturbed images | same-path ratio under perturbation | distinct paths | "
               "Eq. 5 loss, last epoch | runs |", "|---|---|---|---|---|---|---|"]
     rows = [("DRN, full loss (Eq. 9)", "resnet20-scratch-drn-50", "eval_hard"),
+            ("trained with soft routing (Eq. 4, the paper's)", "resnet20-scratch-drn-50-soft", "eval_hard"),
             ("DRN, Ber-Dis (routes sampled from r)", "resnet20-scratch-drn-50", "eval_sample"),
             ("without consistency (λ = 0)", "resnet20-scratch-drn-50-nocons", "eval_hard"),
             ("without diversity (α = 0)", "resnet20-scratch-drn-50-nodiv", "eval_hard"),

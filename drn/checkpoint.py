@@ -39,7 +39,7 @@ def model_from_checkpoint(ckpt: dict) -> tuple[RoutedResNet, TrainConfig]:
     cfg = TrainConfig.from_dict(ckpt["config"])
     from .baselines import route_of
     model = build_model(cfg.arch, ckpt["num_classes"], ckpt["input_size"], beta=cfg.beta,
-                        router_hidden=cfg.router_hidden, leak=cfg.router_leak, static_route=route_of(cfg))
+                        router_hidden=cfg.router_hidden, leak=cfg.router_leak, router_open=cfg.router_open, static_route=route_of(cfg))
     state = dict(ckpt["model"])
     state.setdefault("threshold", torch.tensor(0.5))  # checkpoints written before calibration existed
     try:

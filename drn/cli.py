@@ -51,6 +51,8 @@ TRAIN_FLAGS = {
     "--alpha": ("alpha", float, "alpha, weight of the diversity loss (Eq. 6)"),
     "--gamma": ("gamma", float, "gamma, weight of the regularisation loss (Eq. 10)"),
     "--mu": ("mu", float, "mu, weight of the cost loss (Eq. 8); the start value when --target-flops is set"),
+    "--budget-ramp": ("budget_ramp", float, "share of --epochs over which the loop's setpoint moves from the "
+                                            "start cost to the target"),
     "--mu-ki": ("mu_ki", float, "integral gain of the budget loop on asinh(mu / 0.05), per epoch of error"),
     "--mu-min": ("mu_min", float, "the budget controller's floor for mu; < 0 lets it reward compute "
                                   "to reach a target from below"),
@@ -58,6 +60,9 @@ TRAIN_FLAGS = {
     "--d-d": ("d_d", float, "diversity margin d_d"),
     "--beta": ("beta", float, "beta of Eq. 3 (larger: soft routing closer to hard)"),
     "--router-hidden": ("router_hidden", int, "hidden width of each router"),
+    "--router-open": ("router_open", float, "p(execute) of every router at the start, in (0.5, 1)"),
+    "--train-routing": ("train_routing", str, "soft: Eq. 4 in training (the paper); straight: each image runs its "
+                                              "hard route (Eq. 11) forward, Eq. 3's gradient flows back (straight-through)"),
     "--router-leak": ("router_leak", float, "gradient floor of the routing variable w.r.t. its router's logits "
                                             "in training, in [0, 0.1]: lets closed routers reopen (0: Eq. 3 as is)"),
     "--target-flops": ("target_flops", str, "FLOPs budget per image, absolute (2e8) or share of full (40%%); "
@@ -175,7 +180,7 @@ def _cost_only(cfg: TrainConfig) -> dict:
     from .baselines import route_of
     if cfg.routing != "drn" and cfg.k is None:
         raise UsageError("--cost-only of a static routing needs --k")
-    model = build_model(cfg.arch, classes, size, beta=cfg.beta, router_hidden=cfg.router_hidden, leak=cfg.router_leak,
+    model = build_model(cfg.arch, classes, size, beta=cfg.beta, router_hidden=cfg.router_hidden, leak=cfg.router_leak, router_open=cfg.router_open,
                         static_route=route_of(cfg))
     return {"arch": cfg.arch, "dataset": cfg.dataset, "input_size": size,
             **measure_cost_table(model).to_dict()}

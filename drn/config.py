@@ -87,6 +87,8 @@ class TrainConfig:
     alpha: float | None = None
     gamma: float = 0.5
     mu: float = 0.05              # initial cost weight; fixed unless a target is given
+    budget_ramp: float = 0.3      # the loop's setpoint moves from the start cost to the target over this
+                                  # share of --epochs (controller.py)
     mu_ki: float = 2.0            # the controller's integral gain on asinh(mu / 0.05), per epoch (controller.py)
     mu_min: float = -1.0          # the controller's floor: < 0 lets it reward compute to reach a target
                                   # from below (controller.py)
@@ -95,6 +97,10 @@ class TrainConfig:
     # routers
     beta: float = 5.0
     router_hidden: int = 32
+    router_open: float = 0.9      # p(execute) of every router at the start, in (0.5, 1): open, but how far
+    train_routing: str = "straight"  # straight: Eq. 11's 0/1 decisions forward, Eq. 3's gradient backward
+                                  # (models.py), so training runs the routes testing will (+3 to +8 points of
+                                  # test accuracy in BENCHMARKS.md, issue 14); soft: Eq. 4, the paper's
     router_leak: float = 0.0      # gradient floor of r w.r.t. the router logits (router.soft_route): lets
                                   # closed routers reopen; 0 = Eq. 3's own gradient (BENCHMARKS.md, issue 14)
     # budget: FLOPs per image ('2e8') or share of the full network ('40%'), or milliseconds per
@@ -150,11 +156,13 @@ class TrainConfig:
             (all(0 < m <= 1 for m in self.milestones), f"milestones are fractions in (0, 1], got {self.milestones}"),
             (0 < self.lr_decay <= 1, f"lr decay must be in (0, 1], got {self.lr_decay}"),
             (min(self.lam, self.alpha, self.gamma, self.mu) >= 0, "loss weights must be >= 0"),
+            (0 <= self.budget_ramp <= 1, f"budget ramp must be in [0, 1], got {self.budget_ramp}"),
             (0 < self.mu_ki <= 50, f"mu integral gain must be in (0, 50], got {self.mu_ki}"),
             (-5 <= self.mu_min <= self.mu, f"mu floor must be in [-5, mu], got {self.mu_min}"),
             (self.d_c >= 0 and self.d_d >= 0, "margins d_c and d_d must be >= 0"),
             (self.beta > 0, f"beta must be > 0, got {self.beta}"),
             (self.router_hidden >= 1, f"router hidden width must be >= 1, got {self.router_hidden}"),
+            (0.5 < self.router_open < 1, f"router open must be in (0.5, 1), got {self.router_open}"),
             (0 <= self.router_leak <= 0.1, f"router leak must be in [0, 0.1], got {self.router_leak}"),
             (self.eval_batch_size >= 1, f"eval batch size must be >= 1, got {self.eval_batch_size}"),
             (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
@@ -169,6 +177,8 @@ class TrainConfig:
                 raise UsageError(msg)
         if self.target_flops is not None and self.target_latency_ms is not None:
             raise UsageError("give a FLOPs target or a latency target, not both")
+        if self.train_routing not in ("soft", "straight"):
+            raise UsageError(f"train routing must be soft or straight, got {self.train_routing!r}")
         from .baselines import STATIC
         if self.routing not in ("drn", "full", *STATIC):
             raise UsageError(f"unknown routing {self.routing!r}; choose drn, full, {', '.join(STATIC)}")

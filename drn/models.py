@@ -3,6 +3,9 @@
 Every residual block carries a router and can be skipped. Three ways to run the blocks:
 
     soft  training, Eq. 4:  x' = r * F(x) + (1 - r) * S(x)     every block runs on every sample
+    straight  training, straight-through: Eq. 4 with r replaced by Eq. 11's 0/1 decision g in the
+          forward pass and by r in the backward (g + r - sg(r)): each image trains on the route it
+          will be tested on, and the routers still get Eq. 3's gradient
     hard  testing, Eq. 11:  each block runs only on the samples routed through it (gather ->
           block -> scatter), so time falls with FLOPs
     mask  testing, Eq. 11 as the public implementations do it: every block runs on every sample
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 
 from .router import Router, hard_route, soft_route
 
-ROUTINGS = ("soft", "hard", "mask", "sample")
+ROUTINGS = ("soft", "straight", "hard", "mask", "sample")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -182,6 +185,7 @@ class ModelConfig:
     input_size: int = 32      # pixels (square inputs)
     beta: float = 5.0         # Eq. 3 temperature of the soft routing variable
     router_hidden: int = 32   # width of the router's hidden linear layer
+    router_open: float = 0.9  # p(execute) of every router at initialisation (router.Router.open_)
     leak: float = 0.0         # gradient floor of r w.r.t. the router's logit gap (router.soft_route)
     zero_init_residual: bool = False  # last BN of each residual branch starts at 0: every block starts
                                       # as its shortcut (Goyal et al.), so a deep ResNet trains like a shallow one first
@@ -198,6 +202,8 @@ class ModelConfig:
             raise ValueError(f"beta must be finite and > 0, got {self.beta}")
         if self.router_hidden < 1:
             raise ValueError(f"router_hidden must be >= 1, got {self.router_hidden}")
+        if not 0.5 < self.router_open < 1:
+            raise ValueError(f"router_open must be in (0.5, 1), got {self.router_open}")
         if not (math.isfinite(self.leak) and self.leak >= 0):
             raise ValueError(f"leak must be finite and >= 0, got {self.leak}")
         if self.static_route is not None and len(self.static_route) != sum(ARCHS[self.arch].stages):
@@ -238,6 +244,8 @@ class RoutedResNet(nn.Module):
                 blocks.append(spec.block(cin, planes, stride, cfg.router_hidden))
                 cin = planes * spec.block.expansion
         self.blocks = nn.ModuleList(blocks)
+        for b in self.blocks:
+            b.router.open_(cfg.router_open)
         self.fc = nn.Linear(cin, cfg.num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -285,6 +293,8 @@ class RoutedResNet(nn.Module):
                 g = hard_route(r.detach(), threshold)
             if routing == "soft":
                 x = block.soft(x, r)
+            elif routing == "straight":
+                x = block.soft(x, g.to(r.dtype) + (r - r.detach()))
             elif routing == "mask":
                 x = block.mask(x, g)
             else:

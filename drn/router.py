@@ -1,4 +1,6 @@
 """The per-block router of Fig. 2b and the routing variables of Eq. 3 and Eq. 11."""
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -27,16 +29,21 @@ def hard_route(r: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
 class Router(nn.Module):
     """Global average pool -> Linear -> ReLU -> Linear -> 2 logits (execute, skip)."""
 
-    # Routers start open: p(execute) = sigmoid(2 * OPEN_BIAS) ~ 0.9, so training begins from the
-    # full network and learns what to skip (a closed start starves blocks of gradient).
-    OPEN_BIAS = 1.1
+    # Routers start open: p(execute) = softmax(logits)[0] = 0.9 by default, so training begins
+    # from the full network and learns what to skip (a closed start starves blocks of gradient).
+    OPEN = 0.9
 
-    def __init__(self, channels: int, hidden: int):
+    def __init__(self, channels: int, hidden: int, open_p: float = OPEN):
         super().__init__()
         self.fc1 = nn.Linear(channels, hidden)
         self.fc2 = nn.Linear(hidden, 2)
-        with torch.no_grad():
-            self.fc2.bias.copy_(torch.tensor([self.OPEN_BIAS, -self.OPEN_BIAS]))
+        self.open_(open_p)
+
+    @torch.no_grad()
+    def open_(self, p: float) -> None:
+        """Start with p(execute) = p for every input: logit gap log(p / (1 - p)), split evenly."""
+        half = 0.5 * math.log(p / (1 - p))
+        self.fc2.bias.copy_(torch.tensor([half, -half]))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, H, W) -> logits (B, 2); z: x's global average pool (B, C), when already known."""

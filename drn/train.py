@@ -29,7 +29,6 @@ from .models import ARCHS, build_model
 from .warmstart import warm_start
 
 CHECKPOINT = "checkpoint.pt"
-RAMP_FRACTION = 0.3  # the budget setpoint moves from the full cost to the target over 30 % of --epochs
 
 
 def select_device(spec: str) -> torch.device:
@@ -60,9 +59,10 @@ def _progress(m: dict, total_epochs: int) -> str:
 
 def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, *,
                views: int, finetune: bool, cost_norm: torch.Tensor, mu: float, weights: LossWeights,
-               amp: bool = True):
+               amp: bool = True, routing: str = "soft"):
     """One optimisation step on a batch of L uint8 images (L, C, H, W) and labels (L,): M augmented
-    views of each, forward, Eq. 9 (soft routing; or CE under hard routing when finetuning, M = 1),
+    views of each, forward under `routing` (soft, Eq. 4, or straight-through), Eq. 9 (or CE under
+    hard routing when finetuning, M = 1),
     backward, SGD. Returns the loss (detached), its parts, the model output and the labels (L*M,)."""
     dev = images.device
     m = 1 if finetune else views
@@ -75,7 +75,7 @@ def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, gen
             parts = dict.fromkeys(("consistency", "diversity", "cost", "reg"), torch.zeros((), device=dev))
             parts["cls"] = loss.detach()
         else:
-            out = model(make_views(x, m, generator), routing="soft")
+            out = model(make_views(x, m, generator), routing=routing)
             loss, parts = drn_loss(out.logits.float(), y, out.r.float().view(x.shape[0], m, -1), cost_norm,
                                    mu, weights)
     optimizer.zero_grad(set_to_none=True)
@@ -109,7 +109,7 @@ class Trainer:
             if cfg.routing not in ("drn", "full") and cfg.k is None:   # a static baseline at the FLOPs target
                 cfg = self.cfg = dataclasses.replace(cfg, k=self._k_for_target(cfg))
             self.model = build_model(cfg.arch, self.data.num_classes, self.data.input_size, beta=cfg.beta,
-                                     router_hidden=cfg.router_hidden, leak=cfg.router_leak, static_route=route_of(cfg),
+                                     router_hidden=cfg.router_hidden, leak=cfg.router_leak, router_open=cfg.router_open, static_route=route_of(cfg),
                                      zero_init_residual=cfg.zero_init_residual)
             self.model.set_normalization(*self.data.channel_stats())
             if cfg.init is not None:
@@ -130,7 +130,7 @@ class Trainer:
         self.target = resolve_target(cfg.target, self.budget.full, self.budget.fixed, unit)
         steps = max(1, self.data.train.labels.shape[0] // min(cfg.batch_size, self.data.train.labels.shape[0]))
         self.controller = MuController(target=self.target, mu=cfg.mu, mu_min=cfg.mu_min, ki=cfg.mu_ki, steps_per_epoch=steps,
-                                       ramp_steps=round(RAMP_FRACTION * cfg.epochs) * steps)
+                                       ramp_steps=round(cfg.budget_ramp * cfg.epochs) * steps)
         self.calibration: dict | None = None
         self.weights = LossWeights(cfg.lam, cfg.alpha, cfg.gamma, cfg.d_c, cfg.d_d)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -192,7 +192,8 @@ class Trainer:
             loss, parts, out, y = train_step(model, self.optimizer, images[idx], labels[idx], self.generator,
                                              views=cfg.views, finetune=finetune or self.static,
                                              cost_norm=cost_norm,
-                                             mu=self.controller.mu, weights=self.weights, amp=cfg.amp)
+                                             mu=self.controller.mu, weights=self.weights, amp=cfg.amp,
+                                             routing=cfg.train_routing)
             gates = out.gates.float()
             if self.target is not None and not finetune and not self.static:
                 self.controller.update(self.budget.route_cost(gates).mean().item())

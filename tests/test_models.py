@@ -453,3 +453,33 @@ def test_leak_changes_no_forward_of_the_model():
     for routing in ("soft", "hard", "mask"):
         oa, ob = a(x, routing=routing), b(x, routing=routing)
         assert torch.equal(oa.logits, ob.logits) and torch.equal(oa.gates, ob.gates)
+
+
+# ----------------------------------------------------------------------------- straight-through training
+
+@pytest.mark.parametrize("arch", ["resnet20", "resnet50"])
+def test_straight_routing_runs_the_hard_route_forward_and_trains_the_routers(arch):
+    """routing="straight": the forward pass is Eq. 11's hard route (the same logits as `mask`),
+    the routers get Eq. 3's gradient through r, and a block's weights learn only from the images
+    that run it."""
+    torch.manual_seed(3)
+    model = make(arch)
+    randomize_routers(model)
+    size = ARCH_CASES[arch][0]
+    x = torch.rand(6, 3, size, size)
+    model.train()
+    out = model(x, routing="straight")
+    g = out.gates
+    assert 0 < g.float().mean() < 1                              # some blocks run, some are skipped
+    with torch.no_grad():
+        ref = model(x, routing="mask", gates=g)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+    out.logits.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for b in model.blocks for p in b.router.parameters())
+    # a block that no image runs gets no gradient on its weights, but its router does
+    model.zero_grad(set_to_none=True)
+    forced = g.clone()
+    forced[:, 1] = False
+    model(x, routing="straight", gates=forced).logits.square().sum().backward()
+    assert model.blocks[1].residual[0].weight.grad.abs().sum() == 0
+    assert model.blocks[1].router.fc2.weight.grad.abs().sum() > 0
