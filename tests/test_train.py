@@ -14,9 +14,11 @@ def tiny_cfg(data, out, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def test_train_writes_checkpoint_and_reports_every_epoch(tiny_data, tmp_path):
+@pytest.mark.parametrize("routing", ["straight", "soft"])
+def test_train_writes_checkpoint_and_reports_every_epoch(tiny_data, tmp_path, routing):
     seen = []
-    result = train(tiny_cfg(tiny_data, tmp_path / "run"), on_epoch=lambda m: seen.append(m), log=lambda s: None)
+    cfg = tiny_cfg(tiny_data, tmp_path / "run", train_routing=routing)
+    result = train(cfg, on_epoch=lambda m: seen.append(m), log=lambda s: None)
     assert [m["epoch"] for m in seen] == [1, 2]
     for key in ("accuracy", "flops", "flops_full", "k", "k_full", "distinct_paths", "mu", "loss_cls",
                 "loss_consistency", "loss_diversity", "loss_cost", "loss_reg"):
@@ -25,7 +27,7 @@ def test_train_writes_checkpoint_and_reports_every_epoch(tiny_data, tmp_path):
     assert 0 <= result["k"] <= result["k_full"] == 3
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert ckpt["epoch"] == 2 and len(ckpt["history"]) == 2
-    assert TrainConfig.from_dict(ckpt["config"]) == tiny_cfg(tiny_data, tmp_path / "run")
+    assert TrainConfig.from_dict(ckpt["config"]) == cfg
     assert not list((tmp_path / "run").glob("*.tmp"))
 
 
