@@ -43,6 +43,8 @@ TRAIN_FLAGS = {
     "--finetune-epochs": ("finetune_epochs", int, "extra epochs with frozen routers and hard routing"),
     "--batch-size": ("batch_size", int, "samples per step (each gives --views augmented copies)"),
     "--views": ("views", int, "M of Eq. 5: augmented copies per sample"),
+    "--finetune-lr": ("finetune_lr", float, "the finetune epochs restart at this lr and decay to 0 along a "
+                                            "half cosine (default: --lr)"),
     "--lr": ("lr", float, "initial learning rate (x lr-decay at 60%% and 80%% of --epochs)"),
     "--warmup-epochs": ("warmup_epochs", float, "epochs of linear lr warm-up from 0"),
     "--momentum": ("momentum", float, "SGD momentum"),

@@ -71,6 +71,9 @@ class TrainConfig:
     epochs: int = 250
     finetune_epochs: int | None = None  # extra epochs with frozen routers and hard routing (None: with a
                                   # target, max(2, 10 % of epochs), measured to lift accuracy; else 0)
+    finetune_lr: float | None = None  # the finetune restarts at this lr and decays to 0 along a half cosine
+                                  # (None: lr). The route settles late in a short schedule, when the main
+                                  # lr has decayed: the restart trains it (BENCHMARKS.md, issue 14)
     batch_size: int = 128         # samples per step; each contributes `views` augmented copies
     views: int = 2                # M of Eq. 5: augmented copies per sample
     lr: float = 0.1
@@ -136,6 +139,7 @@ class TrainConfig:
             self.zero_init_residual = deep and self.routing != "drn"
         if self.warmup_epochs is None:
             self.warmup_epochs = 2.0 if deep and not self.zero_init_residual else 0.0
+        self.finetune_lr = self.lr if self.finetune_lr is None else self.finetune_lr
         self.lam = default_w if self.lam is None else self.lam
         self.alpha = default_w if self.alpha is None else self.alpha
         self.milestones = tuple(self.milestones)
@@ -148,6 +152,7 @@ class TrainConfig:
             (self.warmup_epochs >= 0, f"warm-up epochs must be >= 0, got {self.warmup_epochs}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.finetune_epochs >= 0, f"finetune epochs must be >= 0, got {self.finetune_epochs}"),
+            (self.finetune_lr is None or self.finetune_lr > 0, f"finetune lr must be > 0, got {self.finetune_lr}"),
             (self.batch_size >= 2, f"batch size must be >= 2 (Eq. 6 needs pairs), got {self.batch_size}"),
             (self.views >= 1, f"views must be >= 1, got {self.views}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
@@ -218,7 +223,11 @@ class TrainConfig:
 
     def lr_at(self, epoch: int, frac: float = 0.0) -> float:
         """Learning rate at `frac` of the way through 0-based `epoch`: a linear warm-up over
-        `warmup_epochs`, then steps at the milestones; the finetune phase keeps the last rate."""
+        `warmup_epochs`, then steps at the milestones; the finetune phase restarts at `finetune_lr`
+        and decays along a half cosine to 0."""
+        if epoch >= self.epochs:
+            t = (epoch - self.epochs + frac) / max(self.finetune_epochs, 1)
+            return self.finetune_lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
         e = min(epoch, self.epochs - 1)
         passed = sum(e >= round(m * self.epochs) for m in self.milestones)
         warm = min(1.0, (epoch + frac) / self.warmup_epochs) if self.warmup_epochs > 0 else 1.0

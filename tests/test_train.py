@@ -76,7 +76,12 @@ def test_lr_follows_the_scaled_paper_milestones():
     assert [cfg.lr_at(e) for e in (0, 149, 150, 199, 200, 249)] == pytest.approx(
         [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
     short = TrainConfig(arch="resnet20", epochs=10, finetune_epochs=2)
-    assert short.lr_at(5) == pytest.approx(0.1) and short.lr_at(6) == pytest.approx(0.01) and short.lr_at(11) == short.lr_at(9)
+    assert short.lr_at(5) == pytest.approx(0.1) and short.lr_at(6) == pytest.approx(0.01) and short.lr_at(9) == pytest.approx(0.001)
+    # the finetune restarts at --finetune-lr (default --lr) and decays along a half cosine to 0
+    assert [short.lr_at(10, 0.0), short.lr_at(11, 0.0), short.lr_at(11, 1.0)] == pytest.approx([0.1, 0.05, 0.0])
+    ft = TrainConfig(arch="resnet20", epochs=10, finetune_epochs=2, finetune_lr=0.05)
+    assert ft.lr_at(9) == short.lr_at(9)
+    assert [ft.lr_at(10, 0.0), ft.lr_at(11, 0.0), ft.lr_at(11, 1.0)] == pytest.approx([0.05, 0.025, 0.0])
 
 
 @pytest.mark.parametrize("spec,expected", [("2e8", 2e8), ("40%", 0.4 * 5e8), (" 1.5e8 ", 1.5e8)])
