@@ -20,6 +20,8 @@ def _fmt(name: str, v) -> str:
     if v is None:
         if name == "finetune_epochs":
             return "with a target, max(2, 10%% of --epochs); else 0"
+        if name == "finetune_lr":
+            return "--lr"
         if name == "warmup_epochs":
             return "2 for resnet56 and deeper and resnet50 unless --zero-init-residual, else 0"
         return "0.2, or 0.4 on tinyimagenet (the paper's)" if name in ("lam", "alpha") else "none"
@@ -44,7 +46,7 @@ TRAIN_FLAGS = {
     "--batch-size": ("batch_size", int, "samples per step (each gives --views augmented copies)"),
     "--views": ("views", int, "M of Eq. 5: augmented copies per sample"),
     "--finetune-lr": ("finetune_lr", float, "the finetune epochs restart at this lr and decay to 0 along a "
-                                            "half cosine (default: --lr)"),
+                                            "half cosine"),
     "--lr": ("lr", float, "initial learning rate (x lr-decay at 60%% and 80%% of --epochs)"),
     "--warmup-epochs": ("warmup_epochs", float, "epochs of linear lr warm-up from 0"),
     "--momentum": ("momentum", float, "SGD momentum"),
