@@ -103,12 +103,21 @@ def run(args) -> int:
         left = [k for k in todo if not (RESULTS / f"{k}.json").exists()]
         print(f"{len(todo)} runs planned, {len(todo) - len(left)} done, {len(left)} left:\n" + "\n".join(left))
         return 0
+    every = plan(args.arch)
     while True:
         pending = [k for k in todo if not (RESULTS / f"{k}.json").exists()]
         if not pending:
             return 0
-        # a warm run waits for its plain network; meanwhile take the next run that is ready
-        ready = [k for k in pending if _depends(todo[k]) is None or (RESULTS / f"{_depends(todo[k]).parent.name}.json").exists()]
+        # a plain network whose record is kept but whose checkpoint is gone (runs/ is scratch space)
+        # is trained again for the warm runs still waiting on it; its old record moves aside
+        for dep in {_depends(todo[k]) for k in pending} - {None}:
+            if not dep.exists() and (RESULTS / f"{dep.parent.name}.json").exists():
+                (RESULTS / f"{dep.parent.name}.json").replace(RUNS_DIR / f"{dep.parent.name}.previous.json")
+                todo = {**todo, dep.parent.name: every[dep.parent.name]}
+                pending.append(dep.parent.name)
+        # a warm run waits for its plain network (its record is written once it is complete)
+        ready = [k for k in pending if _depends(todo[k]) is None
+                 or (RESULTS / f"{_depends(todo[k]).parent.name}.json").exists()]
         name = next((k for k in ready if _claim(k)), None)
         if name is None:
             if not ready and not any((RUNS_DIR / f"{k}.lock").exists() for k in pending):

@@ -1,0 +1,99 @@
+"""Does depth pay in a short schedule? (issue 14, item 4)
+
+The goal: on cifar10-5k, the plain ResNet-110 trained 10 epochs reaches at least the val accuracy
+of the plain ResNet-20 trained 10 epochs, with drn-train's defaults. Each run is one
+`drn-train --routing full --epochs 10` with the default recipe plus the variant's flags; the
+per-epoch val accuracy is kept, so where a deep network falls behind shows.
+
+    python bench/depth.py run [--arch resnet20 resnet110] [--seeds 0] [--variant NAME -- FLAGS...]
+    python bench/depth.py report          # Markdown table of every result -> stdout
+
+Resumable: a run whose JSON is in bench/results/depth/ is not run again; an interrupted one
+resumes from its checkpoint.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "depth"
+RUNS = ROOT / "bench" / "runs" / "depth"
+EPOCHS = 10
+
+
+def _train(args: list[str]) -> subprocess.CompletedProcess:
+    code = "import sys; from drn.cli import train_main; sys.exit(train_main(sys.argv[1:]))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+
+
+def run(args) -> int:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        for arch in args.arch:
+            name = f"{args.variant}-{arch}-s{seed}"
+            if (RESULTS / f"{name}.json").exists():
+                continue
+            out = RUNS / name
+            flags = ["--arch", arch, "--routing", "full", "--dataset", "imagefolder", "--data-dir", args.data_dir,
+                     "--epochs", str(EPOCHS), "--seed", str(seed), "--device", "cpu", "--json", *args.flags,
+                     "--out", str(out)]
+            if (out / "checkpoint.pt").exists():
+                flags.append("--resume")
+            t0 = time.time()
+            proc = _train(flags)
+            if proc.returncode != 0:
+                print(f"{name}: drn-train failed: {proc.stderr[-800:]}", file=sys.stderr)
+                return 1
+            import torch
+            hist = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["history"]
+            rec = {"name": name, "variant": args.variant, "arch": arch, "seed": seed, "flags": args.flags,
+                   "seconds": time.time() - t0, "final": json.loads(proc.stdout.strip().splitlines()[-1]),
+                   "history": [{k: h.get(k) for k in ("epoch", "lr", "loss_cls", "train_accuracy", "accuracy")}
+                               for h in hist]}
+            (RESULTS / f"{name}.json").write_text(json.dumps(rec, indent=1))
+            m = rec["final"]
+            print(f"{name}: val {m['val_accuracy']:.2%}, test {m['test_accuracy']:.2%} | {rec['seconds']:.0f}s",
+                  flush=True)
+    return 0
+
+
+def report(args) -> int:
+    recs = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    groups: dict[tuple, list] = {}
+    for r in recs:
+        groups.setdefault((r["variant"], r["arch"]), []).append(r)
+    print("| variant | flags | arch | val acc per epoch (seed 0) | val acc | test acc | seeds | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
+    pm = lambda v: f"{100 * statistics.mean(v):.1f}" + (f" ± {100 * statistics.stdev(v):.1f}" if len(v) > 1 else "")
+    for (variant, arch), rs in sorted(groups.items()):
+        rs.sort(key=lambda r: r["seed"])
+        curve = " ".join(f"{100 * h['accuracy']:.0f}" for h in rs[0]["history"])
+        print(f"| {variant} | `{' '.join(rs[0]['flags']) or '(defaults)'}` | {arch} | {curve} | "
+              f"{pm([r['final']['val_accuracy'] for r in rs])} | {pm([r['final']['test_accuracy'] for r in rs])} | "
+              f"{' '.join(str(r['seed']) for r in rs)} | {statistics.mean(r['seconds'] for r in rs):.0f} |")
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=("run", "report"))
+    ap.add_argument("--data-dir", default=os.environ.get("DRN_DATA_DIR", str(ROOT.parent / "shared/data/cifar10-5k")))
+    ap.add_argument("--arch", nargs="+", default=["resnet20", "resnet110"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--variant", default="default", help="a name for the flags that follow --")
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = ap.parse_args(argv[:cut])
+    args.flags = argv[cut + 1:]
+    args.data_dir = str(Path(args.data_dir).absolute())
+    return run(args) if args.what == "run" else report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
