@@ -15,21 +15,16 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from landing import _train, parse_variant_args   # the sibling runner's drn-train call and `--` flags
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "depth"
 RUNS = ROOT / "bench" / "runs" / "depth"
 EPOCHS = 10
-
-
-def _train(args: list[str]) -> subprocess.CompletedProcess:
-    code = "import sys; from drn.cli import train_main; sys.exit(train_main(sys.argv[1:]))"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
 
 
 def run(args) -> int:
@@ -87,11 +82,7 @@ def main() -> int:
     ap.add_argument("--arch", nargs="+", default=["resnet20", "resnet110"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--variant", default="default", help="a name for the flags that follow --")
-    argv = sys.argv[1:]
-    cut = argv.index("--") if "--" in argv else len(argv)
-    args = ap.parse_args(argv[:cut])
-    args.flags = argv[cut + 1:]
-    args.data_dir = str(Path(args.data_dir).absolute())
+    args = parse_variant_args(ap)
     return run(args) if args.what == "run" else report(args)
 
 

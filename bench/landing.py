@@ -94,12 +94,18 @@ def main() -> int:
     ap.add_argument("--variant", default="default", help="a name for the flags that follow --")
     ap.epilog = ("extra drn-train flags go after --; {arch}, {seed} and {runs} (the runs folder) in a value are "
                  "filled in, e.g. -- --init {runs}/full-{arch}-s{seed}/checkpoint.pt")
+    args = parse_variant_args(ap)
+    return run(args) if args.what == "run" else report(args)
+
+
+def parse_variant_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse argv up to `--`; what follows it becomes `args.flags` (extra drn-train flags)."""
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     args = ap.parse_args(argv[:cut])
     args.flags = argv[cut + 1:]
     args.data_dir = str(Path(args.data_dir).absolute())
-    return run(args) if args.what == "run" else report(args)
+    return args
 
 
 if __name__ == "__main__":
