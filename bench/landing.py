@@ -57,6 +57,10 @@ def run(args) -> int:
                 rec = {"name": name, "variant": args.variant, "arch": arch, "target_pct": t, "seed": seed,
                        "flags": args.flags, "seconds": time.time() - t0, "final": m, "history": hist}
                 (RESULTS / f"{name}.json").write_text(json.dumps(rec, indent=1))
+                if "uncalibrated_flops" not in m:   # a static route (--routing ...): nothing lands
+                    print(f"{name}: static, {m['val_flops'] / m['flops_full']:.1%} of full, val {m['val_accuracy']:.2%}, "
+                          f"test {m['test_accuracy']:.2%} | {rec['seconds']:.0f}s", flush=True)
+                    continue
                 err = m["uncalibrated_flops"] / m["target"] - 1
                 print(f"{name}: at 0.5 {m['uncalibrated_flops'] / m['flops_full']:.1%} of full ({err:+.1%}), "
                       f"threshold {m['threshold']:.3f}, val {m['val_accuracy']:.2%}, test {m['test_accuracy']:.2%} "
@@ -76,6 +80,11 @@ def report(args) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in sorted(recs, key=lambda r: (r["variant"], r["arch"], r["target_pct"], r["seed"])):
         m = r["final"]
+        if "uncalibrated_flops" not in m:   # a static route
+            print(f"| {r['variant']} | {r['arch']} | {r['target_pct']:g} % | {r['seed']} | "
+                  f"{m['val_flops'] / m['flops_full']:.1%} (static) | | | | {m['val_accuracy']:.1%} | "
+                  f"{m['test_accuracy']:.1%} | |")
+            continue
         err = m["uncalibrated_flops"] / m["target"] - 1
         print(f"| {r['variant']} | {r['arch']} | {r['target_pct']:g} % | {r['seed']} | "
               f"{m['uncalibrated_flops'] / m['flops_full']:.1%} | {err:+.1%} | {'yes' if abs(err) <= 0.05 else 'no'} | "

@@ -22,6 +22,8 @@ def _fmt(name: str, v) -> str:
             return "with a target, max(2, 10%% of --epochs); else 0"
         if name == "finetune_lr":
             return "--lr"
+        if name == "mu_ki":
+            return "8 with --router-start distributedk, 2 with open"
         if name == "warmup_epochs":
             return "2 for resnet56 and deeper and resnet50 unless --zero-init-residual, else 0"
         return "0.2, or 0.4 on tinyimagenet (the paper's)" if name in ("lam", "alpha") else "none"
@@ -65,6 +67,9 @@ TRAIN_FLAGS = {
     "--beta": ("beta", float, "beta of Eq. 3 (larger: soft routing closer to hard)"),
     "--router-hidden": ("router_hidden", int, "hidden width of each router"),
     "--router-open": ("router_open", float, "p(execute) of every router at the start, in (0.5, 1)"),
+    "--router-start": ("router_start", str, "open: every router at --router-open; distributedk (with a target): "
+                                            "the DistributedK route closest to the target open, the other routers "
+                                            "closed at 1 - --router-open, so training starts on the budget"),
     "--train-routing": ("train_routing", str, "soft: Eq. 4 in training (the paper); straight: each image runs its "
                                               "hard route (Eq. 11) forward, Eq. 3's gradient flows back (straight-through)"),
     "--router-leak": ("router_leak", float, "gradient floor of the routing variable w.r.t. its router's logits "

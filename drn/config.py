@@ -92,7 +92,8 @@ class TrainConfig:
     mu: float = 0.05              # initial cost weight; fixed unless a target is given
     budget_ramp: float = 0.3      # the loop's setpoint moves from the start cost to the target over this
                                   # share of --epochs (controller.py)
-    mu_ki: float = 2.0            # the controller's integral gain on asinh(mu / 0.05), per epoch (controller.py)
+    mu_ki: float | None = None    # the controller's integral gain on asinh(mu / 0.05), per epoch (controller.py;
+                                  # None: 8 when the routers start on the budget, 2 when they start open)
     mu_min: float = -1.0          # the controller's floor: < 0 lets it reward compute to reach a target
                                   # from below (controller.py)
     d_c: float = 0.2
@@ -101,6 +102,10 @@ class TrainConfig:
     beta: float = 5.0
     router_hidden: int = 32
     router_open: float = 0.9      # p(execute) of every router at the start, in (0.5, 1): open, but how far
+    router_start: str = "distributedk"  # with a target: the blocks of the DistributedK route closest to the
+                                  # target start open (router_open), the others closed (1 - router_open), so
+                                  # training starts on the budget (BENCHMARKS.md, issue 14); open: every router
+                                  # at router_open, training starts as the full network
     train_routing: str = "straight"  # straight: Eq. 11's 0/1 decisions forward, Eq. 3's gradient backward
                                   # (models.py), so training runs the routes testing will (lands closer; the
                                   # accuracy against soft is still being measured, BENCHMARKS.md issue 14);
@@ -141,6 +146,8 @@ class TrainConfig:
         if self.warmup_epochs is None:
             self.warmup_epochs = 2.0 if deep and not self.zero_init_residual else 0.0
         self.finetune_lr = self.lr if self.finetune_lr is None else self.finetune_lr
+        if self.mu_ki is None:
+            self.mu_ki = 8.0 if self.router_start == "distributedk" else 2.0
         self.lam = default_w if self.lam is None else self.lam
         self.alpha = default_w if self.alpha is None else self.alpha
         self.milestones = tuple(self.milestones)
@@ -183,6 +190,8 @@ class TrainConfig:
                 raise UsageError(msg)
         if self.target_flops is not None and self.target_latency_ms is not None:
             raise UsageError("give a FLOPs target or a latency target, not both")
+        if self.router_start not in ("open", "distributedk"):
+            raise UsageError(f"router start must be open or distributedk, got {self.router_start!r}")
         if self.train_routing not in ("soft", "straight"):
             raise UsageError(f"train routing must be soft or straight, got {self.train_routing!r}")
         from .baselines import STATIC

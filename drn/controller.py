@@ -23,9 +23,13 @@ starting cost down to the target. It acts on u = asinh(mu / mu_scale):
   closed (K = 0) and -- with r near 0 the routers get almost no gradient -- never reopened.
   Moving the setpoint gradually keeps e small, so the routers follow instead of collapsing.
 * gains are per epoch (ki is divided by the steps in an epoch), so the loop's time constant is
-  the same on 4k images and on 50k. ki = 2 / epoch: a sustained 10 % overshoot multiplies mu by
-  e^0.2 = 1.22 per epoch, slower than the routers adapt; kp = 1 damps the integral's overshoot
-  without passing much batch-to-batch noise into mu. The benchmark (bench/controller.py,
+  the same on 4k images and on 50k. Routers that start open (the full network) need a slow loop,
+  ki = 2 / epoch: a sustained 10 % overshoot multiplies mu by e^0.2 = 1.22 per epoch, slower than
+  the routers adapt. Routers that start on the budget (TrainConfig.router_start, the default) see
+  errors of a few % from the first step, and ki = 2 was too slow to hold them there: they
+  reopened closed blocks to +16-20 % over a 30 % target, so the trainer passes ki = 8 then
+  (BENCHMARKS.md, issue 14). kp = 1 damps the integral's overshoot without passing much
+  batch-to-batch noise into mu. The benchmark (bench/controller.py,
   BENCHMARKS.md) measures the result on real training.
 * anti-windup: the integral is clamped so that it never pushes mu past a clip.
 * no target: mu stays at its initial value (0.05, the paper's).

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .baselines import k_for_budget, route_of
+from .baselines import k_for_budget, route_of, static_route
 from .calibrate import TRIM, trim_threshold
 from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from .config import TrainConfig, UsageError, resolve_target
@@ -128,6 +128,10 @@ class Trainer:
         unit = "FLOPs" if self.budget.unit == "flops" else "ms"
         # a static baseline is trained at its k: the target only chose k, it is not steered to
         self.target = resolve_target(cfg.target, self.budget.full, self.budget.fixed, unit)
+        if ckpt is None and cfg.router_start == "distributedk" and self.target is not None and not self.static:
+            route, half = self._start_on_budget()
+            self.log(f"routers start on the budget: blocks {[i for i, on in enumerate(route) if on]} open"
+                     + ("" if half is None else f", block {half} undecided (p = 0.5)") + ", the others closed")
         steps = max(1, self.data.train.labels.shape[0] // min(cfg.batch_size, self.data.train.labels.shape[0]))
         self.controller = MuController(target=self.target, mu=cfg.mu, mu_min=cfg.mu_min, ki=cfg.mu_ki, steps_per_epoch=steps,
                                        ramp_steps=round(cfg.budget_ramp * cfg.epochs) * steps)
@@ -148,6 +152,28 @@ class Trainer:
         on_device = lambda split: split._replace(images=split.images.to(self.device), labels=split.labels.to(self.device))
         self.train_split, self.val_split = on_device(self.data.train), on_device(self.data.val)
         self.test_metrics: dict | None = None if ckpt is None else ckpt.get("test")
+
+    @torch.no_grad()
+    def _start_on_budget(self) -> tuple[tuple[bool, ...], int | None]:
+        """Start the routers on the budget rather than at the full network: the DistributedK route
+        whose cost is closest to the target opens (router_open), the other routers close (1 -
+        router_open). When that route misses the target by more than 2.5 %, the cheaper DistributedK
+        route under it opens instead, plus one block of the next route undecided (p = 0.5, about half
+        the images): its router is where Eq. 3 is steepest, so the budget loop can steer it to the
+        target without a saturated router's cliff. Returns the open route and the undecided block."""
+        stages, b, target = ARCHS[self.cfg.arch].stages, self.budget, self.target
+        cost = lambda route: b.fixed + sum(c for c, on in zip(b.block, route) if on)
+        routes = [tuple(static_route("distributedk", stages, k).tolist()) for k in range(1, len(b.block) + 1)]
+        route, half = min(routes, key=lambda r: abs(cost(r) - target)), None
+        below = [r for r in routes if cost(r) <= target]
+        if abs(cost(route) / target - 1) > 0.025 and below and len(below) < len(routes):
+            route = max(below, key=cost)
+            above = min((r for r in routes if cost(r) > cost(route)), key=cost)
+            extra = [i for i, (a, o) in enumerate(zip(above, route)) if a and not o]
+            half = min(extra, key=lambda i: abs(cost(route) + 0.5 * b.block[i] - target))
+        for i, (block, on) in enumerate(zip(self.model.blocks, route)):
+            block.router.open_(0.5 if i == half else self.cfg.router_open if on else 1 - self.cfg.router_open)
+        return route, half
 
     def _k_for_target(self, cfg: TrainConfig) -> int:
         twin = build_model(cfg.arch, self.data.num_classes, self.data.input_size)

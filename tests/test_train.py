@@ -183,3 +183,37 @@ def test_deep_plain_networks_start_as_their_shortcuts_without_warm_up():
                                   usual(x, routing="mask", gates=torch.zeros(2, 27, dtype=torch.bool)).logits)
     assert all(b.residual[-1].weight.abs().sum() == 0 for b in model.blocks)
     torch.testing.assert_close(ran, skipped)   # every block is its shortcut at the start
+
+
+def test_routers_can_start_on_the_budget(tiny_data, tmp_path):
+    """--router-start distributedk (the default with a target): at step 0 every image runs a
+    DistributedK route; one undecided block (p = 0.5) may be added so the start cost straddles the
+    target rather than missing it by a block."""
+    from drn.baselines import static_route
+    x = None
+    for target in ("30%", "50%", "70%"):
+        cfg = tiny_cfg(tiny_data, tmp_path / target, arch="resnet14", epochs=1, finetune_epochs=0,
+                       target_flops=target)
+        assert cfg.router_start == "distributedk" and cfg.mu_ki == 8
+        trainer = Trainer(cfg, log=lambda s: None)
+        route, half = trainer._start_on_budget()
+        assert any(route == tuple(static_route("distributedk", (2, 2, 2), k).tolist()) for k in range(1, 7))
+        x = trainer.train_split.images[:16].float() / 255
+        with torch.no_grad():
+            out = trainer.model(x, routing="hard")
+        fixed = [i for i in range(6) if i != half]
+        assert torch.equal(out.gates[:, fixed], torch.tensor(route)[fixed].expand(16, -1))
+        b, t = trainer.budget, trainer.target
+        if half is None:
+            assert abs(b.route_cost(torch.tensor(route)[None].float()).item() / t - 1) <= 0.025
+        else:
+            assert not route[half] and (out.r[:, half] - 0.5).abs().max() < 0.2   # undecided: r near 0.5
+            low = b.route_cost(torch.tensor(route)[None].float()).item()
+            assert low <= t <= low + b.block[half]
+    opened = Trainer(tiny_cfg(tiny_data, tmp_path / "o", arch="resnet14", target_flops="50%", router_start="open"),
+                     log=lambda s: None)
+    assert opened.cfg.mu_ki == 2
+    with torch.no_grad():
+        assert opened.model(x, routing="hard").gates.all()
+    with pytest.raises(UsageError):
+        TrainConfig(router_start="random")

@@ -29,7 +29,7 @@ def test_routing_full_is_the_plain_network(plain):
 
 def test_init_copies_every_weight_but_the_routers_which_start_open(plain, tiny_data, tmp_path):
     cfg = tiny_cfg(tiny_data, tmp_path / "warm", arch="resnet20", epochs=1, target_flops="50%",
-                   init=str(plain.checkpoint_path))
+                   init=str(plain.checkpoint_path), router_start="open")
     warm = Trainer(cfg, log=lambda s: None)
     src, dst = plain.model.state_dict(), warm.model.state_dict()
     shared = [k for k in dst if ".router." not in k and k != "threshold"]
@@ -45,6 +45,12 @@ def test_init_copies_every_weight_but_the_routers_which_start_open(plain, tiny_d
         torch.testing.assert_close(routed, plain.model(x, routing="hard").logits)
     final = warm.run()
     assert final["init"] == str(plain.checkpoint_path) and load_checkpoint(warm.checkpoint_path)["init_info"]
+    # by default the warm routers start on the budget, as from scratch: open, closed or undecided
+    on_budget = Trainer(tiny_cfg(tiny_data, tmp_path / "warm-b", arch="resnet20", epochs=1, target_flops="50%",
+                                 init=str(plain.checkpoint_path)), log=lambda s: None)
+    p = [round(torch.softmax(b.router.fc2.bias, 0)[0].item(), 6) for b in on_budget.model.blocks]
+    assert set(p) <= {0.9, 0.1, 0.5} and 0.1 in p and 0.9 in p
+    assert torch.equal(on_budget.model.blocks[4].residual[0].weight, plain.model.blocks[4].residual[0].weight)
 
 
 def test_a_static_baseline_warm_starts_too(plain, tiny_data, tmp_path):
