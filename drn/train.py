@@ -162,7 +162,7 @@ class Trainer:
         the images): its router is where Eq. 3 is steepest, so the budget loop can steer it to the
         target without a saturated router's cliff. Returns the open route and the undecided block."""
         stages, b, target = ARCHS[self.cfg.arch].stages, self.budget, self.target
-        cost = lambda route: b.fixed + sum(c for c, on in zip(b.block, route) if on)
+        cost = lambda route: b.route_cost(torch.tensor(route, dtype=torch.float32)).item()
         routes = [tuple(static_route("distributedk", stages, k).tolist()) for k in range(1, len(b.block) + 1)]
         route, half = min(routes, key=lambda r: abs(cost(r) - target)), None
         below = [r for r in routes if cost(r) <= target]
