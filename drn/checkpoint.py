@@ -35,11 +35,17 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return ckpt
 
 
+def model_for(cfg: TrainConfig, num_classes: int, input_size: int) -> RoutedResNet:
+    """The network a training config describes (its static route's k already resolved)."""
+    from .baselines import route_of
+    return build_model(cfg.arch, num_classes, input_size, beta=cfg.beta, router_hidden=cfg.router_hidden,
+                       leak=cfg.router_leak, router_open=cfg.router_open, static_route=route_of(cfg),
+                       zero_init_residual=cfg.zero_init_residual, drop_path=cfg.drop_path)
+
+
 def model_from_checkpoint(ckpt: dict) -> tuple[RoutedResNet, TrainConfig]:
     cfg = TrainConfig.from_dict(ckpt["config"])
-    from .baselines import route_of
-    model = build_model(cfg.arch, ckpt["num_classes"], ckpt["input_size"], beta=cfg.beta,
-                        router_hidden=cfg.router_hidden, leak=cfg.router_leak, router_open=cfg.router_open, static_route=route_of(cfg))
+    model = model_for(cfg, ckpt["num_classes"], ckpt["input_size"])
     state = dict(ckpt["model"])
     state.setdefault("threshold", torch.tensor(0.5))  # checkpoints written before calibration existed
     try:

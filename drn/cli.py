@@ -51,6 +51,8 @@ TRAIN_FLAGS = {
                                             "half cosine"),
     "--lr": ("lr", float, "initial learning rate (x lr-decay at 60%% and 80%% of --epochs)"),
     "--warmup-epochs": ("warmup_epochs", float, "epochs of linear lr warm-up from 0"),
+    "--drop-path": ("drop_path", float, "stochastic depth for --routing full and the static routes: block l of L "
+                                        "is skipped for a whole training batch with probability drop-path * l / L"),
     "--momentum": ("momentum", float, "SGD momentum"),
     "--weight-decay": ("weight_decay", float, "SGD weight decay"),
     "--lam": ("lam", float, "lambda, weight of the consistency loss (Eq. 5)"),
@@ -72,6 +74,8 @@ TRAIN_FLAGS = {
                                             "closed at 1 - --router-open, so training starts on the budget"),
     "--train-routing": ("train_routing", str, "soft: Eq. 4 in training (the paper); straight: each image runs its "
                                               "hard route (Eq. 11) forward, Eq. 3's gradient flows back (straight-through)"),
+    "--router-lr": ("router_lr", str, "decay: the routers' lr steps down with the blocks'; constant: the routers "
+                                      "keep the peak lr until the finetune, so the budget loop can still move them"),
     "--router-leak": ("router_leak", float, "gradient floor of the routing variable w.r.t. its router's logits "
                                             "in training, in [0, 0.1]: lets closed routers reopen (0: Eq. 3 as is)"),
     "--target-flops": ("target_flops", str, "FLOPs budget per image, absolute (2e8) or share of full (40%%); "

@@ -81,6 +81,8 @@ class TrainConfig:
                                   # resnet50 unless zero_init_residual, else 0)
     zero_init_residual: bool | None = None  # each residual branch's last BN starts at 0 (None: on for the plain
                                   # and static networks of resnet56 and deeper and resnet50; off for drn)
+    drop_path: float = 0.0        # stochastic depth for full and static routes: block l of L skipped for a
+                                  # whole training batch with probability drop_path * l / L (Huang et al.)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     milestones: tuple[float, ...] = (0.6, 0.8)  # fractions of `epochs` (= 150/250, 200/250)
@@ -110,6 +112,9 @@ class TrainConfig:
                                   # (models.py), so training runs the routes testing will (lands closer; the
                                   # accuracy against soft is still being measured, BENCHMARKS.md issue 14);
                                   # soft: Eq. 4, the paper's
+    router_lr: str = "decay"      # decay: the routers' lr follows the blocks' (milestones); constant: the
+                                  # routers keep the peak lr until the finetune freezes them, so the budget
+                                  # loop can still move them after the blocks' lr has decayed
     router_leak: float = 0.0      # gradient floor of r w.r.t. the router logits (router.soft_route): lets
                                   # closed routers reopen; 0 = Eq. 3's own gradient (BENCHMARKS.md, issue 14)
     # budget: FLOPs per image ('2e8') or share of the full network ('40%'), or milliseconds per
@@ -174,6 +179,7 @@ class TrainConfig:
             (-5 <= self.mu_min <= self.mu, f"mu floor must be in [-5, mu], got {self.mu_min}"),
             (self.d_c >= 0 and self.d_d >= 0, "margins d_c and d_d must be >= 0"),
             (self.beta > 0, f"beta must be > 0, got {self.beta}"),
+            (0 <= self.drop_path < 1, f"drop path must be in [0, 1), got {self.drop_path}"),
             (self.router_hidden >= 1, f"router hidden width must be >= 1, got {self.router_hidden}"),
             (0.5 < self.router_open < 1, f"router open must be in (0.5, 1), got {self.router_open}"),
             (0 <= self.router_leak <= 0.1, f"router leak must be in [0, 0.1], got {self.router_leak}"),
@@ -192,6 +198,8 @@ class TrainConfig:
             raise UsageError("give a FLOPs target or a latency target, not both")
         if self.router_start not in ("open", "distributedk"):
             raise UsageError(f"router start must be open or distributedk, got {self.router_start!r}")
+        if self.router_lr not in ("decay", "constant"):
+            raise UsageError(f"router lr must be decay or constant, got {self.router_lr!r}")
         if self.train_routing not in ("soft", "straight"):
             raise UsageError(f"train routing must be soft or straight, got {self.train_routing!r}")
         from .baselines import STATIC
@@ -205,6 +213,8 @@ class TrainConfig:
                 raise UsageError(f"routing {self.routing} takes --k or --target-flops, not a latency target")
             if self.k is None and self.target_flops is None:
                 raise UsageError(f"routing {self.routing} needs --k (blocks to run) or --target-flops")
+        elif self.drop_path:
+            raise UsageError("--drop-path is for full and static routes: a routed network's routers choose what to skip")
         elif self.k is not None:
             raise UsageError("--k is for the static routings (firstk, randomk, distributedk), not drn")
         if self.k is not None and self.k < 1:
@@ -231,14 +241,15 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         return build_checked(cls, d, "config")
 
-    def lr_at(self, epoch: int, frac: float = 0.0) -> float:
+    def lr_at(self, epoch: int, frac: float = 0.0, router: bool = False) -> float:
         """Learning rate at `frac` of the way through 0-based `epoch`: a linear warm-up over
         `warmup_epochs`, then steps at the milestones; the finetune phase restarts at `finetune_lr`
-        and decays along a half cosine to 0."""
+        and decays along a half cosine to 0. router: the routers' lr, which skips the milestone
+        steps with router_lr = constant (the finetune freezes the routers)."""
         if epoch >= self.epochs:
             t = (epoch - self.epochs + frac) / max(self.finetune_epochs, 1)
             return self.finetune_lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
         e = min(epoch, self.epochs - 1)
-        passed = sum(e >= round(m * self.epochs) for m in self.milestones)
+        passed = 0 if router and self.router_lr == "constant" else sum(e >= round(m * self.epochs) for m in self.milestones)
         warm = min(1.0, (epoch + frac) / self.warmup_epochs) if self.warmup_epochs > 0 else 1.0
         return self.lr * self.lr_decay ** passed * warm

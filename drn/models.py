@@ -126,9 +126,11 @@ class RoutedBlock(nn.Module):
             z.index_copy_(0, idx, ran.mean(dim=(2, 3)))
         return sc.index_copy_(0, idx, ran) if in_place else sc.index_copy(0, idx, ran)
 
-    def run(self, x: torch.Tensor) -> torch.Tensor:
-        """The whole block on every image, no router (static routes)."""
-        return self.residual(x).add_(self.shortcut(x)).relu_()
+    def run(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """The whole block on every image, no router (static routes); scale: the residual's factor
+        (stochastic depth's 1 / keep probability in training)."""
+        res = self.residual(x)
+        return (res if scale == 1 else res.mul_(scale)).add_(self.shortcut(x)).relu_()
 
 
 class BasicBlock(RoutedBlock):
@@ -190,6 +192,8 @@ class ModelConfig:
     zero_init_residual: bool = False  # last BN of each residual branch starts at 0: every block starts
                                       # as its shortcut (Goyal et al.), so a deep ResNet trains like a shallow one first
     static_route: tuple[bool, ...] | None = None  # a baseline's fixed route (baselines.py): no routers run
+    drop_path: float = 0.0    # stochastic depth of a static route (Huang et al. 2016): in training, block l of
+                              # L is skipped for the whole batch with probability drop_path * l / L
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -206,6 +210,10 @@ class ModelConfig:
             raise ValueError(f"router_open must be in (0.5, 1), got {self.router_open}")
         if not (math.isfinite(self.leak) and self.leak >= 0):
             raise ValueError(f"leak must be finite and >= 0, got {self.leak}")
+        if not 0 <= self.drop_path < 1:
+            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
+        if self.drop_path and self.static_route is None:
+            raise ValueError("drop_path is for static routes; a routed network's routers choose what to skip")
         if self.static_route is not None and len(self.static_route) != sum(ARCHS[self.arch].stages):
             raise ValueError(f"static_route has {len(self.static_route)} entries, {self.arch} has "
                              f"{sum(ARCHS[self.arch].stages)} blocks")
@@ -273,8 +281,12 @@ class RoutedResNet(nn.Module):
         threshold = self.threshold if threshold is None else threshold
         x = self.stem((x - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1))
         if self.cfg.static_route is not None:   # every image the same blocks: no router, no gather
-            for block, on in zip(self.blocks, self.cfg.static_route):
-                x = block.run(x) if on else block.shortcut(x)
+            for i, (block, on) in enumerate(zip(self.blocks, self.cfg.static_route)):
+                drop = self.cfg.drop_path * (i + 1) / len(self.blocks) if self.training else 0.0
+                if not on or (drop and torch.rand(()).item() < drop):
+                    x = block.shortcut(x)
+                else:   # inverted scaling: testing runs the plain block
+                    x = block.run(x, 1 / (1 - drop))
             g = torch.tensor(self.cfg.static_route, device=x.device).expand(x.shape[0], -1)
             return x, g.to(x.dtype), g
         # inference: x's global average pool goes from block to block -- an image that skips an

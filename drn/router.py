@@ -29,8 +29,7 @@ def hard_route(r: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
 class Router(nn.Module):
     """Global average pool -> Linear -> ReLU -> Linear -> 2 logits (execute, skip)."""
 
-    # Routers start open: p(execute) = softmax(logits)[0] = 0.9 by default, so training begins
-    # from the full network and learns what to skip (a closed start starves blocks of gradient).
+    # p(execute) = softmax(logits)[0] at the start (TrainConfig.router_open, router_start)
     OPEN = 0.9
 
     def __init__(self, channels: int, hidden: int, open_p: float = OPEN):
@@ -41,9 +40,13 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def open_(self, p: float) -> None:
-        """Start with p(execute) = p for every input: logit gap log(p / (1 - p)), split evenly."""
+        """Start with p(execute) = p for every input: logit gap log(p / (1 - p)), split evenly, and
+        a zero last layer, so the features cannot move the start (trained features, as in a warm
+        start, are large enough to put a random layer's logits anywhere). fc2's weights get a
+        gradient from the first step, fc1's once fc2 has grown (as zero-init residuals learn)."""
         half = 0.5 * math.log(p / (1 - p))
         self.fc2.bias.copy_(torch.tensor([half, -half]))
+        self.fc2.weight.zero_()
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, H, W) -> logits (B, 2); z: x's global average pool (B, C), when already known."""

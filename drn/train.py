@@ -16,9 +16,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .baselines import k_for_budget, route_of, static_route
+from .baselines import k_for_budget, static_route
 from .calibrate import TRIM, trim_threshold
-from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, model_for, model_from_checkpoint, save_checkpoint
 from .config import TrainConfig, UsageError, resolve_target
 from .controller import MuController
 from .cost import CostTable, measure_cost_table, measure_latency_table
@@ -108,9 +108,7 @@ class Trainer:
         else:
             if cfg.routing not in ("drn", "full") and cfg.k is None:   # a static baseline at the FLOPs target
                 cfg = self.cfg = dataclasses.replace(cfg, k=self._k_for_target(cfg))
-            self.model = build_model(cfg.arch, self.data.num_classes, self.data.input_size, beta=cfg.beta,
-                                     router_hidden=cfg.router_hidden, leak=cfg.router_leak, router_open=cfg.router_open, static_route=route_of(cfg),
-                                     zero_init_residual=cfg.zero_init_residual)
+            self.model = model_for(cfg, self.data.num_classes, self.data.input_size)
             self.model.set_normalization(*self.data.channel_stats())
             if cfg.init is not None:
                 self.init_info = warm_start(self.model, cfg.init, cfg.dataset, self.data.val_index)
@@ -137,7 +135,10 @@ class Trainer:
                                        ramp_steps=round(cfg.budget_ramp * cfg.epochs) * steps)
         self.calibration: dict | None = None
         self.weights = LossWeights(cfg.lam, cfg.alpha, cfg.gamma, cfg.d_c, cfg.d_d)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+        routers = {id(p) for p in self.model.router_parameters()}
+        groups = [{"params": [p for p in self.model.parameters() if id(p) not in routers], "router": False},
+                  {"params": self.model.router_parameters(), "router": True}]
+        self.optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.lr, momentum=cfg.momentum,
                                          weight_decay=cfg.weight_decay)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.epoch = 0          # completed epochs
@@ -212,7 +213,7 @@ class Trainer:
         for i, s in enumerate(range(0, n_img - L + 1, L)):  # drop the last partial batch
             lr = cfg.lr_at(self.epoch, (i + 1) / steps)
             for group in self.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = cfg.lr_at(self.epoch, (i + 1) / steps, router=True) if group["router"] else lr
             idx = perm[s:s + L]
             # a static baseline trains like the finetune: its route, cross-entropy, no routing losses
             loss, parts, out, y = train_step(model, self.optimizer, images[idx], labels[idx], self.generator,

@@ -88,9 +88,51 @@ def test_soft_forward_shapes_and_full_loss_gradients(arch):
     router_ids = {id(p) for p in model.router_parameters()}
     assert len(router_ids) == 4 * n_blocks  # fc1/fc2 weight and bias per block
     for name, p in model.named_parameters():
+        if name.endswith("router.fc1.weight") or name.endswith("router.fc1.bias"):
+            # routers start with a zero last layer (every image at p = router_open): fc1 learns once fc2 has
+            assert p.grad is not None and not p.grad.any(), f"{name} moved before fc2 did"
+            continue
         assert p.grad is not None, f"{name} got no gradient"
         assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
         assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
+
+
+def test_routers_start_at_their_open_probability_for_every_input_and_then_learn():
+    torch.manual_seed(0)
+    model = make("resnet8")
+    model.train()
+    x = torch.rand(8, 3, 32, 32) * torch.linspace(1, 50, 8).view(8, 1, 1, 1)   # large, unlike inputs
+    out = model(x, routing="soft")
+    assert torch.allclose(out.r, out.r[:1].expand_as(out.r)), "the start depends on the input"
+    opt = torch.optim.SGD(model.router_parameters(), lr=0.5)
+    labels = torch.randint(0, 10, (8,))
+    for _ in range(2):   # fc2 moves first, then fc1 gets a gradient through it
+        opt.zero_grad()
+        F.cross_entropy(model(x, routing="soft").logits, labels).backward()
+        opt.step()
+    assert all(b.router.fc1.weight.grad.any() for b in model.blocks)
+    out = model(x, routing="soft")
+    assert not torch.allclose(out.r, out.r[:1].expand_as(out.r))
+
+
+def test_stochastic_depth_skips_deeper_blocks_more_in_training_only():
+    torch.manual_seed(0)
+    model = build_model("resnet20", static_route=(True,) * 9, drop_path=0.5)
+    runs = [0] * 9
+    for i, b in enumerate(model.blocks):
+        b.residual.register_forward_hook(lambda *_, i=i: runs.__setitem__(i, runs[i] + 1))
+    x = torch.rand(2, 3, 32, 32)
+    model.train()
+    for _ in range(200):
+        model(x)
+    # block l of 9 runs with probability 1 - 0.5 * l / 9: 0.94 ... 0.5
+    assert runs[0] > 170 and 70 < runs[-1] < 130 and runs[0] > runs[4] > runs[-1]
+    model.eval()
+    runs[:] = [0] * 9
+    model(x)
+    assert runs == [1] * 9                         # testing runs every block, unscaled (inverted scaling)
+    with pytest.raises(ValueError, match="static routes"):
+        build_model("resnet20", drop_path=0.5)
 
 
 def test_block_counts_of_named_archs():

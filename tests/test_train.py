@@ -101,7 +101,8 @@ def test_parse_target_none():
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(epochs=-3), dict(batch_size=1), dict(views=0), dict(lr=0),
                                  dict(arch="resnet9"), dict(dataset="mnist"), dict(beta=0), dict(beta=float("inf")), dict(lr=float("nan")), dict(d_c=-1),
-                                 dict(target_flops="x"), dict(device="tpu")])
+                                 dict(target_flops="x"), dict(device="tpu"),
+                                 dict(drop_path=0.2), dict(routing="full", drop_path=1.0)])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(UsageError):
         TrainConfig(**bad)
@@ -134,6 +135,24 @@ def test_warm_up_sets_each_steps_lr(tiny_data, tmp_path):
     trainer.run()
     n = len(lrs) // 2                                # 27 training images, batch 4: 6 steps an epoch
     assert lrs[:n] == pytest.approx([0.1 * (i + 1) / n for i in range(n)]) and lrs[n:] == pytest.approx([0.1] * n)
+
+
+def test_constant_router_lr_skips_the_milestones_only(tiny_data, tmp_path):
+    cfg = TrainConfig(arch="resnet110", epochs=10, finetune_epochs=2, router_lr="constant")
+    assert [cfg.lr_at(e, router=True) for e in (0, 1, 2, 6, 9)] == pytest.approx([0, 0.05, 0.1, 0.1, 0.1])
+    assert [cfg.lr_at(e) for e in (6, 9)] == pytest.approx([0.01, 0.001])          # the blocks' steps down
+    assert cfg.lr_at(11, 0.5, router=True) == cfg.lr_at(11, 0.5)                  # finetune: routers frozen
+    assert TrainConfig(epochs=10).lr_at(9, router=True) == pytest.approx(0.001)   # decay: as the blocks
+    trainer = Trainer(tiny_cfg(tiny_data, tmp_path / "r", epochs=2, finetune_epochs=0, batch_size=4,
+                               milestones=(0.5,), router_lr="constant"), log=lambda s: None)
+    groups = trainer.optimizer.param_groups
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in trainer.model.router_parameters()}
+    lrs, step = [], trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **kw: (lrs.append((groups[0]["lr"], groups[1]["lr"])), step(*a, **kw))[1]
+    trainer.run()
+    assert lrs[0] == pytest.approx((0.1, 0.1)) and lrs[-1] == pytest.approx((0.01, 0.1))
+    with pytest.raises(UsageError, match="router lr must be decay or constant"):
+        TrainConfig(router_lr="cosine")
 
 
 def test_no_choice_reads_the_test_split(tiny_data, tmp_path):
