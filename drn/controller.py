@@ -8,7 +8,7 @@ of constrained RL (Stooke et al., 2020) -- driven by the cost the model pays und
 starting cost down to the target. It acts on u = asinh(mu / mu_scale):
 
     s_k     = start + min(1, k / ramp) * (target - start)       ramp = 30 % of the main epochs
-    e_k     = clip(cost_ema_k / s_k - 1, -0.5, 0.5)             relative overshoot (> 0: too expensive)
+    e_k     = clip(rho * cost_ema_k / s_k - 1, -0.5, 0.5)       relative overshoot (> 0: too expensive)
     I_k     = I_{k-1} + ki / S * e_k                            S = optimisation steps per epoch
     mu      = mu_scale * sinh(u_0 + kp * e_k + I_k)             kept in [mu_min, mu_max]
 
@@ -31,6 +31,14 @@ starting cost down to the target. It acts on u = asinh(mu / mu_scale):
   (BENCHMARKS.md, issue 14). kp = 1 damps the integral's overshoot without passing much
   batch-to-batch noise into mu. The benchmark (bench/controller.py,
   BENCHMARKS.md) measures the result on real training.
+* rho, the val/train correction: the landing is judged on the val images in eval mode (no
+  augmentation, BN running statistics), the loop measures training batches (augmented views, BN
+  batch statistics). From trained blocks (a warm start) the two differ by 3-7 %, the val routes
+  dearer: the loop landed the training batches on the target and val missed by up to +10 %
+  (BENCHMARKS.md, issue 14). After every main epoch the trainer reports the val cost beside the
+  loop's own EMA (`observe_val`); rho is their ratio, averaged over epochs (EMA 0.5, clipped to
+  [0.8, 1.25]), and the loop steers rho * cost, its estimate of the val cost. Val carries no labels
+  here: the loop reads the FLOPs the val routes take, as the trim does.
 * anti-windup: the integral is clamped so that it never pushes mu past a clip.
 * no target: mu stays at its initial value (0.05, the paper's).
 
@@ -55,6 +63,10 @@ class MuController:
     ramp_steps: int = 0           # the setpoint moves linearly from the first measured cost to
                                   # the target over this many steps (0: the target from the start)
     max_error: float = 0.5        # |relative error| fed to the loop is clipped to this
+    rho: float = 1.0              # val cost / training-batch cost, from `observe_val` (1 until then)
+    rho_decay: float = 0.5        # EMA of log rho over epochs
+    rho_clip: float = 1.25        # rho stays in [1 / clip, clip]
+    val_seen: int = 0
     mu0: float | None = None      # set on the first update
     integral: float = 0.0
     cost_ema: float | None = None
@@ -77,7 +89,7 @@ class MuController:
         if self.mu0 is None:
             self.mu0, self.start_cost = self.mu, max(self.cost_ema, self.target)
         self.steps += 1
-        err = min(max(self.cost_ema / self.setpoint - 1.0, -self.max_error), self.max_error)
+        err = min(max(self.rho * self.cost_ema / self.setpoint - 1.0, -self.max_error), self.max_error)
         u = lambda mu: math.asinh(mu / self.mu_scale)
         lo, hi = u(self.mu_min), u(self.mu_max)
         base = u(self.mu0) + self.kp * err
@@ -85,6 +97,16 @@ class MuController:
         self.integral = min(max(integral, lo - base), hi - base)  # anti-windup: never past a clip
         self.mu = self.mu_scale * math.sinh(base + self.integral)
         return self.mu
+
+    def observe_val(self, val_cost: float) -> None:
+        """The val images' mean hard cost, measured now (eval mode): updates rho against the
+        training batches' current EMA."""
+        if self.target is None or not self.cost_ema or val_cost <= 0:
+            return
+        ratio = min(max(val_cost / self.cost_ema, 1 / self.rho_clip), self.rho_clip)
+        d = self.rho_decay if self.val_seen else 0.0
+        self.rho = math.exp(d * math.log(self.rho) + (1 - d) * math.log(ratio))
+        self.val_seen += 1
 
     def state_dict(self) -> dict:
         return asdict(self)

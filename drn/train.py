@@ -248,8 +248,11 @@ class Trainer:
                 self.calibrate()
             metrics = self.train_epoch(finetune)
             metrics.update(self.evaluate(self.val_split))
+            if not finetune and not self.static:   # the loop learns how val's routes differ from training's
+                self.controller.observe_val(metrics["latency_ms" if self.budget.unit == "ms" else "flops"])
             self.epoch += 1
             metrics.update(epoch=self.epoch, phase="finetune" if finetune else "train", mu=self.controller.mu,
+                           mu_rho=self.controller.rho,
                            target=self.target, target_unit=self.budget.unit,
                            epoch_seconds=time.perf_counter() - t0)
             if self.epoch == cfg.total_epochs:

@@ -17,10 +17,11 @@ from test_train import tiny_cfg
 
 
 def plant_run(target_frac: float, epochs: int = 30, steps: int = 40, seed: int = 0, lag: float = 0.05,
-              ramp_epochs: int = 0):
+              ramp_epochs: int = 0, val_gap: float | None = None):
     """A stand-in for training: the network's hard cost relaxes (first order, `lag` per step)
     towards an equilibrium that falls monotonically with log mu; each batch measures it with
-    noise. Returns per-step (mu, measured cost) with full = 1."""
+    noise. val_gap: after each epoch the loop is told the val cost, val_gap times the training
+    batches' (with noise). Returns per-step (mu, measured cost) with full = 1."""
     rng = np.random.default_rng(seed)
     c = MuController(target=target_frac, mu=0.05, steps_per_epoch=steps, ramp_steps=ramp_epochs * steps)
     cost, trace = 0.95, []
@@ -30,6 +31,8 @@ def plant_run(target_frac: float, epochs: int = 30, steps: int = 40, seed: int =
         measured = cost + rng.normal(0, 0.03)
         c.update(measured)
         trace.append((c.mu, cost))
+        if val_gap is not None and len(trace) % steps == 0:
+            c.observe_val(val_gap * cost * (1 + rng.normal(0, 0.02)))
     return c, np.array(trace)
 
 
@@ -43,6 +46,17 @@ def test_controller_settles_on_a_synthetic_plant_without_oscillating(target, see
     assert abs(per_epoch[-5:].mean()) < 0.02           # lands: the last 5 epochs within 2 %
     assert np.abs(per_epoch[-10:]).max() < 0.05        # and stays: no epoch of the last 10 off by 5 %
     assert c.mu_min < c.mu < c.mu_max                  # no collapse onto a clip
+
+
+@pytest.mark.parametrize("gap", [1.08, 0.93])
+def test_controller_lands_val_when_val_routes_cost_more_or_less_than_training_ones(gap):
+    steps = 40
+    c, trace = plant_run(0.5, epochs=20, steps=steps, val_gap=gap)
+    val = gap * trace[:, 1].reshape(-1, steps).mean(1)
+    assert abs(val[-5:].mean() / 0.5 - 1) < 0.02               # val lands, not the training batches
+    assert c.rho == pytest.approx(gap, rel=0.03)
+    _, blind = plant_run(0.5, epochs=20, steps=steps)         # never told: val misses by the gap
+    assert abs(gap * blind[-5 * steps:, 1].mean() / 0.5 - gap) < 0.02
 
 
 def test_ramped_setpoint_avoids_the_first_epoch_shock():
