@@ -52,7 +52,7 @@ def run(args) -> int:
                     print(f"{name}: drn-train failed: {proc.stderr[-800:]}", file=sys.stderr)
                     return 1
                 m = json.loads(proc.stdout.strip().splitlines()[-1])
-                hist = [{k: h.get(k) for k in ("epoch", "phase", "flops", "train_cost_hard", "mu", "accuracy")}
+                hist = [{k: h.get(k) for k in ("epoch", "phase", "flops", "train_cost_hard", "mu", "mu_rho", "accuracy")}
                         for h in _history(out)]
                 rec = {"name": name, "variant": args.variant, "arch": arch, "target_pct": t, "seed": seed,
                        "flags": args.flags, "seconds": time.time() - t0, "final": m, "history": hist}

@@ -42,7 +42,7 @@ TRAIN_FLAGS = {
     "--val-seed": ("val_seed", int, "seed of the val carve (stratified by class)"),
     "--init": ("init", str, "warm start from a trained plain network: a `drn-train --routing full` checkpoint of "
                             "the same arch, data and val split (or, for resnet50, a torchvision state_dict); "
-                            "routers start open"),
+                            "the routers start as --router-start says"),
     "--epochs": ("epochs", int, "epochs of the main (soft-routing) schedule"),
     "--finetune-epochs": ("finetune_epochs", int, "extra epochs with frozen routers and hard routing"),
     "--batch-size": ("batch_size", int, "samples per step (each gives --views augmented copies)"),

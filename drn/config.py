@@ -66,7 +66,7 @@ class TrainConfig:
     val_fraction: float = 0.1     # share of the training images carved out as val (selection reads it)
     val_seed: int = 0             # seed of that carve: the same val split whatever the training seed
     init: str | None = None       # warm start: a `--routing full` checkpoint of the same arch and data
-                                  # (or, for resnet50, a torchvision state_dict); routers start open
+                                  # (or, for resnet50, a torchvision state_dict); routers: router_start
     # schedule (paper Sec. 4.1: SGD 0.9, wd 1e-4, lr 0.1, x0.1 at epochs 150 and 200 of 250)
     epochs: int = 250
     finetune_epochs: int | None = None  # extra epochs with frozen routers and hard routing (None: with a

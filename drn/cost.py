@@ -61,7 +61,7 @@ class CostTable:
 def measure_cost_table(model: RoutedResNet) -> CostTable:
     """Count each part of `model` once on a 1-image input of the model's input size."""
     if model.cfg.static_route is not None:   # a static baseline runs no routers
-        t = measure_cost_table(RoutedResNet(dataclasses.replace(model.cfg, static_route=None)).to(model.mean.device))
+        t = measure_cost_table(RoutedResNet(dataclasses.replace(model.cfg, static_route=None, drop_path=0.0)).to(model.mean.device))
         return CostTable(t.block, t.fixed - t.router, 0.0)
     was_training = model.training
     model.eval()

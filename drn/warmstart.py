@@ -1,4 +1,4 @@
-"""Warm start (`--init`): a routed network begins from a trained plain one, with open routers.
+"""Warm start (`--init`): a routed network begins from a trained plain one; its routers are new.
 
 BlockDrop and SkipNet start their routers from a pretrained ResNet: the blocks already compute
 something useful, so a router that skips one sees what that costs from the first step, instead
@@ -6,8 +6,8 @@ of judging blocks that are still noise (and closing them for good).
 
 Accepted:
     a drn checkpoint of the same arch, dataset and val split -- normally `drn-train --routing full`
-    (the plain network) -- every weight but the routers' is copied; routers keep their fresh, open
-    initialisation and the threshold its 0.5. The val split must be the same, or the weights
+    (the plain network) -- every weight but the routers' is copied; routers keep their fresh
+    initialisation (open, or on the budget: TrainConfig.router_start) and the threshold its 0.5. The val split must be the same, or the weights
     would have been trained on this run's val images.
     for resnet50, a torchvision ResNet-50 state_dict (ImageNet weights): the convolutions and
     BNs are mapped onto the blocks, the ImageNet normalisation is taken over, the classifier

@@ -27,6 +27,19 @@ def test_routing_full_is_the_plain_network(plain):
     assert plain.cost.router == 0 and plain.history[-1]["k"] == 9
 
 
+def test_plain_network_with_stochastic_depth_trains_resumes_and_warm_starts(tiny_data, tmp_path):
+    cfg = tiny_cfg(tiny_data, tmp_path / "sd", arch="resnet20", routing="full", epochs=2, batch_size=6, drop_path=0.5)
+    Trainer(cfg, log=lambda s: None).run(on_epoch=lambda m: True)           # stopped after epoch 1
+    resumed = Trainer(cfg, resume=True, log=lambda s: None)
+    assert resumed.model.cfg.drop_path == 0.5 and resumed.epoch == 1
+    resumed.run()
+    assert resumed.history[-1]["k"] == 9 and resumed.cost.full == Trainer(
+        tiny_cfg(tiny_data, tmp_path / "plain", arch="resnet20", routing="full", epochs=1), log=lambda s: None).cost.full
+    warm = Trainer(tiny_cfg(tiny_data, tmp_path / "warm", arch="resnet20", epochs=1, target_flops="50%",
+                            init=str(resumed.checkpoint_path)), log=lambda s: None)
+    assert warm.init_info
+
+
 def test_init_copies_every_weight_but_the_routers_which_start_open(plain, tiny_data, tmp_path):
     cfg = tiny_cfg(tiny_data, tmp_path / "warm", arch="resnet20", epochs=1, target_flops="50%",
                    init=str(plain.checkpoint_path), router_start="open")
