@@ -61,9 +61,11 @@ TRAIN_FLAGS = {
     "--mu": ("mu", float, "mu, weight of the cost loss (Eq. 8); the start value when --target-flops is set"),
     "--budget-ramp": ("budget_ramp", float, "share of --epochs over which the loop's setpoint moves from the "
                                             "start cost to the target"),
-    "--mu-ki": ("mu_ki", float, "integral gain of the budget loop on asinh(mu / 0.05), per epoch of error"),
+    "--mu-ki": ("mu_ki", float, "integral gain of the budget loop on asinh(mu / mu_scale), per epoch of error"),
     "--mu-min": ("mu_min", float, "the budget controller's floor for mu; < 0 lets it reward compute "
-                                  "to reach a target from below"),
+                                  "to reach a target from below (default -20 x the loop's mu scale)"),
+    "--mu-scale": ("mu_scale", float, "the budget loop changes mu linearly below this size, relatively "
+                                      "above (default 0.05 per nine routers)"),
     "--d-c": ("d_c", float, "consistency margin d_c"),
     "--d-d": ("d_d", float, "diversity margin d_d"),
     "--beta": ("beta", float, "beta of Eq. 3 (larger: soft routing closer to hard)"),

@@ -17,16 +17,21 @@ from test_train import tiny_cfg
 
 
 def plant_run(target_frac: float, epochs: int = 30, steps: int = 40, seed: int = 0, lag: float = 0.05,
-              ramp_epochs: int = 0, val_gap: float | None = None):
+              ramp_epochs: int = 0, val_gap: float | None = None, blocks: int = 9, mu_scale: float | None = None):
     """A stand-in for training: the network's hard cost relaxes (first order, `lag` per step)
     towards an equilibrium that falls monotonically with log mu; each batch measures it with
     noise. val_gap: after each epoch the loop is told the val cost, val_gap times the training
-    batches' (with noise). Returns per-step (mu, measured cost) with full = 1."""
+    batches' (with noise). blocks: Eq. 8 splits one share over them, so each router feels
+    mu * 9 / blocks of what a ResNet-20 router feels; mu_scale: the loop's (None: the trainer's
+    0.05 * blocks / 9). Returns per-step (mu, measured cost) with full = 1."""
     rng = np.random.default_rng(seed)
-    c = MuController(target=target_frac, mu=0.05, steps_per_epoch=steps, ramp_steps=ramp_epochs * steps)
+    scale = 0.05 * blocks / 9 if mu_scale is None else mu_scale
+    c = MuController(target=target_frac, mu=0.05, steps_per_epoch=steps, ramp_steps=ramp_epochs * steps,
+                     mu_scale=scale, mu_min=-20 * scale, mu_max=100 * scale)
     cost, trace = 0.95, []
     for _ in range(epochs * steps):
-        equilibrium = 0.1 + 0.85 / (1 + math.exp(2.0 * (math.log(c.mu) - math.log(0.5))))
+        pull = c.mu * 9 / blocks
+        equilibrium = 0.1 + 0.85 / (1 + math.exp(2.0 * (math.asinh(pull / 0.05) - math.asinh(0.5 / 0.05))))
         cost += lag * (equilibrium - cost)
         measured = cost + rng.normal(0, 0.03)
         c.update(measured)
@@ -276,3 +281,16 @@ def test_latency_target_replaces_flops_in_the_budget(tiny_data, tmp_path):
     assert final["latency_ms"] > 0 and final["target_unit"] == "ms"
     resumed = Trainer(tiny_cfg(tiny_data, tmp_path / "lat"), resume=True, log=lambda s: None)
     assert resumed.budget == trainer.budget            # the measured table travels with the checkpoint
+
+
+def test_the_loops_scale_grows_with_depth_so_deep_networks_land_as_fast_as_shallow_ones():
+    """Eq. 8 is one share split over all blocks, so a ResNet-110 router (54 blocks) feels mu / 6
+    of a ResNet-20 one. With the trainer's scale (0.05 per nine routers) the loop lands the deep
+    plant as fast as the shallow one; with ResNet-20's scale it is still 10 % over after 8 epochs."""
+    steps = 40
+    def last(blocks, mu_scale=None):
+        _, trace = plant_run(0.3, epochs=8, steps=steps, blocks=blocks, mu_scale=mu_scale)
+        return trace[:, 1].reshape(-1, steps).mean(1)[-3:] / 0.3 - 1
+    assert np.abs(last(9)).max() < 0.03
+    assert np.abs(last(54)).max() < 0.03
+    assert last(54, mu_scale=0.05).min() > 0.08
