@@ -84,6 +84,24 @@ def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, gen
     return loss.detach(), parts, out, y
 
 
+def _regrouped(state: dict, optimizer: torch.optim.Optimizer, params: list) -> dict:
+    """An optimizer state saved before the routers had their own parameter group (one group, in
+    `model.parameters()` order), re-indexed into `optimizer`'s groups: every momentum buffer stays
+    with its parameter. Any other state is returned as it is."""
+    if len(state["param_groups"]) == len(optimizer.param_groups) or len(state["param_groups"]) != 1:
+        return state
+    old = {id(p): i for i, p in enumerate(params)}
+    groups, moved, j = [], {}, 0
+    for g in optimizer.param_groups:
+        groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": []})
+        for p in g["params"]:
+            if old[id(p)] in state["state"]:
+                moved[j] = state["state"][old[id(p)]]
+            groups[-1]["params"].append(j)
+            j += 1
+    return {"state": moved, "param_groups": groups}
+
+
 class Trainer:
     """Holds the state of one training run; `run()` trains to the end (or until stopped)."""
 
@@ -149,7 +167,7 @@ class Trainer:
         self.epoch = 0          # completed epochs
         self.history: list[dict] = []
         if ckpt is not None:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.optimizer.load_state_dict(_regrouped(ckpt["optimizer"], self.optimizer, list(self.model.parameters())))
             self.controller.load_state_dict(ckpt["controller"])
             self.generator.set_state(ckpt["rng"]["data"].to("cpu"))
             torch.set_rng_state(ckpt["rng"]["torch"])

@@ -54,6 +54,32 @@ def test_resume_continues_to_the_same_state(tiny_data, tmp_path):
     assert all(torch.equal(mom_a[k]["momentum_buffer"], mom_b[k]["momentum_buffer"]) for k in mom_a)
 
 
+def test_resume_from_a_checkpoint_saved_before_routers_had_their_own_optimizer_group(tiny_data, tmp_path):
+    """Checkpoints written before --router-lr kept one SGD group in model.parameters() order:
+    they resume, and every momentum buffer lands on its own parameter."""
+    kw = dict(epochs=2, finetune_epochs=1, target_flops="60%")
+    first = Trainer(tiny_cfg(tiny_data, tmp_path / "old", **kw), log=lambda s: None)
+    first.run(on_epoch=lambda m: m["epoch"] == 1)
+    path = tmp_path / "old" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    now = [p for g in first.optimizer.param_groups for p in g["params"]]
+    assert len(ckpt["optimizer"]["param_groups"]) == 2            # blocks, routers
+    old_index = {id(p): i for i, p in enumerate(first.model.parameters())}
+    ckpt["optimizer"] = {"state": {old_index[id(now[j])]: v for j, v in ckpt["optimizer"]["state"].items()},
+                         "param_groups": [{**first.optimizer.param_groups[0], "lr": 0.1,
+                                           "params": list(range(len(now)))}]}
+    ckpt["optimizer"]["param_groups"][0].pop("router")
+    torch.save(ckpt, path)
+    resumed = Trainer(tiny_cfg(tiny_data, tmp_path / "old", **kw), resume=True, log=lambda s: None)
+    assert [g["router"] for g in resumed.optimizer.param_groups] == [False, True]
+    names = {id(p): n for n, p in first.model.named_parameters()}
+    want = {names[id(p)]: first.optimizer.state[p]["momentum_buffer"] for p in now}
+    got = {n: resumed.optimizer.state[p]["momentum_buffer"] for n, p in resumed.model.named_parameters()}
+    assert want.keys() == got.keys() and all(torch.equal(want[n], got[n]) for n in want)
+    resumed.run()
+    assert resumed.epoch == 3
+
+
 def test_finetune_freezes_routers_and_trains_blocks(tiny_data, tmp_path):
     snap = {}
 
