@@ -21,7 +21,8 @@ The plan, for each arch and seed (seeds 0 of everything first):
     resnet20-scratch-drn-50-{ablation}-s{seed}   soft (the paper's Eq. 4 in training instead of the
                                              straight-through hard routes), nocons (lambda = 0), nodiv
                                              (alpha = 0), and the margin of Eq. 5 at the scale of the
-                                             routes (d_c = 0.02)
+                                             routes (d_c = 0.02), consexec (Eq. 5 and 10 on the routes the
+                                             views ran, --consistency-routes executed)
 """
 import argparse
 import json
@@ -42,7 +43,7 @@ TARGETS = {"resnet20": (30, 50, 70), "resnet56": (50,)}
 METHODS = ("drn", "firstk", "randomk", "distributedk")
 STATIC = METHODS[1:]
 ABLATIONS = {"soft": ["--train-routing", "soft"], "nocons": ["--lam", "0"], "nodiv": ["--alpha", "0"],
-             "dc002": ["--d-c", "0.02"]}
+             "dc002": ["--d-c", "0.02"], "consexec": ["--consistency-routes", "executed"]}
 
 
 def plan(archs: list[str]) -> dict[str, list[str]]:

@@ -74,6 +74,9 @@ TRAIN_FLAGS = {
     "--router-start": ("router_start", str, "open: every router at --router-open; distributedk (with a target): "
                                             "the DistributedK route closest to the target open, the other routers "
                                             "closed at 1 - --router-open, so training starts on the budget"),
+    "--consistency-routes": ("consistency_routes", str, "what Eq. 5 and 10 compare between two views of an "
+                                                        "image: soft (r, Eq. 3) or executed (the 0/1 routes the "
+                                                        "views ran in straight-through training)"),
     "--train-routing": ("train_routing", str, "soft: Eq. 4 in training (the paper); straight: each image runs its "
                                               "hard route (Eq. 11) forward, Eq. 3's gradient flows back (straight-through)"),
     "--router-lr": ("router_lr", str, "decay: the routers' lr steps down with the blocks'; constant: the routers "

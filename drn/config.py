@@ -110,6 +110,8 @@ class TrainConfig:
                                   # target start open (router_open), the others closed (1 - router_open), so
                                   # training starts on the budget (BENCHMARKS.md, issue 14); open: every router
                                   # at router_open, training starts as the full network
+    consistency_routes: str = "soft"  # what Eq. 5 and 10 compare between views: soft r, or the routes the
+                                      # views ran ("executed": the 0/1 g under straight-through training)
     train_routing: str = "straight"  # straight: Eq. 11's 0/1 decisions forward, Eq. 3's gradient backward
                                   # (models.py), so training runs the routes testing will (lands closer; the
                                   # accuracy against soft is still being measured, BENCHMARKS.md issue 14);
@@ -203,6 +205,8 @@ class TrainConfig:
             raise UsageError(f"router start must be open or distributedk, got {self.router_start!r}")
         if self.router_lr not in ("decay", "constant"):
             raise UsageError(f"router lr must be decay or constant, got {self.router_lr!r}")
+        if self.consistency_routes not in ("soft", "executed"):
+            raise UsageError(f"consistency routes must be soft or executed, got {self.consistency_routes!r}")
         if self.train_routing not in ("soft", "straight"):
             raise UsageError(f"train routing must be soft or straight, got {self.train_routing!r}")
         from .baselines import STATIC

@@ -64,15 +64,18 @@ def regularization_loss(routes: torch.Tensor) -> torch.Tensor:
 
 
 def drn_loss(logits: torch.Tensor, labels: torch.Tensor, routes: torch.Tensor, cost: torch.Tensor,
-             mu: float, w: LossWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             mu: float, w: LossWeights, run: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Eq. 9. logits (L*M, classes) and labels (L*M,) in the same sample-major order as routes
-    (L, M, n). Returns the total and its detached parts."""
+    (L, M, n), the soft r of Eq. 3. run (L, M, n): the routes the views ran, if Eq. 5 and Eq. 10
+    are to compare those (TrainConfig.consistency_routes); None: r. Returns the total and its
+    detached parts."""
+    run = routes if run is None else run
     parts = {
         "cls": F.cross_entropy(logits, labels),
-        "consistency": consistency_loss(routes, w.d_c),
+        "consistency": consistency_loss(run, w.d_c),
         "diversity": diversity_loss(routes, w.d_d),
         "cost": cost_loss(routes, cost),
-        "reg": regularization_loss(routes),
+        "reg": regularization_loss(run),
     }
     total = (parts["cls"] + w.lam * parts["consistency"] + w.alpha * parts["diversity"]
              + mu * parts["cost"] + w.gamma * parts["reg"])

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .router import Router, hard_route, soft_route
+from .router import Router, hard_route, soft_route, straight_through
 
 ROUTINGS = ("soft", "straight", "hard", "mask", "sample")
 
@@ -306,7 +306,7 @@ class RoutedResNet(nn.Module):
             if routing == "soft":
                 x = block.soft(x, r)
             elif routing == "straight":
-                x = block.soft(x, g.to(r.dtype) + (r - r.detach()))
+                x = block.soft(x, straight_through(g, r))
             elif routing == "mask":
                 x = block.mask(x, g)
             else:

@@ -26,6 +26,11 @@ def hard_route(r: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     return r >= threshold
 
 
+def straight_through(g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """The 0/1 decision g forward, r's gradient backward: g + r - sg(r).  g bool, r float, same shape."""
+    return g.to(r.dtype) + (r - r.detach())
+
+
 class Router(nn.Module):
     """Global average pool -> Linear -> ReLU -> Linear -> 2 logits (execute, skip)."""
 

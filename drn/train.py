@@ -26,6 +26,7 @@ from .data import Dataset, load_dataset, make_views, random_crop_flip
 from .evaluate import evaluate, threshold_curve
 from .losses import LossWeights, drn_loss
 from .models import ARCHS, build_model
+from .router import straight_through
 from .warmstart import warm_start
 
 CHECKPOINT = "checkpoint.pt"
@@ -59,11 +60,11 @@ def _progress(m: dict, total_epochs: int) -> str:
 
 def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, *,
                views: int, finetune: bool, cost_norm: torch.Tensor, mu: float, weights: LossWeights,
-               amp: bool = True, routing: str = "soft"):
+               amp: bool = True, routing: str = "soft", consistency_routes: str = "soft"):
     """One optimisation step on a batch of L uint8 images (L, C, H, W) and labels (L,): M augmented
     views of each, forward under `routing` (soft, Eq. 4, or straight-through), Eq. 9 (or CE under
-    hard routing when finetuning, M = 1),
-    backward, SGD. Returns the loss (detached), its parts, the model output and the labels (L*M,)."""
+    hard routing when finetuning, M = 1), Eq. 5 and 10 on r or on the routes the views ran
+    (`consistency_routes`), backward, SGD. Returns the loss (detached), its parts, the model output and the labels (L*M,)."""
     dev = images.device
     m = 1 if finetune else views
     x = images.float().div_(255)
@@ -76,8 +77,11 @@ def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, gen
             parts["cls"] = loss.detach()
         else:
             out = model(make_views(x, m, generator), routing=routing)
-            loss, parts = drn_loss(out.logits.float(), y, out.r.float().view(x.shape[0], m, -1), cost_norm,
-                                   mu, weights)
+            r = out.r.float()
+            # straight-through: a view ran its 0/1 route g, and the comparison passes r's gradient
+            ran = straight_through(out.gates, r) if routing == "straight" else r
+            run = ran.view(x.shape[0], m, -1) if consistency_routes == "executed" else None
+            loss, parts = drn_loss(out.logits.float(), y, r.view(x.shape[0], m, -1), cost_norm, mu, weights, run)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -243,7 +247,8 @@ class Trainer:
                                              views=cfg.views, finetune=finetune or self.static,
                                              cost_norm=cost_norm,
                                              mu=self.controller.mu, weights=self.weights, amp=cfg.amp,
-                                             routing=cfg.train_routing)
+                                             routing=cfg.train_routing,
+                                             consistency_routes=cfg.consistency_routes)
             gates = out.gates.float()
             if self.target is not None and not finetune and not self.static:
                 self.controller.update(self.budget.route_cost(gates).mean().item())

@@ -273,3 +273,27 @@ def test_drn_loss_weights_each_term_separately():
         assert total.item() - cls == pytest.approx(3.0 * parts[part].item(), rel=1e-5)
     total, parts = drn_loss(logits, labels, routes, cost, 3.0, LossWeights(**zero))
     assert total.item() - cls == pytest.approx(3.0 * parts["cost"].item(), rel=1e-5)
+
+
+def test_consistency_on_executed_routes_sees_views_that_run_different_blocks():
+    """Two views of an image whose block 0 sits either side of Eq. 11's 0.5: their soft routes are
+    0.04 apart (Eq. 5 silent at d_c = 0.2), the routes they ran differ by a whole block. On the
+    executed routes Eq. 5 is (0.5 - 0.2)^2 per view, and its gradient, through the straight-through
+    r, pulls the two views' r of that block towards each other -- and only that block's."""
+    from drn.router import hard_route, straight_through
+    r = t([[[0.52, 0.9, 0.1], [0.48, 0.9, 0.1]]]).requires_grad_()   # (L=1, M=2, n=3)
+    ran = straight_through(hard_route(r.detach()), r)
+    assert consistency_loss(r, 0.2).item() == 0.0
+    loss = consistency_loss(ran, 0.2)
+    assert loss.item() == pytest.approx(0.3 ** 2)
+    loss.backward()
+    g = r.grad[0]
+    assert g[0, 0] > 0 > g[1, 0]                     # descent: view 0's r down, view 1's up
+    assert torch.all(g[:, 1:] == 0)
+    w = LossWeights()
+    logits, labels, cost = torch.zeros(2, 3, dtype=torch.float64), torch.tensor([0, 1]), t([0.5, 0.3, 0.2])
+    _, soft = drn_loss(logits, labels, r, cost, 0.05, w)
+    _, executed = drn_loss(logits, labels, r, cost, 0.05, w, run=ran)
+    assert executed["consistency"] == pytest.approx(0.09) and soft["consistency"] == 0
+    assert executed["reg"] == pytest.approx(0.5) and soft["reg"] == pytest.approx(0.02)
+    assert executed["diversity"] == soft["diversity"] and executed["cost"] == soft["cost"]
