@@ -242,7 +242,9 @@ def report(args) -> int:
             ("DRN, Ber-Dis (routes sampled from r)", "resnet20-scratch-drn-50", "eval_sample"),
             ("without consistency (λ = 0)", "resnet20-scratch-drn-50-nocons", "eval_hard"),
             ("without diversity (α = 0)", "resnet20-scratch-drn-50-nodiv", "eval_hard"),
-            ("consistency margin at the routes' scale (d_c = 0.02)", "resnet20-scratch-drn-50-dc002", "eval_hard")]
+            ("consistency margin at the routes' scale (d_c = 0.02)", "resnet20-scratch-drn-50-dc002", "eval_hard"),
+            ("Eq. 5 and 10 on the routes the views ran (`--consistency-routes executed`)",
+             "resnet20-scratch-drn-50-consexec", "eval_hard")]
     for label, stem, ev in rows:
         acc = _seeds(res, stem, "accuracy", ev)
         if not acc:
