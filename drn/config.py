@@ -96,6 +96,7 @@ class TrainConfig:
                                   # share of --epochs (controller.py)
     mu_ki: float | None = None    # the controller's integral gain on asinh(mu / mu_scale), per epoch (controller.py;
                                   # None: 8 when the routers start on the budget, 2 when they start open)
+    mu_max_error: float = 0.5     # the loop's relative error is clipped to +- this (controller.py)
     mu_scale: float | None = None # the loop changes mu linearly below this size, relatively above (controller.py;
                                   # None: 0.05 per nine routers -- Eq. 8 splits one share over all blocks)
     mu_min: float | None = None   # the controller's floor: < 0 lets it reward compute to reach a target
@@ -180,6 +181,7 @@ class TrainConfig:
             (min(self.lam, self.alpha, self.gamma, self.mu) >= 0, "loss weights must be >= 0"),
             (0 <= self.budget_ramp <= 1, f"budget ramp must be in [0, 1], got {self.budget_ramp}"),
             (0 < self.mu_ki <= 50, f"mu integral gain must be in (0, 50], got {self.mu_ki}"),
+            (0 < self.mu_max_error <= 2, f"mu max error must be in (0, 2], got {self.mu_max_error}"),
             (self.mu_scale is None or 0 < self.mu_scale <= 10, f"mu scale must be in (0, 10], got {self.mu_scale}"),
             (self.mu_min is None or -50 <= self.mu_min <= self.mu, f"mu floor must be in [-50, mu], got {self.mu_min}"),
             (self.d_c >= 0 and self.d_d >= 0, "margins d_c and d_d must be >= 0"),
