@@ -67,7 +67,7 @@ TRAIN_FLAGS = {
     "--mu-max-error": ("mu_max_error", float, "the budget loop clips its relative error to +- this: the most "
                                               "one epoch can move mu is exp(mu-ki x this)"),
     "--mu-scale": ("mu_scale", float, "the budget loop changes mu linearly below this size, relatively "
-                                      "above (default 0.05 per nine routers)"),
+                                      "above (default 0.05 per nine routers, at least 0.05)"),
     "--d-c": ("d_c", float, "consistency margin d_c"),
     "--d-d": ("d_d", float, "diversity margin d_d"),
     "--beta": ("beta", float, "beta of Eq. 3 (larger: soft routing closer to hard)"),

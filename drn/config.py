@@ -98,7 +98,7 @@ class TrainConfig:
                                   # None: 8 when the routers start on the budget, 2 when they start open)
     mu_max_error: float = 0.5     # the loop's relative error is clipped to +- this (controller.py)
     mu_scale: float | None = None # the loop changes mu linearly below this size, relatively above (controller.py;
-                                  # None: 0.05 per nine routers -- Eq. 8 splits one share over all blocks)
+                                  # None: 0.05 per nine routers, at least 0.05 -- Eq. 8 splits one share over all blocks)
     mu_min: float | None = None   # the controller's floor: < 0 lets it reward compute to reach a target
                                   # from below (controller.py; None: -20 x mu_scale, -1 on ResNet-20)
     d_c: float = 0.2

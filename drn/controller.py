@@ -39,7 +39,7 @@ starting cost down to the target. It acts on u = asinh(mu / mu_scale):
   loop's own EMA (`observe_val`); rho is their ratio, averaged over epochs (EMA 0.5, clipped to
   [0.8, 1.25]), and the loop steers rho * cost, its estimate of the val cost. Val carries no labels
   here: the loop reads the FLOPs the val routes take, as the trim does.
-* the scale grows with depth (the trainer passes mu_scale = 0.05 * blocks / 9, and the clips
+* the scale grows with depth (the trainer passes mu_scale = 0.05 * max(1, blocks / 9), and the clips
   100 and -20 times it): Eq. 8 is one share split over all blocks, so a router's pull is ~ mu /
   blocks. With ResNet-20's scale on ResNet-56 (27 blocks) the loop needed 3x the mu, reached
   -0.12 of it in 6 epochs and left val 7 % under a 50 % target; scaled, each router of any depth

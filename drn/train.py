@@ -154,8 +154,9 @@ class Trainer:
                      + ("" if half is None else f", block {half} undecided (p = 0.5)") + ", the others closed")
         steps = max(1, self.data.train.labels.shape[0] // min(cfg.batch_size, self.data.train.labels.shape[0]))
         # Eq. 8 splits one share over the blocks, so a router's pull is ~ mu / blocks: the loop's range
-        # grows with depth, so that a router of ResNet-56 feels what one of ResNet-20 does
-        mu_scale = cfg.mu_scale or 0.05 * self.cost.num_blocks / 9
+        # grows with depth, so that a router of ResNet-56 feels what one of ResNet-20 does (never below
+        # ResNet-20's 0.05: the loop was measured there and deeper)
+        mu_scale = cfg.mu_scale or 0.05 * max(1.0, self.cost.num_blocks / 9)
         self.controller = MuController(target=self.target, mu=cfg.mu, ki=cfg.mu_ki, steps_per_epoch=steps,
                                        mu_scale=mu_scale, mu_max=100 * mu_scale, max_error=cfg.mu_max_error,
                                        mu_min=-20 * mu_scale if cfg.mu_min is None else cfg.mu_min,

@@ -23,9 +23,9 @@ def plant_run(target_frac: float, epochs: int = 30, steps: int = 40, seed: int =
     noise. val_gap: after each epoch the loop is told the val cost, val_gap times the training
     batches' (with noise). blocks: Eq. 8 splits one share over them, so each router feels
     mu * 9 / blocks of what a ResNet-20 router feels; mu_scale: the loop's (None: the trainer's
-    0.05 * blocks / 9). Returns per-step (mu, measured cost) with full = 1."""
+    0.05 * max(1, blocks / 9)). Returns per-step (mu, measured cost) with full = 1."""
     rng = np.random.default_rng(seed)
-    scale = 0.05 * blocks / 9 if mu_scale is None else mu_scale
+    scale = 0.05 * max(1, blocks / 9) if mu_scale is None else mu_scale
     c = MuController(target=target_frac, mu=0.05, steps_per_epoch=steps, ramp_steps=ramp_epochs * steps,
                      mu_scale=scale, mu_min=-20 * scale, mu_max=100 * scale)
     cost, trace = 0.95, []
