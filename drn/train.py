@@ -77,10 +77,9 @@ def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, gen
             parts["cls"] = loss.detach()
         else:
             out = model(make_views(x, m, generator), routing=routing)
-            r = out.r.float()
-            # straight-through: a view ran its 0/1 route g, and the comparison passes r's gradient
-            ran = straight_through(out.gates, r) if routing == "straight" else r
-            run = ran.view(x.shape[0], m, -1) if consistency_routes == "executed" else None
+            r, run = out.r.float(), None
+            if consistency_routes == "executed":  # straight-through: a view ran its 0/1 route g; r's gradient
+                run = (straight_through(out.gates, r) if routing == "straight" else r).view(x.shape[0], m, -1)
             loss, parts = drn_loss(out.logits.float(), y, r.view(x.shape[0], m, -1), cost_norm, mu, weights, run)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
