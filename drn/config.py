@@ -120,10 +120,6 @@ class TrainConfig:
     router_lr: str = "decay"      # decay: the routers' lr follows the blocks' (milestones); constant: the
                                   # routers keep the peak lr until the finetune freezes them, so the budget
                                   # loop can still move them after the blocks' lr has decayed
-    finetune_routers: str = "frozen"  # frozen: the finetune trains the blocks under fixed routes (the threshold
-                                  # trimmed first); steer: the blocks train under the routes at 0.5 while the
-                                  # budget loop keeps steering the routers on Eq. 8 alone (no CE reaches them),
-                                  # so the features' drift does not move the landing (BENCHMARKS.md, issue 14)
     router_leak: float = 0.0      # gradient floor of r w.r.t. the router logits (router.soft_route): lets
                                   # closed routers reopen; 0 = Eq. 3's own gradient (BENCHMARKS.md, issue 14)
     # budget: FLOPs per image ('2e8') or share of the full network ('40%'), or milliseconds per
@@ -213,8 +209,6 @@ class TrainConfig:
             raise UsageError(f"router lr must be decay or constant, got {self.router_lr!r}")
         if self.consistency_routes not in ("soft", "executed"):
             raise UsageError(f"consistency routes must be soft or executed, got {self.consistency_routes!r}")
-        if self.finetune_routers not in ("frozen", "steer"):
-            raise UsageError(f"finetune routers must be frozen or steer, got {self.finetune_routers!r}")
         if self.train_routing not in ("soft", "straight"):
             raise UsageError(f"train routing must be soft or straight, got {self.train_routing!r}")
         from .baselines import STATIC
@@ -254,6 +248,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        # a setting that existed briefly and was removed, kept readable at the value whose behaviour is
+        # the only one left (`--finetune-routers frozen`: the steered finetune collapsed the routes,
+        # BENCHMARKS.md issue 14)
+        if d.get("finetune_routers") == "frozen":
+            d = {k: v for k, v in d.items() if k != "finetune_routers"}
         return build_checked(cls, d, "config")
 
     def lr_at(self, epoch: int, frac: float = 0.0, router: bool = False) -> float:

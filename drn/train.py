@@ -24,7 +24,7 @@ from .controller import MuController
 from .cost import CostTable, measure_cost_table, measure_latency_table
 from .data import Dataset, load_dataset, make_views, random_crop_flip
 from .evaluate import evaluate, threshold_curve
-from .losses import LossWeights, cost_loss, drn_loss
+from .losses import LossWeights, drn_loss
 from .models import ARCHS, build_model
 from .router import straight_through
 from .warmstart import warm_start
@@ -60,12 +60,11 @@ def _progress(m: dict, total_epochs: int) -> str:
 
 def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, *,
                views: int, finetune: bool, cost_norm: torch.Tensor, mu: float, weights: LossWeights,
-               amp: bool = True, routing: str = "soft", consistency_routes: str = "soft", steer: bool = False):
+               amp: bool = True, routing: str = "soft", consistency_routes: str = "soft"):
     """One optimisation step on a batch of L uint8 images (L, C, H, W) and labels (L,): M augmented
     views of each, forward under `routing` (soft, Eq. 4, or straight-through), Eq. 9 (or CE under
     hard routing when finetuning, M = 1), Eq. 5 and 10 on r or on the routes the views ran
-    (`consistency_routes`), backward, SGD. steer (finetune): mu * Eq. 8 joins the loss, the routers' only
-    gradient (hard routing gives CE none). Returns the loss (detached), its parts, the model output and the labels (L*M,)."""
+    (`consistency_routes`), backward, SGD. Returns the loss (detached), its parts, the model output and the labels (L*M,)."""
     dev = images.device
     m = 1 if finetune else views
     x = images.float().div_(255)
@@ -76,10 +75,6 @@ def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, gen
             loss = F.cross_entropy(out.logits.float(), y)
             parts = dict.fromkeys(("consistency", "diversity", "cost", "reg"), torch.zeros((), device=dev))
             parts["cls"] = loss.detach()
-            if steer:
-                cost = cost_loss(out.r.float(), cost_norm)
-                loss = loss + mu * cost
-                parts["cost"] = cost.detach()
         else:
             out = model(make_views(x, m, generator), routing=routing)
             r, run = out.r.float(), None
@@ -139,8 +134,6 @@ class Trainer:
             if cfg.init is not None:
                 self.init_info = warm_start(self.model, cfg.init, cfg.dataset, self.data.val_index)
         self.static = cfg.routing != "drn"
-        # the loop keeps steering the routers through the finetune (a target, routers, --finetune-routers steer)
-        self.steering = not self.static and cfg.target is not None and cfg.finetune_routers == "steer"
         self.model.to(self.device)
         self.cost: CostTable = measure_cost_table(self.model)
         # the budget's cost table: FLOPs, or per-block latency measured once on this device (kept
@@ -234,9 +227,8 @@ class Trainer:
     def train_epoch(self, finetune: bool) -> dict:
         cfg, model, dev = self.cfg, self.model, self.device
         model.train()
-        steer = finetune and self.steering
         for p in model.router_parameters():
-            p.requires_grad_(not finetune or steer)
+            p.requires_grad_(not finetune)
         images, labels = self.train_split
         n_img, L = labels.shape[0], min(cfg.batch_size, labels.shape[0])
         cost_norm = self.budget.normalized(dev)
@@ -256,9 +248,9 @@ class Trainer:
                                              cost_norm=cost_norm,
                                              mu=self.controller.mu, weights=self.weights, amp=cfg.amp,
                                              routing=cfg.train_routing,
-                                             consistency_routes=cfg.consistency_routes, steer=steer)
+                                             consistency_routes=cfg.consistency_routes)
             gates = out.gates.float()
-            if self.target is not None and (not finetune or steer) and not self.static:
+            if self.target is not None and not finetune and not self.static:
                 self.controller.update(self.budget.route_cost(gates).mean().item())
             sums += torch.stack([loss, parts["cls"], parts["consistency"], parts["diversity"],
                                  parts["cost"], parts["reg"], (out.logits.argmax(1) == y).sum().float()])
@@ -279,12 +271,12 @@ class Trainer:
         while self.epoch < cfg.total_epochs:
             t0 = time.perf_counter()
             finetune = self.epoch >= cfg.epochs
-            if finetune and trimming and self.calibration is None and not self.steering:
+            if finetune and trimming and self.calibration is None:
                 # land first, then finetune the blocks under the routes the landed model runs
                 self.calibrate()
             metrics = self.train_epoch(finetune)
             metrics.update(self.evaluate(self.val_split))
-            if (not finetune or self.steering) and not self.static:   # the loop learns how val's routes differ from training's
+            if not finetune and not self.static:   # the loop learns how val's routes differ from training's
                 self.controller.observe_val(metrics["latency_ms" if self.budget.unit == "ms" else "flops"])
             self.epoch += 1
             metrics.update(epoch=self.epoch, phase="finetune" if finetune else "train", mu=self.controller.mu,

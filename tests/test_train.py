@@ -97,32 +97,6 @@ def test_finetune_freezes_routers_and_trains_blocks(tiny_data, tmp_path):
     assert trainer.history[-1]["phase"] == "finetune"
 
 
-
-def test_a_steered_finetune_moves_the_routers_by_the_cost_loss_only(tiny_data, tmp_path):
-    """--finetune-routers steer: the budget loop keeps acting in the finetune. The routers move
-    (Eq. 8 is their only gradient: hard routing gives CE none), mu keeps changing, the threshold
-    stays at 0.5 until the final trim, and the cost loss is reported for the finetune epochs."""
-    snap = {}
-
-    def grab(m):
-        if m["epoch"] == 1:
-            snap.update({k: v.clone() for k, v in trainer.model.state_dict().items()}, mu=m["mu"],
-                        thr=trainer.model.threshold.item())
-
-    cfg = tiny_cfg(tiny_data, tmp_path / "st", epochs=1, finetune_epochs=1, target_flops="60%",
-                   finetune_routers="steer", calibrate=False)
-    trainer = Trainer(cfg, log=lambda s: None)
-    trainer.run(on_epoch=grab)
-    after = trainer.model.state_dict()
-    routers = [k for k in after if ".router." in k]
-    assert any(not torch.equal(snap[k], after[k]) for k in routers)
-    last = trainer.history[-1]
-    assert last["phase"] == "finetune" and last["loss_cost"] > 0 and last["mu"] != snap["mu"]
-    assert last["loss_consistency"] == last["loss_diversity"] == last["loss_reg"] == 0
-    assert snap["thr"] == 0.5
-    with pytest.raises(UsageError, match="finetune routers"):
-        tiny_cfg(tiny_data, tmp_path / "bad", finetune_routers="open")
-
 def test_lr_follows_the_scaled_paper_milestones():
     cfg = TrainConfig(epochs=250, warmup_epochs=0)
     assert [cfg.lr_at(e) for e in (0, 149, 150, 199, 200, 249)] == pytest.approx(
@@ -163,6 +137,13 @@ def test_config_rejects_bad_values(bad):
 def test_config_from_dict_rejects_unknown_keys():
     with pytest.raises(UsageError, match="unknown config keys: nope"):
         TrainConfig.from_dict({"nope": 1})
+
+
+def test_config_from_dict_reads_a_removed_setting_only_at_the_behaviour_left():
+    d = {**TrainConfig(arch="resnet20").to_dict(), "finetune_routers": "frozen"}
+    assert TrainConfig.from_dict(d) == TrainConfig(arch="resnet20")
+    with pytest.raises(UsageError, match="finetune_routers"):
+        TrainConfig.from_dict({**d, "finetune_routers": "steer"})
 
 
 def test_tinyimagenet_doubles_the_route_loss_weights():
