@@ -204,7 +204,10 @@ class Trainer:
         return route, half
 
     def _k_for_target(self, cfg: TrainConfig) -> int:
-        twin = build_model(cfg.arch, self.data.num_classes, self.data.input_size)
+        # the twin draws from a forked RNG: a static route then starts from the very weights that a
+        # DRN of the same seed starts from (scratch against scratch from the same start)
+        with torch.random.fork_rng(devices=[]):
+            twin = build_model(cfg.arch, self.data.num_classes, self.data.input_size)
         table = measure_cost_table(twin)
         fixed = table.fixed - table.router                 # a static route runs no routers
         target = resolve_target(cfg.target_flops, fixed + sum(table.block), fixed, "FLOPs")

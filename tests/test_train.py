@@ -134,6 +134,18 @@ def test_config_rejects_bad_values(bad):
         TrainConfig(**bad)
 
 
+@pytest.mark.parametrize("routing", ["distributedk", "randomk"])
+def test_a_static_route_starts_from_the_weights_of_its_drn_twin(tiny_data, tmp_path, routing):
+    """Scratch against scratch from the same start: choosing k for the target must not draw from the
+    run's RNG, or the static network of seed s starts from other weights than the DRN of seed s (it
+    did, and one such draw was worth 1.5 test points at 30 %, BENCHMARKS.md issue 14)."""
+    drn = Trainer(tiny_cfg(tiny_data, tmp_path / "d", target_flops="60%"), log=lambda s: None)
+    static = Trainer(tiny_cfg(tiny_data, tmp_path / "s", target_flops="60%", routing=routing), log=lambda s: None)
+    a, b = drn.model.state_dict(), static.model.state_dict()
+    shared = [k for k in a if ".router." not in k and a[k].is_floating_point()]
+    assert shared and all(torch.equal(a[k], b[k]) for k in shared)
+
+
 def test_config_from_dict_rejects_unknown_keys():
     with pytest.raises(UsageError, match="unknown config keys: nope"):
         TrainConfig.from_dict({"nope": 1})
