@@ -35,8 +35,13 @@ starting cost down to the target. It acts on u = asinh(mu / mu_scale):
   augmentation, BN running statistics), the loop measures training batches (augmented views, BN
   batch statistics). From trained blocks (a warm start) the two differ by 3-7 %, the val routes
   dearer: the loop landed the training batches on the target and val missed by up to +10 %
-  (BENCHMARKS.md, issue 14). After every main epoch the trainer reports the val cost beside the
-  loop's own EMA (`observe_val`); rho is their ratio, averaged over epochs (EMA 0.5, clipped to
+  (BENCHMARKS.md, issue 14). After every main epoch the trainer reports the val cost beside what
+  training batches cost at that moment (`observe_val`; `Trainer.batch_cost_now` runs a fixed
+  sample of augmented training images in train mode, BN statistics untouched). Not the loop's EMA:
+  when routes move fast -- a warm start's routers opened within epoch 1 -- the EMA lags them, and
+  the lag read as a val/train bias clipped rho to 1.25 where the true ratio was 1.04, which drove mu
+  from 0.07 to 3 in the next epoch and closed the network to 21 % of a 30 % target (BENCHMARKS.md,
+  issue 14). rho is their ratio, averaged over epochs (EMA 0.5, clipped to
   [0.8, 1.25]), and the loop steers rho * cost, its estimate of the val cost. Val carries no labels
   here: the loop reads the FLOPs the val routes take, as the trim does.
 * the scale grows with depth (the trainer passes mu_scale = 0.05 * max(1, blocks / 9), and the clips
@@ -103,12 +108,14 @@ class MuController:
         self.mu = self.mu_scale * math.sinh(base + self.integral)
         return self.mu
 
-    def observe_val(self, val_cost: float) -> None:
-        """The val images' mean hard cost, measured now (eval mode): updates rho against the
-        training batches' current EMA."""
-        if self.target is None or not self.cost_ema or val_cost <= 0:
+    def observe_val(self, val_cost: float, train_cost: float | None = None) -> None:
+        """The val images' mean hard cost, measured now (eval mode), and what training batches cost
+        at the same moment (train mode; None: the loop's EMA, which lags the routes when they move
+        fast): updates rho with their ratio."""
+        ref = train_cost if train_cost else self.cost_ema
+        if self.target is None or not ref or val_cost <= 0:
             return
-        ratio = min(max(val_cost / self.cost_ema, 1 / self.rho_clip), self.rho_clip)
+        ratio = min(max(val_cost / ref, 1 / self.rho_clip), self.rho_clip)
         d = self.rho_decay if self.val_seen else 0.0
         self.rho = math.exp(d * math.log(self.rho) + (1 - d) * math.log(ratio))
         self.val_seen += 1

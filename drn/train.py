@@ -280,7 +280,8 @@ class Trainer:
             metrics = self.train_epoch(finetune)
             metrics.update(self.evaluate(self.val_split))
             if not finetune and not self.static:   # the loop learns how val's routes differ from training's
-                self.controller.observe_val(metrics["latency_ms" if self.budget.unit == "ms" else "flops"])
+                self.controller.observe_val(metrics["latency_ms" if self.budget.unit == "ms" else "flops"],
+                                            self.batch_cost_now())
             self.epoch += 1
             metrics.update(epoch=self.epoch, phase="finetune" if finetune else "train", mu=self.controller.mu,
                            mu_rho=self.controller.rho,
@@ -304,6 +305,26 @@ class Trainer:
         if trimming and (self.calibration is None or self.calibration.get("epoch", self.epoch) < self.epoch):
             self.calibrate()  # (again) after a finetune: frozen routers see features that moved
         return self.final_metrics()
+
+    @torch.no_grad()
+    def batch_cost_now(self, n: int = 256) -> float:
+        """What a training batch costs the current model: the mean hard-route cost of a fixed sample
+        of n training images, augmented, in train mode (BN batch statistics) as the loop sees batches.
+        The BN running statistics are put back, and the training data stream is not touched."""
+        images = self.train_split.images
+        g = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 7919)
+        idx = torch.randperm(images.shape[0], generator=g, device=self.device)[:n]
+        x = random_crop_flip(images[idx].float().div_(255), g)
+        stats = {k: v.clone() for k, v in self.model.named_buffers() if "running" in k or "num_batches" in k}
+        was = self.model.training
+        self.model.train()
+        with _autocast(self.device, self.cfg.amp):
+            gates = self.model(x, routing=self.cfg.train_routing).gates.float()
+        for k, v in self.model.named_buffers():
+            if k in stats:
+                v.copy_(stats[k])
+        self.model.train(was)
+        return self.budget.route_cost(gates).mean().item()
 
     def evaluate(self, split, threshold=None) -> dict:
         m = evaluate(self.model, split, self.cost, self.cfg.eval_batch_size, threshold)

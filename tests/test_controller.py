@@ -294,3 +294,21 @@ def test_the_loops_scale_grows_with_depth_so_deep_networks_land_as_fast_as_shall
     assert np.abs(last(9)).max() < 0.03
     assert np.abs(last(54)).max() < 0.03
     assert last(54, mu_scale=0.05).min() > 0.08
+
+
+def test_rho_reads_the_same_moment_not_the_lagging_ema():
+    """Routes that open fast at the end of an epoch (a warm start's routers did, 30 % -> 45 % of
+    full in a few steps): the loop's EMA still remembers the old cost, so val / EMA reads the lag
+    as a val/train bias (here clipped to 1.25). Against what training batches cost at the same
+    moment, rho is the true ratio."""
+    def fed(c):
+        for _ in range(50):
+            c.update(0.30)
+        for _ in range(3):
+            c.update(0.45)
+        return c
+    lagging, now = fed(MuController(target=0.3, steps_per_epoch=53)), fed(MuController(target=0.3, steps_per_epoch=53))
+    lagging.observe_val(1.04 * 0.45)
+    now.observe_val(1.04 * 0.45, train_cost=0.45)
+    assert lagging.rho == pytest.approx(1.25)
+    assert now.rho == pytest.approx(1.04)

@@ -97,6 +97,20 @@ def test_finetune_freezes_routers_and_trains_blocks(tiny_data, tmp_path):
     assert trainer.history[-1]["phase"] == "finetune"
 
 
+def test_batch_cost_now_measures_without_touching_training(tiny_data, tmp_path):
+    """The loop's val/train probe: train-mode routes of a fixed sample, and nothing of the run moves
+    (BN running statistics, the data stream, the weights, the mode)."""
+    trainer = Trainer(tiny_cfg(tiny_data, tmp_path / "p", target_flops="60%"), log=lambda s: None)
+    trainer.model.eval()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    rng = trainer.generator.get_state()
+    cost = trainer.batch_cost_now()
+    assert trainer.budget.fixed < cost <= trainer.budget.full
+    assert cost == trainer.batch_cost_now()                      # a fixed sample: the same figure
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert torch.equal(rng, trainer.generator.get_state()) and not trainer.model.training
+
+
 def test_lr_follows_the_scaled_paper_milestones():
     cfg = TrainConfig(epochs=250, warmup_epochs=0)
     assert [cfg.lr_at(e) for e in (0, 149, 150, 199, 200, 249)] == pytest.approx(
