@@ -64,6 +64,8 @@ TRAIN_FLAGS = {
     "--mu-ki": ("mu_ki", float, "integral gain of the budget loop on asinh(mu / mu_scale), per epoch of error"),
     "--mu-min": ("mu_min", float, "the budget controller's floor for mu; < 0 lets it reward compute "
                                   "to reach a target from below (default -20 x the loop's mu scale)"),
+    "--mu-integral": ("mu_integral", str, "always: the budget loop's integral sums every error; hold: it holds "
+                                          "while the error already shrinks (conditional integration)"),
     "--mu-max-error": ("mu_max_error", float, "the budget loop clips its relative error to +- this: the most "
                                               "one epoch can move mu is exp(mu-ki x this)"),
     "--mu-scale": ("mu_scale", float, "the budget loop changes mu linearly below this size, relatively "

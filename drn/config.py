@@ -96,6 +96,8 @@ class TrainConfig:
                                   # share of --epochs (controller.py)
     mu_ki: float | None = None    # the controller's integral gain on asinh(mu / mu_scale), per epoch (controller.py;
                                   # None: 8 when the routers start on the budget, 2 when they start open)
+    mu_integral: str = "always"   # always: the loop's integral sums every error; hold: it holds while the
+                                  # error already shrinks (conditional integration, controller.py)
     mu_max_error: float = 0.5     # the loop's relative error is clipped to +- this (controller.py)
     mu_scale: float | None = None # the loop changes mu linearly below this size, relatively above (controller.py;
                                   # None: 0.05 per nine routers, at least 0.05 -- Eq. 8 splits one share over all blocks)
@@ -205,6 +207,8 @@ class TrainConfig:
             raise UsageError("give a FLOPs target or a latency target, not both")
         if self.router_start not in ("open", "distributedk"):
             raise UsageError(f"router start must be open or distributedk, got {self.router_start!r}")
+        if self.mu_integral not in ("always", "hold"):
+            raise UsageError(f"mu integral must be always or hold, got {self.mu_integral!r}")
         if self.router_lr not in ("decay", "constant"):
             raise UsageError(f"router lr must be decay or constant, got {self.router_lr!r}")
         if self.consistency_routes not in ("soft", "executed"):

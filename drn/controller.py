@@ -77,6 +77,8 @@ class MuController:
     rho_decay: float = 0.5        # EMA of log rho over epochs
     rho_clip: float = 1.25        # rho stays in [1 / clip, clip]
     val_seen: int = 0
+    hold: bool = False            # conditional integration: the integral holds while |error| shrinks
+    err_slow: float | None = None # the relative error smoothed over a quarter epoch (trend reference)
     mu0: float | None = None      # set on the first update
     integral: float = 0.0
     cost_ema: float | None = None
@@ -99,11 +101,16 @@ class MuController:
         if self.mu0 is None:
             self.mu0, self.start_cost = self.mu, max(self.cost_ema, self.target)
         self.steps += 1
-        err = min(max(self.rho * self.cost_ema / self.setpoint - 1.0, -self.max_error), self.max_error)
+        raw = self.rho * self.cost_ema / self.setpoint - 1.0
+        err = min(max(raw, -self.max_error), self.max_error)
+        if self.err_slow is None:
+            self.err_slow = raw
+        closing = raw * (raw - self.err_slow) < 0           # |error| shrinks: the routes already move
+        self.err_slow += min(1.0, 4.0 / max(self.steps_per_epoch, 1)) * (raw - self.err_slow)
         u = lambda mu: math.asinh(mu / self.mu_scale)
         lo, hi = u(self.mu_min), u(self.mu_max)
         base = u(self.mu0) + self.kp * err
-        integral = self.integral + self.ki / max(self.steps_per_epoch, 1) * err
+        integral = self.integral + (0.0 if self.hold and closing else self.ki / max(self.steps_per_epoch, 1) * err)
         self.integral = min(max(integral, lo - base), hi - base)  # anti-windup: never past a clip
         self.mu = self.mu_scale * math.sinh(base + self.integral)
         return self.mu

@@ -159,7 +159,8 @@ class Trainer:
         self.controller = MuController(target=self.target, mu=cfg.mu, ki=cfg.mu_ki, steps_per_epoch=steps,
                                        mu_scale=mu_scale, mu_max=100 * mu_scale, max_error=cfg.mu_max_error,
                                        mu_min=-20 * mu_scale if cfg.mu_min is None else cfg.mu_min,
-                                       ramp_steps=round(cfg.budget_ramp * cfg.epochs) * steps)
+                                       ramp_steps=round(cfg.budget_ramp * cfg.epochs) * steps,
+                                       hold=cfg.mu_integral == "hold")
         self.calibration: dict | None = None
         self.weights = LossWeights(cfg.lam, cfg.alpha, cfg.gamma, cfg.d_c, cfg.d_d)
         routers = {id(p) for p in self.model.router_parameters()}
