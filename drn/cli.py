@@ -24,6 +24,8 @@ def _fmt(name: str, v) -> str:
             return "--lr"
         if name == "mu_ki":
             return "8 with --router-start distributedk, 2 with open"
+        if name == "mu_integral":
+            return "hold with --router-start distributedk, always with open"
         if name == "warmup_epochs":
             return "2 for resnet56 and deeper and resnet50 unless --zero-init-residual, else 0"
         return "0.2, or 0.4 on tinyimagenet (the paper's)" if name in ("lam", "alpha") else "none"

@@ -49,6 +49,16 @@ starting cost down to the target. It acts on u = asinh(mu / mu_scale):
   blocks. With ResNet-20's scale on ResNet-56 (27 blocks) the loop needed 3x the mu, reached
   -0.12 of it in 6 epochs and left val 7 % under a 50 % target; scaled, each router of any depth
   feels what a ResNet-20 router feels at the same u (BENCHMARKS.md, issue 14).
+* conditional integration (TrainConfig.mu_integral = hold, the default with routers that start on
+  the budget): the integral holds while |error| shrinks, i.e. while the routes already move towards
+  the setpoint (the error against its own quarter-epoch EMA). The routers integrate mu themselves
+  (their logits sum its gradient), so the loop is a double integrator that winds up: from a warm
+  start the trained blocks pulled the routers open in epoch 1 (42 % of full against 30 %), the
+  integral kept growing while the routes were already closing, mu reached 1.6 and the routes
+  fell to 25 %, where closed routers -- Eq. 3's gradient vanishes at r ~ 0 -- reopen only slowly.
+  Holding the integral: peak mu 0.5-0.7, landed at -2.5 / -4.1 % where the plain integral missed
+  by -6.1 / -10.2 % (BENCHMARKS.md, issue 14). With routers that start open (ki = 2, a long
+  descent) it is off: on a synthetic lagging plant the hold then stalls the loop above the target.
 * anti-windup: the integral is clamped so that it never pushes mu past a clip.
 * no target: mu stays at its initial value (0.05, the paper's).
 
@@ -131,5 +141,6 @@ class MuController:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
+        state = {"hold": False, **state}   # a state saved before conditional integration ran without it
         for k, v in state.items():
             setattr(self, k, v)

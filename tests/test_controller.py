@@ -17,21 +17,23 @@ from test_train import tiny_cfg
 
 
 def plant_run(target_frac: float, epochs: int = 30, steps: int = 40, seed: int = 0, lag: float = 0.05,
-              ramp_epochs: int = 0, val_gap: float | None = None, blocks: int = 9, mu_scale: float | None = None):
+              ramp_epochs: int = 0, val_gap: float | None = None, blocks: int = 9, mu_scale: float | None = None,
+              start: float = 0.95, surge: float = 0.0, ki: float = 2.0, hold: bool = False):
     """A stand-in for training: the network's hard cost relaxes (first order, `lag` per step)
     towards an equilibrium that falls monotonically with log mu; each batch measures it with
     noise. val_gap: after each epoch the loop is told the val cost, val_gap times the training
     batches' (with noise). blocks: Eq. 8 splits one share over them, so each router feels
     mu * 9 / blocks of what a ResNet-20 router feels; mu_scale: the loop's (None: the trainer's
-    0.05 * max(1, blocks / 9)). Returns per-step (mu, measured cost) with full = 1."""
+    0.05 * max(1, blocks / 9)). start: the cost at step 0; surge > 0 moves the equilibrium up (the
+    blocks' pull to open, as from a warm start). Returns per-step (mu, measured cost) with full = 1."""
     rng = np.random.default_rng(seed)
     scale = 0.05 * max(1, blocks / 9) if mu_scale is None else mu_scale
     c = MuController(target=target_frac, mu=0.05, steps_per_epoch=steps, ramp_steps=ramp_epochs * steps,
-                     mu_scale=scale, mu_min=-20 * scale, mu_max=100 * scale)
-    cost, trace = 0.95, []
+                     mu_scale=scale, mu_min=-20 * scale, mu_max=100 * scale, ki=ki, hold=hold)
+    cost, trace = start, []
     for _ in range(epochs * steps):
         pull = c.mu * 9 / blocks
-        equilibrium = 0.1 + 0.85 / (1 + math.exp(2.0 * (math.asinh(pull / 0.05) - math.asinh(0.5 / 0.05))))
+        equilibrium = 0.1 + 0.85 / (1 + math.exp(2.0 * (math.asinh(pull / 0.05) - math.asinh(0.5 / 0.05) - surge)))
         cost += lag * (equilibrium - cost)
         measured = cost + rng.normal(0, 0.03)
         c.update(measured)
@@ -312,3 +314,19 @@ def test_rho_reads_the_same_moment_not_the_lagging_ema():
     now.observe_val(1.04 * 0.45, train_cost=0.45)
     assert lagging.rho == pytest.approx(1.25)
     assert now.rho == pytest.approx(1.04)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_holding_the_integral_while_the_error_shrinks_cuts_the_undershoot(seed):
+    """Routers that start on a 30 % budget and are pulled open (a warm start's surge), on a plant
+    that lags 2.5 epochs, at the start-on-budget gain ki = 8: the plain integral keeps growing
+    while the cost already falls and drives it 10 % under the target; holding it stays within 3 %.
+    Both land."""
+    steps = 57
+    runs = {hold: plant_run(0.3, epochs=8, steps=steps, seed=seed, lag=0.01, start=0.3, surge=1.0, ki=8.0,
+                            hold=hold)[1] for hold in (False, True)}
+    per_epoch = {h: t[:, 1].reshape(-1, steps).mean(1) / 0.3 - 1 for h, t in runs.items()}
+    assert per_epoch[False].min() < -0.08
+    assert per_epoch[True].min() > -0.03
+    for h in (False, True):
+        assert abs(per_epoch[h][-3:].mean()) < 0.02
