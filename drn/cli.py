@@ -87,6 +87,9 @@ TRAIN_FLAGS = {
                                               "hard route (Eq. 11) forward, Eq. 3's gradient flows back (straight-through)"),
     "--router-lr": ("router_lr", str, "decay: the routers' lr steps down with the blocks'; constant: the routers "
                                       "keep the peak lr until the finetune, so the budget loop can still move them"),
+    "--explore": ("explore", float, "straight-through training: a block its router skips still runs on this share "
+                                    "of the images, so that every block trains (the routes and the cost read "
+                                    "the routers' decisions; 0: off)"),
     "--router-leak": ("router_leak", float, "gradient floor of the routing variable w.r.t. its router's logits "
                                             "in training, in [0, 0.1]: lets closed routers reopen (0: Eq. 3 as is)"),
     "--target-flops": ("target_flops", str, "FLOPs budget per image, absolute (2e8) or share of full (40%%); "

@@ -123,6 +123,10 @@ class TrainConfig:
     router_lr: str = "decay"      # decay: the routers' lr follows the blocks' (milestones); constant: the
                                   # routers keep the peak lr until the finetune freezes them, so the budget
                                   # loop can still move them after the blocks' lr has decayed
+    explore: float = 0.0          # straight-through main epochs: a skipped block still runs on this share of
+                                  # the images (drawn per image; the routes, the cost and the loop read the
+                                  # routers' decisions). A block that never runs never trains, so its router
+                                  # only ever sees an untrained block (BENCHMARKS.md, issue 14)
     router_leak: float = 0.0      # gradient floor of r w.r.t. the router logits (router.soft_route): lets
                                   # closed routers reopen; 0 = Eq. 3's own gradient (BENCHMARKS.md, issue 14)
     # budget: FLOPs per image ('2e8') or share of the full network ('40%'), or milliseconds per
@@ -194,6 +198,7 @@ class TrainConfig:
             (0 <= self.drop_path < 1, f"drop path must be in [0, 1), got {self.drop_path}"),
             (self.router_hidden >= 1, f"router hidden width must be >= 1, got {self.router_hidden}"),
             (0.5 < self.router_open < 1, f"router open must be in (0.5, 1), got {self.router_open}"),
+            (0 <= self.explore <= 0.5, f"explore must be in [0, 0.5], got {self.explore}"),
             (0 <= self.router_leak <= 0.1, f"router leak must be in [0, 0.1], got {self.router_leak}"),
             (self.eval_batch_size >= 1, f"eval batch size must be >= 1, got {self.eval_batch_size}"),
             (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),

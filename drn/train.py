@@ -60,11 +60,12 @@ def _progress(m: dict, total_epochs: int) -> str:
 
 def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, *,
                views: int, finetune: bool, cost_norm: torch.Tensor, mu: float, weights: LossWeights,
-               amp: bool = True, routing: str = "soft", consistency_routes: str = "soft"):
+               amp: bool = True, routing: str = "soft", consistency_routes: str = "soft", explore: float = 0.0):
     """One optimisation step on a batch of L uint8 images (L, C, H, W) and labels (L,): M augmented
     views of each, forward under `routing` (soft, Eq. 4, or straight-through), Eq. 9 (or CE under
     hard routing when finetuning, M = 1), Eq. 5 and 10 on r or on the routes the views ran
-    (`consistency_routes`), backward, SGD. Returns the loss (detached), its parts, the model output and the labels (L*M,)."""
+    (`consistency_routes`), backward, SGD; explore: the share of images on which a skipped block runs
+    anyway (straight-through main epochs). Returns the loss (detached), its parts, the model output and the labels (L*M,)."""
     dev = images.device
     m = 1 if finetune else views
     x = images.float().div_(255)
@@ -76,7 +77,7 @@ def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, gen
             parts = dict.fromkeys(("consistency", "diversity", "cost", "reg"), torch.zeros((), device=dev))
             parts["cls"] = loss.detach()
         else:
-            out = model(make_views(x, m, generator), routing=routing)
+            out = model(make_views(x, m, generator), routing=routing, explore=explore)
             r, run = out.r.float(), None
             if consistency_routes == "executed":  # straight-through: a view ran its 0/1 route g; r's gradient
                 run = (straight_through(out.gates, r) if routing == "straight" else r).view(x.shape[0], m, -1)
@@ -252,7 +253,7 @@ class Trainer:
                                              cost_norm=cost_norm,
                                              mu=self.controller.mu, weights=self.weights, amp=cfg.amp,
                                              routing=cfg.train_routing,
-                                             consistency_routes=cfg.consistency_routes)
+                                             consistency_routes=cfg.consistency_routes, explore=cfg.explore)
             gates = out.gates.float()
             if self.target is not None and not finetune and not self.static:
                 self.controller.update(self.budget.route_cost(gates).mean().item())
