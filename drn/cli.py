@@ -24,8 +24,6 @@ def _fmt(name: str, v) -> str:
             return "--lr"
         if name == "mu_ki":
             return "8 with --router-start distributedk, 2 with open"
-        if name == "mu_integral":
-            return "hold with --router-start distributedk, always with open"
         if name == "warmup_epochs":
             return "2 for resnet56 and deeper and resnet50 unless --zero-init-residual, else 0"
         return "0.2, or 0.4 on tinyimagenet (the paper's)" if name in ("lam", "alpha") else "none"
@@ -67,7 +65,8 @@ TRAIN_FLAGS = {
     "--mu-min": ("mu_min", float, "the budget controller's floor for mu; < 0 lets it reward compute "
                                   "to reach a target from below (default -20 x the loop's mu scale)"),
     "--mu-integral": ("mu_integral", str, "always: the budget loop's integral sums every error; hold: it holds "
-                                          "while the error already shrinks (conditional integration)"),
+                                          "while the routes are on course to the target within an epoch "
+                                          "(conditional integration)"),
     "--mu-max-error": ("mu_max_error", float, "the budget loop clips its relative error to +- this: the most "
                                               "one epoch can move mu is exp(mu-ki x this)"),
     "--mu-scale": ("mu_scale", float, "the budget loop changes mu linearly below this size, relatively "

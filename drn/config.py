@@ -96,9 +96,9 @@ class TrainConfig:
                                   # share of --epochs (controller.py)
     mu_ki: float | None = None    # the controller's integral gain on asinh(mu / mu_scale), per epoch (controller.py;
                                   # None: 8 when the routers start on the budget, 2 when they start open)
-    mu_integral: str | None = None  # always: the loop's integral sums every error; hold: it holds while the
-                                  # error already shrinks (conditional integration, controller.py; None: hold
-                                  # when the routers start on the budget, always when they start open)
+    mu_integral: str = "always"   # always: the loop's integral sums every error; hold: it holds while the
+                                  # routes are on course to the setpoint within an epoch (conditional
+                                  # integration, controller.py; being measured, BENCHMARKS.md issue 14)
     mu_max_error: float = 0.5     # the loop's relative error is clipped to +- this (controller.py)
     mu_scale: float | None = None # the loop changes mu linearly below this size, relatively above (controller.py;
                                   # None: 0.05 per nine routers, at least 0.05 -- Eq. 8 splits one share over all blocks)
@@ -165,8 +165,6 @@ class TrainConfig:
         self.finetune_lr = self.lr if self.finetune_lr is None else self.finetune_lr
         if self.mu_ki is None:
             self.mu_ki = 8.0 if self.router_start == "distributedk" else 2.0
-        if self.mu_integral is None:
-            self.mu_integral = "hold" if self.router_start == "distributedk" else "always"
         self.lam = default_w if self.lam is None else self.lam
         self.alpha = default_w if self.alpha is None else self.alpha
         self.milestones = tuple(self.milestones)

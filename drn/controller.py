@@ -49,16 +49,16 @@ starting cost down to the target. It acts on u = asinh(mu / mu_scale):
   blocks. With ResNet-20's scale on ResNet-56 (27 blocks) the loop needed 3x the mu, reached
   -0.12 of it in 6 epochs and left val 7 % under a 50 % target; scaled, each router of any depth
   feels what a ResNet-20 router feels at the same u (BENCHMARKS.md, issue 14).
-* conditional integration (TrainConfig.mu_integral = hold, the default with routers that start on
-  the budget): the integral holds while |error| shrinks, i.e. while the routes already move towards
-  the setpoint (the error against its own quarter-epoch EMA). The routers integrate mu themselves
-  (their logits sum its gradient), so the loop is a double integrator that winds up: from a warm
-  start the trained blocks pulled the routers open in epoch 1 (42 % of full against 30 %), the
-  integral kept growing while the routes were already closing, mu reached 1.6 and the routes
-  fell to 25 %, where closed routers -- Eq. 3's gradient vanishes at r ~ 0 -- reopen only slowly.
-  Holding the integral: peak mu 0.5-0.7, landed at -2.5 / -4.1 % where the plain integral missed
-  by -6.1 / -10.2 % (BENCHMARKS.md, issue 14). With routers that start open (ki = 2, a long
-  descent) it is off: on a synthetic lagging plant the hold then stalls the loop above the target.
+* conditional integration (TrainConfig.mu_integral = hold; off by default while it is measured):
+  the integral holds while the routes are on course -- the error, run on at its rate over the
+  last quarter epoch, crosses 0 within one epoch. The routers integrate mu themselves (their
+  logits sum its gradient), so a plain integral keeps winding while the routes already move and
+  overshoots: from a warm start the trained blocks pulled the routers open in epoch 1 (42 % of
+  full against 30 %), mu reached 1.6 and the routes fell to 25 %, where closed routers reopen
+  only slowly. A first rule held whenever |error| shrank at all: it landed those starts at
+  -2.5 / -4.1 % (plain: -6.1 / -10.2 %), but on a flat cost half the noisy steps "shrink", the
+  integral wound at half speed, and a scratch run stuck at 62 % missed its 70 % target by -11 %
+  (BENCHMARKS.md, issue 14); the horizon keeps the hold to real approaches.
 * anti-windup: the integral is clamped so that it never pushes mu past a clip.
 * no target: mu stays at its initial value (0.05, the paper's).
 
@@ -115,7 +115,9 @@ class MuController:
         err = min(max(raw, -self.max_error), self.max_error)
         if self.err_slow is None:
             self.err_slow = raw
-        closing = raw * (raw - self.err_slow) < 0           # |error| shrinks: the routes already move
+        # hold while the routes are on course: the error, run on at its rate over the last quarter
+        # epoch (raw - err_slow ~ rate x S/4 steps), crosses 0 within one epoch
+        closing = raw * (raw + 4.0 * (raw - self.err_slow)) < 0
         self.err_slow += min(1.0, 4.0 / max(self.steps_per_epoch, 1)) * (raw - self.err_slow)
         u = lambda mu: math.asinh(mu / self.mu_scale)
         lo, hi = u(self.mu_min), u(self.mu_max)

@@ -320,13 +320,30 @@ def test_rho_reads_the_same_moment_not_the_lagging_ema():
 def test_holding_the_integral_while_the_error_shrinks_cuts_the_undershoot(seed):
     """Routers that start on a 30 % budget and are pulled open (a warm start's surge), on a plant
     that lags 2.5 epochs, at the start-on-budget gain ki = 8: the plain integral keeps growing
-    while the cost already falls and drives it 10 % under the target; holding it stays within 3 %.
+    while the cost already falls and drives it 10 % under the target; holding it halves that.
     Both land."""
     steps = 57
     runs = {hold: plant_run(0.3, epochs=8, steps=steps, seed=seed, lag=0.01, start=0.3, surge=1.0, ki=8.0,
                             hold=hold)[1] for hold in (False, True)}
     per_epoch = {h: t[:, 1].reshape(-1, steps).mean(1) / 0.3 - 1 for h, t in runs.items()}
     assert per_epoch[False].min() < -0.08
-    assert per_epoch[True].min() > -0.03
+    assert per_epoch[True].min() > -0.06
     for h in (False, True):
         assert abs(per_epoch[h][-3:].mean()) < 0.02
+
+
+def test_held_integral_still_winds_on_a_plateau():
+    """Routes stuck below the target (saturated routers: the cost is flat, only batch noise moves
+    it) are not on course: the held integral must wind as fast as the plain one. A first rule held
+    whenever |error| shrank since the last quarter epoch -- on a flat cost that is half the noisy
+    steps, and the loop missed a 70 % target by -11 % (BENCHMARKS.md, issue 14)."""
+    rng = np.random.default_rng(0)
+    mus = {}
+    for hold in (False, True):
+        c = MuController(target=0.7, mu=0.05, ki=8.0, steps_per_epoch=57, hold=hold)
+        for _ in range(3 * 57):
+            c.update(0.62 * (1 + rng.normal(0, 0.02)))
+        mus[hold] = c.mu
+    u = lambda mu: math.asinh(mu / 0.05)
+    assert mus[False] < 0.0                                        # pays for compute
+    assert u(mus[True]) - u(0.05) < 0.9 * (u(mus[False]) - u(0.05))
