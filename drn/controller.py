@@ -87,7 +87,7 @@ class MuController:
     rho_decay: float = 0.5        # EMA of log rho over epochs
     rho_clip: float = 1.25        # rho stays in [1 / clip, clip]
     val_seen: int = 0
-    hold: bool = False            # conditional integration: the integral holds while |error| shrinks
+    hold: bool = False            # conditional integration: the integral holds while the routes are on course
     err_slow: float | None = None # the relative error smoothed over a quarter epoch (trend reference)
     mu0: float | None = None      # set on the first update
     integral: float = 0.0
