@@ -3,7 +3,7 @@
 
 For each checkpoint, ||W - W0|| / ||W0|| over the two 3x3 convolutions of every residual block,
 W0 being the run's start: the initial weights re-drawn from the run's seed (`torch.manual_seed`,
-then the model, as `drn.train.Trainer` does), or, for a warm start, the plain network it was
+then `drn.checkpoint.model_for`, as `drn.train.Trainer` does), or, for a warm start, the plain network it was
 initialised from (`--init`). A block that no image ran moved by weight decay alone.
 
     python bench/block_training.py bench/runs/fidelity/resnet20-scratch-drn-30-s0/checkpoint.pt ...
@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-from drn.checkpoint import load_checkpoint
-from drn.models import build_model
+from drn.checkpoint import load_checkpoint, model_for
+from drn.config import TrainConfig
 
 
 def start_weights(ckpt: dict) -> dict:
@@ -21,7 +21,7 @@ def start_weights(ckpt: dict) -> dict:
     if cfg.get("init"):
         return load_checkpoint(cfg["init"])["model"]
     torch.manual_seed(cfg["seed"])
-    return build_model(cfg["arch"], ckpt["num_classes"], ckpt["input_size"]).state_dict()
+    return model_for(TrainConfig.from_dict(cfg), ckpt["num_classes"], ckpt["input_size"]).state_dict()
 
 
 def moved(ckpt: dict) -> list[float]:

@@ -143,6 +143,5 @@ class MuController:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        state = {"hold": False, **state}   # a state saved before conditional integration ran without it
         for k, v in state.items():
             setattr(self, k, v)
