@@ -89,6 +89,9 @@ TRAIN_FLAGS = {
     "--explore": ("explore", float, "straight-through training: a block its router skips still runs on this share "
                                     "of the images, so that every block trains (the routes and the cost read "
                                     "the routers' decisions; 0: off)"),
+    "--full-pass": ("full_pass", float, "weight of a second cross-entropy per training step, of the full network "
+                                        "(every block) on one view: every block trains on every image, so a router "
+                                        "can judge a block it skips (supernet training; 0: off)"),
     "--router-leak": ("router_leak", float, "gradient floor of the routing variable w.r.t. its router's logits "
                                             "in training, in [0, 0.1]: lets closed routers reopen (0: Eq. 3 as is)"),
     "--target-flops": ("target_flops", str, "FLOPs budget per image, absolute (2e8) or share of full (40%%); "

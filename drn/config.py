@@ -127,6 +127,9 @@ class TrainConfig:
                                   # the images (drawn per image; the routes, the cost and the loop read the
                                   # routers' decisions). A block that never runs never trains, so its router
                                   # only ever sees an untrained block (BENCHMARKS.md, issue 14)
+    full_pass: float = 0.0        # main epochs: weight of the cross-entropy of a second pass through the full
+                                  # network (every block, on one view), so that every block trains on every
+                                  # image and a router can judge a block it skips (supernet training; 0: off)
     router_leak: float = 0.0      # gradient floor of r w.r.t. the router logits (router.soft_route): lets
                                   # closed routers reopen; 0 = Eq. 3's own gradient (BENCHMARKS.md, issue 14)
     # budget: FLOPs per image ('2e8') or share of the full network ('40%'), or milliseconds per
@@ -197,6 +200,7 @@ class TrainConfig:
             (self.router_hidden >= 1, f"router hidden width must be >= 1, got {self.router_hidden}"),
             (0.5 < self.router_open < 1, f"router open must be in (0.5, 1), got {self.router_open}"),
             (0 <= self.explore <= 0.5, f"explore must be in [0, 0.5], got {self.explore}"),
+            (0 <= self.full_pass <= 10, f"full pass must be in [0, 10], got {self.full_pass}"),
             (0 <= self.router_leak <= 0.1, f"router leak must be in [0, 0.1], got {self.router_leak}"),
             (self.eval_batch_size >= 1, f"eval batch size must be >= 1, got {self.eval_batch_size}"),
             (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),

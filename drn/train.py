@@ -60,12 +60,15 @@ def _progress(m: dict, total_epochs: int) -> str:
 
 def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, *,
                views: int, finetune: bool, cost_norm: torch.Tensor, mu: float, weights: LossWeights,
-               amp: bool = True, routing: str = "soft", consistency_routes: str = "soft", explore: float = 0.0):
+               amp: bool = True, routing: str = "soft", consistency_routes: str = "soft", explore: float = 0.0,
+               full_pass: float = 0.0):
     """One optimisation step on a batch of L uint8 images (L, C, H, W) and labels (L,): M augmented
     views of each, forward under `routing` (soft, Eq. 4, or straight-through), Eq. 9 (or CE under
     hard routing when finetuning, M = 1), Eq. 5 and 10 on r or on the routes the views ran
     (`consistency_routes`), backward, SGD; explore: the share of images on which a skipped block runs
-    anyway (straight-through main epochs). Returns the loss (detached), its parts, the model output and the labels (L*M,)."""
+    anyway (straight-through main epochs); full_pass: the weight of a second cross-entropy, of the
+    full network (every block) on the first view of each image, so that every block trains on every
+    image whatever the routes (BN running statistics are left to the routed pass). Returns the loss (detached), its parts, the model output and the labels (L*M,)."""
     dev = images.device
     m = 1 if finetune else views
     x = images.float().div_(255)
@@ -77,15 +80,36 @@ def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, gen
             parts = dict.fromkeys(("consistency", "diversity", "cost", "reg"), torch.zeros((), device=dev))
             parts["cls"] = loss.detach()
         else:
-            out = model(make_views(x, m, generator), routing=routing, explore=explore)
+            out_views = make_views(x, m, generator)
+            out = model(out_views, routing=routing, explore=explore)
             r, run = out.r.float(), None
             if consistency_routes == "executed":  # straight-through: a view ran its 0/1 route g; r's gradient
                 run = (straight_through(out.gates, r) if routing == "straight" else r).view(x.shape[0], m, -1)
             loss, parts = drn_loss(out.logits.float(), y, r.view(x.shape[0], m, -1), cost_norm, mu, weights, run)
+            if full_pass > 0:
+                views = out_views[::m]
+                with _frozen_bn_stats(model):
+                    full = model(views, routing="mask", gates=torch.ones(views.shape[0], model.num_blocks,
+                                                                         dtype=torch.bool, device=dev))
+                loss = loss + full_pass * F.cross_entropy(full.logits.float(), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss.detach(), parts, out, y
+
+
+@contextlib.contextmanager
+def _frozen_bn_stats(model):
+    """Batch norm normalises with the batch's statistics but leaves its running ones as they are."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, v in zip(bns, saved):
+            m.momentum = v
 
 
 def _regrouped(state: dict, optimizer: torch.optim.Optimizer, params: list) -> dict:
@@ -253,7 +277,8 @@ class Trainer:
                                              cost_norm=cost_norm,
                                              mu=self.controller.mu, weights=self.weights, amp=cfg.amp,
                                              routing=cfg.train_routing,
-                                             consistency_routes=cfg.consistency_routes, explore=cfg.explore)
+                                             consistency_routes=cfg.consistency_routes, explore=cfg.explore,
+                                             full_pass=cfg.full_pass)
             gates = out.gates.float()
             if self.target is not None and not finetune and not self.static:
                 self.controller.update(self.budget.route_cost(gates).mean().item())
