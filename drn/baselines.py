@@ -4,7 +4,8 @@
 
     full          every block: the plain ResNet (the warm start of `--init`)
     firstk        the first K residual blocks
-    randomk       K blocks drawn at random (once, from the run's seed)
+    randomk       K blocks drawn at random (once, from the run's seed); at a FLOPs target, a route
+                  drawn at random among those within 5 % of it (equal FLOPs), whatever its K
     distributedk  K blocks spread flatly over the stages (Table 4's caption; "Dis-K"): K/S per
                   stage, the remainder to the deepest stages, evenly spaced inside each stage
 
@@ -12,6 +13,8 @@ Table 4b's Ber-Dis is not a training baseline but a test-time rule of a trained 
 gate from Bernoulli(r) instead of thresholding r (`routing="sample"`, `drn-eval --routing sample`).
 A static network runs no router, so its cost is the cost table's minus the routers'.
 """
+import math
+
 import torch
 
 from .config import TrainConfig, UsageError
@@ -68,6 +71,27 @@ def k_for_budget(kind: str, stages: tuple[int, ...], block_cost: list[float], fi
     return 1 + min(range(n), key=lambda i: abs(costs[i] - budget))
 
 
+def randomk_at_budget(stages: tuple[int, ...], block_cost: list[float], fixed: float, budget: float,
+                      seed: int = 0, tolerance: float = 0.05, draws: int = 10_000) -> tuple[int, ...]:
+    """RandomK at equal FLOPs: the seed's generator draws block orders, and an order's prefix whose
+    cost is closest to `budget` is its route; the first route within `tolerance` of the budget is
+    taken (the closest of all when none is). The first order is `static_route`'s, so a seed whose
+    K-for-the-budget route already lands keeps it. Returns the route's blocks, ascending."""
+    n = sum(stages)
+    g = torch.Generator().manual_seed(seed)
+    best, best_err = None, math.inf
+    for _ in range(draws):
+        order = torch.randperm(n, generator=g).tolist()
+        costs = [fixed + sum(block_cost[i] for i in order[:k]) for k in range(1, n + 1)]
+        k = 1 + min(range(n), key=lambda i: abs(costs[i] - budget))
+        err = abs(costs[k - 1] / budget - 1)
+        if err < best_err:
+            best, best_err = tuple(sorted(order[:k])), err
+        if err <= tolerance:
+            break
+    return best
+
+
 def route_of(cfg: TrainConfig) -> tuple[bool, ...] | None:
     """The static route a config asks for (its k resolved), or None for drn. `full` is the plain
     network: every block, no router."""
@@ -76,6 +100,8 @@ def route_of(cfg: TrainConfig) -> tuple[bool, ...] | None:
     stages = ARCHS[cfg.arch].stages
     if cfg.routing == "full":
         return (True,) * sum(stages)
+    if cfg.route is not None:
+        return tuple(i in cfg.route for i in range(sum(stages)))
     if cfg.k is None or not 1 <= cfg.k <= sum(stages):
         raise UsageError(f"k must be in [1, {sum(stages)}] for {cfg.arch}, got {cfg.k}")
     return tuple(static_route(cfg.routing, stages, cfg.k, cfg.seed).tolist())

@@ -143,6 +143,8 @@ class TrainConfig:
     # FLOPs are closest to target_flops)
     routing: str = "drn"
     k: int | None = None
+    route: tuple[int, ...] | None = None  # a static route's blocks (0-based), set when randomk draws its route
+                                  # at a FLOPs target (baselines.randomk_at_budget); None: the routing's rule
     # runtime
     seed: int = 0
     device: str = "auto"          # auto | cpu | cuda | cuda:N
@@ -240,6 +242,14 @@ class TrainConfig:
             raise UsageError("--drop-path is for full and static routes: a routed network's routers choose what to skip")
         elif self.k is not None:
             raise UsageError("--k is for the static routings (firstk, randomk, distributedk), not drn")
+        if self.route is not None:
+            self.route = tuple(self.route)
+            n = sum(ARCHS[self.arch].stages)
+            if self.routing not in STATIC or not self.route or list(self.route) != sorted(set(self.route)) \
+                    or not all(isinstance(i, int) and 0 <= i < n for i in self.route) \
+                    or (self.k is not None and self.k != len(self.route)):
+                raise UsageError(f"route must be ascending distinct blocks in [0, {n}) of a static routing, with k "
+                                 f"its length; got {self.route} (routing {self.routing}, k {self.k})")
         if self.k is not None and self.k < 1:
             raise UsageError(f"k must be >= 1, got {self.k}")
         if self.latency_batch < 1:

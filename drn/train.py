@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .baselines import k_for_budget, static_route
+from .baselines import k_for_budget, randomk_at_budget, static_route
 from .calibrate import TRIM, trim_threshold
 from .checkpoint import load_checkpoint, model_for, model_from_checkpoint, save_checkpoint
 from .config import TrainConfig, UsageError, resolve_target
@@ -153,7 +153,8 @@ class Trainer:
             self.model, _ = model_from_checkpoint(ckpt)
         else:
             if cfg.routing not in ("drn", "full") and cfg.k is None:   # a static baseline at the FLOPs target
-                cfg = self.cfg = dataclasses.replace(cfg, k=self._k_for_target(cfg))
+                k, route = self._k_for_target(cfg)
+                cfg = self.cfg = dataclasses.replace(cfg, k=k, route=route)
             self.model = model_for(cfg, self.data.num_classes, self.data.input_size)
             self.model.set_normalization(*self.data.channel_stats())
             if cfg.init is not None:
@@ -229,7 +230,7 @@ class Trainer:
             block.router.open_(0.5 if i == half else self.cfg.router_open if on else 1 - self.cfg.router_open)
         return route, half
 
-    def _k_for_target(self, cfg: TrainConfig) -> int:
+    def _k_for_target(self, cfg: TrainConfig) -> tuple[int, tuple[int, ...] | None]:
         # the twin draws from a forked RNG: a static route then starts from the very weights that a
         # DRN of the same seed starts from (scratch against scratch from the same start)
         with torch.random.fork_rng(devices=[]):
@@ -237,7 +238,11 @@ class Trainer:
         table = measure_cost_table(twin)
         fixed = table.fixed - table.router                 # a static route runs no routers
         target = resolve_target(cfg.target_flops, fixed + sum(table.block), fixed, "FLOPs")
-        return k_for_budget(cfg.routing, ARCHS[cfg.arch].stages, list(table.block), fixed, target, cfg.seed)
+        stages = ARCHS[cfg.arch].stages
+        if cfg.routing == "randomk":   # equal FLOPs: a random route within 5 % of the target
+            route = randomk_at_budget(stages, list(table.block), fixed, target, cfg.seed)
+            return len(route), route
+        return k_for_budget(cfg.routing, stages, list(table.block), fixed, target, cfg.seed), None
 
     @property
     def checkpoint_path(self) -> Path:

@@ -545,3 +545,32 @@ def test_explore_trains_a_block_its_router_skips_and_returns_the_decisions():
         assert (model.blocks[1].residual[0].weight.grad.abs().sum() > 0) == trains
     with torch.no_grad():                                         # the explored images ran the block
         assert not torch.equal(model(x, routing="straight", explore=0.25).logits, model(x, routing="straight").logits)
+
+
+def test_a_full_pass_trains_the_blocks_the_routers_skip_and_leaves_the_running_statistics():
+    """`train_step(full_pass=w)` adds the cross-entropy of the full network (supernet training): a
+    block that every router skips trains on every image, while BN's running statistics -- what
+    testing normalises with -- stay those of the routed pass."""
+    import copy
+
+    from drn.losses import LossWeights
+    from drn.train import train_step
+    torch.manual_seed(4)
+    base = make("resnet8")
+    with torch.no_grad():
+        base.blocks[1].router.open_(0.1)                          # skipped by every image
+    x, y = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (16,))
+    after = {}
+    for w in (0.0, 1.0):
+        model = copy.deepcopy(base).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        _, _, out, _ = train_step(model, opt, x, y, torch.Generator().manual_seed(0), views=2, finetune=False,
+                                  cost_norm=torch.full((3,), 1 / 3), mu=0.05, weights=LossWeights(0.2, 0.2, 0.5, 0.2, 0.5),
+                                  routing="straight", full_pass=w)
+        assert not out.gates[:, 1].any()
+        after[w] = model
+    w0 = base.blocks[1].residual[0].weight
+    assert torch.equal(after[0.0].blocks[1].residual[0].weight, w0)        # skipped: no gradient
+    assert not torch.equal(after[1.0].blocks[1].residual[0].weight, w0)    # the full pass trains it
+    stats = lambda m: [b for k, b in m.state_dict().items() if "running" in k]
+    assert all(torch.equal(a, b) for a, b in zip(stats(after[0.0]), stats(after[1.0])))

@@ -160,6 +160,30 @@ def test_a_static_route_starts_from_the_weights_of_its_drn_twin(tiny_data, tmp_p
     assert shared and all(torch.equal(a[k], b[k]) for k in shared)
 
 
+def test_randomk_at_a_target_runs_a_route_at_equal_flops_and_reloads_it(tiny_data, tmp_path):
+    from drn.baselines import route_of
+    from drn.checkpoint import model_from_checkpoint
+    t = Trainer(tiny_cfg(tiny_data, tmp_path / "rk", arch="resnet20", target_flops="30%", routing="randomk",
+                         seed=1), log=lambda s: None)
+    route = t.cfg.route
+    assert route is not None and t.cfg.k == len(route) and t.model.cfg.static_route == route_of(t.cfg)
+    spent = t.cost.route_cost(torch.tensor(t.model.cfg.static_route, dtype=torch.float32)).item()
+    assert abs(spent / t.target - 1) <= 0.05
+    from drn.checkpoint import save_checkpoint
+    t.checkpoint_path.parent.mkdir(parents=True)
+    save_checkpoint(t.checkpoint_path, t.state())
+    model, cfg = model_from_checkpoint(load_checkpoint(t.checkpoint_path))
+    assert cfg.route == route and model.cfg.static_route == t.model.cfg.static_route
+
+
+@pytest.mark.parametrize("bad", [dict(route=(0, 3)), dict(routing="randomk", k=3, route=(0, 3)),
+                                 dict(routing="randomk", k=2, route=(3, 0)), dict(routing="randomk", k=1, route=(9,)),
+                                 dict(routing="drn", route=(0,))])
+def test_config_rejects_a_bad_route(bad):
+    with pytest.raises(UsageError, match="route"):
+        TrainConfig(arch="resnet20", **bad)
+
+
 def test_config_from_dict_rejects_unknown_keys():
     with pytest.raises(UsageError, match="unknown config keys: nope"):
         TrainConfig.from_dict({"nope": 1})
