@@ -17,7 +17,12 @@ The plan, for each arch and seed (seeds 0 of everything first):
                                              the warm start of every `warm` run of that seed
     {arch}-{start}-{method}-{t}-s{seed}      start: scratch | warm (--init the plain network);
                                              method: drn | firstk | randomk | distributedk; t: the
-                                             budget in % of the full FLOPs (statics at the closest k)
+                                             budget in % of the full FLOPs (statics at the closest k;
+                                             RandomK draws a route within 5 % of it)
+    {arch}-{start}-{method}-{t}-k{k}-s{seed} a deterministic static route (FirstK, DistributedK) whose
+                                             closest k misses the budget by more than 5 %: the k on the
+                                             budget's other side, so that the report reads the method
+                                             at the DRN's FLOPs, interpolated between the two
     resnet20-scratch-drn-50-{ablation}-s{seed}   soft (the paper's Eq. 4 in training instead of the
                                              straight-through hard routes), nocons (lambda = 0), nodiv
                                              (alpha = 0), and the margin of Eq. 5 at the scale of the
@@ -42,8 +47,30 @@ BATCH = 64                        # 63 steps per epoch on the 3661 training imag
 TARGETS = {"resnet20": (30, 50, 70), "resnet56": (50,)}
 METHODS = ("drn", "firstk", "randomk", "distributedk")
 STATIC = METHODS[1:]
+BRACKETED = ("distributedk",)     # FirstK trails by 3-8 points: its second point would not change the best
 ABLATIONS = {"soft": ["--train-routing", "soft"], "nocons": ["--lam", "0"], "nodiv": ["--alpha", "0"],
              "dc002": ["--d-c", "0.02"], "consexec": ["--consistency-routes", "executed"]}
+
+
+def brackets(arch: str, t: float) -> dict[str, int]:
+    """For each deterministic static method whose route closest to t % misses it by more than 5 %:
+    the k of the route on the other side of the budget (the interpolation's second point)."""
+    sys.path.insert(0, str(ROOT))
+    from drn.baselines import k_for_budget, static_route
+    from drn.cost import measure_cost_table
+    from drn.models import ARCHS, build_model
+    table, stages = measure_cost_table(build_model(arch)), ARCHS[arch].stages
+    fixed = table.fixed - table.router
+    budget = t / 100 * (fixed + sum(table.block))
+    cost = lambda m, k: fixed + sum(c for c, on in zip(table.block, static_route(m, stages, k).tolist()) if on)
+    out = {}
+    for m in BRACKETED:
+        k = k_for_budget(m, stages, list(table.block), fixed, budget)
+        if abs(cost(m, k) / budget - 1) > 0.05:
+            other = k + 1 if cost(m, k) < budget else k - 1
+            if 1 <= other <= sum(stages):
+                out[m] = other
+    return out
 
 
 def plan(archs: list[str]) -> dict[str, list[str]]:
@@ -60,6 +87,9 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                         routing = [] if method == "drn" else ["--routing", method]
                         runs[f"{arch}-{start}-{method}-{t}-s{seed}"] = [
                             "--arch", arch, *routing, "--target-flops", f"{t}%", *init, *s]
+                    for method, k in brackets(arch, t).items():
+                        runs[f"{arch}-{start}-{method}-{t}-k{k}-s{seed}"] = [
+                            "--arch", arch, "--routing", method, "--k", str(k), *init, *s]
             if arch == "resnet20":
                 for name, flags in ABLATIONS.items():
                     runs[f"{arch}-scratch-drn-50-{name}-s{seed}"] = ["--arch", arch, "--target-flops", "50%", *flags, *s]
@@ -186,6 +216,27 @@ def _pm(vals) -> str:
     return f"{100 * m:.1f}" + (f" ± {100 * statistics.stdev(vals):.1f}" if len(vals) > 1 else "")
 
 
+def _at_flops(res: dict, stem: str, method: str, t: float, drn_share: dict[int, float]) -> tuple[dict, dict, bool]:
+    """A static method's test accuracy and FLOPs share per seed at the DRN's FLOPs: interpolated
+    linearly between its route at the budget and its bracket route (the k on the budget's other
+    side) when both ran and the DRN's share lies between them; else the route at the budget."""
+    acc, share, interp = {}, {}, False
+    for s in SEEDS:
+        main = res.get(f"{stem.format(method)}-s{s}")
+        if main is None:
+            continue
+        e = main["eval_hard"]
+        acc[s], share[s] = e["accuracy"], e["flops"] / e["flops_full"]
+        other = [v for k, v in res.items() if k.startswith(f"{stem.format(method)}-k") and k.endswith(f"-s{s}")]
+        if other and s in drn_share:
+            o = other[0]["eval_hard"]
+            (f0, a0), (f1, a1) = sorted([(share[s], acc[s]), (o["flops"] / o["flops_full"], o["accuracy"])])
+            if f0 <= drn_share[s] <= f1:
+                w = (drn_share[s] - f0) / (f1 - f0)
+                acc[s], share[s], interp = a0 + w * (a1 - a0), drn_share[s], True
+    return acc, share, interp
+
+
 def report(args) -> int:
     res = _load()
     if not res:
@@ -197,7 +248,9 @@ def report(args) -> int:
              f"the best mean (named in the FLOPs column), paired seed by seed (the warm runs of a seed share "
              f"their start); [min, max] over the seeds. Gap to each seed's best static = "
              f"DRN − the best of the three statics of that seed: a stricter bar, since the maximum of three "
-             f"noisy runs sits above each of them.", ""]
+             f"noisy runs sits above each of them. Every static method is read at the DRN's FLOPs: RandomK "
+             f"draws its route within 5 % of the budget; a deterministic route that misses it by more is "
+             f"interpolated, seed by seed, between its k on either side of the DRN's FLOPs (marked (i)).", ""]
     lines += ["**Tables 2 and 4a: the DRN against static routes at equal FLOPs**", "",
               "| arch | start | budget | DRN | FLOPs | FirstK | RandomK | DistributedK | static FLOPs (best) | gap to the best method, mean [min, max] | gap to each seed's best static | runs |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -209,10 +262,11 @@ def report(args) -> int:
                 drn = _seeds(res, stem.format("drn"))
                 if not drn:
                     continue
-                static = {m: _seeds(res, stem.format(m)) for m in STATIC}
-                flops = {m: _seeds(res, stem.format(m), "flops") for m in METHODS}
-                ff = {m: [v / res[f"{stem.format(m)}-s{s}"]["eval_hard"]["flops_full"] for s, v in flops[m].items()]
-                      for m in METHODS}
+                drn_share = {s: res[f"{stem.format('drn')}-s{s}"]["eval_hard"]["flops"]
+                             / res[f"{stem.format('drn')}-s{s}"]["eval_hard"]["flops_full"] for s in drn}
+                at = {m: _at_flops(res, stem, m, t, drn_share) for m in STATIC}
+                static = {m: at[m][0] for m in STATIC}
+                ff = {"drn": list(drn_share.values()), **{m: list(at[m][1].values()) for m in STATIC}}
                 best = {s: max(static[m][s] for m in STATIC) for s in drn if all(s in static[m] for m in STATIC)}
                 best_m = max(STATIC, key=lambda m: statistics.mean(static[m].values()) if static[m] else -1)
                 gaps = [drn[s] - best[s] for s in best]
@@ -223,7 +277,7 @@ def report(args) -> int:
                 gap_m = (f"{100 * statistics.mean(paired):+.1f} [{100 * min(paired):+.1f}, {100 * max(paired):+.1f}]"
                          if paired else "–")
                 lines.append(f"| {arch} | {start} | {t} % | {_pm(drn.values())} | {_pm(ff['drn'])} | "
-                             + " | ".join(_pm(static[m].values()) for m in STATIC)
+                             + " | ".join(_pm(static[m].values()) + (" (i)" if at[m][2] else "") for m in STATIC)
                              + f" | {_pm(ff[best_m])} ({best_m}) | {gap_m} | {gap} | {len(drn)} |")
         if full:
             lines.append(f"| {arch} | plain network | 100 % | {_pm(full.values())} | 100 | | | | | | | {len(full)} |")
