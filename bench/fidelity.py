@@ -30,6 +30,7 @@ The plan, for each arch and seed (seeds 0 of everything first):
                                              views ran, --consistency-routes executed)
 """
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -52,6 +53,7 @@ ABLATIONS = {"soft": ["--train-routing", "soft"], "nocons": ["--lam", "0"], "nod
              "dc002": ["--d-c", "0.02"], "consexec": ["--consistency-routes", "executed"]}
 
 
+@functools.lru_cache(maxsize=None)
 def brackets(arch: str, t: float) -> dict[str, int]:
     """For each deterministic static method whose route closest to t % misses it by more than 5 %:
     the k of the route on the other side of the budget (the interpolation's second point)."""
