@@ -78,7 +78,8 @@ TRAIN_FLAGS = {
     "--router-open": ("router_open", float, "p(execute) of every router at the start, in (0.5, 1)"),
     "--router-start": ("router_start", str, "open: every router at --router-open; distributedk (with a target): "
                                             "the DistributedK route closest to the target open, the other routers "
-                                            "closed at 1 - --router-open, so training starts on the budget"),
+                                            "closed at 1 - --router-open, so training starts on the budget; greedy "
+                                            "(with --init): the route the trained blocks lose least by on val"),
     "--consistency-routes": ("consistency_routes", str, "what Eq. 5 and 10 compare between two views of an "
                                                         "image: soft (r, Eq. 3) or executed (the 0/1 routes the "
                                                         "views ran in straight-through training)"),

@@ -112,8 +112,9 @@ class TrainConfig:
     router_open: float = 0.9      # p(execute) of every router at the start, in (0.5, 1): open, but how far
     router_start: str = "distributedk"  # with a target: the blocks of the DistributedK route closest to the
                                   # target start open (router_open), the others closed (1 - router_open), so
-                                  # training starts on the budget (BENCHMARKS.md, issue 14); open: every router
-                                  # at router_open, training starts as the full network
+                                  # training starts on the budget (BENCHMARKS.md, issue 14); greedy (with --init):
+                                  # the route the trained blocks lose least by on val (warmstart.greedy_route);
+                                  # open: every router at router_open, training starts as the full network
     consistency_routes: str = "soft"  # what Eq. 5 and 10 compare between views: soft r, or the routes the
                                       # views ran ("executed": the 0/1 g under straight-through training)
     train_routing: str = "straight"  # straight: Eq. 11's 0/1 decisions forward, Eq. 3's gradient backward
@@ -169,7 +170,7 @@ class TrainConfig:
             self.warmup_epochs = 2.0 if deep and not self.zero_init_residual else 0.0
         self.finetune_lr = self.lr if self.finetune_lr is None else self.finetune_lr
         if self.mu_ki is None:
-            self.mu_ki = 8.0 if self.router_start == "distributedk" else 2.0
+            self.mu_ki = 2.0 if self.router_start == "open" else 8.0
         self.lam = default_w if self.lam is None else self.lam
         self.alpha = default_w if self.alpha is None else self.alpha
         self.milestones = tuple(self.milestones)
@@ -217,8 +218,10 @@ class TrainConfig:
                 raise UsageError(msg)
         if self.target_flops is not None and self.target_latency_ms is not None:
             raise UsageError("give a FLOPs target or a latency target, not both")
-        if self.router_start not in ("open", "distributedk"):
-            raise UsageError(f"router start must be open or distributedk, got {self.router_start!r}")
+        if self.router_start not in ("open", "distributedk", "greedy"):
+            raise UsageError(f"router start must be open, distributedk or greedy, got {self.router_start!r}")
+        if self.router_start == "greedy" and self.init is None and self.routing == "drn":
+            raise UsageError("router start greedy measures trained blocks: it needs --init (a warm start)")
         if self.mu_integral not in ("always", "hold"):
             raise UsageError(f"mu integral must be always or hold, got {self.mu_integral!r}")
         if self.router_lr not in ("decay", "constant"):

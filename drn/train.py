@@ -27,7 +27,7 @@ from .evaluate import evaluate, threshold_curve
 from .losses import LossWeights, drn_loss
 from .models import ARCHS, build_model
 from .router import straight_through
-from .warmstart import warm_start
+from .warmstart import greedy_route, warm_start
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -173,7 +173,7 @@ class Trainer:
         unit = "FLOPs" if self.budget.unit == "flops" else "ms"
         # a static baseline is trained at its k: the target only chose k, it is not steered to
         self.target = resolve_target(cfg.target, self.budget.full, self.budget.fixed, unit)
-        if ckpt is None and cfg.router_start == "distributedk" and self.target is not None and not self.static:
+        if ckpt is None and cfg.router_start != "open" and self.target is not None and not self.static:
             route, half = self._start_on_budget()
             self.log(f"routers start on the budget: blocks {[i for i, on in enumerate(route) if on]} open"
                      + ("" if half is None else f", block {half} undecided (p = 0.5)") + ", the others closed")
@@ -210,7 +210,8 @@ class Trainer:
 
     @torch.no_grad()
     def _start_on_budget(self) -> tuple[tuple[bool, ...], int | None]:
-        """Start the routers on the budget rather than at the full network: the DistributedK route
+        """Start the routers on the budget rather than at the full network. greedy (a warm start): the
+        route that the trained blocks lose least by on val (warmstart.greedy_route). distributedk: the DistributedK route
         whose cost is closest to the target opens (router_open), the other routers close (1 -
         router_open). When that route misses the target by more than 2.5 %, the cheaper DistributedK
         route under it opens instead, plus one block of the next route undecided (p = 0.5, about half
@@ -218,6 +219,15 @@ class Trainer:
         target without a saturated router's cliff. Returns the open route and the undecided block."""
         stages, b, target = ARCHS[self.cfg.arch].stages, self.budget, self.target
         cost = lambda route: b.route_cost(torch.tensor(route, dtype=torch.float32)).item()
+        if self.cfg.router_start == "greedy":   # the route the trained blocks lose least by on val
+            val = self.data.val
+            route, last = greedy_route(self.model, val.images.to(self.device), val.labels.to(self.device), cost, target)
+            half = None
+            if last is not None and abs(cost(route) / target - 1) > 0.025:
+                half = last   # the last block dropped runs on about half the images: on the budget
+            for i, (block, on) in enumerate(zip(self.model.blocks, route)):
+                block.router.open_(0.5 if i == half else self.cfg.router_open if on else 1 - self.cfg.router_open)
+            return route, half
         routes = [tuple(static_route("distributedk", stages, k).tolist()) for k in range(1, len(b.block) + 1)]
         route, half = min(routes, key=lambda r: abs(cost(r) - target)), None
         below = [r for r in routes if cost(r) <= target]

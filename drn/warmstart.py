@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .checkpoint import FORMAT, load_checkpoint
 from .config import UsageError
@@ -99,3 +100,32 @@ def warm_start(model: RoutedResNet, path: str | os.PathLike, dataset: str, val_i
         raise UsageError(f"--init {path}: weights do not fit {model.cfg.arch}")
     return {"init": str(path), "init_kind": f"drn {cfg['routing']}", "init_epoch": ckpt["epoch"],
             "init_val_accuracy": (ckpt.get("history") or [{}])[-1].get("accuracy")}
+
+
+@torch.no_grad()
+def greedy_route(model: RoutedResNet, images: torch.Tensor, labels: torch.Tensor, cost, target: float,
+                 batch_size: int = 500) -> tuple[tuple[bool, ...], int | None]:
+    """The route a trained network loses least by at the budget, measured on `images` (uint8, the
+    val split): from every block, drop the block whose absence raises the cross-entropy least (a
+    trained ResNet survives losing a block, Veit et al. 2016), until the route costs at most
+    `target` under `cost(route)`. Returns the route and the last block dropped (None if none was)."""
+    was_training = model.training
+    model.eval()
+    n = model.num_blocks
+
+    def loss(route: list[bool]) -> float:
+        gates = torch.tensor(route, device=images.device).expand(images.shape[0], n)
+        total = 0.0
+        for s in range(0, images.shape[0], batch_size):
+            x = images[s:s + batch_size].float().div(255)
+            out = model(x, routing="hard", gates=gates[s:s + batch_size])
+            total += F.cross_entropy(out.logits.float(), labels[s:s + batch_size], reduction="sum").item()
+        return total / images.shape[0]
+
+    route, last = [True] * n, None
+    while cost(route) > target and any(route):
+        trials = {i: loss(route[:i] + [False] + route[i + 1:]) for i, on in enumerate(route) if on}
+        last = min(trials, key=trials.get)
+        route[last] = False
+    model.train(was_training)
+    return tuple(route), last

@@ -103,3 +103,34 @@ def test_resnet50_warm_starts_from_a_torchvision_state_dict(tmp_path):
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     with pytest.raises(UsageError, match="resnet50 only"):
         warm_start(build_model("resnet20"), path, "imagefolder", ())
+
+
+def test_greedy_route_drops_the_block_the_network_loses_least_by():
+    """A block whose residual is zero changes nothing: dropping it is free, so greedy drops it first."""
+    from drn.warmstart import greedy_route
+    torch.manual_seed(0)
+    model = build_model("resnet8", 10, 32).eval()
+    with torch.no_grad():
+        model.blocks[1].residual[-1].weight.zero_()          # block 1 is its shortcut
+        model.fc.weight.mul_(50)                             # confident: any change of route moves the loss
+        images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+        labels = model(images.float() / 255, routing="hard").logits.argmax(1)
+    cost = lambda route: float(sum(route))
+    route, last = greedy_route(model, images, labels, cost, target=2.0)
+    assert route == (True, False, True) and last == 1
+    route, last = greedy_route(model, images, labels, cost, target=3.0)
+    assert route == (True, True, True) and last is None
+
+
+def test_routers_start_on_the_greedy_route_of_a_warm_start(plain, tiny_data, tmp_path):
+    from drn.warmstart import greedy_route
+    t = Trainer(tiny_cfg(tiny_data, tmp_path / "g", arch="resnet20", epochs=1, target_flops="50%",
+                         init=str(plain.checkpoint_path), router_start="greedy"), log=lambda s: None)
+    cost = lambda route: t.budget.route_cost(torch.tensor(route, dtype=torch.float32)).item()
+    route, last = greedy_route(t.model, t.data.val.images, t.data.val.labels, cost, t.target)
+    opened = [b.router.fc2.bias.softmax(0)[0].item() for b in t.model.blocks]
+    half = last if abs(cost(route) / t.target - 1) > 0.025 else None
+    assert [round(q, 3) for q in opened] == [0.5 if i == half else 0.9 if on else 0.1 for i, on in enumerate(route)]
+    assert not all(route) and any(route)
+    with pytest.raises(UsageError, match="greedy"):
+        tiny_cfg(tiny_data, tmp_path / "x", target_flops="50%", router_start="greedy")
