@@ -90,6 +90,9 @@ TRAIN_FLAGS = {
     "--explore": ("explore", float, "straight-through training: a block its router skips still runs on this share "
                                     "of the images, so that every block trains (the routes and the cost read "
                                     "the routers' decisions; 0: off)"),
+    "--routers-first": ("routers_first", int, "main epochs at the start in which only the routers train (the blocks "
+                                              "frozen), so the routes settle before the blocks adapt to them; for "
+                                              "warm starts (0: off)"),
     "--full-pass": ("full_pass", float, "weight of a second cross-entropy per training step, of the full network "
                                         "(every block) on one view: every block trains on every image, so a router "
                                         "can judge a block it skips (supernet training; 0: off)"),

@@ -128,6 +128,9 @@ class TrainConfig:
                                   # the images (drawn per image; the routes, the cost and the loop read the
                                   # routers' decisions). A block that never runs never trains, so its router
                                   # only ever sees an untrained block (BENCHMARKS.md, issue 14)
+    routers_first: int = 0        # main epochs at the start in which only the routers train, the blocks frozen:
+                                  # the routes settle on the (warm-started) blocks before the blocks adapt to
+                                  # them (BlockDrop's order); being measured (BENCHMARKS.md issue 14)
     full_pass: float = 0.0        # main epochs: weight of the cross-entropy of a second pass through the full
                                   # network (every block, on one view), so that every block trains on every
                                   # image and a router can judge a block it skips (supernet training; 0: off)
@@ -203,6 +206,7 @@ class TrainConfig:
             (self.router_hidden >= 1, f"router hidden width must be >= 1, got {self.router_hidden}"),
             (0.5 < self.router_open < 1, f"router open must be in (0.5, 1), got {self.router_open}"),
             (0 <= self.explore <= 0.5, f"explore must be in [0, 0.5], got {self.explore}"),
+            (0 <= self.routers_first < self.epochs, f"routers first must be in [0, epochs), got {self.routers_first}"),
             (0 <= self.full_pass <= 10, f"full pass must be in [0, 10], got {self.full_pass}"),
             (0 <= self.router_leak <= 0.1, f"router leak must be in [0, 0.1], got {self.router_leak}"),
             (self.eval_batch_size >= 1, f"eval batch size must be >= 1, got {self.eval_batch_size}"),

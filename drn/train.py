@@ -273,6 +273,11 @@ class Trainer:
         model.train()
         for p in model.router_parameters():
             p.requires_grad_(not finetune)
+        routers_only = not finetune and not self.static and self.epoch < cfg.routers_first
+        for g in self.optimizer.param_groups:   # routers first: the blocks wait for the routes to settle
+            if not g["router"]:
+                for p in g["params"]:
+                    p.requires_grad_(not routers_only)
         images, labels = self.train_split
         n_img, L = labels.shape[0], min(cfg.batch_size, labels.shape[0])
         cost_norm = self.budget.normalized(dev)

@@ -184,6 +184,21 @@ def test_config_rejects_a_bad_route(bad):
         TrainConfig(arch="resnet20", **bad)
 
 
+def test_routers_first_trains_only_the_routers_then_everything(tiny_data, tmp_path):
+    t = Trainer(tiny_cfg(tiny_data, tmp_path / "rf", target_flops="60%", routers_first=1), log=lambda s: None)
+    start = {k: v.clone() for k, v in t.model.state_dict().items() if v.is_floating_point()}
+    moved = lambda: {k for k, v in t.model.state_dict().items() if k in start and not torch.equal(v, start[k])}
+    t.train_epoch(False)
+    t.epoch = 1
+    first = moved()
+    assert any(".router." in k for k in first)
+    assert not any(".router." not in k and "running" not in k for k in first)   # BN statistics may follow the routes
+    t.train_epoch(False)
+    assert any(k.endswith("conv1.weight") or ".residual.0.weight" in k for k in moved())
+    with pytest.raises(UsageError, match="routers first"):
+        tiny_cfg(tiny_data, tmp_path / "x", routers_first=2)
+
+
 def test_config_from_dict_rejects_unknown_keys():
     with pytest.raises(UsageError, match="unknown config keys: nope"):
         TrainConfig.from_dict({"nope": 1})
