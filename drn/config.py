@@ -130,10 +130,12 @@ class TrainConfig:
                                   # only ever sees an untrained block (BENCHMARKS.md, issue 14)
     routers_first: int = 0        # main epochs at the start in which only the routers train, the blocks frozen:
                                   # the routes settle on the (warm-started) blocks before the blocks adapt to
-                                  # them (BlockDrop's order); being measured (BENCHMARKS.md issue 14)
+                                  # them (BlockDrop's order). Measured at 1: on frozen trained blocks the routers
+                                  # open to 77 %, then close in a cliff (BENCHMARKS.md issue 14)
     full_pass: float = 0.0        # main epochs: weight of the cross-entropy of a second pass through the full
                                   # network (every block, on one view), so that every block trains on every
-                                  # image and a router can judge a block it skips (supernet training; 0: off)
+                                  # image and a router can judge a block it skips (supernet training; 0: off;
+                                  # measured at 1: the routes still keep their start, BENCHMARKS.md issue 14)
     router_leak: float = 0.0      # gradient floor of r w.r.t. the router logits (router.soft_route): lets
                                   # closed routers reopen; 0 = Eq. 3's own gradient (BENCHMARKS.md, issue 14)
     # budget: FLOPs per image ('2e8') or share of the full network ('40%'), or milliseconds per

@@ -68,7 +68,8 @@ def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, gen
     (`consistency_routes`), backward, SGD; explore: the share of images on which a skipped block runs
     anyway (straight-through main epochs); full_pass: the weight of a second cross-entropy, of the
     full network (every block) on the first view of each image, so that every block trains on every
-    image whatever the routes (BN running statistics are left to the routed pass). Returns the loss (detached), its parts, the model output and the labels (L*M,)."""
+    image whatever the routes (BN running statistics are left to the routed pass). Returns the loss
+    (detached), its parts, the model output and the labels (L*M,)."""
     dev = images.device
     m = 1 if finetune else views
     x = images.float().div_(255)
@@ -80,16 +81,16 @@ def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, gen
             parts = dict.fromkeys(("consistency", "diversity", "cost", "reg"), torch.zeros((), device=dev))
             parts["cls"] = loss.detach()
         else:
-            out_views = make_views(x, m, generator)
-            out = model(out_views, routing=routing, explore=explore)
+            xs = make_views(x, m, generator)
+            out = model(xs, routing=routing, explore=explore)
             r, run = out.r.float(), None
             if consistency_routes == "executed":  # straight-through: a view ran its 0/1 route g; r's gradient
                 run = (straight_through(out.gates, r) if routing == "straight" else r).view(x.shape[0], m, -1)
             loss, parts = drn_loss(out.logits.float(), y, r.view(x.shape[0], m, -1), cost_norm, mu, weights, run)
             if full_pass > 0:
-                views = out_views[::m]
+                first = xs[::m]
                 with _frozen_bn_stats(model):
-                    full = model(views, routing="mask", gates=torch.ones(views.shape[0], model.num_blocks,
+                    full = model(first, routing="mask", gates=torch.ones(first.shape[0], model.num_blocks,
                                                                          dtype=torch.bool, device=dev))
                 loss = loss + full_pass * F.cross_entropy(full.logits.float(), labels)
     optimizer.zero_grad(set_to_none=True)
@@ -210,34 +211,38 @@ class Trainer:
 
     @torch.no_grad()
     def _start_on_budget(self) -> tuple[tuple[bool, ...], int | None]:
-        """Start the routers on the budget rather than at the full network. greedy (a warm start): the
-        route that the trained blocks lose least by on val (warmstart.greedy_route). distributedk: the DistributedK route
-        whose cost is closest to the target opens (router_open), the other routers close (1 -
-        router_open). When that route misses the target by more than 2.5 %, the cheaper DistributedK
-        route under it opens instead, plus one block of the next route undecided (p = 0.5, about half
-        the images): its router is where Eq. 3 is steepest, so the budget loop can steer it to the
-        target without a saturated router's cliff. Returns the open route and the undecided block."""
-        stages, b, target = ARCHS[self.cfg.arch].stages, self.budget, self.target
+        """Start the routers on the budget rather than at the full network: a route's routers open
+        (router_open), the others close (1 - router_open). greedy (a warm start): the route that the
+        trained blocks lose least by on val (warmstart.greedy_route). distributedk: the DistributedK
+        route whose cost is closest to the target. When the route misses the target by more than
+        2.5 %, one more block starts undecided (p = 0.5, about half the images: the next
+        DistributedK route's, or the last block greedy dropped): its router is where Eq. 3 is
+        steepest, so the budget loop can steer it to the target without a saturated router's cliff.
+        Returns the open route and the undecided block."""
+        b, target = self.budget, self.target
         cost = lambda route: b.route_cost(torch.tensor(route, dtype=torch.float32)).item()
         if self.cfg.router_start == "greedy":   # the route the trained blocks lose least by on val
             val = self.data.val
             route, last = greedy_route(self.model, val.images.to(self.device), val.labels.to(self.device), cost, target)
-            half = None
-            if last is not None and abs(cost(route) / target - 1) > 0.025:
-                half = last   # the last block dropped runs on about half the images: on the budget
-            for i, (block, on) in enumerate(zip(self.model.blocks, route)):
-                block.router.open_(0.5 if i == half else self.cfg.router_open if on else 1 - self.cfg.router_open)
-            return route, half
-        routes = [tuple(static_route("distributedk", stages, k).tolist()) for k in range(1, len(b.block) + 1)]
+            # the last block dropped runs on about half the images: on the budget
+            half = last if last is not None and abs(cost(route) / target - 1) > 0.025 else None
+        else:
+            route, half = self._distributedk_start(cost)
+        for i, (block, on) in enumerate(zip(self.model.blocks, route)):
+            block.router.open_(0.5 if i == half else self.cfg.router_open if on else 1 - self.cfg.router_open)
+        return route, half
+
+    def _distributedk_start(self, cost) -> tuple[tuple[bool, ...], int | None]:
+        """The DistributedK route nearest the target, or the one under it plus an undecided block."""
+        stages, target = ARCHS[self.cfg.arch].stages, self.target
+        routes = [tuple(static_route("distributedk", stages, k).tolist()) for k in range(1, len(self.budget.block) + 1)]
         route, half = min(routes, key=lambda r: abs(cost(r) - target)), None
         below = [r for r in routes if cost(r) <= target]
         if abs(cost(route) / target - 1) > 0.025 and below and len(below) < len(routes):
             route = max(below, key=cost)
             above = min((r for r in routes if cost(r) > cost(route)), key=cost)
             extra = [i for i, (a, o) in enumerate(zip(above, route)) if a and not o]
-            half = min(extra, key=lambda i: abs(cost(route) + 0.5 * b.block[i] - target))
-        for i, (block, on) in enumerate(zip(self.model.blocks, route)):
-            block.router.open_(0.5 if i == half else self.cfg.router_open if on else 1 - self.cfg.router_open)
+            half = min(extra, key=lambda i: abs(cost(route) + 0.5 * self.budget.block[i] - target))
         return route, half
 
     def _k_for_target(self, cfg: TrainConfig) -> tuple[int, tuple[int, ...] | None]:
