@@ -46,9 +46,9 @@ SEEDS = (0, 1, 2)
 EPOCHS, FINETUNE = 6, 2           # the same schedule for every run, static or routed, scratch or warm
 BATCH = 64                        # 63 steps per epoch on the 3661 training images
 TARGETS = {"resnet20": (30, 50, 70), "resnet56": (50,)}
-METHODS = ("drn", "firstk", "randomk", "distributedk")
+METHODS = ("drn", "firstk", "randomk", "distributedk", "deepk")
 STATIC = METHODS[1:]
-BRACKETED = ("distributedk",)     # FirstK trails by 3-8 points: its second point would not change the best
+BRACKETED = ("distributedk", "deepk")   # FirstK trails by 3-8 points: its second point would not change the best
 ABLATIONS = {"soft": ["--train-routing", "soft"], "nocons": ["--lam", "0"], "nodiv": ["--alpha", "0"],
              "dc002": ["--d-c", "0.02"], "consexec": ["--consistency-routes", "executed"]}
 

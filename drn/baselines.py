@@ -8,6 +8,11 @@
                   drawn at random among those within 5 % of it (equal FLOPs), whatever its K
     distributedk  K blocks spread flatly over the stages (Table 4's caption; "Dis-K"): K/S per
                   stage, the remainder to the deepest stages, evenly spaced inside each stage
+    deepk         not the paper's: K blocks where a FLOP buys the most parameters. The stage
+                  transitions first (each later stage's first block: it downsamples, and skipping it
+                  leaves the stage's input to a bare shortcut), then the other blocks from the deepest
+                  stage back, each stage from its last block back. On a CIFAR ResNet a block of the
+                  last stage costs the FLOPs of one of the first and has 16x its parameters
 
 Table 4b's Ber-Dis is not a training baseline but a test-time rule of a trained DRN: sample each
 gate from Bernoulli(r) instead of thresholding r (`routing="sample"`, `drn-eval --routing sample`).
@@ -20,7 +25,7 @@ import torch
 from .config import TrainConfig, UsageError
 from .models import ARCHS
 
-STATIC = ("firstk", "randomk", "distributedk")
+STATIC = ("firstk", "randomk", "distributedk", "deepk")
 
 
 def _spread(n: int, k: int) -> list[int]:
@@ -45,6 +50,10 @@ def static_route(kind: str, stages: tuple[int, ...], k: int, seed: int = 0) -> t
     elif kind == "randomk":
         g = torch.Generator().manual_seed(seed)
         route[torch.randperm(n, generator=g)[:k]] = True
+    elif kind == "deepk":
+        starts = [sum(stages[:s]) for s in range(len(stages))]
+        rest = [i for s in reversed(range(len(stages))) for i in reversed(range(starts[s] + 1, starts[s] + stages[s]))]
+        route[(starts[1:] + rest + starts[:1])[:k]] = True
     else:
         per = [k // len(stages)] * len(stages)
         for i in range(k % len(stages)):

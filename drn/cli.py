@@ -23,7 +23,7 @@ def _fmt(name: str, v) -> str:
         if name == "finetune_lr":
             return "--lr"
         if name == "mu_ki":
-            return "8 with --router-start distributedk, 2 with open"
+            return "2 with --router-start open, else 8"
         if name == "warmup_epochs":
             return "2 for resnet56 and deeper and resnet50 unless --zero-init-residual, else 0"
         return "0.2, or 0.4 on tinyimagenet (the paper's)" if name in ("lam", "alpha") else "none"
@@ -76,9 +76,9 @@ TRAIN_FLAGS = {
     "--beta": ("beta", float, "beta of Eq. 3 (larger: soft routing closer to hard)"),
     "--router-hidden": ("router_hidden", int, "hidden width of each router"),
     "--router-open": ("router_open", float, "p(execute) of every router at the start, in (0.5, 1)"),
-    "--router-start": ("router_start", str, "open: every router at --router-open; distributedk (with a target): "
-                                            "the DistributedK route closest to the target open, the other routers "
-                                            "closed at 1 - --router-open, so training starts on the budget; greedy "
+    "--router-start": ("router_start", str, "open: every router at --router-open; deepk / distributedk (with a "
+                                            "target): that static route closest to the target open, the other "
+                                            "routers closed at 1 - --router-open, so training starts on the budget; greedy "
                                             "(with --init): the route the trained blocks lose least by on val"),
     "--consistency-routes": ("consistency_routes", str, "what Eq. 5 and 10 compare between two views of an "
                                                         "image: soft (r, Eq. 3) or executed (the 0/1 routes the "
@@ -104,7 +104,7 @@ TRAIN_FLAGS = {
                                                       "device (or %% of full); per-block times replace FLOPs in Eq. 8"),
     "--latency-batch": ("latency_batch", int, "batch size at which block latencies are measured"),
     "--routing": ("routing", str, "drn (routers); full (the plain network, every block: the warm start of --init); "
-                                  "or a static baseline of the paper's Table 4a: firstk, randomk, distributedk "
+                                  "or a static baseline: firstk, randomk, distributedk (the paper's Table 4a), deepk "
                                   "(every image runs the same k blocks; no routers, cross-entropy)"),
     "--k": ("k", int, "blocks a static baseline runs (default: the k closest to --target-flops)"),
     "--seed": ("seed", int, "random seed (initialisation, shuffling, augmentation; randomk's blocks)"),

@@ -110,9 +110,10 @@ class TrainConfig:
     beta: float = 5.0
     router_hidden: int = 32
     router_open: float = 0.9      # p(execute) of every router at the start, in (0.5, 1): open, but how far
-    router_start: str = "distributedk"  # with a target: the blocks of the DistributedK route closest to the
+    router_start: str = "deepk"   # with a target: the blocks of the DeepK route (baselines.py) closest to the
                                   # target start open (router_open), the others closed (1 - router_open), so
-                                  # training starts on the budget (BENCHMARKS.md, issue 14); greedy (with --init):
+                                  # training starts on the budget (BENCHMARKS.md, issue 14); distributedk: the
+                                  # same with DistributedK's route; greedy (with --init):
                                   # the route the trained blocks lose least by on val (warmstart.greedy_route);
                                   # open: every router at router_open, training starts as the full network
     consistency_routes: str = "soft"  # what Eq. 5 and 10 compare between views: soft r, or the routes the
@@ -224,8 +225,8 @@ class TrainConfig:
                 raise UsageError(msg)
         if self.target_flops is not None and self.target_latency_ms is not None:
             raise UsageError("give a FLOPs target or a latency target, not both")
-        if self.router_start not in ("open", "distributedk", "greedy"):
-            raise UsageError(f"router start must be open, distributedk or greedy, got {self.router_start!r}")
+        if self.router_start not in ("open", "deepk", "distributedk", "greedy"):
+            raise UsageError(f"router start must be open, deepk, distributedk or greedy, got {self.router_start!r}")
         if self.router_start == "greedy" and self.init is None and self.routing == "drn":
             raise UsageError("router start greedy measures trained blocks: it needs --init (a warm start)")
         if self.mu_integral not in ("always", "hold"):

@@ -213,10 +213,10 @@ class Trainer:
     def _start_on_budget(self) -> tuple[tuple[bool, ...], int | None]:
         """Start the routers on the budget rather than at the full network: a route's routers open
         (router_open), the others close (1 - router_open). greedy (a warm start): the route that the
-        trained blocks lose least by on val (warmstart.greedy_route). distributedk: the DistributedK
-        route whose cost is closest to the target. When the route misses the target by more than
-        2.5 %, one more block starts undecided (p = 0.5, about half the images: the next
-        DistributedK route's, or the last block greedy dropped): its router is where Eq. 3 is
+        trained blocks lose least by on val (warmstart.greedy_route). deepk / distributedk: that
+        static route whose cost is closest to the target. When the route misses the target by more
+        than 2.5 %, one more block starts undecided (p = 0.5, about half the images: the next
+        static route's, or the last block greedy dropped): its router is where Eq. 3 is
         steepest, so the budget loop can steer it to the target without a saturated router's cliff.
         Returns the open route and the undecided block."""
         b, target = self.budget, self.target
@@ -227,15 +227,15 @@ class Trainer:
             # the last block dropped runs on about half the images: on the budget
             half = last if last is not None and abs(cost(route) / target - 1) > 0.025 else None
         else:
-            route, half = self._distributedk_start(cost)
+            route, half = self._static_start(self.cfg.router_start, cost)
         for i, (block, on) in enumerate(zip(self.model.blocks, route)):
             block.router.open_(0.5 if i == half else self.cfg.router_open if on else 1 - self.cfg.router_open)
         return route, half
 
-    def _distributedk_start(self, cost) -> tuple[tuple[bool, ...], int | None]:
-        """The DistributedK route nearest the target, or the one under it plus an undecided block."""
+    def _static_start(self, kind: str, cost) -> tuple[tuple[bool, ...], int | None]:
+        """The static route of `kind` nearest the target, or the one under it plus an undecided block."""
         stages, target = ARCHS[self.cfg.arch].stages, self.target
-        routes = [tuple(static_route("distributedk", stages, k).tolist()) for k in range(1, len(self.budget.block) + 1)]
+        routes = [tuple(static_route(kind, stages, k).tolist()) for k in range(1, len(self.budget.block) + 1)]
         route, half = min(routes, key=lambda r: abs(cost(r) - target)), None
         below = [r for r in routes if cost(r) <= target]
         if abs(cost(route) / target - 1) > 0.025 and below and len(below) < len(routes):

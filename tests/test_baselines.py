@@ -14,6 +14,18 @@ def test_firstk_and_distributedk_pick_the_blocks_the_paper_describes():
     assert static_route("distributedk", stages, 9).all()
 
 
+def test_deepk_keeps_the_transitions_then_fills_from_the_deepest_stage():
+    on = lambda stages, k: static_route("deepk", stages, k).nonzero().flatten().tolist()
+    assert on((3, 3, 3), 2) == [3, 6]                      # the downsampling blocks first
+    assert on((3, 3, 3), 3) == [3, 6, 8]                   # then the last stage, from its end
+    assert on((3, 3, 3), 5) == [3, 5, 6, 7, 8]
+    assert on((3, 3, 3), 7) == [2, 3, 4, 5, 6, 7, 8]       # the first stage last
+    assert on((2, 2, 2), 1) == [2]
+    # nested: every k's route holds the one before (the start rule steps along this order)
+    routes = [static_route("deepk", (9, 9, 9), k) for k in range(1, 28)]
+    assert all((a <= b).all() for a, b in zip(routes, routes[1:]))
+
+
 @pytest.mark.parametrize("kind", STATIC)
 @pytest.mark.parametrize("k", [1, 7, 18])
 def test_every_static_route_runs_exactly_k_blocks(kind, k):

@@ -302,19 +302,21 @@ def test_deep_plain_networks_start_as_their_shortcuts_without_warm_up():
     torch.testing.assert_close(ran, skipped)   # every block is its shortcut at the start
 
 
-def test_routers_can_start_on_the_budget(tiny_data, tmp_path):
-    """--router-start distributedk (the default with a target): at step 0 every image runs a
-    DistributedK route; one undecided block (p = 0.5) may be added so the start cost straddles the
+@pytest.mark.parametrize("kind", ["deepk", "distributedk"])
+def test_routers_can_start_on_the_budget(tiny_data, tmp_path, kind):
+    """--router-start deepk (the default with a target) or distributedk: at step 0 every image runs
+    that static route; one undecided block (p = 0.5) may be added so the start cost straddles the
     target rather than missing it by a block."""
     from drn.baselines import static_route
     x = None
     for target in ("30%", "50%", "70%"):
+        extra = {} if kind == "deepk" else {"router_start": kind}
         cfg = tiny_cfg(tiny_data, tmp_path / target, arch="resnet14", epochs=1, finetune_epochs=0,
-                       target_flops=target)
-        assert cfg.router_start == "distributedk" and cfg.mu_ki == 8
+                       target_flops=target, **extra)
+        assert cfg.router_start == kind and cfg.mu_ki == 8
         trainer = Trainer(cfg, log=lambda s: None)
         route, half = trainer._start_on_budget()
-        assert any(route == tuple(static_route("distributedk", (2, 2, 2), k).tolist()) for k in range(1, 7))
+        assert any(route == tuple(static_route(kind, (2, 2, 2), k).tolist()) for k in range(1, 7))
         x = trainer.train_split.images[:16].float() / 255
         with torch.no_grad():
             out = trainer.model(x, routing="hard")
