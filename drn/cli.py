@@ -24,6 +24,8 @@ def _fmt(name: str, v) -> str:
             return "--lr"
         if name == "mu_ki":
             return "2 with --router-start open, else 8"
+        if name == "router_open":
+            return "0.99 for --init on the budget, else 0.9"
         if name == "warmup_epochs":
             return "2 for resnet56 and deeper and resnet50 unless --zero-init-residual, else 0"
         return "0.2, or 0.4 on tinyimagenet (the paper's)" if name in ("lam", "alpha") else "none"
@@ -75,9 +77,12 @@ TRAIN_FLAGS = {
     "--d-d": ("d_d", float, "diversity margin d_d"),
     "--beta": ("beta", float, "beta of Eq. 3 (larger: soft routing closer to hard)"),
     "--router-hidden": ("router_hidden", int, "hidden width of each router"),
-    "--router-open": ("router_open", float, "p(execute) of every router at the start, in (0.5, 1)"),
-    "--router-start": ("router_start", str, "open: every router at --router-open; deepk / distributedk (with a "
-                                            "target): that static route closest to the target open, the other "
+    "--router-open": ("router_open", float, "p(execute) of an open router at the start, in (0.5, 1); a closed one "
+                                          "starts at 1 - this"),
+    "--router-start": ("router_start", str, "open: every router at --router-open; auto, deepk, distributedk (with "
+                                            "a target): a static route closest to the target open (auto: "
+                                            "DistributedK's, or DeepK's where DistributedK's runs the deepest stage "
+                                            "on one block), the other "
                                             "routers closed at 1 - --router-open, so training starts on the budget; greedy "
                                             "(with --init): the route the trained blocks lose least by on val"),
     "--consistency-routes": ("consistency_routes", str, "what Eq. 5 and 10 compare between two views of an "

@@ -109,11 +109,14 @@ class TrainConfig:
     # routers
     beta: float = 5.0
     router_hidden: int = 32
-    router_open: float = 0.9      # p(execute) of every router at the start, in (0.5, 1): open, but how far
-    router_start: str = "deepk"   # with a target: the blocks of the DeepK route (baselines.py) closest to the
+    router_open: float | None = None  # p(execute) of an open router at the start, in (0.5, 1) (a closed one:
+                                  # 1 - this); None: 0.99 for a warm start on the budget (--init: trained
+                                  # blocks pull closed routers open within an epoch at 0.9, BENCHMARKS.md), else 0.9
+    router_start: str = "auto"    # with a target: the blocks of a static route (baselines.py) closest to the
                                   # target start open (router_open), the others closed (1 - router_open), so
-                                  # training starts on the budget (BENCHMARKS.md, issue 14); distributedk: the
-                                  # same with DistributedK's route; greedy (with --init):
+                                  # training starts on the budget (BENCHMARKS.md, issue 14). auto: DistributedK's
+                                  # route, or DeepK's where DistributedK's runs the deepest stage on one block
+                                  # (30 % on ResNet-20); deepk, distributedk: that route; greedy (with --init):
                                   # the route the trained blocks lose least by on val (warmstart.greedy_route);
                                   # open: every router at router_open, training starts as the full network
     consistency_routes: str = "soft"  # what Eq. 5 and 10 compare between views: soft r, or the routes the
@@ -177,6 +180,9 @@ class TrainConfig:
         self.finetune_lr = self.lr if self.finetune_lr is None else self.finetune_lr
         if self.mu_ki is None:
             self.mu_ki = 2.0 if self.router_start == "open" else 8.0
+        if self.router_open is None:
+            on_budget = self.router_start != "open" and (self.target_flops or self.target_latency_ms) is not None
+            self.router_open = 0.99 if on_budget and self.init is not None else 0.9
         self.lam = default_w if self.lam is None else self.lam
         self.alpha = default_w if self.alpha is None else self.alpha
         self.milestones = tuple(self.milestones)
@@ -225,8 +231,8 @@ class TrainConfig:
                 raise UsageError(msg)
         if self.target_flops is not None and self.target_latency_ms is not None:
             raise UsageError("give a FLOPs target or a latency target, not both")
-        if self.router_start not in ("open", "deepk", "distributedk", "greedy"):
-            raise UsageError(f"router start must be open, deepk, distributedk or greedy, got {self.router_start!r}")
+        if self.router_start not in ("auto", "open", "deepk", "distributedk", "greedy"):
+            raise UsageError(f"router start must be auto, open, deepk, distributedk or greedy, got {self.router_start!r}")
         if self.router_start == "greedy" and self.init is None and self.routing == "drn":
             raise UsageError("router start greedy measures trained blocks: it needs --init (a warm start)")
         if self.mu_integral not in ("always", "hold"):

@@ -214,7 +214,8 @@ class Trainer:
         """Start the routers on the budget rather than at the full network: a route's routers open
         (router_open), the others close (1 - router_open). greedy (a warm start): the route that the
         trained blocks lose least by on val (warmstart.greedy_route). deepk / distributedk: that
-        static route whose cost is closest to the target. When the route misses the target by more
+        static route whose cost is closest to the target; auto: DistributedK's, or DeepK's where
+        DistributedK's runs the deepest stage on a single block (measured: BENCHMARKS.md, issue 14). When the route misses the target by more
         than 2.5 %, one more block starts undecided (p = 0.5, about half the images: the next
         static route's, or the last block greedy dropped): its router is where Eq. 3 is
         steepest, so the budget loop can steer it to the target without a saturated router's cliff.
@@ -227,7 +228,13 @@ class Trainer:
             # the last block dropped runs on about half the images: on the budget
             half = last if last is not None and abs(cost(route) / target - 1) > 0.025 else None
         else:
-            route, half = self._static_start(self.cfg.router_start, cost)
+            kind = self.cfg.router_start
+            if kind == "auto":   # DistributedK's route, unless it runs the deepest stage on one block
+                last = ARCHS[self.cfg.arch].stages[-1]
+                route, half = self._static_start("distributedk", cost)
+                kind = "deepk" if last > 1 and sum(route[-last:]) + (half is not None and half >= len(route) - last) <= 1 \
+                    else "distributedk"
+            route, half = self._static_start(kind, cost)
         for i, (block, on) in enumerate(zip(self.model.blocks, route)):
             block.router.open_(0.5 if i == half else self.cfg.router_open if on else 1 - self.cfg.router_open)
         return route, half

@@ -45,8 +45,8 @@ FLAGS = {
     "--storage": ("storage", str, None, "results dir or cloud URI (s3://...) for trials and checkpoints"),
     "--name": ("name", str, None, "search name: the folder under --storage (default: drn-<arch>-<time>)"),
     "--seed": ("seed", int, None, "seed of the sampler and of every trial's training"),
-    "--routing": ("routing", str, None, "drn, or a static baseline of Table 4a trained at each target: "
-                  "firstk, randomk, distributedk"),
+    "--routing": ("routing", str, None, "drn, or a static baseline trained at each target: "
+                  "firstk, randomk, distributedk (Table 4a), deepk"),
     "--scheduler": ("scheduler", str, None, "asha, fifo, or auto (asha for one target, fifo for several)"),
     "--grace-period": ("grace_period", int, None, "ASHA: epochs before a trial may be stopped (default: "
                        "a quarter of the epochs)"),

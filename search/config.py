@@ -55,7 +55,7 @@ class SearchConfig:
     max_failures: int = 2            # retries of a trial that errors (from its last checkpoint)
     optuna_storage: str | None = None  # RDB URL; None: sqlite in the results dir
     mlflow_uri: str | None = None    # MLflow tracking URI (a server: http://host:port); None: sqlite in the results dir
-    routing: str = "drn"             # drn, or a static baseline (firstk | randomk | distributedk) at each target
+    routing: str = "drn"             # drn, or a static baseline (firstk | randomk | distributedk | deepk) at each target
     smoke_test: bool = False
 
     def __post_init__(self):

@@ -302,21 +302,22 @@ def test_deep_plain_networks_start_as_their_shortcuts_without_warm_up():
     torch.testing.assert_close(ran, skipped)   # every block is its shortcut at the start
 
 
-@pytest.mark.parametrize("kind", ["deepk", "distributedk"])
+@pytest.mark.parametrize("kind", ["auto", "deepk", "distributedk"])
 def test_routers_can_start_on_the_budget(tiny_data, tmp_path, kind):
-    """--router-start deepk (the default with a target) or distributedk: at step 0 every image runs
-    that static route; one undecided block (p = 0.5) may be added so the start cost straddles the
-    target rather than missing it by a block."""
+    """--router-start auto (the default with a target), deepk or distributedk: at step 0 every image
+    runs that static route; one undecided block (p = 0.5) may be added so the start cost straddles
+    the target rather than missing it by a block."""
     from drn.baselines import static_route
     x = None
     for target in ("30%", "50%", "70%"):
-        extra = {} if kind == "deepk" else {"router_start": kind}
+        extra = {} if kind == "auto" else {"router_start": kind}
         cfg = tiny_cfg(tiny_data, tmp_path / target, arch="resnet14", epochs=1, finetune_epochs=0,
                        target_flops=target, **extra)
-        assert cfg.router_start == kind and cfg.mu_ki == 8
+        assert cfg.router_start == kind and cfg.mu_ki == 8 and cfg.router_open == 0.9
         trainer = Trainer(cfg, log=lambda s: None)
         route, half = trainer._start_on_budget()
-        assert any(route == tuple(static_route(kind, (2, 2, 2), k).tolist()) for k in range(1, 7))
+        kinds = ("deepk", "distributedk") if kind == "auto" else (kind,)
+        assert any(route == tuple(static_route(m, (2, 2, 2), k).tolist()) for m in kinds for k in range(1, 7))
         x = trainer.train_split.images[:16].float() / 255
         with torch.no_grad():
             out = trainer.model(x, routing="hard")
@@ -336,3 +337,22 @@ def test_routers_can_start_on_the_budget(tiny_data, tmp_path, kind):
         assert opened.model(x, routing="hard").gates.all()
     with pytest.raises(UsageError):
         TrainConfig(router_start="random")
+
+
+@pytest.mark.parametrize("target,route,half", [("30%", [3, 6, 8], None), ("50%", [0, 3, 6, 8], 5)])
+def test_auto_start_takes_deepk_where_distributedk_runs_the_last_stage_on_one_block(tiny_data, tmp_path, target,
+                                                                                    route, half):
+    """ResNet-20 at 30 %: DistributedK's route (0, 3, 6) runs stage 3 on its transition alone, so the
+    routers start on DeepK's (3, 6, 8); at 50 % DistributedK's route (0, 3, 6, 8, block 5 undecided)."""
+    trainer = Trainer(tiny_cfg(tiny_data, tmp_path, arch="resnet20", target_flops=target), log=lambda s: None)
+    got, got_half = trainer._start_on_budget()
+    assert [i for i, on in enumerate(got) if on] == route and got_half == half
+
+
+def test_warm_starts_on_the_budget_start_their_routers_further_from_the_middle(tmp_path):
+    base = dict(dataset="imagefolder", data_dir=str(tmp_path), out=str(tmp_path / "o"))
+    assert TrainConfig(**base, target_flops="30%", init=str(tmp_path / "p.pt")).router_open == 0.99
+    assert TrainConfig(**base, target_flops="30%").router_open == 0.9
+    assert TrainConfig(**base, init=str(tmp_path / "p.pt")).router_open == 0.9          # no budget: open
+    assert TrainConfig(**base, target_flops="30%", init=str(tmp_path / "p.pt"), router_start="open").router_open == 0.9
+    assert TrainConfig(**base, target_flops="30%", init=str(tmp_path / "p.pt"), router_open=0.8).router_open == 0.8

@@ -58,11 +58,12 @@ def test_init_copies_every_weight_but_the_routers_which_start_open(plain, tiny_d
         torch.testing.assert_close(routed, plain.model(x, routing="hard").logits)
     final = warm.run()
     assert final["init"] == str(plain.checkpoint_path) and load_checkpoint(warm.checkpoint_path)["init_info"]
-    # by default the warm routers start on the budget, as from scratch: open, closed or undecided
+    # by default the warm routers start on the budget, as from scratch: open, closed or undecided, but
+    # further from the middle (0.99 / 0.01)
     on_budget = Trainer(tiny_cfg(tiny_data, tmp_path / "warm-b", arch="resnet20", epochs=1, target_flops="50%",
                                  init=str(plain.checkpoint_path)), log=lambda s: None)
     p = [round(torch.softmax(b.router.fc2.bias, 0)[0].item(), 6) for b in on_budget.model.blocks]
-    assert set(p) <= {0.9, 0.1, 0.5} and 0.1 in p and 0.9 in p
+    assert set(p) <= {0.99, 0.01, 0.5} and 0.01 in p and 0.99 in p
     assert torch.equal(on_budget.model.blocks[4].residual[0].weight, plain.model.blocks[4].residual[0].weight)
 
 
@@ -130,7 +131,7 @@ def test_routers_start_on_the_greedy_route_of_a_warm_start(plain, tiny_data, tmp
     route, last = greedy_route(t.model, t.data.val.images, t.data.val.labels, cost, t.target)
     opened = [b.router.fc2.bias.softmax(0)[0].item() for b in t.model.blocks]
     half = last if abs(cost(route) / t.target - 1) > 0.025 else None
-    assert [round(q, 3) for q in opened] == [0.5 if i == half else 0.9 if on else 0.1 for i, on in enumerate(route)]
+    assert [round(q, 3) for q in opened] == [0.5 if i == half else 0.99 if on else 0.01 for i, on in enumerate(route)]
     assert not all(route) and any(route)
     with pytest.raises(UsageError, match="greedy"):
         tiny_cfg(tiny_data, tmp_path / "x", target_flops="50%", router_start="greedy")
