@@ -24,6 +24,8 @@ def _fmt(name: str, v) -> str:
             return "--lr"
         if name == "mu_ki":
             return "2 with --router-start open, else 8"
+        if name == "views":
+            return "2 for drn, 1 for full and the static routes"
         if name == "router_open":
             return "0.99 for --init on the budget, else 0.9"
         if name == "warmup_epochs":
@@ -48,7 +50,8 @@ TRAIN_FLAGS = {
     "--epochs": ("epochs", int, "epochs of the main (soft-routing) schedule"),
     "--finetune-epochs": ("finetune_epochs", int, "extra epochs with frozen routers and hard routing"),
     "--batch-size": ("batch_size", int, "samples per step (each gives --views augmented copies)"),
-    "--views": ("views", int, "M of Eq. 5: augmented copies per sample"),
+    "--views": ("views", int, "M of Eq. 5: augmented copies per sample in the main epochs; a static route or "
+                              "full trains on every copy too (2 gives it the DRN's images per step)"),
     "--finetune-lr": ("finetune_lr", float, "the finetune epochs restart at this lr and decay to 0 along a "
                                             "half cosine"),
     "--lr": ("lr", float, "initial learning rate (x lr-decay at 60%% and 80%% of --epochs)"),

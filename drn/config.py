@@ -75,7 +75,8 @@ class TrainConfig:
                                   # (None: lr). The route settles late in a short schedule, when the main
                                   # lr has decayed: the restart trains it (BENCHMARKS.md, issue 14)
     batch_size: int = 128         # samples per step; each contributes `views` augmented copies
-    views: int = 2                # M of Eq. 5: augmented copies per sample
+    views: int | None = None      # M of Eq. 5: augmented copies per sample in the main epochs (None: 2 for drn,
+                                  # 1 for full and the static routes, which train on cross-entropy alone)
     lr: float = 0.1
     warmup_epochs: float | None = None  # linear lr warm-up from 0 (None: 2 for resnet56 and deeper and
                                   # resnet50 unless zero_init_residual, else 0)
@@ -180,6 +181,8 @@ class TrainConfig:
         self.finetune_lr = self.lr if self.finetune_lr is None else self.finetune_lr
         if self.mu_ki is None:
             self.mu_ki = 2.0 if self.router_start == "open" else 8.0
+        if self.views is None:
+            self.views = 2 if self.routing == "drn" else 1
         if self.router_open is None:
             on_budget = self.router_start != "open" and (self.target_flops or self.target_latency_ms) is not None
             self.router_open = 0.99 if on_budget and self.init is not None else 0.9

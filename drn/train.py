@@ -62,21 +62,21 @@ def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, gen
                views: int, finetune: bool, cost_norm: torch.Tensor, mu: float, weights: LossWeights,
                amp: bool = True, routing: str = "soft", consistency_routes: str = "soft", explore: float = 0.0,
                full_pass: float = 0.0):
-    """One optimisation step on a batch of L uint8 images (L, C, H, W) and labels (L,): M augmented
-    views of each, forward under `routing` (soft, Eq. 4, or straight-through), Eq. 9 (or CE under
-    hard routing when finetuning, M = 1), Eq. 5 and 10 on r or on the routes the views ran
+    """One optimisation step on a batch of L uint8 images (L, C, H, W) and labels (L,): M = `views`
+    augmented views of each, forward under `routing` (soft, Eq. 4, or straight-through), Eq. 9 (or
+    CE under hard routing when finetuning or for a static route), Eq. 5 and 10 on r or on the routes the views ran
     (`consistency_routes`), backward, SGD; explore: the share of images on which a skipped block runs
     anyway (straight-through main epochs); full_pass: the weight of a second cross-entropy, of the
     full network (every block) on the first view of each image, so that every block trains on every
     image whatever the routes (BN running statistics are left to the routed pass). Returns the loss
     (detached), its parts, the model output and the labels (L*M,)."""
     dev = images.device
-    m = 1 if finetune else views
+    m = views
     x = images.float().div_(255)
     y = labels.repeat_interleave(m)
     with _autocast(dev, amp):
-        if finetune:  # frozen routers, hard routing: train what testing will run
-            out = model(random_crop_flip(x, generator), routing="hard")
+        if finetune:  # frozen routers (or none), hard routing: train what testing will run
+            out = model(random_crop_flip(x.repeat_interleave(m, 0) if m > 1 else x, generator), routing="hard")
             loss = F.cross_entropy(out.logits.float(), y)
             parts = dict.fromkeys(("consistency", "diversity", "cost", "reg"), torch.zeros((), device=dev))
             parts["cls"] = loss.detach()
@@ -305,7 +305,7 @@ class Trainer:
             idx = perm[s:s + L]
             # a static baseline trains like the finetune: its route, cross-entropy, no routing losses
             loss, parts, out, y = train_step(model, self.optimizer, images[idx], labels[idx], self.generator,
-                                             views=cfg.views, finetune=finetune or self.static,
+                                             views=1 if finetune else cfg.views, finetune=finetune or self.static,
                                              cost_norm=cost_norm,
                                              mu=self.controller.mu, weights=self.weights, amp=cfg.amp,
                                              routing=cfg.train_routing,

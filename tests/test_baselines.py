@@ -156,3 +156,24 @@ def test_randomk_at_a_budget_draws_a_route_at_equal_flops():
     first = tuple(static_route("randomk", (3, 3, 3), k, seed=1).nonzero().squeeze(1).tolist())
     if abs(fixed + sum(cost[i] for i in first) - 20.5) / 20.5 <= 0.05:
         assert randomk_at_budget((3, 3, 3), cost, fixed, 20.5, seed=1) == first
+
+
+def test_a_static_route_trains_on_m_views_only_when_asked(tiny_data, tmp_path):
+    """A static route trains on one view per image by default; --views 2 gives it the DRN's two
+    augmented copies per image and step (the equal-images control of BENCHMARKS.md), and the finetune
+    epochs stay at one."""
+    from drn.config import TrainConfig
+    from drn.train import Trainer
+    base = dict(arch="resnet8", dataset="imagefolder", data_dir=str(tiny_data), batch_size=12, device="cpu",
+                routing="distributedk", k=2, epochs=1, finetune_epochs=1)
+    assert TrainConfig(**base, out=str(tmp_path / "a")).views == 1 and TrainConfig(out=str(tmp_path)).views == 2
+    seen = {}
+    for views in (1, 2):
+        trainer = Trainer(TrainConfig(**base, out=str(tmp_path / f"v{views}"), views=views), log=lambda s: None)
+        sizes = []
+        trainer.model.register_forward_hook(lambda mod, args, out: sizes.append(args[0].shape[0]) if mod.training else None)
+        trainer.run()
+        steps = len(sizes) // 2                                  # main epoch, then the finetune epoch
+        seen[views] = (sizes[:steps], sizes[steps:])
+    assert all(n == 12 for n in seen[1][0] + seen[1][1] + seen[2][1])
+    assert all(n == 24 for n in seen[2][0])
