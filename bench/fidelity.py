@@ -19,6 +19,9 @@ The plan, for each arch and seed (seeds 0 of everything first):
                                              method: drn | firstk | randomk | distributedk | deepk; t: the
                                              budget in % of the full FLOPs (statics at the closest k;
                                              RandomK draws a route within 5 % of it)
+    {arch}-{start}-{method}2v-{t}[-k{k}]-s{seed}  RandomK, DistributedK and DeepK trained on two augmented
+                                             views per image and step (--views 2), as the DRN is: the
+                                             equal-images control (one view is the paper's protocol)
     {arch}-{start}-{method}-{t}-k{k}-s{seed} a deterministic static route (FirstK, DistributedK, DeepK) whose
                                              closest k misses the budget by more than 5 %: the k on the
                                              budget's other side, so that the report reads the method
@@ -49,6 +52,7 @@ TARGETS = {"resnet20": (30, 50, 70), "resnet56": (50,)}
 METHODS = ("drn", "firstk", "randomk", "distributedk", "deepk")
 STATIC = METHODS[1:]
 PAPER = STATIC[:3]                # the paper's Table 4a baselines: item 6's bar; DeepK is the DRN's start route
+TWO_VIEWS = ("randomk", "distributedk", "deepk")   # also trained on 2 views per image, the DRN's images per step
 BRACKETED = ("distributedk", "deepk")   # FirstK trails by 3-8 points: its second point would not change the best
 ABLATIONS = {"soft": ["--train-routing", "soft"], "nocons": ["--lam", "0"], "nodiv": ["--alpha", "0"],
              "dc002": ["--d-c", "0.02"], "consexec": ["--consistency-routes", "executed"]}
@@ -93,6 +97,14 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                     for method, k in brackets(arch, t).items():
                         runs[f"{arch}-{start}-{method}-{t}-k{k}-s{seed}"] = [
                             "--arch", arch, "--routing", method, "--k", str(k), *init, *s]
+                    for method in TWO_VIEWS:   # the equal-images control: named {method}2v
+                        v2 = ["--views", "2", *init, *s]
+                        runs[f"{arch}-{start}-{method}2v-{t}-s{seed}"] = [
+                            "--arch", arch, "--routing", method, "--target-flops", f"{t}%", *v2]
+                        if method in brackets(arch, t):
+                            k = brackets(arch, t)[method]
+                            runs[f"{arch}-{start}-{method}2v-{t}-k{k}-s{seed}"] = [
+                                "--arch", arch, "--routing", method, "--k", str(k), *v2]
             if arch == "resnet20":
                 for name, flags in ABLATIONS.items():
                     runs[f"{arch}-scratch-drn-50-{name}-s{seed}"] = ["--arch", arch, "--target-flops", "50%", *flags, *s]
@@ -289,6 +301,31 @@ def report(args) -> int:
                              + f" | {_pm(ff[best_m])} ({best_m}) | {gap_m} | {gap} | {gap_d} | {len(drn)} |")
         if full:
             lines.append(f"| {arch} | plain network | 100 % | {_pm(full.values())} | 100 | | | | | | | | | {len(full)} |")
+    lines += ["", "**The same at equal images per step**: the statics trained on two augmented views per image and step "
+              "(`--views 2`), as the DRN's main epochs are (Eq. 5 needs two); the paper trains its baselines on one. "
+              "Gap = DRN − the better of RandomK and DistributedK by mean, paired by seed; then DRN − DeepK.", "",
+              "| arch | start | budget | DRN | RandomK, 2 views | DistributedK, 2 views | DeepK, 2 views | gap to the best, mean [min, max] | gap to DeepK | runs |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for arch in TARGETS:
+        for start in ("scratch", "warm"):
+            for t in TARGETS[arch]:
+                stem = f"{arch}-{start}-{{}}-{t}"
+                drn = _seeds(res, stem.format("drn"))
+                two = {m: _at_flops(res, stem, f"{m}2v", t, {s: res[f"{stem.format('drn')}-s{s}"]["eval_hard"]["flops"]
+                                                            / res[f"{stem.format('drn')}-s{s}"]["eval_hard"]["flops_full"]
+                                                            for s in drn}) for m in TWO_VIEWS}
+                if not drn or not any(two[m][0] for m in TWO_VIEWS):
+                    continue
+                gaps = []
+                for ms in (("randomk", "distributedk"), ("deepk",)):
+                    have = [m for m in ms if two[m][0]]
+                    best = max(have, key=lambda m: statistics.mean(two[m][0].values())) if have else None
+                    g = [drn[s] - two[best][0][s] for s in drn if best and s in two[best][0]]
+                    gaps.append(f"{100 * statistics.mean(g):+.1f} [{100 * min(g):+.1f}, {100 * max(g):+.1f}]"
+                                + (f" ({best})" if len(ms) > 1 else "") if g else "–")
+                lines.append(f"| {arch} | {start} | {t} % | {_pm(drn.values())} | "
+                             + " | ".join(_pm(two[m][0].values()) + (" (i)" if two[m][2] else "") for m in TWO_VIEWS)
+                             + f" | {gaps[0]} | {gaps[1]} | {len(drn)} |")
     lines += ["", "**Landing (item 2)**: the DRN's val FLOPs at Eq. 11's threshold 0.5 after training, as an error "
               "against the target, per seed; then the threshold the trim chose (inside [0.4, 0.6])", "",
               "| arch | start | budget | error at 0.5, per seed | within 5 % | trimmed threshold, per seed |",
