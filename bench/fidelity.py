@@ -252,6 +252,19 @@ def _at_flops(res: dict, stem: str, method: str, t: float, drn_share: dict[int, 
     return acc, share, interp
 
 
+def _gap(diffs: list[float]) -> str:
+    """Paired DRN − static differences as "mean [min, max]" in points, or "–" when there are none."""
+    if not diffs:
+        return "–"
+    return f"{100 * statistics.mean(diffs):+.1f} [{100 * min(diffs):+.1f}, {100 * max(diffs):+.1f}]"
+
+
+def _drn_share(res: dict, stem: str, seeds) -> dict[int, float]:
+    """Each seed's DRN test FLOPs as a share of the full network."""
+    ev = lambda s: res[f"{stem.format('drn')}-s{s}"]["eval_hard"]
+    return {s: ev(s)["flops"] / ev(s)["flops_full"] for s in seeds}
+
+
 def report(args) -> int:
     res = _load()
     if not res:
@@ -279,23 +292,16 @@ def report(args) -> int:
                 drn = _seeds(res, stem.format("drn"))
                 if not drn:
                     continue
-                drn_share = {s: res[f"{stem.format('drn')}-s{s}"]["eval_hard"]["flops"]
-                             / res[f"{stem.format('drn')}-s{s}"]["eval_hard"]["flops_full"] for s in drn}
+                drn_share = _drn_share(res, stem, drn)
                 at = {m: _at_flops(res, stem, m, t, drn_share) for m in STATIC}
                 static = {m: at[m][0] for m in STATIC}
                 ff = {"drn": list(drn_share.values()), **{m: list(at[m][1].values()) for m in STATIC}}
                 best = {s: max(static[m][s] for m in PAPER) for s in drn if all(s in static[m] for m in PAPER)}
                 best_m = max(PAPER, key=lambda m: statistics.mean(static[m].values()) if static[m] else -1)
-                gaps = [drn[s] - best[s] for s in best]
-                gap = (f"{100 * statistics.mean(gaps):+.1f} [{100 * min(gaps):+.1f}, {100 * max(gaps):+.1f}]"
-                       if gaps else "–")
+                gap = _gap([drn[s] - best[s] for s in best])
                 # against the best static method by its mean, paired by seed (same init, same data order)
-                paired = [drn[s] - static[best_m][s] for s in drn if s in static[best_m]]
-                gap_m = (f"{100 * statistics.mean(paired):+.1f} [{100 * min(paired):+.1f}, {100 * max(paired):+.1f}]"
-                         if paired else "–")
-                deep = [drn[s] - static["deepk"][s] for s in drn if s in static["deepk"]]
-                gap_d = (f"{100 * statistics.mean(deep):+.1f} [{100 * min(deep):+.1f}, {100 * max(deep):+.1f}]"
-                         if deep else "–")
+                gap_m = _gap([drn[s] - static[best_m][s] for s in drn if s in static[best_m]])
+                gap_d = _gap([drn[s] - static["deepk"][s] for s in drn if s in static["deepk"]])
                 lines.append(f"| {arch} | {start} | {t} % | {_pm(drn.values())} | {_pm(ff['drn'])} | "
                              + " | ".join(_pm(static[m].values()) + (" (i)" if at[m][2] else "") for m in STATIC)
                              + f" | {_pm(ff[best_m])} ({best_m}) | {gap_m} | {gap} | {gap_d} | {len(drn)} |")
@@ -311,9 +317,7 @@ def report(args) -> int:
             for t in TARGETS[arch]:
                 stem = f"{arch}-{start}-{{}}-{t}"
                 drn = _seeds(res, stem.format("drn"))
-                two = {m: _at_flops(res, stem, f"{m}2v", t, {s: res[f"{stem.format('drn')}-s{s}"]["eval_hard"]["flops"]
-                                                            / res[f"{stem.format('drn')}-s{s}"]["eval_hard"]["flops_full"]
-                                                            for s in drn}) for m in TWO_VIEWS}
+                two = {m: _at_flops(res, stem, f"{m}2v", t, _drn_share(res, stem, drn)) for m in TWO_VIEWS}
                 if not drn or not any(two[m][0] for m in TWO_VIEWS):
                     continue
                 gaps = []
@@ -321,8 +325,7 @@ def report(args) -> int:
                     have = [m for m in ms if two[m][0]]
                     best = max(have, key=lambda m: statistics.mean(two[m][0].values())) if have else None
                     g = [drn[s] - two[best][0][s] for s in drn if best and s in two[best][0]]
-                    gaps.append(f"{100 * statistics.mean(g):+.1f} [{100 * min(g):+.1f}, {100 * max(g):+.1f}]"
-                                + (f" ({best})" if len(ms) > 1 else "") if g else "–")
+                    gaps.append(_gap(g) + (f" ({best})" if g and len(ms) > 1 else ""))
                 lines.append(f"| {arch} | {start} | {t} % | {_pm(drn.values())} | "
                              + " | ".join(_pm(two[m][0].values()) + (" (i)" if two[m][2] else "") for m in TWO_VIEWS)
                              + f" | {gaps[0]} | {gaps[1]} | {len(drn)} |")

@@ -229,12 +229,10 @@ class Trainer:
             half = last if last is not None and abs(cost(route) / target - 1) > 0.025 else None
         else:
             kind = self.cfg.router_start
-            if kind == "auto":   # DistributedK's route, unless it runs the deepest stage on one block
-                last = ARCHS[self.cfg.arch].stages[-1]
-                route, half = self._static_start("distributedk", cost)
-                kind = "deepk" if last > 1 and sum(route[-last:]) + (half is not None and half >= len(route) - last) <= 1 \
-                    else "distributedk"
-            route, half = self._static_start(kind, cost)
+            route, half = self._static_start("distributedk" if kind == "auto" else kind, cost)
+            last = ARCHS[self.cfg.arch].stages[-1]
+            if kind == "auto" and last > 1 and sum(route[-last:]) + (half is not None and half >= len(route) - last) <= 1:
+                route, half = self._static_start("deepk", cost)   # DistributedK's runs the deepest stage on one block
         for i, (block, on) in enumerate(zip(self.model.blocks, route)):
             block.router.open_(0.5 if i == half else self.cfg.router_open if on else 1 - self.cfg.router_open)
         return route, half
