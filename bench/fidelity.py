@@ -10,7 +10,10 @@ loop, the trim) reads val; the tables report test.
 
 Several `run`s may work side by side (one per core): each claims a run with a lock file, a crashed
 claim is taken over, a finished run (its JSON in bench/results/fidelity/) is never run again and an
-interrupted one resumes from its checkpoint.
+interrupted one resumes from its checkpoint. runs/ is scratch space: a plain network whose checkpoint
+is gone is trained again for the warm runs still to run (the same code gives the same weights, bit
+for bit, on CPU), and a warm record whose start fingerprint (`init_id`) is not the plain network's
+(`weights_id`) is moved aside and run again, so that warm runs of a seed always share their start.
 
 The plan, for each arch and seed (seeds 0 of everything first):
     {arch}-full-s{seed}                      the plain network (--routing full): Table 2's reference and
@@ -34,8 +37,10 @@ The plan, for each arch and seed (seeds 0 of everything first):
 """
 import argparse
 import functools
+import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -53,6 +58,7 @@ METHODS = ("drn", "firstk", "randomk", "distributedk", "deepk")
 STATIC = METHODS[1:]
 PAPER = STATIC[:3]                # the paper's Table 4a baselines: item 6's bar; DeepK is the DRN's start route
 TWO_VIEWS = ("randomk", "distributedk", "deepk")   # also trained on 2 views per image, the DRN's images per step
+ALT = "soft"                      # the training routing the DRN is also run with, in every cell
 BRACKETED = ("distributedk", "deepk")   # FirstK trails by 3-8 points: its second point would not change the best
 ABLATIONS = {"soft": ["--train-routing", "soft"], "nocons": ["--lam", "0"], "nodiv": ["--alpha", "0"],
              "dc002": ["--d-c", "0.02"], "consexec": ["--consistency-routes", "executed"]}
@@ -105,6 +111,11 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                             k = brackets(arch, t)[method]
                             runs[f"{arch}-{start}-{method}2v-{t}-k{k}-s{seed}"] = [
                                 "--arch", arch, "--routing", method, "--k", str(k), *v2]
+            for start in ("scratch", "warm"):   # the DRN with the other training routing, every cell
+                init = ["--init", str(RUNS_DIR / full / "checkpoint.pt")] if start == "warm" else []
+                for t in TARGETS[arch]:
+                    runs[f"{arch}-{start}-drn-{t}-{ALT}-s{seed}"] = [
+                        "--arch", arch, "--target-flops", f"{t}%", "--train-routing", ALT, *init, *s]
             if arch == "resnet20":
                 for name, flags in ABLATIONS.items():
                     runs[f"{arch}-scratch-drn-50-{name}-s{seed}"] = ["--arch", arch, "--target-flops", "50%", *flags, *s]
@@ -141,26 +152,61 @@ def _depends(flags: list[str]) -> Path | None:
     return Path(flags[flags.index("--init") + 1]) if "--init" in flags else None
 
 
+def _weights_id(checkpoint: Path) -> str:
+    """A fingerprint of a checkpoint's weights (not of the file: its history holds wall times)."""
+    import torch
+    h = hashlib.sha256()
+    for k, v in sorted(torch.load(checkpoint, map_location="cpu", weights_only=True)["model"].items()):
+        h.update(k.encode())
+        h.update(v.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def _stale(name: str, flags: list[str]) -> bool:
+    """A warm run's record whose start is not the plain network its seed has now: the plain network
+    was trained again (runs/ is scratch space) by code that no longer gives the same weights. Judged
+    only while the plain network's record is there; a warm record from before fingerprints is kept."""
+    dep = _depends(flags)
+    if dep is None or not (RESULTS / f"{dep.parent.name}.json").exists() or not (RESULTS / f"{name}.json").exists():
+        return False
+    init = json.loads((RESULTS / f"{name}.json").read_text()).get("init_id")
+    full = RESULTS / f"{dep.parent.name}.json"
+    rec = json.loads(full.read_text())
+    if "weights_id" not in rec and dep.exists():   # a record from before fingerprints: of this checkpoint
+        rec["weights_id"] = _weights_id(dep)
+        full.with_suffix(".tmp").write_text(json.dumps(rec, indent=1))
+        full.with_suffix(".tmp").replace(full)
+    return None not in (init, rec.get("weights_id")) and init != rec["weights_id"]
+
+
 def run(args) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     RUNS_DIR.mkdir(parents=True, exist_ok=True)
     todo = {k: v for k, v in plan(args.arch).items() if not args.only or any(o in k for o in args.only)}
     if args.dry_run:
-        left = [k for k in todo if not (RESULTS / f"{k}.json").exists()]
+        left = [k for k in todo if not (RESULTS / f"{k}.json").exists() or _stale(k, todo[k])]
         print(f"{len(todo)} runs planned, {len(todo) - len(left)} done, {len(left)} left:\n" + "\n".join(left))
         return 0
     every = plan(args.arch)
     while True:
+        for k in [k for k in todo if _stale(k, todo[k])]:   # paired with another start: run it again
+            (RESULTS / f"{k}.json").replace(RUNS_DIR / f"{k}.stale.json")
+            shutil.rmtree(RUNS_DIR / k, ignore_errors=True)
+            print(f"{k}: its plain network was trained again with other weights; running it again", flush=True)
         pending = [k for k in todo if not (RESULTS / f"{k}.json").exists()]
         if not pending:
             return 0
         # a plain network whose record is kept but whose checkpoint is gone (runs/ is scratch space)
-        # is trained again for the warm runs still waiting on it; its old record moves aside
+        # is trained again for the warm runs still waiting on it; its old record moves aside. A plain
+        # network without a record joins this runner's plan, whatever --only says (another runner
+        # may hold it: then this one waits)
         for dep in {_depends(todo[k]) for k in pending} - {None}:
-            if not dep.exists() and (RESULTS / f"{dep.parent.name}.json").exists():
-                (RESULTS / f"{dep.parent.name}.json").replace(RUNS_DIR / f"{dep.parent.name}.previous.json")
-                todo = {**todo, dep.parent.name: every[dep.parent.name]}
-                pending.append(dep.parent.name)
+            full = dep.parent.name
+            if not dep.exists() and (RESULTS / f"{full}.json").exists():
+                (RESULTS / f"{full}.json").replace(RUNS_DIR / f"{full}.previous.json")
+            if not (RESULTS / f"{full}.json").exists() and full not in pending:
+                todo = {**todo, full: every[full]}
+                pending.append(full)
         # a warm run waits for its plain network (its record is written once it is complete)
         ready = [k for k in pending if _depends(todo[k]) is None
                  or (RESULTS / f"{_depends(todo[k]).parent.name}.json").exists()]
@@ -195,6 +241,9 @@ def _one(name: str, flags: list[str], args, i: int, n: int) -> int:
     keep = ("epoch", "phase", "accuracy", "flops", "train_cost_hard", "mu", "loss_cls", "loss_consistency",
             "loss_diversity", "loss_cost", "loss_reg")
     record["history"] = [{k: h.get(k) for k in keep} for h in hist]
+    record["weights_id"] = _weights_id(out / "checkpoint.pt")
+    if _depends(flags) is not None:   # the start it is paired on (see _stale)
+        record["init_id"] = _weights_id(_depends(flags))
     for routing in ("hard", "sample") if "--routing" not in flags else ("hard",):
         ev = _cli("eval_main", [str(out / "checkpoint.pt"), "--routing", routing, "--split", "test", "--device",
                                 "cpu", "--json"])
@@ -329,6 +378,33 @@ def report(args) -> int:
                 lines.append(f"| {arch} | {start} | {t} % | {_pm(drn.values())} | "
                              + " | ".join(_pm(two[m][0].values()) + (" (i)" if two[m][2] else "") for m in TWO_VIEWS)
                              + f" | {gaps[0]} | {gaps[1]} | {len(drn)} |")
+    lines += ["", f"**Training routing**: the DRN as trained by default (`drn`, straight-through: each image runs its "
+              f"0/1 route, Eq. 3's gradient backward) against `--train-routing {ALT}` (Eq. 4, the paper's: every block "
+              f"runs on every image, weighted by r; `drn-…-{ALT}` records), the same seeds and starts. Gaps paired by "
+              f"seed; the statics read at the {ALT} DRN's own FLOPs; landing = val FLOPs at 0.5 within 5 % of the target.", "",
+              f"| arch | start | budget | DRN | {ALT} | FLOPs, {ALT} | {ALT} − DRN | {ALT} − the best of the paper's statics | "
+              f"{ALT} − the best 2-view static | {ALT} lands | runs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for arch in TARGETS:
+        for start in ("scratch", "warm"):
+            for t in TARGETS[arch]:
+                stem = f"{arch}-{start}-{{}}-{t}"
+                alt = _seeds(res, f"{arch}-{start}-drn-{t}-{ALT}")
+                if not alt:
+                    continue
+                drn = _seeds(res, stem.format("drn"))
+                ev = lambda s: res[f"{arch}-{start}-drn-{t}-{ALT}-s{s}"]
+                share = {s: ev(s)["eval_hard"]["flops"] / ev(s)["eval_hard"]["flops_full"] for s in alt}
+                cols = []
+                for methods in (PAPER, tuple(f"{m}2v" for m in TWO_VIEWS)):
+                    st = {m: _at_flops(res, stem, m, t, share)[0] for m in methods}
+                    have = [m for m in methods if st[m]]
+                    best = max(have, key=lambda m: statistics.mean(st[m].values())) if have else None
+                    g = [alt[s] - st[best][s] for s in alt if best and s in st[best]]
+                    cols.append(_gap(g) + (f" ({best})" if g else ""))
+                lands = [abs(ev(s)["train"]["uncalibrated_flops"] / ev(s)["train"]["target"] - 1) <= 0.05 for s in alt]
+                lines.append(f"| {arch} | {start} | {t} % | {_pm(drn.values())} | {_pm(alt.values())} | "
+                             f"{_pm(share.values())} | {_gap([alt[s] - drn[s] for s in alt if s in drn])} | {cols[0]} | "
+                             f"{cols[1]} | {sum(lands)} / {len(lands)} | {len(alt)} |")
     lines += ["", "**Landing (item 2)**: the DRN's val FLOPs at Eq. 11's threshold 0.5 after training, as an error "
               "against the target, per seed; then the threshold the trim chose (inside [0.4, 0.6])", "",
               "| arch | start | budget | error at 0.5, per seed | within 5 % | trimmed threshold, per seed |",
