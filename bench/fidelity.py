@@ -29,6 +29,8 @@ The plan, for each arch and seed (seeds 0 of everything first):
                                              closest k misses the budget by more than 5 %: the k on the
                                              budget's other side, so that the report reads the method
                                              at the DRN's FLOPs, interpolated between the two
+    resnet20-{start}-drn-{t}-soft-s{seed}    the DRN trained with --train-routing soft (Eq. 4, the paper's),
+                                             against the default straight-through, in every ResNet-20 cell
     resnet20-scratch-drn-50-{ablation}-s{seed}   soft (the paper's Eq. 4 in training instead of the
                                              straight-through hard routes), nocons (lambda = 0), nodiv
                                              (alpha = 0), and the margin of Eq. 5 at the scale of the
@@ -111,12 +113,12 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                             k = brackets(arch, t)[method]
                             runs[f"{arch}-{start}-{method}2v-{t}-k{k}-s{seed}"] = [
                                 "--arch", arch, "--routing", method, "--k", str(k), *v2]
-            for start in ("scratch", "warm"):   # the DRN with the other training routing, every cell
-                init = ["--init", str(RUNS_DIR / full / "checkpoint.pt")] if start == "warm" else []
-                for t in TARGETS[arch]:
-                    runs[f"{arch}-{start}-drn-{t}-{ALT}-s{seed}"] = [
-                        "--arch", arch, "--target-flops", f"{t}%", "--train-routing", ALT, *init, *s]
             if arch == "resnet20":
+                for start in ("scratch", "warm"):   # the DRN with the other training routing, every cell
+                    init = ["--init", str(RUNS_DIR / full / "checkpoint.pt")] if start == "warm" else []
+                    for t in TARGETS[arch]:
+                        runs[f"{arch}-{start}-drn-{t}-{ALT}-s{seed}"] = [
+                            "--arch", arch, "--target-flops", f"{t}%", "--train-routing", ALT, *init, *s]
                 for name, flags in ABLATIONS.items():
                     runs[f"{arch}-scratch-drn-50-{name}-s{seed}"] = ["--arch", arch, "--target-flops", "50%", *flags, *s]
     return runs
