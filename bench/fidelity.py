@@ -35,7 +35,10 @@ The plan, for each arch and seed (seeds 0 of everything first):
                                              straight-through hard routes), nocons (lambda = 0), nodiv
                                              (alpha = 0), and the margin of Eq. 5 at the scale of the
                                              routes (d_c = 0.02), consexec (Eq. 5 and 10 on the routes the
-                                             views ran, --consistency-routes executed)
+                                             views ran, --consistency-routes executed), perturb (views 2..M
+                                             also a crop, h-flip, v-flip or rotation, --view-augment perturb:
+                                             views that differ, for Eq. 5 to act on) and perturbnocons (the
+                                             same without Eq. 5, lambda = 0)
 """
 import argparse
 import functools
@@ -64,7 +67,8 @@ ALT = "soft"                      # the training routing the DRN is also run wit
 BRACKETED = ("distributedk", "deepk")   # FirstK trails by 3-8 points: its second point would not change the best
 # DeepK (the auto start's other route; on ResNet-56 at 50 % the start is DistributedK's) runs on ResNet-20 only
 ABLATIONS = {"soft": ["--train-routing", "soft"], "nocons": ["--lam", "0"], "nodiv": ["--alpha", "0"],
-             "dc002": ["--d-c", "0.02"], "consexec": ["--consistency-routes", "executed"]}
+             "dc002": ["--d-c", "0.02"], "consexec": ["--consistency-routes", "executed"],
+             "perturb": ["--view-augment", "perturb"], "perturbnocons": ["--view-augment", "perturb", "--lam", "0"]}
 
 
 @functools.lru_cache(maxsize=None)
@@ -432,7 +436,10 @@ def report(args) -> int:
             ("without diversity (α = 0)", "resnet20-scratch-drn-50-nodiv", "eval_hard"),
             ("consistency margin at the routes' scale (d_c = 0.02)", "resnet20-scratch-drn-50-dc002", "eval_hard"),
             ("Eq. 5 and 10 on the routes the views ran (`--consistency-routes executed`)",
-             "resnet20-scratch-drn-50-consexec", "eval_hard")]
+             "resnet20-scratch-drn-50-consexec", "eval_hard"),
+            ("views that differ (`--view-augment perturb`: views 2..M also a crop, h-flip, v-flip or rotation)",
+             "resnet20-scratch-drn-50-perturb", "eval_hard"),
+            ("the same views without consistency (λ = 0)", "resnet20-scratch-drn-50-perturbnocons", "eval_hard")]
     for label, stem, ev in rows:
         acc = _seeds(res, stem, "accuracy", ev)
         if not acc:

@@ -91,6 +91,9 @@ TRAIN_FLAGS = {
     "--consistency-routes": ("consistency_routes", str, "what Eq. 5 and 10 compare between two views of an "
                                                         "image: soft (r, Eq. 3) or executed (the 0/1 routes the "
                                                         "views ran in straight-through training)"),
+    "--view-augment": ("view_augment", str, "the views of Eq. 5: same (each view a crop + h-flip) or perturb "
+                                            "(views 2..M also one of crop, h-flip, v-flip, +-15 deg rotation: "
+                                            "views that differ, for Eq. 5 to act on)"),
     "--train-routing": ("train_routing", str, "soft: Eq. 4 in training (the paper); straight: each image runs its "
                                               "hard route (Eq. 11) forward, Eq. 3's gradient flows back (straight-through)"),
     "--router-lr": ("router_lr", str, "decay: the routers' lr steps down with the blocks'; constant: the routers "

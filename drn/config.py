@@ -122,6 +122,9 @@ class TrainConfig:
                                   # open: every router at router_open, training starts as the full network
     consistency_routes: str = "soft"  # what Eq. 5 and 10 compare between views: soft r, or the routes the
                                       # views ran ("executed": the 0/1 g under straight-through training)
+    view_augment: str = "same"    # the views of Eq. 5 (data.make_views): same (each a crop + h-flip) or perturb
+                                  # (views 2..M also a crop, h-flip, v-flip or +-15 deg rotation, the paper's
+                                  # consistency test: views that differ, so that Eq. 5 has something to act on)
     train_routing: str = "straight"  # straight: Eq. 11's 0/1 decisions forward, Eq. 3's gradient backward
                                   # (models.py), so training runs the routes testing will (lands closer; the
                                   # accuracy against soft is still being measured, BENCHMARKS.md issue 14);
@@ -244,6 +247,10 @@ class TrainConfig:
             raise UsageError(f"router lr must be decay or constant, got {self.router_lr!r}")
         if self.consistency_routes not in ("soft", "executed"):
             raise UsageError(f"consistency routes must be soft or executed, got {self.consistency_routes!r}")
+        if self.view_augment not in ("same", "perturb"):
+            raise UsageError(f"view augment must be same or perturb, got {self.view_augment!r}")
+        if self.view_augment == "perturb" and (self.views < 2 or self.routing != "drn"):
+            raise UsageError("view augment perturb varies the views Eq. 5 compares: it needs --views 2 or more and a drn")
         if self.train_routing not in ("soft", "straight"):
             raise UsageError(f"train routing must be soft or straight, got {self.train_routing!r}")
         from .baselines import STATIC

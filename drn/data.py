@@ -282,10 +282,17 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4,
     return out.permute(0, 3, 1, 2).contiguous()                             # (B, H, W, C) -> (B, C, H, W)
 
 
-def make_views(x: torch.Tensor, m: int, generator: torch.Generator) -> torch.Tensor:
-    """M independently augmented views of each image, sample-major: (L, C, H, W) -> (L*M, C, H, W),
-    rows i*M ... i*M+M-1 are the views of image i (the groups of Eq. 5)."""
-    return random_crop_flip(x.repeat_interleave(m, dim=0), generator)
+def make_views(x: torch.Tensor, m: int, generator: torch.Generator, augment: str = "same") -> torch.Tensor:
+    """M augmented views of each image, sample-major: (L, C, H, W) -> (L*M, C, H, W), rows
+    i*M ... i*M+M-1 are the views of image i (the groups of Eq. 5). augment "same": every view a pad-4
+    crop + h-flip, drawn independently; "perturb": views 2..M also get one of the paper's consistency
+    perturbations (`perturb`: crop, h-flip, v-flip or a rotation) -- Eq. 5's tau_j as different
+    augmentation methods. The first view of each image is the same in both."""
+    views = random_crop_flip(x.repeat_interleave(m, dim=0), generator)
+    if augment == "perturb" and m > 1:
+        rest = (torch.arange(views.shape[0], device=x.device) % m != 0).nonzero().squeeze(1)
+        views[rest] = perturb(views[rest], generator)
+    return views
 
 
 def rotate(x: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:

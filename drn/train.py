@@ -61,7 +61,7 @@ def _progress(m: dict, total_epochs: int) -> str:
 def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, *,
                views: int, finetune: bool, cost_norm: torch.Tensor, mu: float, weights: LossWeights,
                amp: bool = True, routing: str = "soft", consistency_routes: str = "soft", explore: float = 0.0,
-               full_pass: float = 0.0):
+               full_pass: float = 0.0, view_augment: str = "same"):
     """One optimisation step on a batch of L uint8 images (L, C, H, W) and labels (L,): M = `views`
     augmented views of each, forward under `routing` (soft, Eq. 4, or straight-through), Eq. 9 (or
     CE under hard routing when finetuning or for a static route), Eq. 5 and 10 on r or on the routes the views ran
@@ -81,7 +81,7 @@ def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, gen
             parts = dict.fromkeys(("consistency", "diversity", "cost", "reg"), torch.zeros((), device=dev))
             parts["cls"] = loss.detach()
         else:
-            xs = make_views(x, m, generator)
+            xs = make_views(x, m, generator, view_augment)
             out = model(xs, routing=routing, explore=explore)
             r, run = out.r.float(), None
             if consistency_routes == "executed":  # straight-through: a view ran its 0/1 route g; r's gradient
@@ -308,7 +308,7 @@ class Trainer:
                                              mu=self.controller.mu, weights=self.weights, amp=cfg.amp,
                                              routing=cfg.train_routing,
                                              consistency_routes=cfg.consistency_routes, explore=cfg.explore,
-                                             full_pass=cfg.full_pass)
+                                             full_pass=cfg.full_pass, view_augment=cfg.view_augment)
             gates = out.gates.float()
             if self.target is not None and not finetune and not self.static:
                 self.controller.update(self.budget.route_cost(gates).mean().item())

@@ -120,6 +120,23 @@ def test_make_views_of_one_image_differ():
     assert len({tuple(t.flatten().tolist()) for t in v[:6]}) > 1
 
 
+def test_perturbed_views_keep_the_first_view_and_vary_the_others():
+    """augment="perturb": each image's first view is the plain crop + h-flip drawn for it; views 2..M
+    are that view perturbed -- among them h-flips, v-flips and rotations of it (Eq. 5's tau_j)."""
+    torch.manual_seed(8)
+    L, m = 64, 3
+    x = torch.rand(L, 3, 8, 8)
+    same, pert = make_views(x, m, gen(4)), make_views(x, m, gen(4), "perturb")
+    first = torch.arange(L) * m
+    torch.testing.assert_close(pert[first], same[first], rtol=0, atol=0)
+    rest = [i for i in range(L * m) if i % m]
+    eq = lambda a, b: torch.equal(a, b)
+    assert any(eq(pert[i], same[i].flip(1)) for i in rest)                 # vertical flips
+    assert any(eq(pert[i], same[i].flip(2)) for i in rest)                 # horizontal flips
+    unchanged = sum(eq(pert[i], same[i]) for i in rest)
+    assert unchanged < len(rest) // 2, "most later views must differ from the plain ones"
+
+
 # ----------------------------------------------------------------------------- rotate / perturb
 
 def test_rotate_zero_is_identity():

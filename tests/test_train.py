@@ -14,10 +14,11 @@ def tiny_cfg(data, out, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("routing,cons", [("straight", "soft"), ("soft", "soft"), ("straight", "executed")])
-def test_train_writes_checkpoint_and_reports_every_epoch(tiny_data, tmp_path, routing, cons):
+@pytest.mark.parametrize("routing,cons,augment", [("straight", "soft", "same"), ("soft", "soft", "same"),
+                                                  ("straight", "executed", "same"), ("straight", "soft", "perturb")])
+def test_train_writes_checkpoint_and_reports_every_epoch(tiny_data, tmp_path, routing, cons, augment):
     seen = []
-    cfg = tiny_cfg(tiny_data, tmp_path / "run", train_routing=routing, consistency_routes=cons)
+    cfg = tiny_cfg(tiny_data, tmp_path / "run", train_routing=routing, consistency_routes=cons, view_augment=augment)
     result = train(cfg, on_epoch=lambda m: seen.append(m), log=lambda s: None)
     assert [m["epoch"] for m in seen] == [1, 2]
     for key in ("accuracy", "flops", "flops_full", "k", "k_full", "distinct_paths", "mu", "loss_cls",
