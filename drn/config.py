@@ -126,8 +126,8 @@ class TrainConfig:
                                   # (views 2..M also a crop, h-flip, v-flip or +-15 deg rotation, the paper's
                                   # consistency test: views that differ, so that Eq. 5 has something to act on)
     train_routing: str = "straight"  # straight: Eq. 11's 0/1 decisions forward, Eq. 3's gradient backward
-                                  # (models.py), so training runs the routes testing will (lands closer; the
-                                  # accuracy against soft is still being measured, BENCHMARKS.md issue 14);
+                                  # (models.py), so training runs the routes testing will (lands closer, and
+                                  # level with soft in accuracy over 18 runs, BENCHMARKS.md issue 14);
                                   # soft: Eq. 4, the paper's
     router_lr: str = "decay"      # decay: the routers' lr follows the blocks' (milestones); constant: the
                                   # routers keep the peak lr until the finetune freezes them, so the budget
