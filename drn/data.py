@@ -290,8 +290,8 @@ def make_views(x: torch.Tensor, m: int, generator: torch.Generator, augment: str
     augmentation methods. The first view of each image is the same in both."""
     views = random_crop_flip(x.repeat_interleave(m, dim=0), generator)
     if augment == "perturb" and m > 1:
-        rest = (torch.arange(views.shape[0], device=x.device) % m != 0).nonzero().squeeze(1)
-        views[rest] = perturb(views[rest], generator)
+        later = views.view(-1, m, *views.shape[1:])[:, 1:]                  # (L, M-1, C, H, W), a view
+        later.copy_(perturb(later.flatten(0, 1), generator).view_as(later))
     return views
 
 
