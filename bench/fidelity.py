@@ -39,6 +39,12 @@ The plan, for each arch and seed (seeds 0 of everything first):
                                              also a crop, h-flip, v-flip or rotation, --view-augment perturb:
                                              views that differ, for Eq. 5 to act on) and perturbnocons (the
                                              same without Eq. 5, lambda = 0)
+    resnet56-full-drnrecipe-s{seed}, resnet56-{start}-{method}-50-drnrecipe-s{seed}
+                                             the plain network and the paper's statics on the DRN's init and
+                                             warm-up (the usual BN init, 2 warm-up epochs): by default the
+                                             plain and static networks of ResNet-56 and deeper start zero-init
+                                             without warm-up (drn/config.py), so a static row differs from the
+                                             DRN's in recipe as well as in routing; this control removes that
 """
 import argparse
 import functools
@@ -66,6 +72,7 @@ TWO_VIEWS = ("randomk", "distributedk", "deepk")   # also trained on 2 views per
 ALT = "soft"                      # the training routing the DRN is also run with, in every ResNet-20 cell
 BRACKETED = ("distributedk", "deepk")   # FirstK trails by 3-8 points: its second point would not change the best
 # DeepK (the auto start's other route; on ResNet-56 at 50 % the start is DistributedK's) runs on ResNet-20 only
+RECIPE = ["--no-zero-init-residual", "--warmup-epochs", "2"]   # the DRN's own init and warm-up on ResNet-56
 ABLATIONS = {"soft": ["--train-routing", "soft"], "nocons": ["--lam", "0"], "nodiv": ["--alpha", "0"],
              "dc002": ["--d-c", "0.02"], "consexec": ["--consistency-routes", "executed"],
              "perturb": ["--view-augment", "perturb"], "perturbnocons": ["--view-augment", "perturb", "--lam", "0"]}
@@ -118,6 +125,13 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                             k = brackets(arch, t)[method]
                             runs[f"{arch}-{start}-{method}2v-{t}-k{k}-s{seed}"] = [
                                 "--arch", arch, "--routing", method, "--k", str(k), *v2]
+            if arch == "resnet56":   # the plain network and the statics on the DRN's recipe
+                runs[f"{arch}-full-drnrecipe-s{seed}"] = ["--arch", arch, "--routing", "full", *RECIPE, *s]
+                for start in ("scratch", "warm"):
+                    init = ["--init", str(RUNS_DIR / full / "checkpoint.pt")] if start == "warm" else []
+                    for method in PAPER if start == "scratch" else PAPER[1:]:
+                        runs[f"{arch}-{start}-{method}-50-drnrecipe-s{seed}"] = [
+                            "--arch", arch, "--routing", method, "--target-flops", "50%", *RECIPE, *init, *s]
             if arch == "resnet20":
                 for start in ("scratch", "warm"):   # the DRN with the other training routing, every cell
                     init = ["--init", str(RUNS_DIR / full / "checkpoint.pt")] if start == "warm" else []
@@ -412,6 +426,29 @@ def report(args) -> int:
                 lines.append(f"| {arch} | {start} | {t} % | {_pm(drn.values())} | {_pm(alt.values())} | "
                              f"{_pm(share.values())} | {_gap([alt[s] - drn[s] for s in alt if s in drn])} | {cols[0]} | "
                              f"{cols[1]} | {sum(lands)} / {len(lands)} | {len(alt)} |")
+    recipe = {m: {st: _seeds(res, f"resnet56-{st}-{m}-50-drnrecipe") for st in ("scratch", "warm")} for m in PAPER}
+    if any(v for d in recipe.values() for v in d.values()):
+        lines += ["", "**ResNet-56: the statics on the DRN's recipe.** By default the plain and static networks of "
+                  "ResNet-56 start zero-init without warm-up, the DRN with the usual BN init and 2 warm-up epochs "
+                  "(`drn/config.py`). `drnrecipe` runs the statics (and the plain network) on the DRN's: "
+                  f"`{' '.join(RECIPE)}`. Gap = DRN − the best of the three by mean, paired by seed.", "",
+                  "| arch | start | budget | DRN | FirstK | RandomK | DistributedK | gap to the best, mean [min, max] | "
+                  "the same statics by default (best) | plain network, default → DRN's recipe | runs |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for st in ("scratch", "warm"):
+            drn = _seeds(res, f"resnet56-{st}-drn-50")
+            have = [m for m in PAPER if recipe[m][st]]
+            if not drn or not have:
+                continue
+            best = max(have, key=lambda m: statistics.mean(recipe[m][st].values()))
+            dflt = {m: _seeds(res, f"resnet56-{st}-{m}-50") for m in PAPER}
+            best_d = max((m for m in PAPER if dflt[m]), key=lambda m: statistics.mean(dflt[m].values()))
+            plain = (f"{_pm(_seeds(res, 'resnet56-full').values())} → {_pm(_seeds(res, 'resnet56-full-drnrecipe').values())}"
+                     if st == "scratch" else "")
+            lines.append(f"| resnet56 | {st} | 50 % | {_pm(drn.values())} | "
+                         + " | ".join(_pm(recipe[m][st].values()) if recipe[m][st] else "–" for m in PAPER)
+                         + f" | {_gap([drn[s] - recipe[best][st][s] for s in drn if s in recipe[best][st]])} ({best}) | "
+                         f"{_pm(dflt[best_d].values())} ({best_d}) | {plain} | {len(recipe[best][st])} |")
     lines += ["", "**Landing (item 2)**: the DRN's val FLOPs at Eq. 11's threshold 0.5 after training, as an error "
               "against the target, per seed; then the threshold the trim chose (inside [0.4, 0.6])", "",
               "| arch | start | budget | error at 0.5, per seed | within 5 % | trimmed threshold, per seed |",
