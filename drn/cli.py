@@ -135,8 +135,8 @@ def _train_parser() -> argparse.ArgumentParser:
                        help=f"{help_} (default: {_fmt(name, default)})")
     p.add_argument("--zero-init-residual", dest="zero_init_residual", action=argparse.BooleanOptionalAction,
                    default=argparse.SUPPRESS, help="start each residual branch's last BN at 0, so every block "
-                   "starts as its shortcut (default: on for full and static routes of resnet56 and deeper and "
-                   "resnet50, off for drn)")
+                   "starts as its shortcut (default: on for --routing full of resnet56 and deeper and resnet50, off "
+                   "for drn and the static routes)")
     p.add_argument("--no-amp", dest="amp", action="store_false", default=argparse.SUPPRESS,
                    help="disable bfloat16 autocast on CUDA (default: on for CUDA, off on CPU)")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false", default=argparse.SUPPRESS,

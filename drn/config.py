@@ -81,7 +81,8 @@ class TrainConfig:
     warmup_epochs: float | None = None  # linear lr warm-up from 0 (None: 2 for resnet56 and deeper and
                                   # resnet50 unless zero_init_residual, else 0)
     zero_init_residual: bool | None = None  # each residual branch's last BN starts at 0 (None: on for the plain
-                                  # and static networks of resnet56 and deeper and resnet50; off for drn)
+                                  # network of resnet56 and deeper and resnet50; off for drn and the static
+                                  # routes, which train as the DRN does: +2 to +7 points, BENCHMARKS.md)
     drop_path: float = 0.0        # stochastic depth for full and static routes: block l of L skipped for a
                                   # whole training batch with probability drop_path * l / L (Huang et al.)
     momentum: float = 0.9
@@ -178,7 +179,7 @@ class TrainConfig:
             self.finetune_epochs = max(2, round(0.1 * self.epochs)) if routed_target else 0
         deep = self.arch == "resnet50" or int(self.arch[6:]) >= 56
         if self.zero_init_residual is None:
-            self.zero_init_residual = deep and self.routing != "drn"
+            self.zero_init_residual = deep and self.routing == "full"
         if self.warmup_epochs is None:
             self.warmup_epochs = 2.0 if deep and not self.zero_init_residual else 0.0
         self.finetune_lr = self.lr if self.finetune_lr is None else self.finetune_lr

@@ -282,10 +282,13 @@ def test_no_choice_reads_the_test_split(tiny_data, tmp_path):
     assert fa["test_flops"] != fb["test_flops"] or fa["test_accuracy"] != fb["test_accuracy"]
 
 
-def test_deep_plain_networks_start_as_their_shortcuts_without_warm_up():
-    """Measured on ResNet-110 (BENCHMARKS.md): zero-init residuals without warm-up train best in 10
-    epochs; the routed network keeps its BN init (unmeasured there) and the warm-up."""
-    plain, routed = TrainConfig(arch="resnet110", routing="full"), TrainConfig(arch="resnet110")
+@pytest.mark.parametrize("routing", ["drn", "firstk", "randomk", "distributedk", "deepk"])
+def test_deep_plain_networks_start_as_their_shortcuts_and_routes_train_as_the_drn(routing):
+    """Measured (BENCHMARKS.md): zero-init residuals without warm-up train the plain ResNet-110 best in
+    10 epochs; the routed network keeps its BN init and the warm-up, and so do the static routes,
+    which score 2-7 points higher that way on ResNet-56 at 50 % (9 of 9 seed and method pairs)."""
+    plain = TrainConfig(arch="resnet110", routing="full")
+    routed = TrainConfig(arch="resnet110", routing=routing, target_flops="50%")
     assert (plain.zero_init_residual, plain.warmup_epochs) == (True, 0)
     assert (routed.zero_init_residual, routed.warmup_epochs) == (False, 2)
     assert not TrainConfig(arch="resnet20", routing="full").zero_init_residual
