@@ -39,7 +39,7 @@ The plan, for each arch and seed (seeds 0 of everything first):
                                              also a crop, h-flip, v-flip or rotation, --view-augment perturb:
                                              views that differ, for Eq. 5 to act on) and perturbnocons (the
                                              same without Eq. 5, lambda = 0)
-    resnet56-full-drnrecipe-s{seed}, resnet56-{start}-{method}-50-drnrecipe-s{seed}
+    resnet56-full-drnrecipe-s{seed}, resnet56-{start}-{method}[2v]-50-drnrecipe-s{seed}
                                              the plain network and the paper's statics on the DRN's init and
                                              warm-up (the usual BN init, 2 warm-up epochs). The main ResNet-56
                                              static rows pin zero-init without warm-up, the statics' default
@@ -135,6 +135,9 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                     for method in PAPER if start == "scratch" else PAPER[1:]:
                         runs[f"{arch}-{start}-{method}-50-drnrecipe-s{seed}"] = [
                             "--arch", arch, "--routing", method, "--target-flops", "50%", *RECIPE, *init, *s]
+                for method in TWO_VIEWS[:2]:   # and the equal-images control from scratch
+                    runs[f"{arch}-scratch-{method}2v-50-drnrecipe-s{seed}"] = [
+                        "--arch", arch, "--routing", method, "--target-flops", "50%", "--views", "2", *RECIPE, *s]
             if arch == "resnet20":
                 for start in ("scratch", "warm"):   # the DRN with the other training routing, every cell
                     init = ["--init", str(RUNS_DIR / full / "checkpoint.pt")] if start == "warm" else []
@@ -437,8 +440,9 @@ def report(args) -> int:
                   "default for the statics: "
                   f"`{' '.join(RECIPE)}`. Gap = DRN − the best of the three by mean, paired by seed.", "",
                   "| arch | start | budget | DRN | FirstK | RandomK | DistributedK | gap to the best, mean [min, max] | "
-                  "the same statics by default (best) | plain network, default → DRN's recipe | runs |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "the same statics by default (best) | plain network, default → DRN's recipe | "
+                  "RandomK, DistributedK on 2 views | gap to the best 2-view static | runs |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for st in ("scratch", "warm"):
             drn = _seeds(res, f"resnet56-{st}-drn-50")
             have = [m for m in PAPER if recipe[m][st]]
@@ -449,10 +453,16 @@ def report(args) -> int:
             best_d = max((m for m in PAPER if dflt[m]), key=lambda m: statistics.mean(dflt[m].values()))
             plain = (f"{_pm(_seeds(res, 'resnet56-full').values())} → {_pm(_seeds(res, 'resnet56-full-drnrecipe').values())}"
                      if st == "scratch" else "")
+            two = {m: _seeds(res, f"resnet56-{st}-{m}2v-50-drnrecipe") for m in TWO_VIEWS[:2]}
+            have2 = [m for m in two if two[m]]
+            best2 = max(have2, key=lambda m: statistics.mean(two[m].values())) if have2 else None
+            gap2 = (f"{_gap([drn[s] - two[best2][s] for s in drn if s in two[best2]])} ({best2})" if best2 else "–")
             lines.append(f"| resnet56 | {st} | 50 % | {_pm(drn.values())} | "
                          + " | ".join(_pm(recipe[m][st].values()) if recipe[m][st] else "–" for m in PAPER)
                          + f" | {_gap([drn[s] - recipe[best][st][s] for s in drn if s in recipe[best][st]])} ({best}) | "
-                         f"{_pm(dflt[best_d].values())} ({best_d}) | {plain} | {len(recipe[best][st])} |")
+                         f"{_pm(dflt[best_d].values())} ({best_d}) | {plain} | "
+                         f"{', '.join(_pm(two[m].values()) for m in have2) if have2 else '–'} | {gap2} | "
+                         f"{len(recipe[best][st])} |")
     lines += ["", "**Landing (item 2)**: the DRN's val FLOPs at Eq. 11's threshold 0.5 after training, as an error "
               "against the target, per seed; then the threshold the trim chose (inside [0.4, 0.6])", "",
               "| arch | start | budget | error at 0.5, per seed | within 5 % | trimmed threshold, per seed |",
