@@ -341,6 +341,12 @@ def _drn_share(res: dict, stem: str, seeds) -> dict[int, float]:
     return {s: ev(s)["flops"] / ev(s)["flops_full"] for s in seeds}
 
 
+def _best(per_method: dict[str, dict]) -> str | None:
+    """The method whose per-seed values have the best mean, among those with any; None if none has."""
+    have = [m for m, v in per_method.items() if v]
+    return max(have, key=lambda m: statistics.mean(per_method[m].values())) if have else None
+
+
 def report(args) -> int:
     res = _load()
     if not res:
@@ -398,8 +404,7 @@ def report(args) -> int:
                     continue
                 gaps = []
                 for ms in (("randomk", "distributedk"), ("deepk",)):
-                    have = [m for m in ms if two[m][0]]
-                    best = max(have, key=lambda m: statistics.mean(two[m][0].values())) if have else None
+                    best = _best({m: two[m][0] for m in ms})
                     g = [drn[s] - two[best][0][s] for s in drn if best and s in two[best][0]]
                     gaps.append(_gap(g) + (f" ({best})" if g and len(ms) > 1 else ""))
                 lines.append(f"| {arch} | {start} | {t} % | {_pm(drn.values())} | "
@@ -424,8 +429,7 @@ def report(args) -> int:
                 cols = []
                 for methods in (PAPER, tuple(f"{m}2v" for m in TWO_VIEWS)):
                     st = {m: _at_flops(res, stem, m, t, share)[0] for m in methods}
-                    have = [m for m in methods if st[m]]
-                    best = max(have, key=lambda m: statistics.mean(st[m].values())) if have else None
+                    best = _best(st)
                     g = [alt[s] - st[best][s] for s in alt if best and s in st[best]]
                     cols.append(_gap(g) + (f" ({best})" if g else ""))
                 lands = [abs(ev(s)["train"]["uncalibrated_flops"] / ev(s)["train"]["target"] - 1) <= 0.05 for s in alt]
@@ -445,17 +449,16 @@ def report(args) -> int:
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for st in ("scratch", "warm"):
             drn = _seeds(res, f"resnet56-{st}-drn-50")
-            have = [m for m in PAPER if recipe[m][st]]
-            if not drn or not have:
+            best = _best({m: recipe[m][st] for m in PAPER})
+            if not drn or best is None:
                 continue
-            best = max(have, key=lambda m: statistics.mean(recipe[m][st].values()))
             dflt = {m: _seeds(res, f"resnet56-{st}-{m}-50") for m in PAPER}
-            best_d = max((m for m in PAPER if dflt[m]), key=lambda m: statistics.mean(dflt[m].values()))
+            best_d = _best(dflt)
             plain = (f"{_pm(_seeds(res, 'resnet56-full').values())} → {_pm(_seeds(res, 'resnet56-full-drnrecipe').values())}"
                      if st == "scratch" else "")
             two = {m: _seeds(res, f"resnet56-{st}-{m}2v-50-drnrecipe") for m in TWO_VIEWS[:2]}
             have2 = [m for m in two if two[m]]
-            best2 = max(have2, key=lambda m: statistics.mean(two[m].values())) if have2 else None
+            best2 = _best(two)
             gap2 = (f"{_gap([drn[s] - two[best2][s] for s in drn if s in two[best2]])} ({best2})" if best2 else "–")
             lines.append(f"| resnet56 | {st} | 50 % | {_pm(drn.values())} | "
                          + " | ".join(_pm(recipe[m][st].values()) if recipe[m][st] else "–" for m in PAPER)
