@@ -72,6 +72,10 @@ TWO_VIEWS = ("randomk", "distributedk", "deepk")   # also trained on 2 views per
 ALT = "soft"                      # the training routing the DRN is also run with, in every ResNet-20 cell
 BRACKETED = ("distributedk", "deepk")   # FirstK trails by 3-8 points: its second point would not change the best
 # DeepK (the auto start's other route; on ResNet-56 at 50 % the start is DistributedK's) runs on ResNet-20 only
+# the DRN rows ran before the finetune held the routers' rates (thirteenth session): pinned as they ran, and
+# `hold` rows run today's default where the finetune's drift mattered
+FREE = ["--finetune-rates", "free"]
+HOLD = {"resnet20": (30, 50, 70), "resnet56": (50,)}   # scratch: where blocks stay undecided
 RECIPE = ["--no-zero-init-residual", "--warmup-epochs", "2"]   # the DRN's own init and warm-up on ResNet-56
 # the statics' recipe before the twelfth session (zero-init, no warm-up on ResNet-56), which their main rows
 # were run with: pinned so that the records stay what their flags say; `drnrecipe` rows are today's default
@@ -114,9 +118,12 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                 init = ["--init", str(RUNS_DIR / full / "checkpoint.pt")] if start == "warm" else []
                 for t in TARGETS[arch]:
                     for method in METHODS if arch == "resnet20" else ("drn", *PAPER):
-                        routing = [] if method == "drn" else ["--routing", method, *ZERO[arch]]
+                        routing = FREE if method == "drn" else ["--routing", method, *ZERO[arch]]
                         runs[f"{arch}-{start}-{method}-{t}-s{seed}"] = [
                             "--arch", arch, *routing, "--target-flops", f"{t}%", *init, *s]
+                    if start == "scratch" and t in HOLD[arch]:
+                        runs[f"{arch}-{start}-drn-{t}-hold-s{seed}"] = [
+                            "--arch", arch, "--target-flops", f"{t}%", "--finetune-rates", "hold", *s]
                     for method, k in brackets(arch, t).items():
                         runs[f"{arch}-{start}-{method}-{t}-k{k}-s{seed}"] = [
                             "--arch", arch, "--routing", method, *ZERO[arch], "--k", str(k), *init, *s]
@@ -143,9 +150,10 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                     init = ["--init", str(RUNS_DIR / full / "checkpoint.pt")] if start == "warm" else []
                     for t in TARGETS[arch]:
                         runs[f"{arch}-{start}-drn-{t}-{ALT}-s{seed}"] = [
-                            "--arch", arch, "--target-flops", f"{t}%", "--train-routing", ALT, *init, *s]
+                            "--arch", arch, "--target-flops", f"{t}%", "--train-routing", ALT, *FREE, *init, *s]
                 for name, flags in ABLATIONS.items():
-                    runs[f"{arch}-scratch-drn-50-{name}-s{seed}"] = ["--arch", arch, "--target-flops", "50%", *flags, *s]
+                    runs[f"{arch}-scratch-drn-50-{name}-s{seed}"] = ["--arch", arch, "--target-flops", "50%", *flags,
+                                                                     *FREE, *s]
     return runs
 
 
@@ -468,18 +476,21 @@ def report(args) -> int:
                          f"{len(recipe[best][st])} |")
     lines += ["", "**Landing (item 2)**: the DRN's val FLOPs at Eq. 11's threshold 0.5 after training, as an error "
               "against the target, per seed; then the threshold the trim chose (inside [0.4, 0.6])", "",
-              "| arch | start | budget | error at 0.5, per seed | within 5 % | trimmed threshold, per seed |",
-              "|---|---|---|---|---|---|"]
+              "| arch | start | budget | finetune | error at 0.5, per seed | within 5 % | trimmed threshold, per seed "
+              "| test acc |", "|---|---|---|---|---|---|---|---|"]
     for arch in TARGETS:
         for start in ("scratch", "warm"):
             for t in TARGETS[arch]:
-                recs = [res[f"{arch}-{start}-drn-{t}-s{s}"]["train"] for s in SEEDS if f"{arch}-{start}-drn-{t}-s{s}" in res]
-                if not recs:
-                    continue
-                errs = [m["uncalibrated_flops"] / m["target"] - 1 for m in recs]
-                lines.append(f"| {arch} | {start} | {t} % | {' '.join(f'{100 * e:+.1f} %' for e in errs)} | "
-                             f"{sum(abs(e) <= 0.05 for e in errs)} / {len(errs)} | "
-                             f"{' '.join(format(m['threshold'], '.3f') for m in recs)} |")
+                for suffix, finetune in (("", "frozen routers"), ("-hold", "rates held")):
+                    stem = f"{arch}-{start}-drn-{t}{suffix}"
+                    recs = [res[f"{stem}-s{s}"]["train"] for s in SEEDS if f"{stem}-s{s}" in res]
+                    if not recs:
+                        continue
+                    errs = [m["uncalibrated_flops"] / m["target"] - 1 for m in recs]
+                    lines.append(f"| {arch} | {start} | {t} % | {finetune} | {' '.join(f'{100 * e:+.1f} %' for e in errs)} | "
+                                 f"{sum(abs(e) <= 0.05 for e in errs)} / {len(errs)} | "
+                                 f"{' '.join(format(m['threshold'], '.3f') for m in recs)} | "
+                                 f"{_pm(_seeds(res, stem).values())} |")
     lines += ["", "**Ber-Dis (Table 4b), the ablation and the consistency experiment** (ResNet-20, scratch, 50 %)", "",
               "| variant | test acc | test acc, perturbed images | same-path ratio under perturbation | distinct paths | "
               "Eq. 5 loss, last epoch | runs |", "|---|---|---|---|---|---|---|"]

@@ -54,6 +54,10 @@ TRAIN_FLAGS = {
                               "full trains on every copy too (2 gives it the DRN's images per step)"),
     "--finetune-lr": ("finetune_lr", float, "the finetune epochs restart at this lr and decay to 0 along a "
                                             "half cosine"),
+    "--finetune-rates": ("finetune_rates", str, "hold: while the finetune trains the blocks, each router's last-layer "
+                                                "bias follows so that its execution rate on training images stays "
+                                                "where the main schedule left it (the features it reads move); "
+                                                "free: the routers stay frozen as they are"),
     "--lr": ("lr", float, "initial learning rate (x lr-decay at 60%% and 80%% of --epochs)"),
     "--warmup-epochs": ("warmup_epochs", float, "epochs of linear lr warm-up from 0"),
     "--drop-path": ("drop_path", float, "stochastic depth for --routing full and the static routes: block l of L "

@@ -74,6 +74,9 @@ class TrainConfig:
     finetune_lr: float | None = None  # the finetune restarts at this lr and decays to 0 along a half cosine
                                   # (None: lr). The route settles late in a short schedule, when the main
                                   # lr has decayed: the restart trains it (BENCHMARKS.md, issue 14)
+    finetune_rates: str = "hold"  # hold: each router's execution rate on training images stays where the main
+                                  # schedule left it while the finetune trains the blocks it reads (its
+                                  # last-layer bias follows; controller.RateHold); free: frozen routers only
     batch_size: int = 128         # samples per step; each contributes `views` augmented copies
     views: int | None = None      # M of Eq. 5: augmented copies per sample in the main epochs (None: 2 for drn,
                                   # 1 for full and the static routes, which train on cross-entropy alone)
@@ -244,6 +247,8 @@ class TrainConfig:
             raise UsageError("router start greedy measures trained blocks: it needs --init (a warm start)")
         if self.mu_integral not in ("always", "hold"):
             raise UsageError(f"mu integral must be always or hold, got {self.mu_integral!r}")
+        if self.finetune_rates not in ("hold", "free"):
+            raise UsageError(f"finetune rates must be hold or free, got {self.finetune_rates!r}")
         if self.router_lr not in ("decay", "constant"):
             raise UsageError(f"router lr must be decay or constant, got {self.router_lr!r}")
         if self.consistency_routes not in ("soft", "executed"):

@@ -68,6 +68,8 @@ The loop should land the routers on the target at Eq. 11's threshold 0.5 by itse
 import math
 from dataclasses import asdict, dataclass
 
+import torch
+
 
 @dataclass
 class MuController:
@@ -145,3 +147,58 @@ class MuController:
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
             setattr(self, k, v)
+
+
+@dataclass
+class RateHold:
+    """The finetune's rate hold: each router keeps the execution rate the main schedule left it at.
+
+    The finetune freezes the routers and trains the blocks under hard routing, at a restarted lr.
+    The routers read features those blocks compute, so a frozen router's decisions drift: on
+    ResNet-56 at 50 % two undecided blocks went from 45 / 83 % of the images to 27 / 70 % in two
+    finetune epochs, and the model fell from -2.4 % to -6.2 % of its target at threshold 0.5
+    (BENCHMARKS.md, issue 14). The hold re-centres each undecided router on the moving features:
+    after every finetune step its logit gap d = R_0 - R_1 moves (Router.shift_, the last layer's
+    bias) by `gain` times the distance between the threshold's gap and the batch's (1 - ref)
+    quantile of d, the gap above which a share ref of the images runs the block. The router's
+    function of the image is kept, only its centre follows; which images run stays its choice.
+    ref: the rates at the start of the finetune, on training images in train mode, at the
+    threshold the finetune runs (Trainer.batch_gates_now); a block within `edge` of 0 or 1 is
+    decided and is not held. The steps stay on the device (no host sync)."""
+    ref: list[float] | None = None     # per-block execution rate to hold
+    gain: float = 0.1                  # share of the gap to the on-rate centre closed per step
+    edge: float = 0.02
+    shift: list[float] | None = None   # the total shift of each router's logit gap so far (reported)
+
+    def start(self, rates) -> None:
+        self.ref = [float(r) for r in rates]
+        self.shift = [0.0] * len(self.ref)
+
+    def update(self, d: torch.Tensor, d_t: float) -> torch.Tensor:
+        """d (B, n): this batch's logit gaps (router.logit_gap of r); d_t: the gap at the threshold
+        the routes run at. Returns each router's shift (n,) on d's device, 0 for a decided block."""
+        if getattr(self, "_dev", None) != (d.device, d.dtype):
+            ref = torch.tensor(self.ref, device=d.device, dtype=d.dtype)
+            self._held = (ref > self.edge) & (ref < 1 - self.edge)
+            self._pos = (1 - ref) * (d.shape[0] - 1)
+            self._total = torch.tensor(self.shift, device=d.device, dtype=d.dtype)
+            self._dev, self._batch = (d.device, d.dtype), d.shape[0]
+        pos = self._pos if d.shape[0] == self._batch else self._pos / (self._batch - 1) * (d.shape[0] - 1)
+        lo = pos.floor().long()
+        w = pos - lo
+        s = d.sort(dim=0).values
+        col = torch.arange(d.shape[1], device=d.device)
+        q = s[lo, col] * (1 - w) + s[(lo + 1).clamp(max=d.shape[0] - 1), col] * w   # torch.quantile, per column
+        delta = torch.where(self._held, self.gain * (d_t - q), torch.zeros_like(q))
+        self._total += delta
+        return delta
+
+    def state_dict(self) -> dict:
+        if getattr(self, "_total", None) is not None:
+            self.shift = self._total.tolist()
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+        self._dev = None

@@ -21,6 +21,13 @@ def soft_route(logits: torch.Tensor, beta: float, leak: float = 0.0) -> torch.Te
     return r
 
 
+def logit_gap(r: torch.Tensor, beta: float) -> torch.Tensor:
+    """Eq. 3 inverted: the logit gap d = R_0 - R_1 that gives r = sigmoid(beta (2 sigmoid(d) - 1)),
+    clamped to |d| <= 13.8 where sigmoid(d) rounds to 0 or 1.  r (...) in (0, 1) -> d (...)"""
+    p = 0.5 + torch.logit(r.double()) / (2 * beta)
+    return torch.logit(p.clamp(1e-6, 1 - 1e-6)).to(r.dtype)
+
+
 def hard_route(r: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """Eq. 11: execute iff r >= threshold. At 0.5 this is the paper's argmax for any beta > 0."""
     return r >= threshold
@@ -52,6 +59,12 @@ class Router(nn.Module):
         half = 0.5 * math.log(p / (1 - p))
         self.fc2.bias.copy_(torch.tensor([half, -half]))
         self.fc2.weight.zero_()
+
+    @torch.no_grad()
+    def shift_(self, delta: torch.Tensor | float) -> None:
+        """Add delta to the logit gap of every input: the same decision function, re-centred."""
+        delta = torch.as_tensor(delta, dtype=self.fc2.bias.dtype, device=self.fc2.bias.device)
+        self.fc2.bias.add_(torch.stack([0.5 * delta, -0.5 * delta]))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, H, W) -> logits (B, 2); z: x's global average pool (B, C), when already known."""

@@ -20,13 +20,13 @@ from .baselines import k_for_budget, randomk_at_budget, static_route
 from .calibrate import TRIM, trim_threshold
 from .checkpoint import load_checkpoint, model_for, model_from_checkpoint, save_checkpoint
 from .config import TrainConfig, UsageError, resolve_target
-from .controller import MuController
+from .controller import MuController, RateHold
 from .cost import CostTable, measure_cost_table, measure_latency_table
 from .data import Dataset, load_dataset, make_views, random_crop_flip
 from .evaluate import evaluate, threshold_curve
 from .losses import LossWeights, drn_loss
 from .models import ARCHS, build_model
-from .router import straight_through
+from .router import logit_gap, straight_through
 from .warmstart import greedy_route, warm_start
 
 CHECKPOINT = "checkpoint.pt"
@@ -188,6 +188,9 @@ class Trainer:
                                        mu_min=-20 * mu_scale if cfg.mu_min is None else cfg.mu_min,
                                        ramp_steps=round(cfg.budget_ramp * cfg.epochs) * steps,
                                        hold=cfg.mu_integral == "hold")
+        # the finetune's rate hold (measured: BENCHMARKS.md, issue 14); None: frozen routers only
+        self.hold = RateHold() if (cfg.finetune_rates == "hold" and self.target is not None
+                                   and not self.static and cfg.finetune_epochs > 0) else None
         self.calibration: dict | None = None
         self.weights = LossWeights(cfg.lam, cfg.alpha, cfg.gamma, cfg.d_c, cfg.d_d)
         routers = {id(p) for p in self.model.router_parameters()}
@@ -205,6 +208,8 @@ class Trainer:
             torch.set_rng_state(ckpt["rng"]["torch"])
             self.epoch, self.history = ckpt["epoch"], ckpt["history"]
             self.calibration = ckpt.get("calibration")
+            if self.hold is not None and ckpt.get("rate_hold"):
+                self.hold.load_state_dict(ckpt["rate_hold"])
         on_device = lambda split: split._replace(images=split.images.to(self.device), labels=split.labels.to(self.device))
         self.train_split, self.val_split = on_device(self.data.train), on_device(self.data.val)
         self.test_metrics: dict | None = None if ckpt is None else ckpt.get("test")
@@ -276,7 +281,8 @@ class Trainer:
                 "rng": {"torch": torch.get_rng_state(), "data": self.generator.get_state()},
                 "cost": self.cost.to_dict(), "budget_table": dataclasses.asdict(self.budget),
                 "target": self.target, "calibration": self.calibration, "history": self.history,
-                "val_index": list(self.data.val_index), "init_info": self.init_info, "test": self.test_metrics}
+                "val_index": list(self.data.val_index), "init_info": self.init_info, "test": self.test_metrics,
+                "rate_hold": None if self.hold is None else self.hold.state_dict()}
 
     def train_epoch(self, finetune: bool) -> dict:
         cfg, model, dev = self.cfg, self.model, self.device
@@ -296,6 +302,10 @@ class Trainer:
         seen = 0
         perm = torch.randperm(n_img, generator=self.generator, device=dev)
         steps = max(1, n_img // L)
+        hold = self.hold if finetune and self.hold is not None else None
+        if hold is not None and hold.ref is None:   # the rates the main schedule left, at the finetune's threshold
+            hold.start(self.batch_gates_now(1024, routing="hard").float().mean(0).tolist())
+        d_t = logit_gap(self.model.threshold.detach().float(), self.model.cfg.beta).item()
         for i, s in enumerate(range(0, n_img - L + 1, L)):  # drop the last partial batch
             lr = cfg.lr_at(self.epoch, (i + 1) / steps)
             for group in self.optimizer.param_groups:
@@ -310,6 +320,10 @@ class Trainer:
                                              consistency_routes=cfg.consistency_routes, explore=cfg.explore,
                                              full_pass=cfg.full_pass, view_augment=cfg.view_augment)
             gates = out.gates.float()
+            if hold is not None:   # a decided block's shift is 0
+                shifts = hold.update(logit_gap(out.r.detach().float(), model.cfg.beta), d_t)
+                for block, delta in zip(model.blocks, shifts):
+                    block.router.shift_(delta)
             if self.target is not None and not finetune and not self.static:
                 self.controller.update(self.budget.route_cost(gates).mean().item())
             sums += torch.stack([loss, parts["cls"], parts["consistency"], parts["diversity"],
@@ -319,7 +333,8 @@ class Trainer:
         v = sums.tolist()
         if not math.isfinite(v[0]):
             raise FloatingPointError(f"loss is not finite in epoch {self.epoch + 1} (diverged); lower --lr")
-        return {"lr": lr, "loss": v[0] / steps, "loss_cls": v[1] / steps, "loss_consistency": v[2] / steps,
+        held = {} if hold is None else {"router_shift": hold.state_dict()["shift"]}
+        return {**held, "lr": lr, "loss": v[0] / steps, "loss_cls": v[1] / steps, "loss_consistency": v[2] / steps,
                 "loss_diversity": v[3] / steps, "loss_cost": v[4] / steps, "loss_reg": v[5] / steps,
                 "train_accuracy": v[6] / max(seen, 1),
                 "train_cost_hard": self.budget.route_cost(gate_sum / max(seen, 1)).item()}
@@ -363,11 +378,16 @@ class Trainer:
             self.calibrate()  # (again) after a finetune: frozen routers see features that moved
         return self.final_metrics()
 
-    @torch.no_grad()
     def batch_cost_now(self, n: int = 256) -> float:
         """What a training batch costs the current model: the mean hard-route cost of a fixed sample
-        of n training images, augmented, in train mode (BN batch statistics) as the loop sees batches.
-        The BN running statistics are put back, and the training data stream is not touched."""
+        of n training images, augmented, in train mode (BN batch statistics) as the loop sees batches."""
+        return self.budget.route_cost(self.batch_gates_now(n)).mean().item()
+
+    @torch.no_grad()
+    def batch_gates_now(self, n: int = 256, routing: str | None = None) -> torch.Tensor:
+        """The routes (n, blocks) bool that a fixed sample of n training images takes now, augmented,
+        in train mode (BN batch statistics) under `routing` (None: the main epochs'). The BN running
+        statistics are put back, and the training data stream is not touched."""
         images = self.train_split.images
         g = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 7919)
         idx = torch.randperm(images.shape[0], generator=g, device=self.device)[:n]
@@ -375,13 +395,15 @@ class Trainer:
         stats = {k: v.clone() for k, v in self.model.named_buffers() if "running" in k or "num_batches" in k}
         was = self.model.training
         self.model.train()
+        gates = []
         with _autocast(self.device, self.cfg.amp):
-            gates = self.model(x, routing=self.cfg.train_routing).gates.float()
+            for chunk in x.split(256):   # 256 at a time (memory)
+                gates.append(self.model(chunk, routing=routing or self.cfg.train_routing).gates)
         for k, v in self.model.named_buffers():
             if k in stats:
                 v.copy_(stats[k])
         self.model.train(was)
-        return self.budget.route_cost(gates).mean().item()
+        return torch.cat(gates)
 
     def evaluate(self, split, threshold=None) -> dict:
         m = evaluate(self.model, split, self.cost, self.cfg.eval_batch_size, threshold)

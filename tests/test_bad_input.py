@@ -81,6 +81,7 @@ def train_and_eval_cases(data: Path, tmp: Path) -> dict[str, tuple]:
         "perturbed views of one view": ("drn-train", "--arch", "resnet8", *common, "--view-augment", "perturb",
                                         "--views", "1"),
         "unknown train routing": ("drn-train", "--arch", "resnet8", *common, "--train-routing", "hard"),
+        "unknown finetune rates": ("drn-train", "--arch", "resnet8", *common, "--finetune-rates", "steer"),
         "router open at 1": ("drn-train", "--arch", "resnet8", *common, "--router-open", "1"),
         "budget ramp above 1": ("drn-train", "--arch", "resnet8", *common, "--budget-ramp", "2"),
         "eval missing checkpoint": ("drn-eval", str(tmp / "none.pt")),

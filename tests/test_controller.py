@@ -8,10 +8,11 @@ import torch
 
 from conftest import run_cli
 from drn.calibrate import TOLERANCE, TRIM, trim_threshold
-from drn.controller import MuController
+from drn.controller import MuController, RateHold
 from drn.cost import measure_latency_table
 from drn.data import load_dataset
 from drn.models import BasicBlock, build_model
+from drn.router import Router, hard_route, logit_gap, soft_route
 from drn.train import Trainer
 from test_train import tiny_cfg
 
@@ -347,3 +348,67 @@ def test_held_integral_still_winds_on_a_plateau():
     u = lambda mu: math.asinh(mu / 0.05)
     assert mus[False] < 0.0                                        # pays for compute
     assert u(mus[True]) - u(0.05) < 0.9 * (u(mus[False]) - u(0.05))
+
+
+def test_rate_hold_brings_a_router_back_to_its_rate_when_the_features_it_reads_drift():
+    """A real router whose inputs drift (as a frozen router's do while the finetune trains the blocks
+    before it): unheld, its rate on the images moves far; held, it returns to where it started,
+    and a decided router (rate 0 or 1) is left alone."""
+    torch.manual_seed(0)
+    beta, t = 5.0, 0.45
+    d_t = logit_gap(torch.tensor(t), beta).item()
+    z0 = torch.randn(20_000, 16, 1, 1)
+    gap = lambda r, z: logit_gap(soft_route(r(z), beta), beta)
+    with torch.no_grad():
+        routers = [Router(16, 8) for _ in range(2)]
+        torch.nn.init.normal_(routers[0].fc2.weight, std=0.5)
+        routers[0].shift_(d_t - gap(routers[0], z0).quantile(0.6).item())   # undecided: runs on 40 % of the images
+        routers[1].open_(0.999)                                             # decided: runs on every image
+        rates = lambda z: torch.stack([hard_route(soft_route(r(z), beta), t) for r in routers], 1).float().mean(0)
+        hold = RateHold()
+        hold.start(rates(z0).tolist())
+        assert hold.ref[0] == pytest.approx(0.4, abs=0.01) and hold.ref[1] == 1.0
+        drift = torch.randn(1, 16, 1, 1) + 0.5              # the blocks before the router moved
+        assert abs(rates(z0 * 1.3 + drift)[0] - hold.ref[0]) > 0.1
+        for step in range(300):
+            z = torch.randn(64, 16, 1, 1) * 1.3 + drift
+            d = torch.stack([gap(r, z) for r in routers], 1)
+            for r, delta in zip(routers, hold.update(d, d_t)):
+                r.shift_(delta)
+        assert abs(rates(z0 * 1.3 + drift)[0] - hold.ref[0]) < 0.02
+    shift = hold.state_dict()["shift"]                  # the device total, synced
+    assert shift[1] == 0.0 and shift[0] != 0.0
+
+
+def test_finetune_holds_undecided_routers_by_their_bias_only(tiny_data, tmp_path):
+    """The hold's wiring in the trainer: the rates are taken at the finetune's start, at the threshold
+    the finetune runs; an undecided router moves only its last-layer bias, by the reported shift, as
+    a gap (+s/2, -s/2); decided routers and every router weight stay frozen."""
+    cfg = tiny_cfg(tiny_data, tmp_path / "hold", arch="resnet20", epochs=1, finetune_epochs=1, batch_size=8,
+                   target_flops="60%", calibrate=False)
+    trainer = Trainer(cfg, log=lambda s: None)
+    trainer.epoch = cfg.epochs                           # straight to the finetune
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for b in trainer.model.blocks[:2]:               # two routers that split the images
+            torch.nn.init.normal_(b.router.fc2.weight, std=2.0)
+            b.router.fc2.bias.zero_()
+    snap = {k: v.clone() for k, v in trainer.model.state_dict().items() if ".router." in k}
+    metrics = trainer.train_epoch(finetune=True)
+    hold, after = trainer.hold, trainer.model.state_dict()
+    shift = hold.state_dict()["shift"]
+    undecided = [i for i, r in enumerate(hold.ref) if hold.edge < r < 1 - hold.edge]
+    assert undecided and set(undecided) <= {0, 1, 2} and metrics["router_shift"] == shift
+    for i, block in enumerate(trainer.model.blocks):
+        key = f"blocks.{i}.router.fc2.bias"
+        moved = after[key] - snap[key]
+        if i in undecided:
+            assert moved[0] - moved[1] == pytest.approx(shift[i], abs=1e-5) and shift[i] != 0
+            assert moved[0] == pytest.approx(-moved[1], abs=1e-6)
+        else:
+            assert torch.equal(moved, torch.zeros(2)) and shift[i] == 0
+    assert all(torch.equal(snap[k], after[k]) for k in snap if not k.endswith("fc2.bias"))
+    free = Trainer(tiny_cfg(tiny_data, tmp_path / "free", arch="resnet20", epochs=1, finetune_epochs=1,
+                            batch_size=8, target_flops="60%", calibrate=False, finetune_rates="free"),
+                   log=lambda s: None)
+    assert free.hold is None and "router_shift" not in free.train_epoch(finetune=True)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from drn.cost import measure_cost_table
 from drn.losses import LossWeights, drn_loss
 from drn.models import ModelConfig, PadShortcut, SoftBlend, build_model
-from drn.router import hard_route, soft_route
+from drn.router import Router, hard_route, logit_gap, soft_route
 
 # arch -> (input size, classes, batch, blocks)
 ARCH_CASES = {
@@ -574,3 +574,21 @@ def test_a_full_pass_trains_the_blocks_the_routers_skip_and_leaves_the_running_s
     assert not torch.equal(after[1.0].blocks[1].residual[0].weight, w0)    # the full pass trains it
     stats = lambda m: [b for k, b in m.state_dict().items() if "running" in k]
     assert all(torch.equal(a, b) for a, b in zip(stats(after[0.0]), stats(after[1.0])))
+
+
+def test_logit_gap_inverts_eq3_and_a_router_shift_moves_every_gap_by_the_same_amount():
+    torch.manual_seed(0)
+    logits = 3 * torch.randn(10_000, 2)
+    d = logits[:, 0] - logits[:, 1]
+    back = logit_gap(soft_route(logits, 5.0), 5.0)
+    near = d.abs() < 4                                  # float32 r resolves the gap well there
+    assert near.sum() > 5000 and (back - d)[near].abs().max() < 1e-3
+    assert hard_route(soft_route(logits, 5.0), 0.3).equal(back >= logit_gap(torch.tensor(0.3), 5.0) - 1e-6)
+    router = Router(16, 8)
+    torch.nn.init.normal_(router.fc2.weight)
+    z = torch.randn(64, 16, 1, 1)
+    before = router(z)
+    router.shift_(0.7)
+    after = router(z)
+    gap = lambda l: l[:, 0] - l[:, 1]
+    assert torch.allclose(gap(after) - gap(before), torch.full((64,), 0.7), atol=1e-5)

@@ -32,19 +32,23 @@ def test_train_writes_checkpoint_and_reports_every_epoch(tiny_data, tmp_path, ro
     assert not list((tmp_path / "run").glob("*.tmp"))
 
 
-def test_resume_continues_to_the_same_state(tiny_data, tmp_path):
-    """Interrupt after epoch 1, resume: identical weights, optimizer, mu and metrics to an
-    uninterrupted run -- across the main schedule, the controller and the finetune phase."""
-    kw = dict(epochs=2, finetune_epochs=1, target_flops="60%")
+@pytest.mark.parametrize("stop", [1, 3])
+def test_resume_continues_to_the_same_state(tiny_data, tmp_path, stop):
+    """Interrupt after epoch `stop` (the main schedule, the finetune), resume: identical weights,
+    optimizer, mu, rate hold and metrics to an uninterrupted run -- across the main schedule, the
+    controller and the finetune phase."""
+    kw = dict(epochs=2, finetune_epochs=2, target_flops="60%")
     straight = Trainer(tiny_cfg(tiny_data, tmp_path / "a", **kw), log=lambda s: None)
     straight.run()
     interrupted = Trainer(tiny_cfg(tiny_data, tmp_path / "b", **kw), log=lambda s: None)
-    interrupted.run(on_epoch=lambda m: m["epoch"] == 1)
-    assert interrupted.epoch == 1
+    interrupted.run(on_epoch=lambda m: m["epoch"] == stop)
+    assert interrupted.epoch == stop
     resumed = Trainer(tiny_cfg(tiny_data, tmp_path / "b", **kw), resume=True, log=lambda s: None)
-    assert resumed.epoch == 1
+    assert resumed.epoch == stop
+    assert (resumed.hold.ref is None) == (stop <= 2)
     resumed.run()
-    assert resumed.epoch == straight.epoch == 3
+    assert resumed.epoch == straight.epoch == 4
+    assert straight.hold.state_dict() == resumed.hold.state_dict() and straight.hold.ref is not None
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert straight.controller.state_dict() == resumed.controller.state_dict()
