@@ -45,6 +45,9 @@ The plan, for each arch and seed (seeds 0 of everything first):
                                              static rows pin zero-init without warm-up, the statics' default
                                              until the twelfth session, when these runs made the DRN's recipe
                                              theirs (drn/config.py); the plain network keeps zero-init
+    {arch}-scratch-drn-{t}-hold-s{seed}      the DRN with the finetune's rate hold (--finetune-rates hold), the
+                                             default since the thirteenth session; every other DRN row ran
+                                             with frozen routers and pins --finetune-rates free
 """
 import argparse
 import functools

@@ -155,9 +155,9 @@ class RateHold:
 
     The finetune freezes the routers and trains the blocks under hard routing, at a restarted lr.
     The routers read features those blocks compute, so a frozen router's decisions drift: on
-    ResNet-56 at 50 % two undecided blocks went from 45 / 83 % of the images to 27 / 70 % in two
-    finetune epochs, and the model fell from -2.4 % to -6.2 % of its target at threshold 0.5
-    (BENCHMARKS.md, issue 14). The hold re-centres each undecided router on the moving features:
+    ResNet-56 at 50 % two undecided blocks ran on 38 / 84 % of the val images when the main phase
+    ended (threshold 0.5) and on 27 / 70 % after two finetune epochs, at the lower trimmed threshold
+    0.400; the model fell from -2.4 % to -6.2 % of its target at 0.5 (BENCHMARKS.md, issue 14). The hold re-centres each undecided router on the moving features:
     after every finetune step its logit gap d = R_0 - R_1 moves (Router.shift_, the last layer's
     bias) by `gain` times the distance between the threshold's gap and the batch's (1 - ref)
     quantile of d, the gap above which a share ref of the images runs the block. The router's
