@@ -48,6 +48,8 @@ The plan, for each arch and seed (seeds 0 of everything first):
     {arch}-scratch-drn-{t}-hold-s{seed}      the DRN with the finetune's rate hold (--finetune-rates hold), the
                                              default since the thirteenth session; every other DRN row ran
                                              with frozen routers and pins --finetune-rates free
+    {arch}-scratch-drn-{t}-reset-s{seed}     the same with the loop's integral reset at the crossing
+                                             (--mu-integral reset, being measured)
 """
 import argparse
 import functools
@@ -127,6 +129,9 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                     if start == "scratch" and t in HOLD[arch]:
                         runs[f"{arch}-{start}-drn-{t}-hold-s{seed}"] = [
                             "--arch", arch, "--target-flops", f"{t}%", "--finetune-rates", "hold", *s]
+                        runs[f"{arch}-{start}-drn-{t}-reset-s{seed}"] = [   # and the loop's reset at the crossing
+                            "--arch", arch, "--target-flops", f"{t}%", "--finetune-rates", "hold",
+                            "--mu-integral", "reset", *s]
                     for method, k in brackets(arch, t).items():
                         runs[f"{arch}-{start}-{method}-{t}-k{k}-s{seed}"] = [
                             "--arch", arch, "--routing", method, *ZERO[arch], "--k", str(k), *init, *s]
@@ -484,7 +489,8 @@ def report(args) -> int:
     for arch in TARGETS:
         for start in ("scratch", "warm"):
             for t in TARGETS[arch]:
-                for suffix, finetune in (("", "frozen routers"), ("-hold", "rates held")):
+                for suffix, finetune in (("", "frozen routers"), ("-hold", "rates held"),
+                                         ("-reset", "rates held, μ reset at the crossing")):
                     stem = f"{arch}-{start}-drn-{t}{suffix}"
                     recs = [res[f"{stem}-s{s}"]["train"] for s in SEEDS if f"{stem}-s{s}" in res]
                     if not recs:

@@ -75,7 +75,8 @@ TRAIN_FLAGS = {
                                   "to reach a target from below (default -20 x the loop's mu scale)"),
     "--mu-integral": ("mu_integral", str, "always: the budget loop's integral sums every error; hold: it holds "
                                           "while the routes are on course to the target within an epoch "
-                                          "(conditional integration)"),
+                                          "(conditional integration); reset: always, and reset to 0 when the "
+                                          "routes cross over the target while mu < 0 still pulls them up"),
     "--mu-max-error": ("mu_max_error", float, "the budget loop clips its relative error to +- this: the most "
                                               "one epoch can move mu is exp(mu-ki x this)"),
     "--mu-scale": ("mu_scale", float, "the budget loop changes mu linearly below this size, relatively "

@@ -103,7 +103,9 @@ class TrainConfig:
                                   # None: 8 when the routers start on the budget, 2 when they start open)
     mu_integral: str = "always"   # always: the loop's integral sums every error; hold: it holds while the
                                   # routes are on course to the setpoint within an epoch (conditional
-                                  # integration, controller.py; being measured, BENCHMARKS.md issue 14)
+                                  # integration, controller.py; being measured, BENCHMARKS.md issue 14);
+                                  # reset: always, and it is reset when the routes cross over the target
+                                  # while mu < 0 still pulls them up (being measured)
     mu_max_error: float = 0.5     # the loop's relative error is clipped to +- this (controller.py)
     mu_scale: float | None = None # the loop changes mu linearly below this size, relatively above (controller.py;
                                   # None: 0.05 per nine routers, at least 0.05 -- Eq. 8 splits one share over all blocks)
@@ -245,8 +247,8 @@ class TrainConfig:
             raise UsageError(f"router start must be auto, open, deepk, distributedk or greedy, got {self.router_start!r}")
         if self.router_start == "greedy" and self.init is None and self.routing == "drn":
             raise UsageError("router start greedy measures trained blocks: it needs --init (a warm start)")
-        if self.mu_integral not in ("always", "hold"):
-            raise UsageError(f"mu integral must be always or hold, got {self.mu_integral!r}")
+        if self.mu_integral not in ("always", "hold", "reset"):
+            raise UsageError(f"mu integral must be always, hold or reset, got {self.mu_integral!r}")
         if self.finetune_rates not in ("hold", "free"):
             raise UsageError(f"finetune rates must be hold or free, got {self.finetune_rates!r}")
         if self.router_lr not in ("decay", "constant"):

@@ -59,6 +59,12 @@ starting cost down to the target. It acts on u = asinh(mu / mu_scale):
   -2.5 / -4.1 % (plain: -6.1 / -10.2 %), but on a flat cost half the noisy steps "shrink", the
   integral wound at half speed, and a scratch run stuck at 62 % missed its 70 % target by -11 %
   (BENCHMARKS.md, issue 14); the horizon keeps the hold to real approaches.
+* reset at the crossing (TrainConfig.mu_integral = reset; off by default while it is measured): the
+  integral goes back to 0 when the routes stand more than 1 % over the target while mu < 0 still
+  pulls them up. Routers that closed under a high target early need a strongly negative mu to
+  reopen (bounding it at -0.2 or halving ki left ResNet-20 at 70 % 11-13 % short); they crossed the
+  target only after the lr had decayed, and the wound-up integral, which unwinds at ki x error per
+  epoch in asinh space, kept them opening to +5.3 % (BENCHMARKS.md, issue 14, thirteenth session).
 * anti-windup: the integral is clamped so that it never pushes mu past a clip.
 * no target: mu stays at its initial value (0.05, the paper's).
 
@@ -90,6 +96,7 @@ class MuController:
     rho_clip: float = 1.25        # rho stays in [1 / clip, clip]
     val_seen: int = 0
     hold: bool = False            # conditional integration: the integral holds while the routes are on course
+    reset: bool = False           # the integral returns to 0 when the routes cross over the target with mu < 0
     err_slow: float | None = None # the relative error smoothed over a quarter epoch (trend reference)
     mu0: float | None = None      # set on the first update
     integral: float = 0.0
@@ -124,6 +131,8 @@ class MuController:
         u = lambda mu: math.asinh(mu / self.mu_scale)
         lo, hi = u(self.mu_min), u(self.mu_max)
         base = u(self.mu0) + self.kp * err
+        if self.reset and raw > 0.01 and self.mu < 0:   # over the target, and mu still pulls the routes up
+            self.integral = 0.0
         integral = self.integral + (0.0 if self.hold and closing else self.ki / max(self.steps_per_epoch, 1) * err)
         self.integral = min(max(integral, lo - base), hi - base)  # anti-windup: never past a clip
         self.mu = self.mu_scale * math.sinh(base + self.integral)

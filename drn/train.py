@@ -187,7 +187,7 @@ class Trainer:
                                        mu_scale=mu_scale, mu_max=100 * mu_scale, max_error=cfg.mu_max_error,
                                        mu_min=-20 * mu_scale if cfg.mu_min is None else cfg.mu_min,
                                        ramp_steps=round(cfg.budget_ramp * cfg.epochs) * steps,
-                                       hold=cfg.mu_integral == "hold")
+                                       hold=cfg.mu_integral == "hold", reset=cfg.mu_integral == "reset")
         # the finetune's rate hold (measured: BENCHMARKS.md, issue 14); None: frozen routers only
         self.hold = RateHold() if (cfg.finetune_rates == "hold" and self.target is not None
                                    and not self.static and cfg.finetune_epochs > 0) else None

@@ -412,3 +412,19 @@ def test_finetune_holds_undecided_routers_by_their_bias_only(tiny_data, tmp_path
                             batch_size=8, target_flops="60%", calibrate=False, finetune_rates="free"),
                    log=lambda s: None)
     assert free.hold is None and "router_shift" not in free.train_epoch(finetune=True)
+
+
+def test_reset_lets_mu_return_at_once_when_the_routes_cross_over_the_target():
+    """Routes under a 70 % target wind mu negative; once they stand over it, `always` keeps pulling
+    them up for epochs, while the reset puts mu back to where it started at once."""
+    def run(reset: bool) -> tuple[float, float]:
+        c = MuController(target=0.7, mu=0.05, steps_per_epoch=50, ki=8.0, mu_min=-1.0, mu_max=5.0, reset=reset)
+        for _ in range(150):                 # three epochs 14 % under the target
+            c.update(0.6)
+        low = c.mu
+        for _ in range(20):                  # then over it by 6 %
+            c.update(0.74)
+        return low, c.mu
+    (low_a, after_a), (low_r, after_r) = run(False), run(True)
+    assert low_a == low_r < -0.3
+    assert after_a < -0.3 and after_r > 0.05
