@@ -48,8 +48,8 @@ The plan, for each arch and seed (seeds 0 of everything first):
     {arch}-scratch-drn-{t}-hold-s{seed}      the DRN with the finetune's rate hold (--finetune-rates hold), the
                                              default since the thirteenth session; every other DRN row ran
                                              with frozen routers and pins --finetune-rates free
-    {arch}-scratch-drn-{t}-reset-s{seed}     the same with the loop's integral reset at the crossing
-                                             (--mu-integral reset, being measured)
+    {arch}-{start}-drn-{t}-reset-s{seed}     the same with the loop's integral reset at the crossing
+                                             (--mu-integral reset), from scratch and warm
 """
 import argparse
 import functools
@@ -129,9 +129,10 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                     if start == "scratch" and t in HOLD[arch]:
                         runs[f"{arch}-{start}-drn-{t}-hold-s{seed}"] = [
                             "--arch", arch, "--target-flops", f"{t}%", "--finetune-rates", "hold", *s]
-                        runs[f"{arch}-{start}-drn-{t}-reset-s{seed}"] = [   # and the loop's reset at the crossing
+                    if t in HOLD[arch]:   # and the loop's reset at the crossing, from both starts
+                        runs[f"{arch}-{start}-drn-{t}-reset-s{seed}"] = [
                             "--arch", arch, "--target-flops", f"{t}%", "--finetune-rates", "hold",
-                            "--mu-integral", "reset", *s]
+                            "--mu-integral", "reset", *init, *s]
                     for method, k in brackets(arch, t).items():
                         runs[f"{arch}-{start}-{method}-{t}-k{k}-s{seed}"] = [
                             "--arch", arch, "--routing", method, *ZERO[arch], "--k", str(k), *init, *s]
