@@ -49,7 +49,8 @@ The plan, for each arch and seed (seeds 0 of everything first):
                                              default since the thirteenth session; every other DRN row ran
                                              with frozen routers and pins --finetune-rates free
     {arch}-{start}-drn-{t}-reset-s{seed}     the same with the loop's integral reset at the crossing
-                                             (--mu-integral reset), from scratch and warm
+                                             (--mu-integral reset), from scratch and warm: today's default
+                                             (fourteenth session); the rows before it pin --mu-integral always
 """
 import argparse
 import functools
@@ -77,9 +78,10 @@ TWO_VIEWS = ("randomk", "distributedk", "deepk")   # also trained on 2 views per
 ALT = "soft"                      # the training routing the DRN is also run with, in every ResNet-20 cell
 BRACKETED = ("distributedk", "deepk")   # FirstK trails by 3-8 points: its second point would not change the best
 # DeepK (the auto start's other route; on ResNet-56 at 50 % the start is DistributedK's) runs on ResNet-20 only
-# the DRN rows ran before the finetune held the routers' rates (thirteenth session): pinned as they ran, and
-# `hold` rows run today's default where the finetune's drift mattered
-FREE = ["--finetune-rates", "free"]
+# the DRN rows ran before the finetune held the routers' rates (thirteenth session) and before the loop's
+# integral was reset at the crossing (fourteenth): pinned as they ran; `hold` rows are the thirteenth
+# session's default, `reset` rows today's
+FREE = ["--finetune-rates", "free", "--mu-integral", "always"]
 HOLD = {"resnet20": (30, 50, 70), "resnet56": (50,)}   # scratch: where blocks stay undecided
 RECIPE = ["--no-zero-init-residual", "--warmup-epochs", "2"]   # the DRN's own init and warm-up on ResNet-56
 # the statics' recipe before the twelfth session (zero-init, no warm-up on ResNet-56), which their main rows
@@ -128,7 +130,8 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                             "--arch", arch, *routing, "--target-flops", f"{t}%", *init, *s]
                     if start == "scratch" and t in HOLD[arch]:
                         runs[f"{arch}-{start}-drn-{t}-hold-s{seed}"] = [
-                            "--arch", arch, "--target-flops", f"{t}%", "--finetune-rates", "hold", *s]
+                            "--arch", arch, "--target-flops", f"{t}%", "--finetune-rates", "hold",
+                            "--mu-integral", "always", *s]
                     if t in HOLD[arch]:   # and the loop's reset at the crossing, from both starts
                         runs[f"{arch}-{start}-drn-{t}-reset-s{seed}"] = [
                             "--arch", arch, "--target-flops", f"{t}%", "--finetune-rates", "hold",
@@ -364,6 +367,35 @@ def _best(per_method: dict[str, dict]) -> str | None:
     return max(have, key=lambda m: statistics.mean(per_method[m].values())) if have else None
 
 
+def _variant_table(res: dict, suffix: str, label: str) -> list[str]:
+    """The DRN run another way (`{arch}-{start}-drn-{t}-{suffix}` records) against the main DRN rows and
+    the statics read at the variant's own FLOPs, paired by seed, with its landing at 0.5."""
+    lines = [f"| arch | start | budget | DRN | {label} | FLOPs, {label} | {label} − DRN | {label} − the best of the "
+             f"paper's statics | {label} − the best 2-view static | {label} lands | runs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for arch in TARGETS:
+        for start in ("scratch", "warm"):
+            for t in TARGETS[arch]:
+                stem = f"{arch}-{start}-{{}}-{t}"
+                alt = _seeds(res, f"{arch}-{start}-drn-{t}-{suffix}")
+                if not alt:
+                    continue
+                drn = _seeds(res, stem.format("drn"))
+                ev = lambda s: res[f"{arch}-{start}-drn-{t}-{suffix}-s{s}"]
+                share = {s: ev(s)["eval_hard"]["flops"] / ev(s)["eval_hard"]["flops_full"] for s in alt}
+                cols = []
+                for methods in (PAPER, tuple(f"{m}2v" for m in TWO_VIEWS)):
+                    st = {m: _at_flops(res, stem, m, t, share)[0] for m in methods}
+                    best = _best(st)
+                    g = [alt[s] - st[best][s] for s in alt if best and s in st[best]]
+                    cols.append(_gap(g) + (f" ({best})" if g else ""))
+                lands = [abs(ev(s)["train"]["uncalibrated_flops"] / ev(s)["train"]["target"] - 1) <= 0.05 for s in alt]
+                lines.append(f"| {arch} | {start} | {t} % | {_pm(drn.values())} | {_pm(alt.values())} | "
+                             f"{_pm(share.values())} | {_gap([alt[s] - drn[s] for s in alt if s in drn])} | {cols[0]} | "
+                             f"{cols[1]} | {sum(lands)} / {len(lands)} | {len(alt)} |")
+    return lines
+
+
 def report(args) -> int:
     res = _load()
     if not res:
@@ -431,28 +463,12 @@ def report(args) -> int:
               f"0/1 route, Eq. 3's gradient backward) against `--train-routing {ALT}` (Eq. 4, the paper's: every block "
               f"runs on every image, weighted by r; `drn-…-{ALT}` records), the same seeds and starts. Gaps paired by "
               f"seed; the statics read at the {ALT} DRN's own FLOPs; landing = val FLOPs at 0.5 within 5 % of the target.", "",
-              f"| arch | start | budget | DRN | {ALT} | FLOPs, {ALT} | {ALT} − DRN | {ALT} − the best of the paper's statics | "
-              f"{ALT} − the best 2-view static | {ALT} lands | runs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for arch in TARGETS:
-        for start in ("scratch", "warm"):
-            for t in TARGETS[arch]:
-                stem = f"{arch}-{start}-{{}}-{t}"
-                alt = _seeds(res, f"{arch}-{start}-drn-{t}-{ALT}")
-                if not alt:
-                    continue
-                drn = _seeds(res, stem.format("drn"))
-                ev = lambda s: res[f"{arch}-{start}-drn-{t}-{ALT}-s{s}"]
-                share = {s: ev(s)["eval_hard"]["flops"] / ev(s)["eval_hard"]["flops_full"] for s in alt}
-                cols = []
-                for methods in (PAPER, tuple(f"{m}2v" for m in TWO_VIEWS)):
-                    st = {m: _at_flops(res, stem, m, t, share)[0] for m in methods}
-                    best = _best(st)
-                    g = [alt[s] - st[best][s] for s in alt if best and s in st[best]]
-                    cols.append(_gap(g) + (f" ({best})" if g else ""))
-                lands = [abs(ev(s)["train"]["uncalibrated_flops"] / ev(s)["train"]["target"] - 1) <= 0.05 for s in alt]
-                lines.append(f"| {arch} | {start} | {t} % | {_pm(drn.values())} | {_pm(alt.values())} | "
-                             f"{_pm(share.values())} | {_gap([alt[s] - drn[s] for s in alt if s in drn])} | {cols[0]} | "
-                             f"{cols[1]} | {sum(lands)} / {len(lands)} | {len(alt)} |")
+              *_variant_table(res, ALT, ALT)]
+    lines += ["", "**Today's defaults**: the DRN rows above ran with frozen routers in the finetune and a budget loop "
+              "that never resets its integral (pinned: `--finetune-rates free --mu-integral always`); `reset` runs "
+              "today's defaults (`--finetune-rates hold --mu-integral reset`: the finetune holds each undecided "
+              "router's rate, the loop's integral returns to 0 when the routes cross over the target while μ < 0), "
+              "the same seeds and starts, read the same way.", "", *_variant_table(res, "reset", "reset")]
     recipe = {m: {st: _seeds(res, f"resnet56-{st}-{m}-50-drnrecipe") for st in ("scratch", "warm")} for m in PAPER}
     if any(v for d in recipe.values() for v in d.values()):
         lines += ["", "**ResNet-56: the statics on the DRN's recipe.** The main rows' statics start zero-init without "

@@ -73,10 +73,10 @@ TRAIN_FLAGS = {
     "--mu-ki": ("mu_ki", float, "integral gain of the budget loop on asinh(mu / mu_scale), per epoch of error"),
     "--mu-min": ("mu_min", float, "the budget controller's floor for mu; < 0 lets it reward compute "
                                   "to reach a target from below (default -20 x the loop's mu scale)"),
-    "--mu-integral": ("mu_integral", str, "always: the budget loop's integral sums every error; hold: it holds "
-                                          "while the routes are on course to the target within an epoch "
-                                          "(conditional integration); reset: always, and reset to 0 when the "
-                                          "routes cross over the target while mu < 0 still pulls them up"),
+    "--mu-integral": ("mu_integral", str, "reset: the budget loop's integral sums every error and "
+                                          "returns to 0 when the routes cross over the target while mu < 0 "
+                                          "still pulls them up; always: it never resets; hold: it holds while "
+                                          "the routes are on course to the target within an epoch"),
     "--mu-max-error": ("mu_max_error", float, "the budget loop clips its relative error to +- this: the most "
                                               "one epoch can move mu is exp(mu-ki x this)"),
     "--mu-scale": ("mu_scale", float, "the budget loop changes mu linearly below this size, relatively "

@@ -101,11 +101,10 @@ class TrainConfig:
                                   # share of --epochs (controller.py)
     mu_ki: float | None = None    # the controller's integral gain on asinh(mu / mu_scale), per epoch (controller.py;
                                   # None: 8 when the routers start on the budget, 2 when they start open)
-    mu_integral: str = "always"   # always: the loop's integral sums every error; hold: it holds while the
-                                  # routes are on course to the setpoint within an epoch (conditional
-                                  # integration, controller.py; being measured, BENCHMARKS.md issue 14);
-                                  # reset: always, and it is reset when the routes cross over the target
-                                  # while mu < 0 still pulls them up (being measured)
+    mu_integral: str = "reset"    # reset: the loop's integral sums every error and returns to 0 when the routes
+                                  # cross over the target while mu < 0 still pulls them up; always: it never
+                                  # resets; hold: it holds while the routes are on course to the setpoint
+                                  # within an epoch (conditional integration; controller.py, BENCHMARKS.md)
     mu_max_error: float = 0.5     # the loop's relative error is clipped to +- this (controller.py)
     mu_scale: float | None = None # the loop changes mu linearly below this size, relatively above (controller.py;
                                   # None: 0.05 per nine routers, at least 0.05 -- Eq. 8 splits one share over all blocks)

@@ -49,7 +49,7 @@ starting cost down to the target. It acts on u = asinh(mu / mu_scale):
   blocks. With ResNet-20's scale on ResNet-56 (27 blocks) the loop needed 3x the mu, reached
   -0.12 of it in 6 epochs and left val 7 % under a 50 % target; scaled, each router of any depth
   feels what a ResNet-20 router feels at the same u (BENCHMARKS.md, issue 14).
-* conditional integration (TrainConfig.mu_integral = hold; off by default while it is measured):
+* conditional integration (TrainConfig.mu_integral = hold; not the default):
   the integral holds while the routes are on course -- the error, run on at its rate over the
   last quarter epoch, crosses 0 within one epoch. The routers integrate mu themselves (their
   logits sum its gradient), so a plain integral keeps winding while the routes already move and
@@ -59,7 +59,7 @@ starting cost down to the target. It acts on u = asinh(mu / mu_scale):
   -2.5 / -4.1 % (plain: -6.1 / -10.2 %), but on a flat cost half the noisy steps "shrink", the
   integral wound at half speed, and a scratch run stuck at 62 % missed its 70 % target by -11 %
   (BENCHMARKS.md, issue 14); the horizon keeps the hold to real approaches.
-* reset at the crossing (TrainConfig.mu_integral = reset; off by default while it is measured): the
+* reset at the crossing (TrainConfig.mu_integral = reset, the default since the fourteenth session): the
   integral goes back to 0 when the routes stand more than 1 % over the target while mu < 0 still
   pulls them up. Routers that closed under a high target early need a strongly negative mu to
   reopen (bounding it at -0.2 or halving ki left ResNet-20 at 70 % 11-13 % short); they crossed the

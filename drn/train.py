@@ -135,7 +135,8 @@ class Trainer:
     """Holds the state of one training run; `run()` trains to the end (or until stopped)."""
 
     def __init__(self, cfg: TrainConfig, data: Dataset | None = None, resume: bool = False,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, init_checkpoint: dict | None = None):
+        """`init_checkpoint`: the checkpoint at cfg.init, already loaded (drn-search's backbone)."""
         if resume and not (Path(cfg.out) / CHECKPOINT).exists():
             raise UsageError(f"nothing to resume: {Path(cfg.out) / CHECKPOINT} does not exist")
         ckpt = load_checkpoint(Path(cfg.out) / CHECKPOINT) if resume else None
@@ -159,7 +160,7 @@ class Trainer:
             self.model = model_for(cfg, self.data.num_classes, self.data.input_size)
             self.model.set_normalization(*self.data.channel_stats())
             if cfg.init is not None:
-                self.init_info = warm_start(self.model, cfg.init, cfg.dataset, self.data.val_index)
+                self.init_info = warm_start(self.model, cfg.init, cfg.dataset, self.data.val_index, init_checkpoint)
         self.static = cfg.routing != "drn"
         self.model.to(self.device)
         self.cost: CostTable = measure_cost_table(self.model)

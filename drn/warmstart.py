@@ -66,10 +66,15 @@ def _from_torchvision(model: RoutedResNet, state: dict, path: Path) -> dict:
     return {"init": str(path), "init_kind": "torchvision", "init_classifier": "fc.weight" in mapped}
 
 
-def warm_start(model: RoutedResNet, path: str | os.PathLike, dataset: str, val_index: tuple[int, ...]) -> dict:
+def warm_start(model: RoutedResNet, path: str | os.PathLike, dataset: str, val_index: tuple[int, ...],
+               ckpt: dict | None = None) -> dict:
     """Copy the trained weights at `path` into `model` (routers excepted). Bad input: UsageError.
-    Returns what was loaded, for the log and the checkpoint."""
+    `ckpt`: the drn checkpoint at `path`, already loaded (a search hands its backbone to every trial
+    through Ray's object store); `path` then only names it. Returns what was loaded, for the log and
+    the checkpoint."""
     path = Path(path)
+    if ckpt is not None:
+        return _from_drn(model, ckpt, path, dataset, val_index)
     if not path.is_file():
         raise UsageError(f"--init {path} does not exist")
     try:
@@ -79,7 +84,10 @@ def warm_start(model: RoutedResNet, path: str | os.PathLike, dataset: str, val_i
     if isinstance(raw, dict) and raw.get("format") != FORMAT and raw and all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in raw.items()):
         return _from_torchvision(model, raw, path)
-    ckpt = load_checkpoint(path)
+    return _from_drn(model, load_checkpoint(path), path, dataset, val_index)
+
+
+def _from_drn(model: RoutedResNet, ckpt: dict, path: Path, dataset: str, val_index: tuple[int, ...]) -> dict:
     cfg = ckpt["config"]
     if cfg["arch"] != model.cfg.arch:
         raise UsageError(f"--init {path} is a {cfg['arch']}, this run trains a {model.cfg.arch}")

@@ -53,6 +53,8 @@ FLAGS = {
     "--reduction-factor": ("reduction_factor", int, None, "ASHA: keep the best 1/N at each rung"),
     "--max-failures": ("max_failures", int, None, "retries of a crashed trial from its last checkpoint"),
     "--optuna-storage": ("optuna_storage", str, None, "Optuna RDB URL (default: sqlite in the results dir)"),
+    "--backbone": ("backbone", str, None, "none (every trial trains from scratch) or PATH: a `drn-train "
+                   "--routing full` checkpoint of --arch on --dataset that every trial starts from"),
     "--mlflow-uri": ("mlflow_uri", str, None, "MLflow tracking URI, e.g. a server http://127.0.0.1:5000 "
                      "(default: sqlite:///<results dir>/mlflow.db)"),
 }
@@ -82,25 +84,41 @@ def _log(msg: str) -> None:
     print(f"[drn-search] {msg}", file=sys.stderr, flush=True)
 
 
-def check_budget(cfg: SearchConfig) -> None:
+def load_data(cfg: SearchConfig):
+    """The images every trial trains on, decoded once here (a torchvision set is downloaded now, and
+    unreadable data fails here): the trials get them through Ray's object store."""
+    from drn.data import load_dataset
+    tc = cfg.train_config(cfg.targets[0])
+    return load_dataset(tc.dataset, tc.data_dir, tc.val_fraction, tc.val_seed)
+
+
+def check_budget(cfg: SearchConfig, data) -> None:
     """Every target must be reachable by the architecture on the dataset's input size: checked on
     the FLOPs table here (latency targets in ms are checked on the trial's device)."""
     from drn.cost import measure_cost_table
-    from drn.data import DATASETS, load_dataset
     from drn.models import build_model
-    info = DATASETS[cfg.dataset]
-    if info.input_size is None or info.num_classes is None:
-        data = load_dataset(cfg.dataset, cfg.data_dir)
-        size, classes = data.input_size, data.num_classes
-    else:
-        if cfg.dataset != "synthetic":
-            load_dataset(cfg.dataset, cfg.data_dir)  # download now, once, and fail here if unreadable
-        size, classes = info.input_size, info.num_classes
-    cost = measure_cost_table(build_model(cfg.arch, classes, size))
+    cost = measure_cost_table(build_model(cfg.arch, data.num_classes, data.input_size))
     for t in cfg.targets:
         if cfg.target_flops or str(t).endswith("%"):
             resolve_target(t, cost.full, cost.fixed if cfg.target_flops else 0.0,
                            "FLOPs" if cfg.target_flops else "ms")
+
+
+def load_backbone(cfg: SearchConfig, data) -> dict | None:
+    """The --backbone checkpoint, checked here as each trial will load it (arch, dataset, val split):
+    a backbone that does not fit is a usage error before anything is written."""
+    if cfg.backbone == "none":
+        return None
+    from drn.checkpoint import load_checkpoint, model_for
+    from drn.warmstart import warm_start
+    ckpt = load_checkpoint(cfg.backbone)
+    tc = cfg.train_config(cfg.targets[0])
+    model = model_for(tc, data.num_classes, data.input_size)
+    warm_start(model, cfg.backbone, tc.dataset, data.val_index, ckpt)
+    if ckpt["config"].get("routing") != "full":
+        raise UsageError(f"--backbone {cfg.backbone} is a {ckpt['config'].get('routing')} network; give a "
+                         f"plain one (`drn-train --routing full`)")
+    return ckpt
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -174,7 +192,9 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> list[dict]:
     if not resume and results.exists():
         raise UsageError(f"search {cfg.name!r} already exists in {results.parent}; "
                          f"continue it with --resume {cfg.name} or pick another --name")
-    check_budget(cfg)
+    data = load_data(cfg)
+    check_budget(cfg, data)
+    backbone = load_backbone(cfg, data)
     mlflow_target = None if resume else tracking.check(cfg, results)
     cluster = connect(cfg)
     cpus, gpus = resources(cfg, cluster)
@@ -191,7 +211,12 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> list[dict]:
             "target_key": cfg.target_key, "threads": max(1, int(cpus)), "tracking": dataclasses.asdict(track)}
     for k in ("target_flops", "target_latency_ms", "out"):
         base.pop(k)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base), {"cpu": cpus, "gpu": gpus})
+    if backbone is not None:
+        _log(f"backbone: {cfg.backbone} ({backbone['config']['arch']}, epoch {backbone['epoch']}, val accuracy "
+             f"{(backbone.get('history') or [{}])[-1].get('accuracy', float('nan')):.2%}): every trial starts from it")
+    # the images and the backbone go into Ray's object store once; each trial reads them from there
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, data=data, backbone=backbone),
+                                    {"cpu": cpus, "gpu": gpus})
     experiment = cfg.storage.rstrip("/") + "/" + cfg.name
     progress = Progress(cfg.study_storage, cfg.name, [p.name for p in space.params], cfg.tolerance,
                         str(results / "trials.parquet"), cfg.num_samples, cfg.total_epochs, cfg.cost_key,

@@ -56,6 +56,9 @@ class SearchConfig:
     optuna_storage: str | None = None  # RDB URL; None: sqlite in the results dir
     mlflow_uri: str | None = None    # MLflow tracking URI (a server: http://host:port); None: sqlite in the results dir
     routing: str = "drn"             # drn, or a static baseline (firstk | randomk | distributedk | deepk) at each target
+    backbone: str = "none"           # none: every trial trains from scratch; PATH: a `drn-train --routing full`
+                                     # checkpoint of --arch on --dataset (the same val split) that every trial
+                                     # starts from (--init), handed to the trials through Ray's object store
     smoke_test: bool = False
 
     def __post_init__(self):
@@ -100,6 +103,11 @@ class SearchConfig:
             space = SPACES_DIR / f"{self.space}.yaml"
         self.space = str(space.expanduser().absolute())
         self.data_dir = os.path.abspath(os.path.expanduser(self.data_dir))
+        if self.backbone != "none":
+            self.backbone = os.path.abspath(os.path.expanduser(self.backbone))
+            if not os.path.isfile(self.backbone):
+                raise UsageError(f"--backbone {self.backbone} does not exist (give a `drn-train --routing full` "
+                                 f"checkpoint.pt, or none)")
         if not is_uri(self.storage):
             self.storage = os.path.abspath(os.path.expanduser(self.storage))
         self.train_config(self.targets[0])   # the shared training settings are valid too
@@ -132,7 +140,7 @@ class SearchConfig:
     def train_config(self, target: str, device: str = "cpu") -> TrainConfig:
         return TrainConfig(arch=self.arch, dataset=self.dataset, data_dir=self.data_dir, epochs=self.epochs,
                            finetune_epochs=self.finetune_epochs, batch_size=self.batch_size, seed=self.seed,
-                           val_fraction=self.val_fraction,
+                           val_fraction=self.val_fraction, init=None if self.backbone == "none" else self.backbone,
                            device=device, routing=self.routing, **{self.target_key: target})
 
     def to_dict(self) -> dict:

@@ -6,18 +6,14 @@ whose loss diverges reports `diverged` and ends: retrying it would diverge again
 error for Tune's retry logic, and the searcher marks it FAIL.
 """
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import ray
 import torch
-from filelock import FileLock
 from ray import tune
 
 from drn.config import TrainConfig
-from drn.data import load_dataset
 from drn.train import CHECKPOINT, Trainer
 
 from .tracking import Tracking
@@ -31,9 +27,11 @@ def scalar_metrics(m: dict) -> dict:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def run_trial(config: dict, base: dict) -> None:
+def run_trial(config: dict, base: dict, data, backbone: dict | None = None) -> None:
     """`base`: TrainConfig fields shared by every trial, plus `target_key` (target_flops or
-    target_latency_ms) and `threads`; `config`: what the searcher sampled, plus META."""
+    target_latency_ms) and `threads`; `config`: what the searcher sampled, plus META; `data`: the
+    images (drn.data.Dataset), decoded once by the driver; `backbone`: the checkpoint at base's
+    `init`, loaded once by the driver (both from Ray's object store)."""
     base = dict(base)
     target_key, threads = base.pop("target_key"), base.pop("threads")
     track = Tracking(**base.pop("tracking")) if base.get("tracking") else None
@@ -49,9 +47,7 @@ def run_trial(config: dict, base: dict) -> None:
             shutil.copyfile(Path(d) / CHECKPOINT, out / CHECKPOINT)
         resume = True
     cfg = TrainConfig.from_dict({**base, **params, target_key: config["target"], "out": str(out)})
-    with FileLock(os.path.join(tempfile.gettempdir(), "drn-data.lock")):  # one download per machine
-        data = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.val_seed)
-    trainer = Trainer(cfg, data=data, resume=resume, log=lambda s: None)
+    trainer = Trainer(cfg, data=data, resume=resume, log=lambda s: None, init_checkpoint=backbone)
     cost_key = "latency_ms" if target_key == "target_latency_ms" else "flops"
     start_epoch = trainer.epoch   # > 0 when Tune restarted the trial (node lost, driver resumed)
     node = ray.get_runtime_context().get_node_id()
