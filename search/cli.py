@@ -53,8 +53,11 @@ FLAGS = {
     "--reduction-factor": ("reduction_factor", int, None, "ASHA: keep the best 1/N at each rung"),
     "--max-failures": ("max_failures", int, None, "retries of a crashed trial from its last checkpoint"),
     "--optuna-storage": ("optuna_storage", str, None, "Optuna RDB URL (default: sqlite in the results dir)"),
-    "--backbone": ("backbone", str, None, "none (every trial trains from scratch) or PATH: a `drn-train "
-                   "--routing full` checkpoint of --arch on --dataset that every trial starts from"),
+    "--backbone": ("backbone", str, None, "none (every trial trains from scratch), auto (the plain --arch "
+                   "trained once and cached under --storage) or PATH (a `drn-train --routing full` checkpoint "
+                   "of --arch on --dataset): every trial starts from it"),
+    "--backbone-epochs": ("backbone_epochs", int, None, "--backbone auto: epochs of the plain network "
+                          "(default: --epochs)"),
     "--mlflow-uri": ("mlflow_uri", str, None, "MLflow tracking URI, e.g. a server http://127.0.0.1:5000 "
                      "(default: sqlite:///<results dir>/mlflow.db)"),
 }
@@ -107,7 +110,7 @@ def check_budget(cfg: SearchConfig, data) -> None:
 def load_backbone(cfg: SearchConfig, data) -> dict | None:
     """The --backbone checkpoint, checked here as each trial will load it (arch, dataset, val split):
     a backbone that does not fit is a usage error before anything is written."""
-    if cfg.backbone == "none":
+    if cfg.backbone in ("none", "auto"):   # auto: trained (or found in the cache) once Ray is up
         return None
     from drn.checkpoint import load_checkpoint, model_for
     from drn.warmstart import warm_start
@@ -207,13 +210,18 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> list[dict]:
     else:
         track = tracking.resumed(results)
     _log(f"MLflow: experiment {cfg.name!r} at {track.uri}")
-    base = {**cfg.train_config(cfg.targets[0], device="cuda" if gpus > 0 else "cpu").to_dict(),
+    init = None
+    if cfg.backbone == "auto":
+        from .backbone import ensure_backbone
+        path, backbone = ensure_backbone(cfg, data, cpus, gpus, _log)
+        init = str(path)
+    elif backbone is not None:
+        _log(f"backbone: {cfg.backbone} ({backbone['config']['arch']}, epoch {backbone['epoch']}, val accuracy "
+             f"{(backbone.get('history') or [{}])[-1].get('accuracy', float('nan')):.2%}): every trial starts from it")
+    base = {**cfg.train_config(cfg.targets[0], device="cuda" if gpus > 0 else "cpu", init=init).to_dict(),
             "target_key": cfg.target_key, "threads": max(1, int(cpus)), "tracking": dataclasses.asdict(track)}
     for k in ("target_flops", "target_latency_ms", "out"):
         base.pop(k)
-    if backbone is not None:
-        _log(f"backbone: {cfg.backbone} ({backbone['config']['arch']}, epoch {backbone['epoch']}, val accuracy "
-             f"{(backbone.get('history') or [{}])[-1].get('accuracy', float('nan')):.2%}): every trial starts from it")
     # the images and the backbone go into Ray's object store once; each trial reads them from there
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, data=data, backbone=backbone),
                                     {"cpu": cpus, "gpu": gpus})

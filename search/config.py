@@ -56,9 +56,12 @@ class SearchConfig:
     optuna_storage: str | None = None  # RDB URL; None: sqlite in the results dir
     mlflow_uri: str | None = None    # MLflow tracking URI (a server: http://host:port); None: sqlite in the results dir
     routing: str = "drn"             # drn, or a static baseline (firstk | randomk | distributedk | deepk) at each target
-    backbone: str = "none"           # none: every trial trains from scratch; PATH: a `drn-train --routing full`
-                                     # checkpoint of --arch on --dataset (the same val split) that every trial
-                                     # starts from (--init), handed to the trials through Ray's object store
+    backbone: str = "none"           # none: every trial trains from scratch; auto: the plain network of --arch,
+                                     # trained once (--backbone-epochs) and cached under <storage>/backbones;
+                                     # PATH: a `drn-train --routing full` checkpoint of --arch on --dataset (the
+                                     # same val split). Every trial starts from it (--init), handed over through
+                                     # Ray's object store
+    backbone_epochs: int | None = None  # auto: the plain network's epochs (None: --epochs, the scratch schedule)
     smoke_test: bool = False
 
     def __post_init__(self):
@@ -103,7 +106,11 @@ class SearchConfig:
             space = SPACES_DIR / f"{self.space}.yaml"
         self.space = str(space.expanduser().absolute())
         self.data_dir = os.path.abspath(os.path.expanduser(self.data_dir))
-        if self.backbone != "none":
+        if self.backbone_epochs is None:
+            self.backbone_epochs = self.epochs
+        if self.backbone_epochs < 1:
+            raise UsageError(f"backbone epochs must be >= 1, got {self.backbone_epochs}")
+        if self.backbone not in ("none", "auto"):
             self.backbone = os.path.abspath(os.path.expanduser(self.backbone))
             if not os.path.isfile(self.backbone):
                 raise UsageError(f"--backbone {self.backbone} does not exist (give a `drn-train --routing full` "
@@ -137,10 +144,12 @@ class SearchConfig:
     def total_epochs(self) -> int:
         return self.train_config(self.targets[0]).total_epochs
 
-    def train_config(self, target: str, device: str = "cpu") -> TrainConfig:
+    def train_config(self, target: str, device: str = "cpu", init: str | None = None) -> TrainConfig:
+        """`init`: where --backbone auto cached the backbone (its path is known once Ray is up)."""
         return TrainConfig(arch=self.arch, dataset=self.dataset, data_dir=self.data_dir, epochs=self.epochs,
                            finetune_epochs=self.finetune_epochs, batch_size=self.batch_size, seed=self.seed,
-                           val_fraction=self.val_fraction, init=None if self.backbone == "none" else self.backbone,
+                           val_fraction=self.val_fraction,
+                           init=init or (None if self.backbone in ("none", "auto") else self.backbone),
                            device=device, routing=self.routing, **{self.target_key: target})
 
     def to_dict(self) -> dict:

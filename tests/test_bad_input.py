@@ -126,6 +126,7 @@ def search_cases(data: Path, tmp: Path) -> dict[str, tuple]:
         "search: backbone missing file": (*base, "--backbone", str(tmp / "none.pt")),
         "search: backbone of another arch": (*base, "--backbone", str(tmp / "resnet14-full.pt")),
         "search: backbone corrupt file": (*base, "--backbone", str(tmp / "corrupt.pt")),
+        "search: backbone epochs zero": (*base, "--backbone", "auto", "--backbone-epochs", "0"),
         "search: resume of an unknown name": ("drn-search", "--resume", "nope", "--storage", storage),
         "eval: model URI, no store given": ("drn-eval", "models:/some-model/1"),
         "eval: unknown MLflow model": ("drn-eval", "models:/no-such-model/1", "--mlflow-uri",

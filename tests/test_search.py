@@ -157,3 +157,32 @@ def test_every_trial_starts_from_the_backbone(tmp_path):
         # fresh start would be an independent draw, ~1.4 x its norm away
         w, w0 = ckpt["model"]["stem.0.weight"], plain["model"]["stem.0.weight"]
         assert (w - w0).norm() < w0.norm()
+
+
+def test_backbone_auto_is_trained_once_cached_reused_and_retrained_when_corrupt(tmp_path):
+    import torch
+    args = ("--target-flops", "50%", "--arch", "resnet8", "--dataset", "synthetic", "--epochs", "1",
+            "--finetune-epochs", "0", "--batch-size", "64", "--num-samples", "1", "--storage", str(tmp_path),
+            "--backbone", "auto", "--backbone-epochs", "1")
+    first = run_cli("drn-search", *args, "--name", "a1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "backbone: training the plain resnet8 for 1 epochs" in first.stderr and "backbone: epoch 1/1" in first.stderr
+    cached = list((tmp_path / "backbones").glob("resnet8-synthetic-*/checkpoint.pt"))
+    assert len(cached) == 1
+    plain = torch.load(cached[0], map_location="cpu", weights_only=True)
+    assert plain["config"]["routing"] == "full" and plain["epoch"] == 1
+    trial = pq.read_table(tmp_path / "a1" / "trials.parquet").to_pylist()[0]
+    ckpt = torch.load(trial["checkpoint"], map_location="cpu", weights_only=True)
+    assert ckpt["init_info"]["init"] == str(cached[0]) and ckpt["config"]["router_open"] == 0.99
+
+    again = run_cli("drn-search", *args, "--name", "a2")     # the same key: found, not trained again
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"backbone: reusing {cached[0]}" in again.stderr and "training the plain" not in again.stderr
+    assert torch.load(cached[0], map_location="cpu", weights_only=True)["model"]["stem.0.weight"].equal(
+        plain["model"]["stem.0.weight"])
+
+    cached[0].write_bytes(b"\x00truncated" * 10)             # a corrupt cache: one note, trained again
+    third = run_cli("drn-search", *args, "--name", "a3")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"backbone cache {cached[0]} is corrupt: training it again" in third.stderr
+    assert torch.load(cached[0], map_location="cpu", weights_only=True)["epoch"] == 1

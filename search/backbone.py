@@ -1,0 +1,97 @@
+"""One backbone per search (issue 15): the plain network of --arch, trained once and cached, that
+every trial starts from (drn-train's --init).
+
+`--backbone auto` trains it as a Ray task with one trial's resources, the first time a
+(arch, dataset, schedule, seed, val split) needs it, and keeps it under
+<storage>/backbones/<arch>-<dataset>-<key>/checkpoint.pt; later searches and `--resume` find it
+there. A cache that cannot be read is trained again, with a one-line note.
+"""
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from drn.checkpoint import load_checkpoint, save_checkpoint
+from drn.config import TrainConfig, UsageError
+
+from .config import SearchConfig, results_root
+
+KEY_VERSION = 1   # bump when what a backbone is trained with changes meaning
+
+
+def backbone_config(cfg: SearchConfig, device: str = "cpu") -> TrainConfig:
+    """The plain network's training: the search's arch, data, batch, seed and val split."""
+    base = cfg.train_config(cfg.targets[0], device=device)
+    return TrainConfig(arch=cfg.arch, dataset=cfg.dataset, data_dir=cfg.data_dir, routing="full",
+                       epochs=cfg.backbone_epochs, finetune_epochs=0, batch_size=cfg.batch_size, seed=cfg.seed,
+                       val_fraction=base.val_fraction, val_seed=base.val_seed, device=device)
+
+
+def backbone_key(cfg: SearchConfig) -> str:
+    tc = backbone_config(cfg)
+    what = {"v": KEY_VERSION, "arch": tc.arch, "dataset": tc.dataset, "data_dir": tc.data_dir, "epochs": tc.epochs,
+            "batch_size": tc.batch_size, "seed": tc.seed, "val_fraction": tc.val_fraction, "val_seed": tc.val_seed}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def backbone_path(cfg: SearchConfig) -> Path:
+    return results_root(cfg.storage) / "backbones" / f"{cfg.arch}-{cfg.dataset}-{backbone_key(cfg)}" / "checkpoint.pt"
+
+
+def _cached(path: Path, epochs: int, log) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        ckpt = load_checkpoint(path)
+    except UsageError:
+        log(f"backbone cache {path} is corrupt: training it again")
+        return None
+    if ckpt.get("epoch") != epochs or ckpt["config"].get("routing") != "full":
+        log(f"backbone cache {path} is unfinished or not a plain network: training it again")
+        return None
+    return ckpt
+
+
+def _train(tc_dict: dict, data, queue, threads: int) -> dict:
+    """In a Ray task: train the plain network; every epoch's line goes to the driver through `queue`."""
+    import tempfile
+
+    import torch
+    from drn.train import Trainer
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as out:
+        tc = TrainConfig.from_dict({**tc_dict, "out": out})
+        trainer = Trainer(tc, data=data, log=lambda s: queue.put(s))
+        trainer.run()
+        return trainer.state()
+
+
+def ensure_backbone(cfg: SearchConfig, data, cpus: float, gpus: float, log) -> tuple[Path, dict]:
+    """The cached backbone of this search, trained now if it is not cached yet."""
+    path = backbone_path(cfg)
+    ckpt = _cached(path, cfg.backbone_epochs, log)
+    if ckpt is not None:
+        log(f"backbone: reusing {path}")
+        return path, ckpt
+    import ray
+    from ray.util.queue import Queue
+    tc = backbone_config(cfg, device="cuda" if gpus > 0 else "cpu")
+    log(f"backbone: training the plain {cfg.arch} for {cfg.backbone_epochs} epochs (once; cached in {path.parent})")
+    queue = Queue()
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_train)
+    ref = task.remote(tc.to_dict(), data, queue, max(1, int(cpus)))
+    t0 = time.time()
+    while True:
+        done, _ = ray.wait([ref], timeout=2.0)
+        while not queue.empty():
+            log(f"backbone: {queue.get()}")
+        if done:
+            break
+    state = ray.get(ref)
+    state.setdefault("history", [])
+    state["history"][-1]["backbone_seconds"] = time.time() - t0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, state)   # atomic: a crash leaves no half-written cache
+    ckpt = load_checkpoint(path)
+    log(f"backbone: done in {time.time() - t0:.0f}s, val accuracy {ckpt['history'][-1]['accuracy']:.2%}")
+    return path, ckpt
