@@ -66,13 +66,13 @@ def _train(tc_dict: dict, data, queue, threads: int) -> dict:
         return trainer.state()
 
 
-def ensure_backbone(cfg: SearchConfig, data, cpus: float, gpus: float, log) -> tuple[Path, dict]:
-    """The cached backbone of this search, trained now if it is not cached yet."""
+def ensure_backbone(cfg: SearchConfig, data, cpus: float, gpus: float, log) -> tuple[Path, dict, str]:
+    """The cached backbone of this search, trained now if it is not cached yet; and which of the two."""
     path = backbone_path(cfg)
     ckpt = _cached(path, cfg.backbone_epochs, log)
     if ckpt is not None:
         log(f"backbone: reusing {path}")
-        return path, ckpt
+        return path, ckpt, "cached"
     import ray
     from ray.util.queue import Queue
     tc = backbone_config(cfg, device="cuda" if gpus > 0 else "cpu")
@@ -94,4 +94,18 @@ def ensure_backbone(cfg: SearchConfig, data, cpus: float, gpus: float, log) -> t
     save_checkpoint(path, state)   # atomic: a crash leaves no half-written cache
     ckpt = load_checkpoint(path)
     log(f"backbone: done in {time.time() - t0:.0f}s, val accuracy {ckpt['history'][-1]['accuracy']:.2%}")
-    return path, ckpt
+    return path, ckpt, "trained"
+
+
+def describe(path, ckpt: dict, origin: str) -> dict:
+    """What the summary and MLflow say of a backbone. origin: trained (now), cached (reused) or given (PATH)."""
+    last = (ckpt.get("history") or [{}])[-1]
+    return {"path": str(path), "origin": origin, "epochs": ckpt.get("epoch"), "val_accuracy": last.get("accuracy"),
+            "test_accuracy": (ckpt.get("test") or {}).get("test_accuracy"), "seconds": last.get("backbone_seconds")}
+
+
+def summary_line(info: dict) -> str:
+    pct = lambda v: f"{v:.2%}" if isinstance(v, float) else "-"
+    took = f", trained in {info['seconds']:.0f}s" if info["origin"] == "trained" and info.get("seconds") else ""
+    return (f"backbone ({info['origin']}): {info['path']}, {info['epochs']} epochs, val acc {pct(info['val_accuracy'])}, "
+            f"test acc {pct(info['test_accuracy'])}{took}")

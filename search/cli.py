@@ -210,14 +210,17 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> list[dict]:
     else:
         track = tracking.resumed(results)
     _log(f"MLflow: experiment {cfg.name!r} at {track.uri}")
-    init = None
-    if cfg.backbone == "auto":
-        from .backbone import ensure_backbone
-        path, backbone = ensure_backbone(cfg, data, cpus, gpus, _log)
-        init = str(path)
-    elif backbone is not None:
-        _log(f"backbone: {cfg.backbone} ({backbone['config']['arch']}, epoch {backbone['epoch']}, val accuracy "
-             f"{(backbone.get('history') or [{}])[-1].get('accuracy', float('nan')):.2%}): every trial starts from it")
+    init, backbone_info = None, None
+    if cfg.backbone != "none":
+        from .backbone import describe, ensure_backbone, summary_line
+        if cfg.backbone == "auto":
+            path, backbone, origin = ensure_backbone(cfg, data, cpus, gpus, _log)
+            init = str(path)
+        else:
+            path, origin = cfg.backbone, "given"
+        backbone_info = describe(path, backbone, origin)
+        track.log_backbone(backbone_info)
+        _log(summary_line(backbone_info) + ": every trial starts from it")
     base = {**cfg.train_config(cfg.targets[0], device="cuda" if gpus > 0 else "cpu", init=init).to_dict(),
             "target_key": cfg.target_key, "threads": max(1, int(cpus)), "tracking": dataclasses.asdict(track)}
     for k in ("target_flops", "target_latency_ms", "out"):
@@ -265,6 +268,8 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> list[dict]:
     track.update(rows, results / "trials.parquet", cfg.targets, cfg.cost_key)
     models = track.register_front(rows)
     print(summary(rows, cfg.targets, cfg.cost_key))
+    if backbone_info is not None:
+        print("\n" + summary_line(backbone_info))
     if models:
         print("\nfront models (drn-eval URI, or mlflow.pytorch.load_model):\n  " + "\n  ".join(models))
     print(f"\nMLflow UI: mlflow ui --backend-store-uri {track.uri} --host 127.0.0.1   "

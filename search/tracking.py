@@ -117,6 +117,15 @@ class Tracking:
         client.set_tag(run_id, "model_uri", info.model_uri)   # MLflow 3: models:/m-<id>, not the run's artifacts
 
     # ------------------------------------------------------------------ driver side
+    def log_backbone(self, info: dict) -> None:
+        """The search's backbone on its parent run: path and origin as tags, its accuracies and cost as metrics."""
+        client = self.client()
+        for k in ("path", "origin"):
+            client.set_tag(self.parent_run_id, f"backbone_{k}", str(info[k]))
+        for k in ("val_accuracy", "test_accuracy", "seconds", "epochs"):
+            if isinstance(info.get(k), (int, float)):
+                client.log_metric(self.parent_run_id, f"backbone_{k}", float(info[k]))
+
     def update(self, rows: list[dict], parquet: Path | None = None, targets: list[str] | None = None,
                cost_key: str = "flops") -> None:
         """Trial states and Pareto tags on the children; trials table and Pareto plot on the parent."""

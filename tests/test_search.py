@@ -145,7 +145,7 @@ def test_every_trial_starts_from_the_backbone(tmp_path):
                    "--epochs", "1", "--finetune-epochs", "0", "--batch-size", "64", "--num-samples", "2",
                    "--max-concurrent", "2", "--storage", str(tmp_path), "--name", "bb", "--backbone", str(backbone))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"backbone: {backbone}" in proc.stderr
+    assert f"backbone (given): {backbone}, 1 epochs, val acc" in proc.stdout   # named in the summary
     rows = pq.read_table(tmp_path / "bb" / "trials.parquet").to_pylist()
     assert len(rows) == 2
     plain = torch.load(backbone, map_location="cpu", weights_only=True)
@@ -175,9 +175,19 @@ def test_backbone_auto_is_trained_once_cached_reused_and_retrained_when_corrupt(
     ckpt = torch.load(trial["checkpoint"], map_location="cpu", weights_only=True)
     assert ckpt["init_info"]["init"] == str(cached[0]) and ckpt["config"]["router_open"] == 0.99
 
+    assert f"backbone (trained): {cached[0]}, 1 epochs" in first.stdout and "trained in" in first.stdout
+    from mlflow import MlflowClient                          # and on the search's parent run
+    uri = json.loads((tmp_path / "a1" / "mlflow.json").read_text())
+    parent = MlflowClient(uri["uri"]).get_run(uri["parent_run_id"]).data
+    assert parent.tags["backbone_path"] == str(cached[0]) and parent.tags["backbone_origin"] == "trained"
+    assert parent.metrics["backbone_val_accuracy"] == plain["history"][-1]["accuracy"]
+    assert parent.metrics["backbone_test_accuracy"] == plain["test"]["test_accuracy"]
+    assert parent.metrics["backbone_seconds"] > 0
+
     again = run_cli("drn-search", *args, "--name", "a2")     # the same key: found, not trained again
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"backbone: reusing {cached[0]}" in again.stderr and "training the plain" not in again.stderr
+    assert f"backbone (cached): {cached[0]}" in again.stdout
     assert torch.load(cached[0], map_location="cpu", weights_only=True)["model"]["stem.0.weight"].equal(
         plain["model"]["stem.0.weight"])
 
