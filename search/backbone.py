@@ -87,12 +87,10 @@ def ensure_backbone(cfg: SearchConfig, data, cpus: float, gpus: float, log) -> t
             log(f"backbone: {queue.get()}")
         if done:
             break
-    state = ray.get(ref)
-    state.setdefault("history", [])
-    state["history"][-1]["backbone_seconds"] = time.time() - t0
+    ckpt = ray.get(ref)
+    ckpt["history"][-1]["backbone_seconds"] = time.time() - t0
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(path, state)   # atomic: a crash leaves no half-written cache
-    ckpt = load_checkpoint(path)
+    save_checkpoint(path, ckpt)   # atomic: a crash leaves no half-written cache
     log(f"backbone: done in {time.time() - t0:.0f}s, val accuracy {ckpt['history'][-1]['accuracy']:.2%}")
     return path, ckpt, "trained"
 
