@@ -39,7 +39,8 @@ def main() -> int:
            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
            "--num-samples", str(args.trials), "--max-concurrent", str(args.concurrent),
            "--cpus-per-trial", str(max(1, (os.cpu_count() or 2) // args.concurrent)),
-           "--scheduler", "fifo", "--tolerance", "0.5", "--storage", str(storage), "--name", "overhead"]
+           "--scheduler", "fifo", "--tolerance", "0.5", "--backbone", "none", "--storage", str(storage),
+           "--name", "overhead"]
     print(" ".join(cmd), flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)

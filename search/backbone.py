@@ -1,10 +1,12 @@
 """One backbone per search (issue 15): the plain network of --arch, trained once and cached, that
 every trial starts from (drn-train's --init).
 
-`--backbone auto` trains it as a Ray task with one trial's resources, the first time a
-(arch, dataset, schedule, seed, val split) needs it, and keeps it under
-<storage>/backbones/<arch>-<dataset>-<key>/checkpoint.pt; later searches and `--resume` find it
-there. A cache that cannot be read is trained again, with a one-line note.
+`--backbone auto` trains it as a Ray task the first time a (arch, dataset, schedule, seed, val
+split) needs it -- with one trial's resources on GPUs, with every CPU of a node without (nothing
+else runs until it is done) -- and keeps it under <storage>/backbones/<arch>-<dataset>-<key>/
+checkpoint.pt; later searches and `--resume` find it there. With a cloud --storage (s3://...) it is
+uploaded there too, so a new head finds it. A cache that cannot be read is trained again, with a
+one-line note.
 """
 import hashlib
 import json
@@ -14,7 +16,7 @@ from pathlib import Path
 from drn.checkpoint import load_checkpoint, save_checkpoint
 from drn.config import TrainConfig, UsageError
 
-from .config import SearchConfig, results_root
+from .config import SearchConfig, is_uri, results_root
 
 KEY_VERSION = 1   # bump when what a backbone is trained with changes meaning
 
@@ -34,8 +36,42 @@ def backbone_key(cfg: SearchConfig) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _relpath(cfg: SearchConfig) -> str:
+    return f"backbones/{cfg.arch}-{cfg.dataset}-{backbone_key(cfg)}/checkpoint.pt"
+
+
 def backbone_path(cfg: SearchConfig) -> Path:
-    return results_root(cfg.storage) / "backbones" / f"{cfg.arch}-{cfg.dataset}-{backbone_key(cfg)}" / "checkpoint.pt"
+    """The local cache: under --storage, or under ./drn-results beside a cloud --storage's copy."""
+    return results_root(cfg.storage) / _relpath(cfg)
+
+
+def backbone_uri(cfg: SearchConfig) -> str | None:
+    """A cloud --storage's copy (what a new head finds), or None for a local --storage."""
+    return f"{cfg.storage.rstrip('/')}/{_relpath(cfg)}" if is_uri(cfg.storage) else None
+
+
+def fetch(uri: str, path: Path) -> bool:
+    """Copy the cloud copy at `uri` to `path` (atomically); False when there is none."""
+    from pyarrow import fs
+    filesystem, where = fs.FileSystem.from_uri(uri)
+    if filesystem.get_file_info(where).type != fs.FileType.File:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    with filesystem.open_input_stream(where) as src, open(tmp, "wb") as dst:
+        while chunk := src.read(1 << 24):
+            dst.write(chunk)
+    tmp.replace(path)
+    return True
+
+
+def publish(path: Path, uri: str) -> None:
+    """Upload the local cache to the cloud copy (one object: readers see all of it or none)."""
+    from pyarrow import fs
+    filesystem, where = fs.FileSystem.from_uri(uri)
+    filesystem.create_dir(where.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(where) as dst:
+        dst.write(path.read_bytes())
 
 
 def _cached(path: Path, epochs: int, log) -> dict | None:
@@ -68,15 +104,20 @@ def _train(tc_dict: dict, data, queue, threads: int) -> dict:
 
 def ensure_backbone(cfg: SearchConfig, data, cpus: float, gpus: float, log) -> tuple[Path, dict, str]:
     """The cached backbone of this search, trained now if it is not cached yet; and which of the two."""
-    path = backbone_path(cfg)
+    path, uri = backbone_path(cfg), backbone_uri(cfg)
+    if uri is not None and not path.is_file() and fetch(uri, path):
+        log(f"backbone: fetched {uri}")
     ckpt = _cached(path, cfg.backbone_epochs, log)
     if ckpt is not None:
-        log(f"backbone: reusing {path}")
+        log(f"backbone: reusing {uri or path}")
         return path, ckpt, "cached"
     import ray
     from ray.util.queue import Queue
+    if gpus == 0:   # nothing else runs until it is done: every CPU of the largest node
+        cpus = max([cpus] + [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")])
     tc = backbone_config(cfg, device="cuda" if gpus > 0 else "cpu")
-    log(f"backbone: training the plain {cfg.arch} for {cfg.backbone_epochs} epochs (once; cached in {path.parent})")
+    log(f"backbone: training the plain {cfg.arch} for {cfg.backbone_epochs} epochs on {cpus:g} CPU, {gpus:g} GPU "
+        f"(once; cached in {uri or path.parent})")
     queue = Queue()
     task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_train)
     ref = task.remote(tc.to_dict(), data, queue, max(1, int(cpus)))
@@ -91,6 +132,8 @@ def ensure_backbone(cfg: SearchConfig, data, cpus: float, gpus: float, log) -> t
     ckpt["history"][-1]["backbone_seconds"] = time.time() - t0
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, ckpt)   # atomic: a crash leaves no half-written cache
+    if uri is not None:
+        publish(path, uri)
     log(f"backbone: done in {time.time() - t0:.0f}s, val accuracy {ckpt['history'][-1]['accuracy']:.2%}")
     return path, ckpt, "trained"
 

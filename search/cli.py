@@ -31,8 +31,10 @@ FLAGS = {
     "--space": ("space", str, None, "search space YAML, or a name in spaces/ (default, wide)"),
     "--num-samples": ("num_samples", int, None, "trials in all (a resumed search counts the earlier ones)"),
     "--max-concurrent": ("max_concurrent", int, None, "trials at once (default: as many as resources fit)"),
-    "--epochs": ("epochs", int, None, "epochs of each trial's main schedule"),
-    "--finetune-epochs": ("finetune_epochs", int, None, "extra frozen-router epochs per trial"),
+    "--epochs": ("epochs", int, None, "epochs of each trial's main schedule: a fine-tune of the backbone "
+                 "(default: 20%% of --backbone-epochs), or 250 from scratch with --backbone none"),
+    "--finetune-epochs": ("finetune_epochs", int, None, "extra frozen-router epochs per trial (default: "
+                          "drn-train's, max(2, 10%% of --epochs))"),
     "--batch-size": ("batch_size", int, None, "samples per step"),
     "--val-fraction": ("val_fraction", float, None, "share of the training images held out as val, in (0, 0.5]: "
                        "ASHA, TPE, the Pareto flags and the best trial read val; the test split is only reported"),
@@ -47,17 +49,18 @@ FLAGS = {
     "--seed": ("seed", int, None, "seed of the sampler and of every trial's training"),
     "--routing": ("routing", str, None, "drn, or a static baseline trained at each target: "
                   "firstk, randomk, distributedk (Table 4a), deepk"),
-    "--scheduler": ("scheduler", str, None, "asha, fifo, or auto (asha for one target, fifo for several)"),
+    "--scheduler": ("scheduler", str, None, "asha (early stopping; each target's trials compared only with "
+                    "each other), fifo (none), or auto (asha)"),
     "--grace-period": ("grace_period", int, None, "ASHA: epochs before a trial may be stopped (default: "
                        "a quarter of the epochs)"),
     "--reduction-factor": ("reduction_factor", int, None, "ASHA: keep the best 1/N at each rung"),
     "--max-failures": ("max_failures", int, None, "retries of a crashed trial from its last checkpoint"),
     "--optuna-storage": ("optuna_storage", str, None, "Optuna RDB URL (default: sqlite in the results dir)"),
-    "--backbone": ("backbone", str, None, "none (every trial trains from scratch), auto (the plain --arch "
-                   "trained once and cached under --storage) or PATH (a `drn-train --routing full` checkpoint "
-                   "of --arch on --dataset): every trial starts from it"),
+    "--backbone": ("backbone", str, None, "auto (the plain --arch trained once and cached under --storage), "
+                   "PATH (a `drn-train --routing full` checkpoint of --arch on --dataset) or none (every trial "
+                   "trains from scratch): every trial fine-tunes it"),
     "--backbone-epochs": ("backbone_epochs", int, None, "--backbone auto: epochs of the plain network "
-                          "(default: --epochs)"),
+                          "(default: drn-train's 250, the paper's schedule)"),
     "--mlflow-uri": ("mlflow_uri", str, None, "MLflow tracking URI, e.g. a server http://127.0.0.1:5000 "
                      "(default: sqlite:///<results dir>/mlflow.db)"),
 }
@@ -74,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "space":
             shown = "spaces/default.yaml"
         p.add_argument(flag, dest=name, type=typ, nargs=nargs, default=argparse.SUPPRESS,
-                       help=f"{help_} (default: {shown})")
+                       help=help_ if "(default:" in help_ else f"{help_} (default: {shown})")
     p.add_argument("--resume", metavar="NAME", help="continue the interrupted search NAME under --storage "
                    "with its own settings: finished trials are kept, unfinished ones go on from their last epoch")
     p.add_argument("--smoke-test", dest="smoke_test", action="store_true", default=argparse.SUPPRESS,
@@ -117,7 +120,10 @@ def load_backbone(cfg: SearchConfig, data) -> dict | None:
     ckpt = load_checkpoint(cfg.backbone)
     tc = cfg.train_config(cfg.targets[0])
     model = model_for(tc, data.num_classes, data.input_size)
-    warm_start(model, cfg.backbone, tc.dataset, data.val_index, ckpt)
+    try:
+        warm_start(model, cfg.backbone, tc.dataset, data.val_index, ckpt)
+    except UsageError as e:   # drn-train's words, for this flag
+        raise UsageError(str(e).replace("--init", "--backbone", 1)) from None
     if ckpt["config"].get("routing") != "full":
         raise UsageError(f"--backbone {cfg.backbone} is a {ckpt['config'].get('routing')} network; give a "
                          f"plain one (`drn-train --routing full`)")
@@ -182,10 +188,11 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> list[dict]:
     # adaptive >= 10 s: a killed driver loses at most 2 s of it, so --resume re-runs nothing finished
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     from .results import summary, trial_rows, write_parquet
-    from .searcher import OptunaSearcher
+    from .scheduler import PerTargetASHA
+    from .searcher import OptunaSearcher, load_studies
     from .space import load_space
     from .trainable import run_trial
     from .progress import Progress
@@ -239,11 +246,11 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> list[dict]:
     else:
         searcher = OptunaSearcher(space, cfg.targets, cfg.name, cfg.study_storage, cfg.tolerance,
                                   cfg.total_epochs, cfg.cost_key, cfg.seed)
-        use_asha = cfg.scheduler == "asha" or (cfg.scheduler == "auto" and len(cfg.targets) == 1)
-        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.total_epochs,
+        # auto = asha: one ASHA per target, a trial competes only with its own budget's trials
+        scheduler = (PerTargetASHA(cfg.targets, time_attr="training_iteration", max_t=cfg.total_epochs,
                                    grace_period=cfg.grace_period or max(1, cfg.total_epochs // 4),
                                    reduction_factor=cfg.reduction_factor)
-                     if use_asha else FIFOScheduler())
+                     if cfg.scheduler in ("asha", "auto") else FIFOScheduler())
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric="accuracy", mode="max",
@@ -261,9 +268,8 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> list[dict]:
         tid = (r.metrics or {}).get("trial_id")
         if tid and r.checkpoint is not None:
             checkpoints[tid] = f"{r.checkpoint.path.rstrip('/')}/checkpoint.pt"
-    import optuna
-    study = optuna.load_study(study_name=cfg.name, storage=cfg.study_storage)
-    rows = trial_rows(study, [p.name for p in space.params], cfg.tolerance, checkpoints)
+    studies = load_studies(cfg.study_storage, cfg.name, cfg.targets)
+    rows = trial_rows(studies, [p.name for p in space.params], cfg.tolerance, checkpoints)
     write_parquet(rows, results / "trials.parquet")
     track.update(rows, results / "trials.parquet", cfg.targets, cfg.cost_key)
     models = track.register_front(rows)

@@ -14,8 +14,15 @@ from drn.config import TrainConfig, UsageError, build_checked, default_data_dir,
 SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
 # what --smoke-test sets, where the command line leaves it unset
 # (tolerance 5 %: ResNet-8 has only 3 routable blocks, and the synthetic val split only 250 images)
-SMOKE = dict(arch="resnet8", dataset="synthetic", epochs=2, num_samples=4, max_concurrent=2, batch_size=64,
-             tolerance=0.05, target_flops=["50%"])
+SMOKE = dict(arch="resnet8", dataset="synthetic", epochs=2, backbone_epochs=4, num_samples=4, max_concurrent=2,
+             batch_size=64, tolerance=0.05, target_flops=["50%"])
+SCRATCH_EPOCHS = TrainConfig.__dataclass_fields__["epochs"].default   # the paper's 250: drn-train's default
+# a trial from a backbone, as shares of the backbone's epochs: a short main phase (the routers find their
+# routes; every block runs, two views) and a long finetune (routers frozen, hard routes, one view: an epoch
+# costs about the budget's share of a plain one on CPU). On ResNet-20, 30 epochs, it beat the DRN trained
+# from scratch for all 30 epochs (BENCHMARKS.md, issue 15)
+TRIAL_EPOCHS_SHARE = 1 / 6      # 5 of 30, 42 of 250: at 70 % fewer main epochs leave the routes 4-10 % over
+TRIAL_FINETUNE_SHARE = 2 / 3    # 20 of 30, 167 of 250
 
 
 def results_root(storage: str) -> Path:
@@ -38,9 +45,10 @@ class SearchConfig:
     space: str = str(SPACES_DIR / "default.yaml")
     num_samples: int = 20            # trials in all (a resumed search counts the earlier ones)
     max_concurrent: int | None = None  # None: as many as the cluster's resources fit
-    epochs: int = 250
-    finetune_epochs: int = 0         # per trial; drn-train's own default (max(2, 10 % of epochs)) is not
-                                     # taken over until the trial schedule becomes a fine-tune (issue 15)
+    epochs: int | None = None        # each trial's main epochs (None: TRIAL_EPOCHS_SHARE x backbone_epochs from
+                                     # a backbone, SCRATCH_EPOCHS with --backbone none)
+    finetune_epochs: int | None = None  # frozen-router epochs per trial (None: TRIAL_FINETUNE_SHARE x backbone_epochs
+                                     # from a backbone, drn-train's max(2, 10 % of epochs) from scratch)
     batch_size: int = 128
     val_fraction: float = 0.1        # share of the training images held out as val: every choice reads it
     cpus_per_trial: float | None = None  # None: 1 without GPUs, else the CPUs per GPU (at most 4)
@@ -49,19 +57,21 @@ class SearchConfig:
     storage: str = "drn-results"     # local dir or cloud URI for Tune's results and checkpoints
     name: str = ""                   # '' -> drn-<arch>-<date>-<time>
     seed: int = 0
-    scheduler: str = "auto"          # asha | fifo | auto (asha with one target, fifo with several)
+    scheduler: str = "auto"          # asha (one ASHA per target: a trial competes only with its own budget's
+                                     # trials) | fifo | auto (= asha)
     grace_period: int | None = None  # ASHA: epochs before a trial can be stopped (None: epochs / 4)
     reduction_factor: int = 3        # ASHA: keep the best 1/rf at each rung
     max_failures: int = 2            # retries of a trial that errors (from its last checkpoint)
     optuna_storage: str | None = None  # RDB URL; None: sqlite in the results dir
     mlflow_uri: str | None = None    # MLflow tracking URI (a server: http://host:port); None: sqlite in the results dir
     routing: str = "drn"             # drn, or a static baseline (firstk | randomk | distributedk | deepk) at each target
-    backbone: str = "none"           # none: every trial trains from scratch; auto: the plain network of --arch,
+    backbone: str = "auto"           # none: every trial trains from scratch; auto: the plain network of --arch,
                                      # trained once (--backbone-epochs) and cached under <storage>/backbones;
                                      # PATH: a `drn-train --routing full` checkpoint of --arch on --dataset (the
                                      # same val split). Every trial starts from it (--init), handed over through
                                      # Ray's object store
-    backbone_epochs: int | None = None  # auto: the plain network's epochs (None: --epochs, the scratch schedule)
+    backbone_epochs: int | None = None  # auto: the plain network's epochs (None: SCRATCH_EPOCHS; for a PATH,
+                                     # the epochs it was trained for); the trials' schedule is a share of it
     smoke_test: bool = False
 
     def __post_init__(self):
@@ -106,15 +116,25 @@ class SearchConfig:
             space = SPACES_DIR / f"{self.space}.yaml"
         self.space = str(space.expanduser().absolute())
         self.data_dir = os.path.abspath(os.path.expanduser(self.data_dir))
-        if self.backbone_epochs is None:
-            self.backbone_epochs = self.epochs
-        if self.backbone_epochs < 1:
-            raise UsageError(f"backbone epochs must be >= 1, got {self.backbone_epochs}")
         if self.backbone not in ("none", "auto"):
             self.backbone = os.path.abspath(os.path.expanduser(self.backbone))
             if not os.path.isfile(self.backbone):
                 raise UsageError(f"--backbone {self.backbone} does not exist (give a `drn-train --routing full` "
                                  f"checkpoint.pt, or none)")
+            if self.backbone_epochs is None:   # the trials' schedule follows the given network's
+                from drn.checkpoint import load_checkpoint
+                self.backbone_epochs = int(load_checkpoint(self.backbone).get("epoch") or SCRATCH_EPOCHS)
+        if self.backbone_epochs is None:
+            self.backbone_epochs = SCRATCH_EPOCHS
+        if self.backbone_epochs < 1:
+            raise UsageError(f"backbone epochs must be >= 1, got {self.backbone_epochs}")
+        if self.backbone != "none":
+            if self.epochs is None:
+                self.epochs = max(1, round(TRIAL_EPOCHS_SHARE * self.backbone_epochs))
+            if self.finetune_epochs is None:
+                self.finetune_epochs = round(TRIAL_FINETUNE_SHARE * self.backbone_epochs)
+        elif self.epochs is None:
+            self.epochs = SCRATCH_EPOCHS
         if not is_uri(self.storage):
             self.storage = os.path.abspath(os.path.expanduser(self.storage))
         self.train_config(self.targets[0])   # the shared training settings are valid too

@@ -1,14 +1,15 @@
-"""A Tune callback on the driver: one line per trial epoch, and trials.parquet rewritten each time a
-trial ends (so a crashed driver leaves an up-to-date table). Holds only plain values: a restored
-search unpickles it."""
+"""A Tune callback on the driver: one line per trial epoch, and trials.parquet rewritten from the
+search's studies (one per target) each time a trial ends (so a crashed driver leaves an up-to-date
+table). Trials are named by their search-wide number. Holds only plain values: a restored search
+unpickles it."""
 import sys
 import time
 from pathlib import Path
 
-import optuna
 from ray.tune import Callback
 
 from .results import trial_rows, write_parquet
+from .searcher import load_studies
 from .tracking import Tracking
 
 
@@ -30,6 +31,12 @@ class Progress(Callback):
     def _print(self, msg: str) -> None:
         print(f"[drn-search {time.time() - self.t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
+    def on_trial_start(self, iteration, trials, trial, **info):
+        c = trial.config
+        params = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in c.items()
+                           if k not in ("target", "optuna_trial"))
+        self._print(f"trial {c.get('optuna_trial')} (target {c.get('target')}) started: {params}")
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
         n = result.get("optuna_trial")
         if result.get("diverged"):
@@ -44,8 +51,8 @@ class Progress(Callback):
                        if result.get("start_epoch") and result.get("epoch") == result["start_epoch"] + 1 else ""))
 
     def _write(self, trials) -> list[dict]:
-        study = optuna.load_study(study_name=self.study_name, storage=self.study_storage)
-        rows = trial_rows(study, self.space_names, self.tolerance, checkpoint_paths(trials))
+        studies = load_studies(self.study_storage, self.study_name, self.targets)
+        rows = trial_rows(studies, self.space_names, self.tolerance, checkpoint_paths(trials))
         write_parquet(rows, self.parquet)
         if self.tracking is not None:   # states, Pareto tags, the parent's table and plot
             Tracking(**self.tracking).update(rows, Path(self.parquet), self.targets, self.cost_key)

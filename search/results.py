@@ -1,5 +1,5 @@
-"""The search's results: one row per Optuna trial -> <results>/<name>/trials.parquet, the Pareto
-flags, and the summary printed at the end."""
+"""The search's results: one row per Optuna trial of its studies (one per target, see searcher.py)
+-> <results>/<name>/trials.parquet, the Pareto flags, and the summary printed at the end."""
 import math
 import os
 from pathlib import Path
@@ -9,21 +9,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .pareto import pareto_front
+from .searcher import search_trial
 
 # accuracy, flops, k: on val (what every choice reads); test_*: the held-out split, reported only
 METRICS = ("accuracy", "flops", "k", "latency_ms", "test_accuracy", "test_flops", "test_k", "epoch", "threshold",
            "uncalibrated_flops", "mu", "target_cost", "rel_error", "distinct_paths")
 
 
-def trial_rows(study: optuna.Study, space_names: list[str], tolerance: float,
+def trial_rows(studies: list[optuna.Study], space_names: list[str], tolerance: float,
                checkpoints: dict[str, str] | None = None) -> list[dict]:
-    """Every trial of the study with its parameters, final metrics, state and Pareto flags over the
-    finished trials: `pareto_flops` (accuracy vs FLOPs) and `pareto_k` (accuracy vs routing length
-    K) among the trials of the same target, `pareto_all` (accuracy vs FLOPs) across all targets."""
+    """Every trial of the search's studies, by its search-wide number, with its parameters, final
+    metrics, state and Pareto flags over the finished trials: `pareto_flops` (accuracy vs FLOPs) and
+    `pareto_k` (accuracy vs routing length K) among the trials of the same target, `pareto_all`
+    (accuracy vs FLOPs) across all targets."""
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    trials = sorted((t for s in studies for t in s.get_trials(deepcopy=False)), key=search_trial)
+    for t in trials:
         a = t.user_attrs
-        row = {"trial": t.number, "state": t.state.name, "target": a.get("target"),
+        row = {"trial": search_trial(t), "state": t.state.name, "target": a.get("target"),
                "tune_trial_id": a.get("tune_trial_id")}
         row.update({n: t.params.get(n) for n in space_names})
         row.update({m: a.get(m) for m in METRICS})

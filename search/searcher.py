@@ -1,4 +1,4 @@
-"""A Ray Tune `Searcher` over a persistent Optuna study, by ask/tell.
+"""A Ray Tune `Searcher` over persistent Optuna studies, by ask/tell.
 
 Not Ray's `OptunaSearch`: that one tells ASHA-stopped trials to Optuna as COMPLETE with their
 truncated metrics (polluting the study and its Pareto front) and ignores constraints. Here:
@@ -7,10 +7,17 @@ truncated metrics (polluting the study and its Pareto front) and ignores constra
     stopped early (ASHA)        -> PRUNED (its last accuracy kept only as an intermediate value)
     error, or diverged (NaN)    -> FAIL
 
-One target: maximise val accuracy subject to |cost / target - 1| <= tolerance. Several targets:
-trial n gets targets[n % len(targets)]; objectives (accuracy up, cost down), so
-`study.best_trials` is the accuracy/cost front. The study lives in an RDB (sqlite by default),
-so a resumed search and its restored searcher keep asking the same study.
+One single-objective study per target: TPE maximises val accuracy subject to
+|cost / target - 1| <= tolerance, and sees only the trials of its own budget. The study of a
+search NAME is named NAME when it has one target, `NAME@TARGET` (e.g. `s@30%`) for each target when
+it has several (`study_names`). Each new trial goes to the target whose study holds the fewest
+trials (ties: the targets' order), so the budgets stay balanced whatever the scheduler prunes.
+
+Optuna numbers trials per study; the search numbers them once across its studies, at ask time
+(the count of trials in all the studies before it), kept as the user attr `search_trial` and handed
+to Tune as `optuna_trial`: Tune's trial dirs, MLflow's child runs, Parquet's `trial` and the
+progress lines use this number. The studies live in one RDB (sqlite by default), so a resumed
+search and its restored searcher keep asking the same studies and counting on.
 """
 import json
 import math
@@ -27,58 +34,80 @@ def budget_violation(cost: float, target: float, tolerance: float) -> float:
     return abs(cost / target - 1.0) - tolerance
 
 
+def study_names(name: str, targets: list[str]) -> dict[str, str]:
+    """Target -> the Optuna study of its trials: `name` itself for one target, `name@target` for several."""
+    return {t: name for t in targets} if len(targets) <= 1 else {t: f"{name}@{t}" for t in targets}
+
+
+def load_studies(storage: str, name: str, targets: list[str]) -> list[optuna.Study]:
+    """The search's studies that exist in `storage`, in the targets' order."""
+    rdb = optuna.storages.RDBStorage(storage)
+    have = set(optuna.get_all_study_names(rdb))
+    return [optuna.load_study(study_name=n, storage=rdb) for n in study_names(name, targets).values() if n in have]
+
+
+def search_trial(t: optuna.trial.FrozenTrial) -> int:
+    """The search-wide number of an Optuna trial."""
+    return t.user_attrs.get("search_trial", t.number)
+
+
 class OptunaSearcher(Searcher):
     def __init__(self, space: Space, targets: list[str], study_name: str, storage: str, tolerance: float,
                  total_epochs: int, cost_key: str = "flops", seed: int = 0):
         super().__init__(metric="accuracy", mode="max")
         self.space, self.targets, self.study_name, self.storage = space, list(targets), study_name, storage
         self.tolerance, self.total_epochs, self.cost_key, self.seed = tolerance, total_epochs, cost_key, seed
-        self.live: dict[str, int] = {}   # Tune trial id -> Optuna trial number, while it runs
-        self._study: optuna.Study | None = None
+        self.live: dict[str, tuple[str, int]] = {}   # Tune trial id -> (target, its study's trial number)
+        self._studies: dict[str, optuna.Study] | None = None
 
-    # the restored Tuner unpickles its searcher: reconnect to the study rather than pickle it
+    # the restored Tuner unpickles its searcher: reconnect to the studies rather than pickle them
     def __getstate__(self):
-        return {**self.__dict__, "_study": None}
+        return {**self.__dict__, "_studies": None}
 
     @property
-    def multi(self) -> bool:
-        return len(self.targets) > 1
-
-    @property
-    def study(self) -> optuna.Study:
-        if self._study is None:
+    def studies(self) -> dict[str, optuna.Study]:
+        """Target -> its study, all created at the first use."""
+        if self._studies is None:
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            sampler = optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=10, multivariate=True)
-            self._study = optuna.create_study(
-                study_name=self.study_name, storage=self.storage, load_if_exists=True, sampler=sampler,
-                directions=["maximize", "minimize"] if self.multi else ["maximize"])
-        return self._study
+            rdb = optuna.storages.RDBStorage(self.storage)
+            self._studies = {
+                t: optuna.create_study(study_name=name, storage=rdb, load_if_exists=True, direction="maximize",
+                                       sampler=optuna.samplers.TPESampler(seed=self.seed + i, n_startup_trials=10,
+                                                                          multivariate=True))
+                for i, (t, name) in enumerate(study_names(self.study_name, self.targets).items())}
+        return self._studies
 
-    def _trial(self, number: int) -> optuna.Trial:
-        frozen = self.study.trials[number]
-        return optuna.Trial(self.study, frozen._trial_id)  # a live handle on a running trial
+    def _frozen(self, target: str, number: int) -> optuna.trial.FrozenTrial:
+        return self.studies[target].get_trials(deepcopy=False)[number]
+
+    def _trial(self, target: str, number: int) -> optuna.Trial:
+        # a live handle on a running trial
+        return optuna.Trial(self.studies[target], self._frozen(target, number)._trial_id)
 
     def suggest(self, trial_id: str) -> dict:
-        trial = self.study.ask(self.space.distributions())
-        target = self.targets[trial.number % len(self.targets)]
+        counts = {t: len(s.get_trials(deepcopy=False)) for t, s in self.studies.items()}
+        target = min(self.targets, key=counts.__getitem__)   # the first of the fewest
+        trial = self.studies[target].ask(self.space.distributions())
+        number = sum(counts.values())
+        trial.set_user_attr("search_trial", number)
         trial.set_user_attr("target", target)
         trial.set_user_attr("tune_trial_id", trial_id)
-        self.live[trial_id] = trial.number
-        return {**self.space.fixed, **trial.params, "target": target, "optuna_trial": trial.number}
+        self.live[trial_id] = (target, trial.number)
+        return {**self.space.fixed, **trial.params, "target": target, "optuna_trial": number}
+
+    def _report(self, target: str, number: int, result: dict) -> None:
+        if result["epoch"] not in self._frozen(target, number).intermediate_values:
+            self._trial(target, number).report(result["accuracy"], step=int(result["epoch"]))
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        number = self.live.get(trial_id)
-        if number is None or self.multi or not _finite(result.get("accuracy")):
-            return
-        trial = self._trial(number)
-        if result["epoch"] not in self.study.trials[number].intermediate_values:
-            trial.report(result["accuracy"], step=int(result["epoch"]))
+        if trial_id in self.live and _finite(result.get("accuracy")):
+            self._report(*self.live[trial_id], result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        number = self.live.pop(trial_id, None)
-        if number is None or self.study.trials[number].state in TERMINAL:
+        target, number = self.live.pop(trial_id, (None, None))
+        if target is None or self._frozen(target, number).state in TERMINAL:
             return  # not ours, or already told (a restored driver replays)
-        trial = self._trial(number)
+        study, trial = self.studies[target], self._trial(target, number)
         result = result or {}
         from .results import METRICS
         for k in (*METRICS, "checkpoint_epoch"):
@@ -88,31 +117,34 @@ class OptunaSearcher(Searcher):
         if error or result.get("diverged") or not (_finite(result.get("accuracy")) and _finite(cost)):
             trial.set_user_attr("reason", result.get("error", "trial raised an error") if error or
                                 result.get("diverged") else "no final metrics")
-            self.study.tell(number, state=optuna.trial.TrialState.FAIL)
+            study.tell(number, state=optuna.trial.TrialState.FAIL)
         elif result.get("epoch", 0) < self.total_epochs:
-            # Tune skips on_trial_result for the result that made the scheduler stop the trial
-            if not self.multi and result["epoch"] not in self.study.trials[number].intermediate_values:
-                trial.report(result["accuracy"], step=int(result["epoch"]))
+            self._report(target, number, result)  # Tune skips on_trial_result for the result that stopped it
             trial.set_user_attr("reason", f"stopped by the scheduler after epoch {int(result.get('epoch', 0))}")
-            self.study.tell(number, state=optuna.trial.TrialState.PRUNED)
+            study.tell(number, state=optuna.trial.TrialState.PRUNED)
         else:
             trial.set_constraint("budget", budget_violation(cost, result["target_cost"], self.tolerance))
-            self.study.tell(number, [result["accuracy"], cost] if self.multi else result["accuracy"])
+            study.tell(number, result["accuracy"])
 
     # Tune checkpoints the searcher beside its experiment state: the id map, as JSON
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "w") as f:
-            json.dump({"live": self.live, "study_name": self.study_name, "storage": self.storage}, f)
+            json.dump({"live": self.live, "studies": study_names(self.study_name, self.targets),
+                       "storage": self.storage}, f)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path) as f:
             state = json.load(f)
-        self.live = {k: int(v) for k, v in state["live"].items()}
+        # an int: a one-study state written before the studies were per target
+        self.live = {k: (v[0], int(v[1])) if isinstance(v, list) else (self.targets[0], int(v))
+                     for k, v in state["live"].items()}
         # asked but never handed to Tune before the driver stopped: Tune will ask anew
-        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            if t.number not in self.live.values():
-                self._trial(t.number).set_user_attr("reason", "lost when the driver stopped before it started")
-                self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        for target, study in self.studies.items():
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                if (target, t.number) not in self.live.values():
+                    self._trial(target, t.number).set_user_attr(
+                        "reason", "lost when the driver stopped before it started")
+                    study.tell(t.number, state=optuna.trial.TrialState.FAIL)
 
 
 def _finite(v) -> bool:

@@ -7,6 +7,7 @@ error for Tune's retry logic, and the searcher marks it FAIL.
 """
 import math
 import shutil
+import time
 from pathlib import Path
 
 import ray
@@ -31,7 +32,10 @@ def run_trial(config: dict, base: dict, data, backbone: dict | None = None) -> N
     """`base`: TrainConfig fields shared by every trial, plus `target_key` (target_flops or
     target_latency_ms) and `threads`; `config`: what the searcher sampled, plus META; `data`: the
     images (drn.data.Dataset), decoded once by the driver; `backbone`: the checkpoint at base's
-    `init`, loaded once by the driver (both from Ray's object store)."""
+    `init`, loaded once by the driver (both from Ray's object store). Besides the trainer's metrics
+    each report carries where the trial's own time went: `setup_seconds` (config, model, cost table,
+    warm start, MLflow run) and, at the end, `export_seconds` (the logged model and artifacts)."""
+    t_entry = time.perf_counter()
     base = dict(base)
     target_key, threads = base.pop("target_key"), base.pop("threads")
     track = Tracking(**base.pop("tracking")) if base.get("tracking") else None
@@ -52,16 +56,19 @@ def run_trial(config: dict, base: dict, data, backbone: dict | None = None) -> N
     start_epoch = trainer.epoch   # > 0 when Tune restarted the trial (node lost, driver resumed)
     node = ray.get_runtime_context().get_node_id()
     run_id = track.child_run(config["optuna_trial"], config["target"], {**params, "seed": cfg.seed}) if track else None
+    setup = time.perf_counter() - t_entry
 
     def report(m: dict) -> None:
         m = scalar_metrics(m)
         m.update(target_cost=trainer.target, optuna_trial=config["optuna_trial"],
                  rel_error=m[cost_key] / trainer.target - 1, done=float(trainer.epoch >= cfg.total_epochs),
-                 checkpoint_epoch=trainer.epoch)
+                 checkpoint_epoch=trainer.epoch, setup_seconds=setup)
         if run_id is not None:
             track.log_epoch(run_id, {k: v for k, v in m.items() if math.isfinite(v)}, int(trainer.epoch))
             if trainer.epoch >= cfg.total_epochs:   # finished: the model, before Tune hears the end
+                t0 = time.perf_counter()
                 track.log_final(run_id, trainer)
+                m["export_seconds"] = time.perf_counter() - t0
         m.update(start_epoch=start_epoch, node_id=node)  # where this attempt ran, and from which epoch
         tune.report(m, checkpoint=tune.Checkpoint.from_directory(str(out)))
 

@@ -10,14 +10,14 @@ import torch
 from conftest import cli_command
 
 
-def _full_checkpoint(arch: str, path: Path) -> None:
+def _full_checkpoint(arch: str, path: Path, dataset: str = "imagefolder", classes: int = 3) -> None:
     """A checkpoint of a plain `arch` network, as drn-train --routing full writes it."""
     from drn.checkpoint import save_checkpoint
     from drn.config import TrainConfig
     from drn.models import build_model
-    cfg = TrainConfig(arch=arch, dataset="imagefolder", routing="full", out=str(path.parent))
-    model = build_model(arch, 3, 32, static_route=(True,) * (len(build_model(arch).blocks)))
-    save_checkpoint(path, {"config": cfg.to_dict(), "epoch": 1, "num_classes": 3, "input_size": 32,
+    cfg = TrainConfig(arch=arch, dataset=dataset, routing="full", out=str(path.parent))
+    model = build_model(arch, classes, 32, static_route=(True,) * (len(build_model(arch).blocks)))
+    save_checkpoint(path, {"config": cfg.to_dict(), "epoch": 1, "num_classes": classes, "input_size": 32,
                            "model": model.state_dict(), "val_index": [0, 1], "history": []})
 
 
@@ -34,6 +34,7 @@ def train_and_eval_cases(data: Path, tmp: Path) -> dict[str, tuple]:
     truncated.write_bytes(good.read_bytes()[:300])
     other_arch = tmp / "resnet14-full.pt"
     _full_checkpoint("resnet14", other_arch)
+    _full_checkpoint("resnet8", tmp / "resnet8-cifar10-full.pt", "cifar10", 10)
     out = str(tmp / "out")
     d = str(data)
     common = ("--dataset", "imagefolder", "--data-dir", d, "--out", out, "--epochs", "1", "--device", "cpu")
@@ -125,6 +126,7 @@ def search_cases(data: Path, tmp: Path) -> dict[str, tuple]:
         "search: malformed MLflow URI": (*base, "--mlflow-uri", "bogus://x"),
         "search: backbone missing file": (*base, "--backbone", str(tmp / "none.pt")),
         "search: backbone of another arch": (*base, "--backbone", str(tmp / "resnet14-full.pt")),
+        "search: backbone of another dataset": (*base, "--backbone", str(tmp / "resnet8-cifar10-full.pt")),
         "search: backbone corrupt file": (*base, "--backbone", str(tmp / "corrupt.pt")),
         "search: backbone epochs zero": (*base, "--backbone", "auto", "--backbone-epochs", "0"),
         "search: resume of an unknown name": ("drn-search", "--resume", "nope", "--storage", storage),

@@ -99,7 +99,7 @@ class Cluster:
         args = [*cli_command("drn-search"), "--address", self.address, "--storage", str(self.storage),
                 "--name", name, "--target-flops", "50%", "--arch", "resnet8", "--dataset", "synthetic",
                 "--batch-size", "64", "--max-concurrent", "2", "--cpus-per-trial", "1", "--scheduler", "fifo",
-                "--tolerance", "0.5", *extra]
+                "--tolerance", "0.5", "--backbone", "none", "--finetune-epochs", "0", *extra]
         if popen:
             return subprocess.Popen(args, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         return subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=900)

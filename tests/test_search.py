@@ -1,5 +1,6 @@
 """drn-search end to end on a real local Ray cluster (tiny data, CPU): trials, ASHA -> PRUNED,
-Parquet, summary, resume after an interrupt (bad input: test_bad_input.py)."""
+Parquet, summary, resume after an interrupt of a two-target search (one Optuna study and one ASHA
+per target) (bad input: test_bad_input.py)."""
 import json
 import signal
 import subprocess
@@ -19,7 +20,8 @@ TERMINAL = {"COMPLETE", "PRUNED", "FAIL"}
 
 def search_args(data: Path, storage: Path, name: str, *extra: str) -> list[str]:
     return ["--target-flops", "50%", "--arch", "resnet8", "--dataset", "imagefolder", "--data-dir", str(data),
-            "--epochs", "2", "--batch-size", "12", "--storage", str(storage), "--name", name, *extra]
+            "--epochs", "2", "--finetune-epochs", "0", "--backbone", "none", "--batch-size", "12",
+            "--storage", str(storage), "--name", name, *extra]
 
 
 def tune_epochs(experiment: Path) -> dict[int, list[int]]:
@@ -97,7 +99,10 @@ def test_asha_stopped_trials_are_pruned_in_optuna_not_complete(search):
 
 
 def test_resume_after_an_interrupt_keeps_finished_trials_and_counts_none_twice(tiny_data, tmp_path):
-    args = search_args(tiny_data, tmp_path, "r", "--num-samples", "4", "--max-concurrent", "1", "--scheduler", "fifo")
+    # two targets: a study each, numbered once across both; ASHA per target, its only rung at the
+    # last epoch (nothing pruned), restored with the tuner
+    args = search_args(tiny_data, tmp_path, "r", "--num-samples", "4", "--max-concurrent", "1",
+                       "--target-flops", "50%", "70%", "--scheduler", "asha", "--grace-period", "2")
     proc = subprocess.Popen([*cli_command("drn-search"), *args], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True)
     seen = []
@@ -124,6 +129,14 @@ def test_resume_after_an_interrupt_keeps_finished_trials_and_counts_none_twice(t
             assert r["tune_trial_id"] == finished[r["trial"]]["tune_trial_id"]
     for n, epochs in tune_epochs(tmp_path / "r").items():
         assert epochs == [1, 2], (n, epochs)      # an interrupted trial went on from its checkpoint
+    db = f"sqlite:///{tmp_path / 'r' / 'optuna.db'}"
+    assert sorted(optuna.get_all_study_names(db)) == ["r@50%", "r@70%"]
+    for target in ("50%", "70%"):                 # each study holds its own target's trials, two each
+        study = optuna.load_study(study_name=f"r@{target}", storage=db)
+        assert study.directions == [optuna.study.StudyDirection.MAXIMIZE]
+        assert {t.user_attrs["target"] for t in study.trials} == {target} and len(study.trials) == 2
+        assert sorted(t.user_attrs["search_trial"] for t in study.trials) == sorted(
+            r["trial"] for r in after if r["target"] == target)
 
 
 def test_an_existing_name_is_not_overwritten(search, tiny_data):

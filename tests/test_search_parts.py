@@ -1,4 +1,5 @@
-"""drn-search's parts without a Ray cluster: spaces, the Pareto function, the Optuna searcher."""
+"""drn-search's parts without a Ray cluster: spaces, the Pareto function, the Optuna searcher, the
+per-target ASHA scheduler."""
 import json
 import pickle
 
@@ -131,7 +132,8 @@ def test_searcher_tells_optuna_complete_pruned_and_fail(searcher):
                                      "flops": float("nan"), "epoch": 2})
     searcher.on_trial_complete("e", _final(0.70, 150.0))                 # finished, 50 % over budget
     S = optuna.trial.TrialState
-    study = searcher.study
+    study = searcher.studies["50%"]
+    assert study.study_name == "s"                                       # one target: the search's name
     assert [t.state for t in study.trials] == [S.COMPLETE, S.PRUNED, S.FAIL, S.FAIL, S.COMPLETE]
     assert study.trials[0].intermediate_values == {1: 0.3, 2: 0.4}
     assert study.trials[1].intermediate_values == {1: 0.40}              # kept as what it is: partial
@@ -148,29 +150,146 @@ def test_searcher_survives_pickling_and_restores_its_trial_map(searcher, tmp_pat
     searcher.suggest("b")
     searcher.save(str(tmp_path / "state.json"))
     clone = pickle.loads(pickle.dumps(searcher))      # what Tuner.restore does with tuner.pkl
-    assert clone._study is None
+    assert clone._studies is None
     clone.live = {}
     # the driver died after asking for "c" but before Tune recorded it: that trial is FAILed
     searcher.suggest("c")
     clone.restore(str(tmp_path / "state.json"))
-    assert clone.live == {"a": 0, "b": 1}
+    assert clone.live == {"a": ("50%", 0), "b": ("50%", 1)}
     S = optuna.trial.TrialState
-    assert [t.state for t in clone.study.trials] == [S.RUNNING, S.RUNNING, S.FAIL]
+    assert [t.state for t in clone.studies["50%"].trials] == [S.RUNNING, S.RUNNING, S.FAIL]
     clone.on_trial_complete("b", _final(0.5, 100.0))
-    assert clone.study.trials[1].state == S.COMPLETE
+    assert clone.studies["50%"].trials[1].state == S.COMPLETE
     assert clone.suggest("d")["optuna_trial"] == 3
 
 
-def test_several_targets_make_a_two_objective_study(tmp_path):
-    space = load_space(SPACES_DIR / "default.yaml")
-    s = OptunaSearcher(space, ["30%", "60%"], "m", f"sqlite:///{tmp_path / 'o.db'}", 0.02, 2)
-    targets = [s.suggest(str(i))["target"] for i in range(4)]
-    assert targets == ["30%", "60%", "30%", "60%"]
-    s.on_trial_complete("0", _final(0.5, 30.0, target=30.0, epoch=2))
+TARGETS = ["30%", "60%", "90%"]
+
+
+def test_several_targets_get_one_single_objective_study_each(tmp_path):
+    db = f"sqlite:///{tmp_path / 'o.db'}"
+    s = OptunaSearcher(load_space(SPACES_DIR / "default.yaml"), TARGETS, "m", db, 0.02, 2)
+    configs = {str(i): s.suggest(str(i)) for i in range(3)}
+    assert [c["target"] for c in configs.values()] == TARGETS               # ties: the targets' order
+    s.on_trial_result("0", {"accuracy": 0.2, "epoch": 1})
+    s.on_trial_complete("0", _final(0.2, 30.0, target=30.0, epoch=1))       # stopped by ASHA: PRUNED
+    for i in range(3, 6):   # the pruned trial still counts: the budgets stay one trial apart at most
+        configs[str(i)] = s.suggest(str(i))
+    assert [configs[str(i)]["target"] for i in range(3, 6)] == TARGETS
+    s.on_trial_result("1", {"accuracy": 0.5, "epoch": 1})                  # every study hears epochs
     s.on_trial_complete("1", _final(0.6, 60.0, target=60.0, epoch=2))
-    s.on_trial_complete("2", _final(0.4, 31.0, target=30.0, epoch=2))  # dominated by trial 0
-    assert s.study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
-    assert sorted(t.number for t in s.study.best_trials) == [0, 1]
+    s.on_trial_complete("4", _final(0.7, 70.0, target=60.0, epoch=2))      # more accurate, 17 % over
+    s.on_trial_complete("2", error=True)
+    # the fewest trials first: a study ahead of the others waits for them
+    s.studies["30%"].ask()
+    s.studies["30%"].ask()
+    configs.update({str(i): s.suggest(str(i)) for i in range(8, 13)})
+    assert [configs[str(i)]["target"] for i in range(8, 13)] == ["60%", "90%", "60%", "90%", "30%"]
+
+    assert set(optuna.get_all_study_names(db)) == {"m@30%", "m@60%", "m@90%"}
+    S = optuna.trial.TrialState
+    numbers = []
+    for target, study in s.studies.items():
+        assert study.study_name == f"m@{target}" and study.directions == [optuna.study.StudyDirection.MAXIMIZE]
+        mine = [t for t in study.trials if "search_trial" in t.user_attrs]
+        assert {t.user_attrs["target"] for t in mine} == {target}                # only its own target's
+        assert [t.number for t in study.trials] == list(range(len(study.trials)))  # Optuna's, per study
+        numbers += [t.user_attrs["search_trial"] for t in mine]
+        assert all(configs[t.user_attrs["tune_trial_id"]]["optuna_trial"] == t.user_attrs["search_trial"]
+                   for t in mine)
+    # one search-wide number per trial, counting the two asked by hand (6 and 7)
+    assert sorted(numbers) == [0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12]
+    assert [c["optuna_trial"] for c in configs.values()] == [0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12]
+    assert [t.state for t in s.studies["30%"].trials][:1] == [S.PRUNED]
+    assert s.studies["30%"].trials[0].intermediate_values == {1: 0.2}
+    sixty = s.studies["60%"]
+    assert sixty.trials[0].intermediate_values == {1: 0.5}
+    assert sixty.best_trial.number == 0 and sixty.best_trial.user_attrs["search_trial"] == 1  # 4 misses its budget
+    assert s.studies["90%"].trials[0].state == S.FAIL
+
+
+def test_tpe_of_one_target_sees_only_that_targets_trials(tmp_path, monkeypatch):
+    seen = []
+    sample = optuna.samplers.TPESampler.sample_relative
+
+    def spy(self, study, trial, search_space):
+        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        seen.append((study.study_name, {t.user_attrs["target"] for t in done}, len(done)))
+        return sample(self, study, trial, search_space)
+    monkeypatch.setattr(optuna.samplers.TPESampler, "sample_relative", spy)
+    s = OptunaSearcher(load_space(SPACES_DIR / "default.yaml"), ["30%", "60%"], "m",
+                       f"sqlite:///{tmp_path / 'o.db'}", 0.5, 2)
+    for i in range(24):     # 12 per target: both past TPE's 10 random start-up trials
+        c = s.suggest(str(i))
+        budget = float(c["target"][:-1])
+        s.on_trial_complete(str(i), _final(budget / 100 + 0.001 * i, budget, target=budget, epoch=2))
+    assert seen and all(targets <= {name.split("@")[1]} for name, targets, _ in seen)
+    assert {name for name, _, n in seen if n >= 10} == {"m@30%", "m@60%"}     # TPE modelled each alone
+
+
+def test_per_target_asha_compares_a_trial_only_with_its_own_budget():
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from search.scheduler import PerTargetASHA
+
+    def make(cls, *args):
+        sched = cls(*args, time_attr="training_iteration", max_t=4, grace_period=1, reduction_factor=2)
+        assert sched.set_search_properties("accuracy", "max")   # as the TuneConfig sets them
+        return sched
+
+    def trial(tid, target):   # what ASHA reads of a Trial: its id; PerTargetASHA: its config's target
+        return SimpleNamespace(trial_id=tid, config={"target": target})
+
+    # budget B's trials score far above budget A's at the first rung (epoch 1)
+    steps = [("b1", "B", 0.90), ("b2", "B", 0.92), ("b3", "B", 0.91),
+             ("a1", "A", 0.30), ("a2", "A", 0.32), ("a3", "A", 0.85), ("a4", "A", 0.90), ("a5", "A", 0.20)]
+    per, one = make(PerTargetASHA, ["A", "B"]), make(ASHAScheduler)
+    decisions = {}
+    for sched in (per, one):
+        for tid, target, acc in steps:
+            t = trial(tid, target)
+            sched.on_trial_add(None, t)
+            decisions[sched is per, tid] = sched.on_trial_result(None, t, {"training_iteration": 1, "accuracy": acc})
+    STOP, GO = TrialScheduler.STOP, TrialScheduler.CONTINUE
+    # one ASHA for both budgets stops A's first trials: B's set its cut
+    assert [decisions[False, t] for t in ("a1", "a2")] == [STOP, STOP]
+    # per target: A's weak trials go on (B's do not count), and the weak one among strong A trials stops
+    assert [decisions[True, t] for t, _, _ in steps] == [GO] * 7 + [STOP]
+    assert set(per.schedulers["A"]._trial_info) == {"a1", "a2", "a3", "a4", "a5"}
+    clone = pickle.loads(pickle.dumps(per))                      # Tuner.restore unpickles it
+    per.on_trial_complete(None, trial("a1", "A"), {"training_iteration": 1, "accuracy": 0.30})
+    per.on_trial_remove(None, trial("b1", "B"))
+    assert "a1" not in per.schedulers["A"]._trial_info and "b1" not in per.schedulers["B"]._trial_info
+    assert set(per.schedulers["B"]._trial_info) == {"b2", "b3"}
+    t = trial("a6", "A")                                          # the clone kept A's rung
+    clone.on_trial_add(None, t)
+    assert clone.on_trial_result(None, t, {"training_iteration": 1, "accuracy": 0.25}) == STOP
+    assert clone.metric == "accuracy" and "target B" in clone.debug_string()
+
+
+def test_searcher_with_several_studies_saves_and_restores(tmp_path):
+    s = OptunaSearcher(load_space(SPACES_DIR / "default.yaml"), ["30%", "60%"], "m",
+                       f"sqlite:///{tmp_path / 'o.db'}", 0.02, 2)
+    assert [s.suggest(tid)["target"] for tid in ("a", "b", "c")] == ["30%", "60%", "30%"]
+    s.save(str(tmp_path / "state.json"))
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["live"] == {"a": ["30%", 0], "b": ["60%", 0], "c": ["30%", 1]}
+    assert state["studies"] == {"30%": "m@30%", "60%": "m@60%"}
+    assert s.suggest("d")["target"] == "60%"          # asked, but the driver died before Tune recorded it
+    clone = pickle.loads(pickle.dumps(s))
+    assert clone._studies is None
+    clone.live = {}
+    clone.restore(str(tmp_path / "state.json"))
+    assert clone.live == {"a": ("30%", 0), "b": ("60%", 0), "c": ("30%", 1)}
+    S = optuna.trial.TrialState
+    assert [t.state for t in clone.studies["30%"].trials] == [S.RUNNING, S.RUNNING]
+    assert [t.state for t in clone.studies["60%"].trials] == [S.RUNNING, S.FAIL]
+    clone.on_trial_complete("b", _final(0.5, 60.0, target=60.0, epoch=2))
+    assert clone.studies["60%"].trials[0].state == S.COMPLETE
+    e = clone.suggest("e")                            # the lost trial counts, in its study and in the numbering
+    assert (e["target"], e["optuna_trial"]) == ("30%", 4)
 
 
 def test_several_targets_get_one_front_each_and_one_across(tmp_path):
@@ -192,7 +311,8 @@ def test_several_targets_get_one_front_each_and_one_across(tmp_path):
         budget = 30.0 if target == "30%" else 60.0
         s.on_trial_complete(str(i), {"accuracy": acc, "flops": flops, "k": k, "target_cost": budget,
                                      "epoch": 2, "rel_error": flops / budget - 1})
-    rows = trial_rows(s.study, [p.name for p in space.params], 0.1)
+    rows = trial_rows(list(s.studies.values()), [p.name for p in space.params], 0.1)
+    assert [(r["trial"], r["target"]) for r in rows] == [(i, f[0]) for i, f in enumerate(final)]
     flags = {c: [i for i, r in enumerate(rows) if r[c]] for c in ("pareto_flops", "pareto_k", "pareto_all")}
     assert flags == {"pareto_flops": [0, 1, 3, 4, 5], "pareto_k": [1, 3, 4, 5], "pareto_all": [0, 1, 3, 4]}
     # each per-target front is the Pareto function's answer on that target's trials alone

@@ -55,7 +55,7 @@ def tracked(server, tmp_path_factory):
     proc = run_cli("drn-search", "--target-flops", "50%", "--arch", "resnet8", "--dataset", "synthetic",
                    "--epochs", "2", "--batch-size", "64", "--num-samples", "3", "--max-concurrent", "2",
                    "--scheduler", "fifo", "--tolerance", "0.2", "--storage", str(storage), "--name", "t3",
-                   "--mlflow-uri", server)
+                   "--mlflow-uri", server, "--backbone", "none", "--finetune-epochs", "0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     from mlflow import MlflowClient
     client = MlflowClient(tracking_uri=server)
@@ -142,6 +142,6 @@ def test_a_model_uri_that_does_not_exist_is_a_usage_error(server):
 
 def test_an_experiment_name_taken_on_the_server_is_a_usage_error(tracked, server, tmp_path):
     proc = run_cli("drn-search", "--smoke-test", "--storage", str(tmp_path / "other"), "--name", "t3",
-                   "--mlflow-uri", server)
+                   "--mlflow-uri", server, "--backbone", "none", "--finetune-epochs", "0")
     assert proc.returncode == 2 and "already exists" in proc.stderr and proc.stderr.count("\n") == 1
     assert not (tmp_path / "other").exists()

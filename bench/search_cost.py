@@ -1,0 +1,240 @@
+"""Search cost (issue 15): a 3-budget front for at most 3 x one full training, from one backbone.
+
+    python bench/search_cost.py prep     # the references: the plain network (the backbone), the DRN from
+                                         # scratch at each budget, and fine-tunes of several lengths from it
+    python bench/search_cost.py goal     # C, then the search, timed side by side on an idle machine
+    python bench/search_cost.py report   # BENCHMARKS.md's tables from bench/results/search_cost/
+
+ResNet-20 on cifar10-5k (DRN_DATA_DIR), batch 128, seed 0; E = the backbone's (scratch) schedule.
+`prep` runs two trainings at a time, one thread each (accuracy only: its times are not used);
+`goal` runs alone: C = `drn-train --routing full --epochs E` (every core), then
+`drn-search --target-flops 30% 50% 70% --backbone auto --backbone-epochs E --epochs F ...` on a fresh
+storage, and reads where its time went from each trial's result.json.
+"""
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "search_cost"
+RUNS = ROOT / "bench" / "runs" / "search_cost"
+E = 30                      # epochs of the backbone = the scratch DRN's schedule
+BATCH = 128
+TARGETS = (30, 50, 70)      # % of the full network's FLOPs
+FINETUNES = (3, 6, 10)      # candidate trial lengths (epochs before the frozen-router finetune), at 30 %
+FINETUNE_LRS = (0.02, 0.05)  # candidate peak lrs of a fine-tune (drn-train's default: 0.1), at 30 %
+
+
+def _cli(entry: str, args: list[str], threads: int = 1) -> subprocess.CompletedProcess:
+    code = f"import sys; from drn.cli import {entry}; sys.exit({entry}(sys.argv[1:]))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+
+
+def plan(data_dir: str) -> dict[str, list[str]]:
+    full = str(RUNS / "full" / "checkpoint.pt")
+    runs = {"full": ["--routing", "full", "--epochs", str(E)]}
+    for t in TARGETS:
+        runs[f"scratch-{t}"] = ["--target-flops", f"{t}%", "--epochs", str(E)]
+    for t, f, lr in [(30, f, 0.1) for f in FINETUNES] + [(30, 6, lr) for lr in FINETUNE_LRS]:
+        name = f"ft{f}-{t}" + (f"-lr{lr:g}" if lr != 0.1 else "")
+        runs[name] = ["--init", full, "--target-flops", f"{t}%", "--epochs", str(f), "--lr", str(lr)]
+    # a short main phase (routers learn; every block runs, two views) and a long finetune (routers
+    # frozen, hard routes, one view): at 30 % a finetune epoch costs ~1/6 of a main one
+    for t, f, ff in [(30, 3, 15), (30, 3, 30), (30, 2, 20)] + [(t, 3, 15) for t in (50, 70)] + \
+            [(70, 2, 20), (70, 5, 15), (50, 2, 20), (30, 5, 20)]:
+        runs[f"ft{f}+{ff}-{t}"] = ["--init", full, "--target-flops", f"{t}%", "--epochs", str(f),
+                                   "--finetune-epochs", str(ff)]
+    for t, f, ff in [(70, 3, 15), (70, 2, 20)]:   # the routers keep their peak lr through a short main phase
+        runs[f"ft{f}+{ff}-{t}-rc"] = ["--init", full, "--target-flops", f"{t}%", "--epochs", str(f),
+                                      "--finetune-epochs", str(ff), "--router-lr", "constant"]
+    common = ["--arch", "resnet20", "--dataset", "imagefolder", "--data-dir", data_dir, "--batch-size", str(BATCH),
+              "--seed", "0", "--device", "cpu", "--json"]
+    return {k: [*common, *v] for k, v in runs.items()}
+
+
+def _one(name: str, flags: list[str]) -> str:
+    out = RUNS / name
+    t0 = time.time()
+    resume = ["--resume"] if (out / "checkpoint.pt").exists() else []
+    proc = _cli("train_main", [*flags, "--out", str(out), *resume])
+    if proc.returncode != 0:
+        return f"{name}: drn-train failed: {proc.stderr[-800:]}"
+    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    ev = _cli("eval_main", [str(out / "checkpoint.pt"), "--split", "test", "--device", "cpu", "--json"])
+    if ev.returncode != 0:
+        return f"{name}: drn-eval failed: {ev.stderr[-800:]}"
+    rec = {"name": name, "flags": flags, "train": m, "test": json.loads(ev.stdout.strip().splitlines()[-1]),
+           "seconds": time.time() - t0}
+    tmp = RESULTS / f"{name}.json.tmp"
+    tmp.write_text(json.dumps(rec, indent=1))
+    tmp.replace(RESULTS / f"{name}.json")
+    e = rec["test"]
+    return (f"{name}: val {m['accuracy']:.2%}, test {e['accuracy']:.2%}, FLOPs {e['flops'] / e['flops_full']:.1%} "
+            f"of full | {rec['seconds']:.0f}s")
+
+
+def prep(args) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    RUNS.mkdir(parents=True, exist_ok=True)
+    todo = {k: v for k, v in plan(args.data_dir).items() if not (RESULTS / f"{k}.json").exists()}
+    if "full" in todo:                      # every fine-tune starts from it
+        print(_one("full", todo.pop("full")), flush=True)
+    started = [k for k in todo if (RUNS / k / "checkpoint.pt").exists()]
+    first = started + [k for k in todo if "+" in k and k not in started]   # the recipe questions first
+    todo = {k: todo[k] for k in [*first, *[k for k in todo if k not in first]]}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for line in pool.map(lambda kv: _one(*kv), todo.items()):
+            print(line, flush=True)
+    return 0
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def goal(args) -> int:
+    """C, then the search, one after the other on an otherwise idle machine."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="drn-search-cost-"))
+    common = ["--arch", "resnet20", "--dataset", "imagefolder", "--data-dir", args.data_dir, "--batch-size", str(BATCH),
+              "--seed", "0"]
+    threads = str(os.cpu_count() or 1)
+    t0 = time.perf_counter()   # C: drn-train on every core, as a user runs it
+    proc = _cli("train_main", [*common, "--routing", "full", "--epochs", str(E), "--device", "cpu", "--json",
+                               "--out", str(work / "full")], threads=int(threads))
+    c = time.perf_counter() - t0
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return 1
+    print(f"C = {c:.0f}s (drn-train --routing full --epochs {E})", flush=True)
+    search = [shutil.which("drn-search") or "drn-search", "--target-flops", *[f"{t}%" for t in TARGETS], *common,
+              "--backbone-epochs", str(E), "--epochs", str(args.epochs), "--num-samples", str(args.trials),
+              "--storage", str(work / "storage"), "--name", "goal",
+              *(["--max-concurrent", str(args.concurrent)] if args.concurrent else [])]
+    print(" ".join(search), flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(search, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": threads})
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        return 1
+    (RESULTS / "goal-search.log").write_text(proc.stderr + "\n" + proc.stdout)
+    import pyarrow.parquet as pq
+    import torch
+    backbone = next((work / "storage" / "backbones").glob("*/checkpoint.pt"))
+    b_hist = torch.load(backbone, map_location="cpu", weights_only=True)
+    b_seconds = b_hist["history"][-1]["backbone_seconds"]
+    trials = []
+    for f in sorted((work / "storage" / "goal").glob("trial-*/result.json")):
+        rows = _rows(f)
+        last = rows[-1]
+        trials.append({"trial": int(last["optuna_trial"]), "target": None, "epochs": len(rows),
+                       "epoch_s": sum(r["epoch_seconds"] for r in rows), "calib_s": sum(r.get("calib_seconds", 0.0) for r in rows),
+                       "setup_s": rows[0].get("setup_seconds", 0.0), "export_s": last.get("export_seconds", 0.0),
+                       "tune_total_s": last["time_total_s"]})
+    table = pq.read_table(work / "storage" / "goal" / "trials.parquet").to_pylist()
+    by_trial = {r["trial"]: r for r in table}
+    for t in trials:
+        t["target"] = by_trial[t["trial"]]["target"]
+        t["state"] = by_trial[t["trial"]]["state"]
+    import re                                   # the driver's view: when each trial started and ended
+    for line in proc.stderr.splitlines():
+        m = re.match(r"\[drn-search\s+(\d+)s\] trial (\d+) (?:\(target \S+\) started|(\w+).*trials ended)", line)
+        if m:
+            t = next((t for t in trials if t["trial"] == int(m.group(2))), None)
+            if t is not None:
+                t["ended_at" if m.group(3) else "started_at"] = int(m.group(1))
+    slots = args.concurrent or os.cpu_count() or 1   # drn-search's default: one 1-CPU trial per core
+    occupied = sum(t["ended_at"] - t["started_at"] for t in trials)
+    window = max(t["ended_at"] for t in trials) - min(t["started_at"] for t in trials)
+    search_s = wall - b_seconds                    # from the backbone's end to the command's
+    train = sum(t["epoch_s"] + t["calib_s"] for t in trials)
+    budgets = {}
+    for t in TARGETS:
+        feas = [r for r in table if r["target"] == f"{t}%" and r["feasible"]]
+        best = max(feas, key=lambda r: r["accuracy"]) if feas else None
+        ref = json.loads((RESULTS / f"scratch-{t}.json").read_text()) if (RESULTS / f"scratch-{t}.json").exists() else None
+        budgets[f"{t}%"] = {"trial": best and best["trial"], "val": best and best["accuracy"],
+                            "test": best and best["test_accuracy"], "flops_error": best and best["rel_error"],
+                            "scratch_test": ref and ref["test"]["accuracy"], "scratch_val": ref and ref["train"]["accuracy"]}
+    out = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores",
+           "C_s": c, "command": " ".join(search), "wall_s": wall, "backbone_s": b_seconds,
+           "backbone_val": b_hist["history"][-1]["accuracy"], "backbone_test": (b_hist.get("test") or {}).get("test_accuracy"),
+           "slots": slots, "after_backbone_s": search_s, "train_calib_s": train,
+           "training_share": train / (slots * search_s), "trial_occupied_s": occupied, "trial_window_s": window,
+           "share_of_trials_time": train / occupied, "share_of_slots_window": train / (slots * window),
+           "trials": trials, "budgets": budgets,
+           "within_3C": wall <= 3 * c}
+    (RESULTS / "goal.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps({k: v for k, v in out.items() if k != "trials"}, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def report(args) -> int:
+    recs = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json")) if p.stem != "goal"}
+    print("| run | start | budget | epochs (+ finetune) | peak lr | val acc | test acc | test FLOPs |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in sorted(recs.items(), key=lambda kv: (kv[0] != "full", kv[0].split("-")[1:2], kv[0])):
+        f, m, e = r["flags"], r["train"], r["test"]
+        ep = f[f.index("--epochs") + 1]
+        lr = f[f.index("--lr") + 1] if "--lr" in f else "0.1"
+        budget = f[f.index("--target-flops") + 1] if "--target-flops" in f else "full"
+        start = "backbone" if "--init" in f else "scratch"
+        total = m.get("epoch", int(ep))
+        print(f"| {name} | {start} | {budget} | {ep} (+{int(total) - int(ep)}) | {lr} | {m['accuracy']:.1%} | "
+              f"{e['accuracy']:.1%} | {e['flops'] / e['flops_full']:.1%} |")
+    g = RESULTS / "goal.json"
+    if not g.exists():
+        return 0
+    g = json.loads(g.read_text())
+    print(f"\nC = {g['C_s']:.0f} s; search {g['wall_s']:.0f} s = {g['wall_s'] / g['C_s']:.2f} C (backbone "
+          f"{g['backbone_s']:.0f} s)")
+    print(f"training (epochs + calibration) {g['train_calib_s']:.0f} s: {g['share_of_trials_time']:.1%} of the time "
+          f"trials held their slots ({g['trial_occupied_s']:.0f} s, start to end as the driver saw them), "
+          f"{g['share_of_slots_window']:.1%} of {g['slots']} slots from the first trial's start to the last one's end "
+          f"({g['trial_window_s']:.0f} s), {g['training_share']:.1%} of {g['slots']} slots from the backbone's end to "
+          f"the command's ({g['after_backbone_s']:.0f} s)")
+    print("\n| budget | trial | val acc | test acc | FLOPs error | scratch DRN test acc | search − scratch |")
+    print("|---|---|---|---|---|---|---|")
+    for t, b in g["budgets"].items():
+        if b["trial"] is None:
+            print(f"| {t} | none feasible | | | | {b['scratch_test']:.1%} | |")
+            continue
+        print(f"| {t} | {b['trial']} | {b['val']:.1%} | {b['test']:.1%} | {b['flops_error']:+.1%} | "
+              f"{b['scratch_test']:.1%} | {100 * (b['test'] - b['scratch_test']):+.1f} |")
+    print("\n| trial | target | state | epochs | epochs s | calibration s | setup s | model export s | Tune's total s "
+          "| slot held s | rest s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for t in sorted(g["trials"], key=lambda t: t["trial"]):
+        held = t["ended_at"] - t["started_at"]
+        rest = held - t["epoch_s"] - t["calib_s"] - t["setup_s"] - t["export_s"]
+        print(f"| {t['trial']} | {t['target']} | {t['state']} | {t['epochs']} | {t['epoch_s']:.0f} | {t['calib_s']:.1f} | "
+              f"{t['setup_s']:.1f} | {t['export_s']:.1f} | {t['tune_total_s']:.0f} | {held} | {rest:.0f} |")
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=("prep", "goal", "report"))
+    ap.add_argument("--data-dir", default=os.environ.get("DRN_DATA_DIR", str(ROOT.parent / "shared/data/cifar10-5k")))
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=6, help="goal: each trial's --epochs")
+    ap.add_argument("--trials", type=int, default=4, help="goal: --num-samples")
+    ap.add_argument("--concurrent", type=int, default=None, help="goal: trial slots (default: one per core)")
+    args = ap.parse_args()
+    args.data_dir = str(Path(args.data_dir).absolute())
+    return {"prep": prep, "goal": goal, "report": report}[args.what](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
