@@ -122,7 +122,7 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
             full = f"{arch}-full-s{seed}"
             runs[full] = ["--arch", arch, "--routing", "full", *s]
             for start in ("scratch", "warm"):
-                init = ["--init", str(RUNS_DIR / full / "checkpoint.pt")] if start == "warm" else []
+                init = ["--init", str(RUNS_DIR / full / "checkpoint.pt"), *WARM_KI] if start == "warm" else []
                 for t in TARGETS[arch]:
                     for method in METHODS if arch == "resnet20" else ("drn", *PAPER):
                         routing = FREE if method == "drn" else ["--routing", method, *ZERO[arch]]
@@ -150,7 +150,7 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
             if arch == "resnet56":   # the plain network and the statics on the DRN's recipe
                 runs[f"{arch}-full-drnrecipe-s{seed}"] = ["--arch", arch, "--routing", "full", *RECIPE, *s]
                 for start in ("scratch", "warm"):
-                    init = ["--init", str(RUNS_DIR / full / "checkpoint.pt")] if start == "warm" else []
+                    init = ["--init", str(RUNS_DIR / full / "checkpoint.pt"), *WARM_KI] if start == "warm" else []
                     for method in PAPER if start == "scratch" else PAPER[1:]:
                         runs[f"{arch}-{start}-{method}-50-drnrecipe-s{seed}"] = [
                             "--arch", arch, "--routing", method, "--target-flops", "50%", *RECIPE, *init, *s]
@@ -159,7 +159,7 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                         "--arch", arch, "--routing", method, "--target-flops", "50%", "--views", "2", *RECIPE, *s]
             if arch == "resnet20":
                 for start in ("scratch", "warm"):   # the DRN with the other training routing, every cell
-                    init = ["--init", str(RUNS_DIR / full / "checkpoint.pt")] if start == "warm" else []
+                    init = ["--init", str(RUNS_DIR / full / "checkpoint.pt"), *WARM_KI] if start == "warm" else []
                     for t in TARGETS[arch]:
                         runs[f"{arch}-{start}-drn-{t}-{ALT}-s{seed}"] = [
                             "--arch", arch, "--target-flops", f"{t}%", "--train-routing", ALT, *FREE, *init, *s]
@@ -167,6 +167,10 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                     runs[f"{arch}-scratch-drn-50-{name}-s{seed}"] = ["--arch", arch, "--target-flops", "50%", *flags,
                                                                      *FREE, *s]
     return runs
+
+
+# the warm rows ran with the budget loop's ki 8, the default for every start before issue 15 (now 16 from --init)
+WARM_KI = ["--mu-ki", "8"]
 
 
 def _cli(entry: str, args: list[str]) -> subprocess.CompletedProcess:

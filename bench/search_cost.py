@@ -8,8 +8,9 @@
 ResNet-20 on cifar10-5k (DRN_DATA_DIR), batch 128, seed 0; E = the backbone's (scratch) schedule.
 `prep` runs two trainings at a time, one thread each (accuracy only: its times are not used);
 `goal` runs alone: C = `drn-train --routing full --epochs E` (every core), then
-`drn-search --target-flops 30% 50% 70% --backbone auto --backbone-epochs E --epochs F ...` on a fresh
-storage, and reads where its time went from each trial's result.json.
+`drn-search --target-flops 30% 50% 70% --backbone-epochs E --num-samples 4 ...` (the default backbone
+and trial schedule) on a fresh storage, and reads where its time went from each trial's result.json
+and the driver's progress lines.
 """
 import argparse
 import json
@@ -55,6 +56,14 @@ def plan(data_dir: str) -> dict[str, list[str]]:
     for t, f, ff in [(70, 3, 15), (70, 2, 20)]:   # the routers keep their peak lr through a short main phase
         runs[f"ft{f}+{ff}-{t}-rc"] = ["--init", full, "--target-flops", f"{t}%", "--epochs", str(f),
                                       "--finetune-epochs", str(ff), "--router-lr", "constant"]
+    for t, f, ff, ki in [(70, 2, 20, 32), (70, 5, 20, 16), (30, 5, 20, 16), (50, 5, 20, 16)]:   # a faster loop
+        runs[f"ft{f}+{ff}-{t}-ki{ki}"] = ["--init", full, "--target-flops", f"{t}%", "--epochs", str(f),
+                                          "--finetune-epochs", str(ff), "--mu-ki", str(ki)]
+    # the searches' 70 % trial: its sampled loss weights, and the same with the paper's d_d
+    trial2 = ["--d-c", "0.246", "--lam", "0.23", "--alpha", "0.167"]
+    for name, dd in (("trial2", "0.221"), ("trial2-dd0.5", "0.5")):
+        runs[f"ft5+20-70-{name}"] = ["--init", full, "--target-flops", "70%", "--epochs", "5",
+                                     "--finetune-epochs", "20", *trial2, "--d-d", dd]
     common = ["--arch", "resnet20", "--dataset", "imagefolder", "--data-dir", data_dir, "--batch-size", str(BATCH),
               "--seed", "0", "--device", "cpu", "--json"]
     return {k: [*common, *v] for k, v in runs.items()}
@@ -117,7 +126,9 @@ def goal(args) -> int:
         return 1
     print(f"C = {c:.0f}s (drn-train --routing full --epochs {E})", flush=True)
     search = [shutil.which("drn-search") or "drn-search", "--target-flops", *[f"{t}%" for t in TARGETS], *common,
-              "--backbone-epochs", str(E), "--epochs", str(args.epochs), "--num-samples", str(args.trials),
+              "--backbone-epochs", str(E), "--num-samples", str(args.trials),
+              *(["--epochs", str(args.trial_epochs)] if args.trial_epochs else []),
+              *(["--finetune-epochs", str(args.trial_finetune)] if args.trial_finetune else []),
               "--storage", str(work / "storage"), "--name", "goal",
               *(["--max-concurrent", str(args.concurrent)] if args.concurrent else [])]
     print(" ".join(search), flush=True)
@@ -127,7 +138,7 @@ def goal(args) -> int:
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)
         return 1
-    (RESULTS / "goal-search.log").write_text(proc.stderr + "\n" + proc.stdout)
+    (RESULTS / f"goal{args.tag}-search.log").write_text(proc.stderr + "\n" + proc.stdout)
     import pyarrow.parquet as pq
     import torch
     backbone = next((work / "storage" / "backbones").glob("*/checkpoint.pt"))
@@ -174,14 +185,14 @@ def goal(args) -> int:
            "share_of_trials_time": train / occupied, "share_of_slots_window": train / (slots * window),
            "trials": trials, "budgets": budgets,
            "within_3C": wall <= 3 * c}
-    (RESULTS / "goal.json").write_text(json.dumps(out, indent=1))
+    (RESULTS / f"goal{args.tag}.json").write_text(json.dumps(out, indent=1))
     print(json.dumps({k: v for k, v in out.items() if k != "trials"}, indent=1))
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
 def report(args) -> int:
-    recs = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json")) if p.stem != "goal"}
+    recs = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json")) if not p.stem.startswith("goal")}
     print("| run | start | budget | epochs (+ finetune) | peak lr | val acc | test acc | test FLOPs |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in sorted(recs.items(), key=lambda kv: (kv[0] != "full", kv[0].split("-")[1:2], kv[0])):
@@ -193,11 +204,15 @@ def report(args) -> int:
         total = m.get("epoch", int(ep))
         print(f"| {name} | {start} | {budget} | {ep} (+{int(total) - int(ep)}) | {lr} | {m['accuracy']:.1%} | "
               f"{e['accuracy']:.1%} | {e['flops'] / e['flops_full']:.1%} |")
-    g = RESULTS / "goal.json"
-    if not g.exists():
-        return 0
-    g = json.loads(g.read_text())
-    print(f"\nC = {g['C_s']:.0f} s; search {g['wall_s']:.0f} s = {g['wall_s'] / g['C_s']:.2f} C (backbone "
+    for path in sorted(RESULTS.glob("goal*.json")):
+        _goal_report(path)
+    return 0
+
+
+def _goal_report(path: Path) -> None:
+    g = json.loads(path.read_text())
+    print(f"\n{path.name}: {g['command'].split('drn-search', 1)[-1].split(' --storage')[0]}")
+    print(f"C = {g['C_s']:.0f} s; search {g['wall_s']:.0f} s = {g['wall_s'] / g['C_s']:.2f} C (backbone "
           f"{g['backbone_s']:.0f} s)")
     print(f"training (epochs + calibration) {g['train_calib_s']:.0f} s: {g['share_of_trials_time']:.1%} of the time "
           f"trials held their slots ({g['trial_occupied_s']:.0f} s, start to end as the driver saw them), "
@@ -220,7 +235,6 @@ def report(args) -> int:
         rest = held - t["epoch_s"] - t["calib_s"] - t["setup_s"] - t["export_s"]
         print(f"| {t['trial']} | {t['target']} | {t['state']} | {t['epochs']} | {t['epoch_s']:.0f} | {t['calib_s']:.1f} | "
               f"{t['setup_s']:.1f} | {t['export_s']:.1f} | {t['tune_total_s']:.0f} | {held} | {rest:.0f} |")
-    return 0
 
 
 def main() -> int:
@@ -228,9 +242,11 @@ def main() -> int:
     ap.add_argument("what", choices=("prep", "goal", "report"))
     ap.add_argument("--data-dir", default=os.environ.get("DRN_DATA_DIR", str(ROOT.parent / "shared/data/cifar10-5k")))
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--epochs", type=int, default=6, help="goal: each trial's --epochs")
     ap.add_argument("--trials", type=int, default=4, help="goal: --num-samples")
     ap.add_argument("--concurrent", type=int, default=None, help="goal: trial slots (default: one per core)")
+    ap.add_argument("--trial-epochs", type=int, help="goal: the trials' --epochs (default: drn-search's)")
+    ap.add_argument("--trial-finetune", type=int, help="goal: the trials' --finetune-epochs (default: drn-search's)")
+    ap.add_argument("--tag", default="", help="goal: suffix of the result files (goal<tag>.json)")
     args = ap.parse_args()
     args.data_dir = str(Path(args.data_dir).absolute())
     return {"prep": prep, "goal": goal, "report": report}[args.what](args)

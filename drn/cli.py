@@ -23,7 +23,7 @@ def _fmt(name: str, v) -> str:
         if name == "finetune_lr":
             return "--lr"
         if name == "mu_ki":
-            return "2 with --router-start open, else 8"
+            return "2 with --router-start open, 16 with --init, else 8"
         if name == "views":
             return "2 for drn, 1 for full and the static routes"
         if name == "router_open":

@@ -100,7 +100,8 @@ class TrainConfig:
     budget_ramp: float = 0.3      # the loop's setpoint moves from the start cost to the target over this
                                   # share of --epochs (controller.py)
     mu_ki: float | None = None    # the controller's integral gain on asinh(mu / mu_scale), per epoch (controller.py;
-                                  # None: 8 when the routers start on the budget, 2 when they start open)
+                                  # None: 8 when the routers start on the budget, 16 when they do so from
+                                  # --init (BENCHMARKS.md, issue 15), 2 when they start open)
     mu_integral: str = "reset"    # reset: the loop's integral sums every error and returns to 0 when the routes
                                   # cross over the target while mu < 0 still pulls them up; always: it never
                                   # resets; hold: it holds while the routes are on course to the setpoint
@@ -187,8 +188,8 @@ class TrainConfig:
         if self.warmup_epochs is None:
             self.warmup_epochs = 2.0 if deep and not self.zero_init_residual else 0.0
         self.finetune_lr = self.lr if self.finetune_lr is None else self.finetune_lr
-        if self.mu_ki is None:
-            self.mu_ki = 2.0 if self.router_start == "open" else 8.0
+        if self.mu_ki is None:   # warm: a trained block's router is pulled open, and mu must get there fast
+            self.mu_ki = 2.0 if self.router_start == "open" else 16.0 if self.init is not None else 8.0
         if self.views is None:
             self.views = 2 if self.routing == "drn" else 1
         if self.router_open is None:

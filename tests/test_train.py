@@ -341,6 +341,8 @@ def test_routers_can_start_on_the_budget(tiny_data, tmp_path, kind):
     opened = Trainer(tiny_cfg(tiny_data, tmp_path / "o", arch="resnet14", target_flops="50%", router_start="open"),
                      log=lambda s: None)
     assert opened.cfg.mu_ki == 2
+    # from a trained network the loop is twice as fast: its trained blocks' routers are pulled open
+    assert TrainConfig(target_flops="70%", init=str(tmp_path / "plain.pt"), out=str(tmp_path)).mu_ki == 16
     with torch.no_grad():
         assert opened.model(x, routing="hard").gates.all()
     with pytest.raises(UsageError):
