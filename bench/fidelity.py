@@ -169,8 +169,9 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
     return runs
 
 
-# the warm rows ran with the budget loop's ki 8, the default for every start before issue 15 (now 16 from --init)
-WARM_KI = ["--mu-ki", "8"]
+# the warm rows ran with the budget loop's ki 8 and start mu 0.05, the defaults for every start before issue 15
+# (now 16 and 1 from --init)
+WARM_KI = ["--mu-ki", "8", "--mu", "0.05"]
 
 
 def _cli(entry: str, args: list[str]) -> subprocess.CompletedProcess:

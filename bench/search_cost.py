@@ -2,6 +2,7 @@
 
     python bench/search_cost.py prep     # the references: the plain network (the backbone), the DRN from
                                          # scratch at each budget, and fine-tunes of several lengths from it
+    python bench/search_cost.py diag     # the search's 70 % trial's main phase, one change at a time
     python bench/search_cost.py goal     # C, then the search, timed side by side on an idle machine
     python bench/search_cost.py report   # BENCHMARKS.md's tables from bench/results/search_cost/
 
@@ -64,6 +65,13 @@ def plan(data_dir: str) -> dict[str, list[str]]:
     for name, dd in (("trial2", "0.221"), ("trial2-dd0.5", "0.5")):
         runs[f"ft5+20-70-{name}"] = ["--init", full, "--target-flops", "70%", "--epochs", "5",
                                      "--finetune-epochs", "20", *trial2, "--d-d", dd]
+    # the loop's start mu: 0.05 (the scratch value) or 1 (a trained block's router moves at mu ~1-3,
+    # which the loop from 0.05 reaches only after the short main phase's lr has decayed)
+    for t in TARGETS:
+        runs[f"ft2+20-{t}-mu1"] = ["--init", full, "--target-flops", f"{t}%", "--epochs", "2",
+                                   "--finetune-epochs", "20", "--mu", "1"]
+    runs["ft2+20-70-trial2-mu1"] = ["--init", full, "--target-flops", "70%", "--epochs", "2",
+                                    "--finetune-epochs", "20", *trial2, "--d-d", "0.221", "--mu", "1"]
     common = ["--arch", "resnet20", "--dataset", "imagefolder", "--data-dir", data_dir, "--batch-size", str(BATCH),
               "--seed", "0", "--device", "cpu", "--json"]
     return {k: [*common, *v] for k, v in runs.items()}
@@ -102,6 +110,60 @@ def prep(args) -> int:
     todo = {k: todo[k] for k in [*first, *[k for k in todo if k not in first]]}
     with ThreadPoolExecutor(args.jobs) as pool:
         for line in pool.map(lambda kv: _one(*kv), todo.items()):
+            print(line, flush=True)
+    return 0
+
+
+# why the search's 70 % trial stayed a block over its target: the trial's loss weights, main phase only
+# (5 epochs, no finetune), one thing changed at a time; the per-epoch mu and routes are the record
+DIAG = {"A-dd0.221-mu-scale0.2": ["--d-d", "0.221", "--mu-scale", "0.2"],     # mu's ceiling 20 (100 x scale)
+        "B-dd0.221-alpha0": ["--d-d", "0.221", "--alpha", "0"],              # no diversity loss
+        "C-dd0.35": ["--d-d", "0.35"],
+        "D-dd0.3": ["--d-d", "0.3"],
+        "E-paper-2ep-mu1": ["--d-c", "0.2", "--lam", "0.2", "--alpha", "0.2", "--d-d", "0.5", "--epochs", "2",
+                            "--mu", "1"],
+        "F-dd0.221-2ep-mu1": ["--d-d", "0.221", "--epochs", "2", "--mu", "1"]}
+
+
+def diag_flags(data_dir: str) -> dict[str, list[str]]:
+    trial2 = ["--d-c", "0.246", "--lam", "0.23", "--alpha", "0.167"]
+    base = ["--arch", "resnet20", "--dataset", "imagefolder", "--data-dir", data_dir, "--batch-size", str(BATCH),
+            "--seed", "0", "--device", "cpu", "--json", "--init", str(RUNS / "full" / "checkpoint.pt"),
+            "--target-flops", "70%", "--epochs", "5", "--finetune-epochs", "0", *trial2]
+    return {name: [*base, *extra] for name, extra in DIAG.items()}   # a later flag wins
+
+
+def diag_record(name: str, flags: list[str], checkpoint: Path) -> dict:
+    import torch
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    full = ck["cost"]["full"] if isinstance(ck.get("cost"), dict) and "full" in ck["cost"] else None
+    hist = []
+    for h in ck["history"]:
+        full = h.get("flops_full", full)
+        hist.append({"epoch": h["epoch"], "mu": h["mu"], "val_flops_share": h["flops"] / full,
+                     "train_flops_share": h["train_cost_hard"] / full, "val_accuracy": h["accuracy"],
+                     "loss_diversity": h["loss_diversity"], "block_exec_rate": h["block_exec_rate"]})
+    return {"name": name, "flags": flags, "history": hist}
+
+
+def diag(args) -> int:
+    """The 70 % trial's main phase, one change at a time (two runs at a time, one thread each)."""
+    from concurrent.futures import ThreadPoolExecutor
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    def one(kv):
+        name, flags = kv
+        out = RUNS / f"diag-{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        proc = _cli("train_main", [*flags, "--out", str(out)])
+        if proc.returncode != 0:
+            return f"{name}: drn-train failed: {proc.stderr[-800:]}"
+        rec = diag_record(name, flags, out / "checkpoint.pt")
+        (RESULTS / f"diag-{name}.json").write_text(json.dumps(rec, indent=1))
+        return f"{name}: " + ", ".join(f"mu {h['mu']:.2f} val {h['val_flops_share']:.1%}" for h in rec["history"])
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for line in pool.map(one, diag_flags(args.data_dir).items()):
             print(line, flush=True)
     return 0
 
@@ -192,7 +254,8 @@ def goal(args) -> int:
 
 
 def report(args) -> int:
-    recs = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json")) if not p.stem.startswith("goal")}
+    recs = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))
+            if not p.stem.startswith(("goal", "diag"))}
     print("| run | start | budget | epochs (+ finetune) | peak lr | val acc | test acc | test FLOPs |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in sorted(recs.items(), key=lambda kv: (kv[0] != "full", kv[0].split("-")[1:2], kv[0])):
@@ -206,6 +269,17 @@ def report(args) -> int:
               f"{e['accuracy']:.1%} | {e['flops'] / e['flops_full']:.1%} |")
     for path in sorted(RESULTS.glob("goal*.json")):
         _goal_report(path)
+    diags = sorted(RESULTS.glob("diag-*.json"))
+    if diags:
+        print("\n| run | changed | mu after each main epoch | val FLOPs after each main epoch | "
+              "the undecided block's rate at the end |")
+        print("|---|---|---|---|---|")
+    for path in diags:
+        d = json.loads(path.read_text())
+        h = d["history"]
+        mus = ", ".join(f"{e['mu']:.2f}" for e in h)
+        shares = ", ".join(f"{e['val_flops_share']:.1%}" for e in h)
+        print(f"| {d['name']} | {' '.join(DIAG[d['name']])} | {mus} | {shares} | {h[-1]['block_exec_rate'][7]:.2f} |")
     return 0
 
 
@@ -239,7 +313,7 @@ def _goal_report(path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("prep", "goal", "report"))
+    ap.add_argument("what", choices=("prep", "diag", "goal", "report"))
     ap.add_argument("--data-dir", default=os.environ.get("DRN_DATA_DIR", str(ROOT.parent / "shared/data/cifar10-5k")))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--trials", type=int, default=4, help="goal: --num-samples")
@@ -249,7 +323,7 @@ def main() -> int:
     ap.add_argument("--tag", default="", help="goal: suffix of the result files (goal<tag>.json)")
     args = ap.parse_args()
     args.data_dir = str(Path(args.data_dir).absolute())
-    return {"prep": prep, "goal": goal, "report": report}[args.what](args)
+    return {"prep": prep, "diag": diag, "goal": goal, "report": report}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ def _fmt(name: str, v) -> str:
             return "--lr"
         if name == "mu_ki":
             return "2 with --router-start open, 16 with --init, else 8"
+        if name == "mu":
+            return "0.05; with a target from --init, 20 x the loop's --mu-scale: 1 on resnet20"
         if name == "views":
             return "2 for drn, 1 for full and the static routes"
         if name == "router_open":

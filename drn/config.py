@@ -96,7 +96,9 @@ class TrainConfig:
     lam: float | None = None
     alpha: float | None = None
     gamma: float = 0.5
-    mu: float = 0.05              # initial cost weight; fixed unless a target is given
+    mu: float | None = None       # the cost weight: its start value with a target (the loop adapts it), fixed
+                                  # without one. None: 0.05, or WARM_MU x the loop's mu scale (1 on ResNet-20)
+                                  # when the routers start on the budget from --init (BENCHMARKS.md, issue 15)
     budget_ramp: float = 0.3      # the loop's setpoint moves from the start cost to the target over this
                                   # share of --epochs (controller.py)
     mu_ki: float | None = None    # the controller's integral gain on asinh(mu / mu_scale), per epoch (controller.py;
@@ -215,12 +217,13 @@ class TrainConfig:
             (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
             (all(0 < m <= 1 for m in self.milestones), f"milestones are fractions in (0, 1], got {self.milestones}"),
             (0 < self.lr_decay <= 1, f"lr decay must be in (0, 1], got {self.lr_decay}"),
-            (min(self.lam, self.alpha, self.gamma, self.mu) >= 0, "loss weights must be >= 0"),
+            (min(self.lam, self.alpha, self.gamma, 0.0 if self.mu is None else self.mu) >= 0, "loss weights must be >= 0"),
             (0 <= self.budget_ramp <= 1, f"budget ramp must be in [0, 1], got {self.budget_ramp}"),
             (0 < self.mu_ki <= 50, f"mu integral gain must be in (0, 50], got {self.mu_ki}"),
             (0 < self.mu_max_error <= 2, f"mu max error must be in (0, 2], got {self.mu_max_error}"),
             (self.mu_scale is None or 0 < self.mu_scale <= 10, f"mu scale must be in (0, 10], got {self.mu_scale}"),
-            (self.mu_min is None or -50 <= self.mu_min <= self.mu, f"mu floor must be in [-50, mu], got {self.mu_min}"),
+            (self.mu_min is None or -50 <= self.mu_min <= (0.05 if self.mu is None else self.mu),
+             f"mu floor must be in [-50, mu], got {self.mu_min}"),
             (self.d_c >= 0 and self.d_d >= 0, "margins d_c and d_d must be >= 0"),
             (self.beta > 0, f"beta must be > 0, got {self.beta}"),
             (0 <= self.drop_path < 1, f"drop path must be in [0, 1), got {self.drop_path}"),

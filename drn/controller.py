@@ -66,7 +66,13 @@ starting cost down to the target. It acts on u = asinh(mu / mu_scale):
   target only after the lr had decayed, and the wound-up integral, which unwinds at ki x error per
   epoch in asinh space, kept them opening to +5.3 % (BENCHMARKS.md, issue 14, thirteenth session).
 * anti-windup: the integral is clamped so that it never pushes mu past a clip.
-* no target: mu stays at its initial value (0.05, the paper's).
+* the start value: 0.05 (the paper's), but WARM_MU x mu_scale (1 on ResNet-20) when the routers
+  start on the budget over trained blocks (--init). A trained block's router moves only at mu ~1-3
+  (the cross-entropy it saves is large); from 0.05 the loop, at ki 16, got there in the third or
+  fourth epoch of a 5-epoch fine-tune, after the lr had decayed at 60 %, and at 70 % on ResNet-20
+  the route stayed a block over the target (+9.6 %) for some loss weights under any mu up to the
+  clip. Started at 1 it lands 70 % within 2 main epochs at the same weights (BENCHMARKS.md, issue 15).
+* no target: mu stays at its initial value.
 
 The loop should land the routers on the target at Eq. 11's threshold 0.5 by itself; the trim
 (calibrate.py) may only correct what is left inside [0.4, 0.6], and reports a miss beyond it.
@@ -75,6 +81,8 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+
+WARM_MU = 20.0   # x mu_scale: the loop's start mu over trained blocks (1 on ResNet-20; see above)
 
 
 @dataclass

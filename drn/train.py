@@ -20,7 +20,7 @@ from .baselines import k_for_budget, randomk_at_budget, static_route
 from .calibrate import TRIM, trim_threshold
 from .checkpoint import load_checkpoint, model_for, model_from_checkpoint, save_checkpoint
 from .config import TrainConfig, UsageError, resolve_target
-from .controller import MuController, RateHold
+from .controller import WARM_MU, MuController, RateHold
 from .cost import CostTable, measure_cost_table, measure_latency_table
 from .data import Dataset, load_dataset, make_views, random_crop_flip
 from .evaluate import evaluate, threshold_curve
@@ -184,7 +184,7 @@ class Trainer:
         # grows with depth, so that a router of ResNet-56 feels what one of ResNet-20 does (never below
         # ResNet-20's 0.05: the loop was measured there and deeper)
         mu_scale = cfg.mu_scale or 0.05 * max(1.0, self.cost.num_blocks / 9)
-        self.controller = MuController(target=self.target, mu=cfg.mu, ki=cfg.mu_ki, steps_per_epoch=steps,
+        self.controller = MuController(target=self.target, mu=self._start_mu(mu_scale), ki=cfg.mu_ki, steps_per_epoch=steps,
                                        mu_scale=mu_scale, mu_max=100 * mu_scale, max_error=cfg.mu_max_error,
                                        mu_min=-20 * mu_scale if cfg.mu_min is None else cfg.mu_min,
                                        ramp_steps=round(cfg.budget_ramp * cfg.epochs) * steps,
@@ -216,6 +216,18 @@ class Trainer:
         self.test_metrics: dict | None = None if ckpt is None else ckpt.get("test")
 
     @torch.no_grad()
+    def _start_mu(self, mu_scale: float) -> float:
+        """The cost weight's start value. From --init with the routers on the budget the loop starts at
+        WARM_MU x mu_scale (1 on ResNet-20), not 0.05: a trained block's router moves only once mu is ~1-3,
+        and from 0.05 the loop gets there after a short main phase's lr has decayed, which leaves the
+        route where it started (BENCHMARKS.md, issue 15)."""
+        cfg = self.cfg
+        if cfg.mu is not None:
+            return cfg.mu
+        warm = (cfg.init is not None and self.target is not None and not self.static
+                and cfg.router_start != "open")
+        return WARM_MU * mu_scale if warm else 0.05
+
     def _start_on_budget(self) -> tuple[tuple[bool, ...], int | None]:
         """Start the routers on the budget rather than at the full network: a route's routers open
         (router_open), the others close (1 - router_open). greedy (a warm start): the route that the

@@ -11,7 +11,10 @@ One single-objective study per target: TPE maximises val accuracy subject to
 |cost / target - 1| <= tolerance, and sees only the trials of its own budget. The study of a
 search NAME is named NAME when it has one target, `NAME@TARGET` (e.g. `s@30%`) for each target when
 it has several (`study_names`). Each new trial goes to the target whose study holds the fewest
-trials (ties: the targets' order), so the budgets stay balanced whatever the scheduler prunes.
+trials, so the budgets stay balanced whatever the scheduler prunes. Ties (`dearest_first`): in the
+first round the dearest budget first -- its trials run longest, and started first they end with the
+cheaper ones, not after them (longest-first scheduling: on 2 slots a 30/50/70 % front ends ~20 %
+sooner, BENCHMARKS.md, issue 15) -- after that the cheapest first.
 
 Optuna numbers trials per study; the search numbers them once across its studies, at ask time
 (the count of trials in all the studies before it), kept as the user attr `search_trial` and handed
@@ -23,6 +26,8 @@ import json
 import math
 import optuna
 from ray.tune.search import Searcher
+
+from drn.config import parse_target
 
 from .space import Space
 
@@ -49,6 +54,14 @@ def load_studies(storage: str, name: str, targets: list[str]) -> list[optuna.Stu
 def search_trial(t: optuna.trial.FrozenTrial) -> int:
     """The search-wide number of an Optuna trial."""
     return t.user_attrs.get("search_trial", t.number)
+
+
+def dearest_first(targets: list[str]) -> list[str]:
+    """The targets by cost, dearest first, where they share a kind (all % or all absolute); else as given."""
+    parsed = [parse_target(t) for t in targets]
+    if len({kind for kind, _ in parsed}) > 1:
+        return list(targets)
+    return [t for _, t in sorted(zip(parsed, targets), key=lambda pt: -pt[0][1])]
 
 
 class OptunaSearcher(Searcher):
@@ -86,7 +99,9 @@ class OptunaSearcher(Searcher):
 
     def suggest(self, trial_id: str) -> dict:
         counts = {t: len(s.get_trials(deepcopy=False)) for t, s in self.studies.items()}
-        target = min(self.targets, key=counts.__getitem__)   # the first of the fewest
+        rank = {t: i for i, t in enumerate(dearest_first(self.targets))}
+        # the fewest first; ties: the dearest in the first round, the cheapest after it
+        target = min(self.targets, key=lambda t: (counts[t], rank[t] if counts[t] == 0 else -rank[t]))
         trial = self.studies[target].ask(self.space.distributions())
         number = sum(counts.values())
         trial.set_user_attr("search_trial", number)

@@ -9,7 +9,7 @@ import pytest
 from drn.config import UsageError
 from search.config import SPACES_DIR, SearchConfig
 from search.pareto import pareto_front
-from search.searcher import OptunaSearcher, budget_violation
+from search.searcher import OptunaSearcher, budget_violation, dearest_first
 from search.space import load_space
 
 
@@ -170,16 +170,17 @@ def test_several_targets_get_one_single_objective_study_each(tmp_path):
     db = f"sqlite:///{tmp_path / 'o.db'}"
     s = OptunaSearcher(load_space(SPACES_DIR / "default.yaml"), TARGETS, "m", db, 0.02, 2)
     configs = {str(i): s.suggest(str(i)) for i in range(3)}
-    assert [c["target"] for c in configs.values()] == TARGETS               # ties: the targets' order
-    s.on_trial_result("0", {"accuracy": 0.2, "epoch": 1})
-    s.on_trial_complete("0", _final(0.2, 30.0, target=30.0, epoch=1))       # stopped by ASHA: PRUNED
+    # ties in the first round: the dearest budget first (its trials run longest), after it the cheapest
+    assert [c["target"] for c in configs.values()] == ["90%", "60%", "30%"]
+    s.on_trial_result("2", {"accuracy": 0.2, "epoch": 1})
+    s.on_trial_complete("2", _final(0.2, 30.0, target=30.0, epoch=1))       # stopped by ASHA: PRUNED
     for i in range(3, 6):   # the pruned trial still counts: the budgets stay one trial apart at most
         configs[str(i)] = s.suggest(str(i))
     assert [configs[str(i)]["target"] for i in range(3, 6)] == TARGETS
     s.on_trial_result("1", {"accuracy": 0.5, "epoch": 1})                  # every study hears epochs
     s.on_trial_complete("1", _final(0.6, 60.0, target=60.0, epoch=2))
     s.on_trial_complete("4", _final(0.7, 70.0, target=60.0, epoch=2))      # more accurate, 17 % over
-    s.on_trial_complete("2", error=True)
+    s.on_trial_complete("0", error=True)
     # the fewest trials first: a study ahead of the others waits for them
     s.studies["30%"].ask()
     s.studies["30%"].ask()
@@ -206,6 +207,12 @@ def test_several_targets_get_one_single_objective_study_each(tmp_path):
     assert sixty.trials[0].intermediate_values == {1: 0.5}
     assert sixty.best_trial.number == 0 and sixty.best_trial.user_attrs["search_trial"] == 1  # 4 misses its budget
     assert s.studies["90%"].trials[0].state == S.FAIL
+
+
+def test_dearest_first_orders_targets_of_one_kind_by_cost():
+    assert dearest_first(["30%", "70%", "50%"]) == ["70%", "50%", "30%"]
+    assert dearest_first(["1e8", "2.5e8"]) == ["2.5e8", "1e8"]
+    assert dearest_first(["30%", "2e8"]) == ["30%", "2e8"]     # % and FLOPs: no order without the network
 
 
 def test_tpe_of_one_target_sees_only_that_targets_trials(tmp_path, monkeypatch):
@@ -272,21 +279,21 @@ def test_per_target_asha_compares_a_trial_only_with_its_own_budget():
 def test_searcher_with_several_studies_saves_and_restores(tmp_path):
     s = OptunaSearcher(load_space(SPACES_DIR / "default.yaml"), ["30%", "60%"], "m",
                        f"sqlite:///{tmp_path / 'o.db'}", 0.02, 2)
-    assert [s.suggest(tid)["target"] for tid in ("a", "b", "c")] == ["30%", "60%", "30%"]
+    assert [s.suggest(tid)["target"] for tid in ("a", "b", "c")] == ["60%", "30%", "30%"]
     s.save(str(tmp_path / "state.json"))
     state = json.loads((tmp_path / "state.json").read_text())
-    assert state["live"] == {"a": ["30%", 0], "b": ["60%", 0], "c": ["30%", 1]}
+    assert state["live"] == {"a": ["60%", 0], "b": ["30%", 0], "c": ["30%", 1]}
     assert state["studies"] == {"30%": "m@30%", "60%": "m@60%"}
     assert s.suggest("d")["target"] == "60%"          # asked, but the driver died before Tune recorded it
     clone = pickle.loads(pickle.dumps(s))
     assert clone._studies is None
     clone.live = {}
     clone.restore(str(tmp_path / "state.json"))
-    assert clone.live == {"a": ("30%", 0), "b": ("60%", 0), "c": ("30%", 1)}
+    assert clone.live == {"a": ("60%", 0), "b": ("30%", 0), "c": ("30%", 1)}
     S = optuna.trial.TrialState
     assert [t.state for t in clone.studies["30%"].trials] == [S.RUNNING, S.RUNNING]
     assert [t.state for t in clone.studies["60%"].trials] == [S.RUNNING, S.FAIL]
-    clone.on_trial_complete("b", _final(0.5, 60.0, target=60.0, epoch=2))
+    clone.on_trial_complete("a", _final(0.5, 60.0, target=60.0, epoch=2))
     assert clone.studies["60%"].trials[0].state == S.COMPLETE
     e = clone.suggest("e")                            # the lost trial counts, in its study and in the numbering
     assert (e["target"], e["optuna_trial"]) == ("30%", 4)
@@ -300,11 +307,11 @@ def test_several_targets_get_one_front_each_and_one_across(tmp_path):
     space = load_space(SPACES_DIR / "default.yaml")
     s = OptunaSearcher(space, ["30%", "60%"], "m", f"sqlite:///{tmp_path / 'o.db'}", 0.1, 2)
     #        target   acc   flops  K
-    final = [("30%", 0.50, 30.0, 5.0),   # 0
-             ("60%", 0.60, 60.0, 9.0),   # 1
-             ("30%", 0.40, 31.0, 5.0),   # 2 dominated by 0 in FLOPs and K
+    final = [("60%", 0.60, 60.0, 9.0),   # 0 (the first round: the dearest budget first)
+             ("30%", 0.50, 30.0, 5.0),   # 1
+             ("30%", 0.40, 31.0, 5.0),   # 2 dominated by 1 in FLOPs and K
              ("60%", 0.55, 55.0, 8.0),   # 3
-             ("30%", 0.52, 33.0, 4.0),   # 4 beats 0 in K, not in FLOPs
+             ("30%", 0.52, 33.0, 4.0),   # 4 beats 1 in K, not in FLOPs
              ("60%", 0.45, 50.0, 7.0)]   # 5 on the 60 % front, but 4 dominates it across targets
     for i, (target, acc, flops, k) in enumerate(final):
         assert s.suggest(str(i))["target"] == target
@@ -314,7 +321,7 @@ def test_several_targets_get_one_front_each_and_one_across(tmp_path):
     rows = trial_rows(list(s.studies.values()), [p.name for p in space.params], 0.1)
     assert [(r["trial"], r["target"]) for r in rows] == [(i, f[0]) for i, f in enumerate(final)]
     flags = {c: [i for i, r in enumerate(rows) if r[c]] for c in ("pareto_flops", "pareto_k", "pareto_all")}
-    assert flags == {"pareto_flops": [0, 1, 3, 4, 5], "pareto_k": [1, 3, 4, 5], "pareto_all": [0, 1, 3, 4]}
+    assert flags == {"pareto_flops": [0, 1, 3, 4, 5], "pareto_k": [0, 3, 4, 5], "pareto_all": [0, 1, 3, 4]}
     # each per-target front is the Pareto function's answer on that target's trials alone
     for target in ("30%", "60%"):
         group = [r for r in rows if r["target"] == target]

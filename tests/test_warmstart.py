@@ -67,6 +67,25 @@ def test_init_copies_every_weight_but_the_routers_which_start_open(plain, tiny_d
     assert torch.equal(on_budget.model.blocks[4].residual[0].weight, plain.model.blocks[4].residual[0].weight)
 
 
+def test_the_budget_loop_starts_at_a_warm_mu_over_trained_blocks(plain, tiny_data, tmp_path):
+    """From --init with the routers on the budget the loop starts at WARM_MU x its scale (1 on ResNet-20):
+    a trained block's router moves only at mu ~1-3. From scratch, with open routers, without a target
+    or with --mu given, it starts where it always did."""
+    from drn.controller import WARM_MU
+    init = str(plain.checkpoint_path)
+    start = lambda name, **kw: Trainer(tiny_cfg(tiny_data, tmp_path / name, arch="resnet20", epochs=1, **kw),
+                                       log=lambda s: None).controller.mu
+    assert start("warm", target_flops="70%", init=init) == pytest.approx(WARM_MU * 0.05) == pytest.approx(1.0)
+    assert start("greedy", target_flops="70%", init=init, router_start="greedy") == pytest.approx(1.0)
+    assert start("scratch", target_flops="70%") == 0.05
+    assert start("open", target_flops="70%", init=init, router_start="open") == 0.05
+    assert start("fixed", init=init) == 0.05
+    assert start("given", target_flops="70%", init=init, mu=0.3) == 0.3
+    deep = Trainer(tiny_cfg(tiny_data, tmp_path / "deep", arch="resnet56", epochs=1, target_flops="50%",
+                            init=None), log=lambda s: None)
+    assert deep.controller.mu == 0.05 and deep.controller.mu_scale == pytest.approx(0.15)
+
+
 def test_a_static_baseline_warm_starts_too(plain, tiny_data, tmp_path):
     cfg = tiny_cfg(tiny_data, tmp_path / "rk", arch="resnet20", epochs=1, routing="randomk", k=4,
                    init=str(plain.checkpoint_path))
