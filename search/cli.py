@@ -31,10 +31,11 @@ FLAGS = {
     "--space": ("space", str, None, "search space YAML, or a name in spaces/ (default, wide)"),
     "--num-samples": ("num_samples", int, None, "trials in all (a resumed search counts the earlier ones)"),
     "--max-concurrent": ("max_concurrent", int, None, "trials at once (default: as many as resources fit)"),
-    "--epochs": ("epochs", int, None, "epochs of each trial's main schedule: a fine-tune of the backbone "
-                 "(default: 20%% of --backbone-epochs), or 250 from scratch with --backbone none"),
-    "--finetune-epochs": ("finetune_epochs", int, None, "extra frozen-router epochs per trial (default: "
-                          "drn-train's, max(2, 10%% of --epochs))"),
+    "--epochs": ("epochs", int, None, "epochs of each trial's main phase, in which the routers find their routes "
+                 "(default: 1/15 of --backbone-epochs, or 250 from scratch with --backbone none)"),
+    "--finetune-epochs": ("finetune_epochs", int, None, "frozen-route epochs per trial after the main phase "
+                          "(default: 2/3 of --backbone-epochs, or drn-train's max(2, 10%% of --epochs) with "
+                          "--backbone none)"),
     "--batch-size": ("batch_size", int, None, "samples per step"),
     "--val-fraction": ("val_fraction", float, None, "share of the training images held out as val, in (0, 0.5]: "
                        "ASHA, TPE, the Pareto flags and the best trial read val; the test split is only reported"),
