@@ -161,8 +161,9 @@ def _eval_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="drn-eval", description="Evaluate a trained dynamic-routing ResNet with hard routing "
                 "(Eq. 11): accuracy, FLOPs, routing length K, distinct paths, same-path ratio, speed.")
     p.add_argument("checkpoint", help="a checkpoint.pt written by drn-train, or an MLflow URI of a drn-search "
-                   "trial: runs:/<run id> or models:/<name>/<version>")
-    p.add_argument("--mlflow-uri", help="MLflow tracking URI for a runs:/ or models:/ checkpoint "
+                   "trial's model, as the MLflow UI shows it: models:/m-<id> (a logged model), "
+                   "models:/<name>/<version>, models:/<name>@<alias> (e.g. @best-50pct) or runs:/<run id>")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI for a runs:/ or models:/ URI "
                    "(default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--dataset", help="dataset (default: the one it was trained on)")
     p.add_argument("--data-dir", help="data folder (default: the one it was trained on)")

@@ -15,7 +15,7 @@ from pathlib import Path
 from drn.cli import EXIT_USAGE, _Parser
 from drn.config import UsageError, resolve_target
 
-from . import tracking
+from . import state, tracking
 from .config import SMOKE, SearchConfig, results_root
 
 # flag -> (SearchConfig field, type, nargs, help). Defaults are read from SearchConfig.
@@ -63,7 +63,8 @@ FLAGS = {
     "--backbone-epochs": ("backbone_epochs", int, None, "--backbone auto: epochs of the plain network "
                           "(default: drn-train's 250, the paper's schedule)"),
     "--mlflow-uri": ("mlflow_uri", str, None, "MLflow tracking URI, e.g. a server http://127.0.0.1:5000 "
-                     "(default: sqlite:///<results dir>/mlflow.db)"),
+                     "(default: $MLFLOW_TRACKING_URI, else sqlite:///<results dir>/mlflow.db)"),
+    "--experiment-name": ("experiment_name", str, None, "MLflow experiment of the search (default: --name)"),
 }
 
 
@@ -150,15 +151,47 @@ def connect(cfg: SearchConfig) -> dict:
         check_reachable(cfg.address)
     # "token authentication is enabled": it stays on (README, "Run on a cluster"); not news per run
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    kwargs = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
+    runtime_env = trial_runtime_env(os.environ)
+    kwargs = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True,
+                  runtime_env=runtime_env)
     try:
         if cfg.address is None:
             ray.init(include_dashboard=False, **kwargs)
         else:
             ray.init(address=cfg.address, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as e:
-        raise UsageError(f"cannot reach Ray at {cfg.address}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        why = redacted(str(e).splitlines()[0] if str(e) else type(e).__name__, runtime_env)
+        raise UsageError(f"cannot reach Ray at {cfg.address}: {why}") from None
     return ray.cluster_resources()
+
+
+MLFLOW_LOGIN = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def trial_runtime_env(environ) -> dict | None:
+    """The driver's MLflow login (a server with basic auth) for the trials: Ray starts their workers
+    on other nodes without the driver's environment. Only the variables set here; a Ray job whose
+    own runtime env already has one passes it on itself (Ray refuses the same key twice)."""
+    import json
+    job = json.loads(environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "null") or {}
+    given = (job.get("runtime_env") or {}).get("env_vars") or {}
+    env_vars = {k: environ[k] for k in MLFLOW_LOGIN if environ.get(k) and k not in given}
+    return {"env_vars": env_vars} if env_vars else None
+
+
+def redacted(text: str, runtime_env: dict | None) -> str:
+    """`text` without the values of `runtime_env`'s variables (Ray's errors may quote the env)."""
+    for value in (runtime_env or {}).get("env_vars", {}).values():
+        text = text.replace(value, "***")
+    return text
+
+
+def max_pending_trials(num_samples: int, max_concurrent: int | None) -> int:
+    """Trials Tune keeps waiting for resources at once (TUNE_MAX_PENDING_TRIALS_PG): the autoscaler
+    starts a node for each, so a cluster grows by up to --max-concurrent nodes at once. Without it,
+    one (Tune's own default for a searcher like ours): each waiting trial is an Optuna suggestion
+    made before the running trials report, so none is asked further ahead than it may run."""
+    return max(1, min(num_samples, max_concurrent or 1))
 
 
 def resources(cfg: SearchConfig, cluster: dict) -> tuple[float, float]:
@@ -188,6 +221,8 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> list[dict]:
     # the experiment state (which trials ended, their checkpoints) saved every 2 s, not Tune's
     # adaptive >= 10 s: a killed driver loses at most 2 s of it, so --resume re-runs nothing finished
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # waiting trials are what the autoscaler adds nodes for: up to --max-concurrent at once
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max_pending_trials(cfg.num_samples, cfg.max_concurrent)))
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
@@ -203,11 +238,15 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> list[dict]:
     if not resume and results.exists():
         raise UsageError(f"search {cfg.name!r} already exists in {results.parent}; "
                          f"continue it with --resume {cfg.name} or pick another --name")
+    if not resume:
+        state.check_new(cfg.storage, cfg.name)
     data = load_data(cfg)
     check_budget(cfg, data)
     backbone = load_backbone(cfg, data)
     mlflow_target = None if resume else tracking.check(cfg, results)
     cluster = connect(cfg)
+    state.check_shared(cfg.address, cfg.storage, mlflow_target[0] if mlflow_target else tracking.resumed(results).uri,
+                       state.cluster_machines())
     cpus, gpus = resources(cfg, cluster)
     _log(f"Ray: {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs; "
          f"each trial {cpus:g} CPU, {gpus:g} GPU")
@@ -217,7 +256,9 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> list[dict]:
         track = tracking.create(cfg, results, *mlflow_target)
     else:
         track = tracking.resumed(results)
-    _log(f"MLflow: experiment {cfg.name!r} at {track.uri}")
+    _log(f"MLflow: experiment {cfg.experiment_name or cfg.name!r} at {track.uri}")
+    state_copy = state.state_uri(cfg.storage, cfg.name)   # a cloud --storage: our files survive the head
+    state.upload(results, state_copy, _log)
     init, backbone_info = None, None
     if cfg.backbone != "none":
         from .backbone import describe, ensure_backbone, summary_line
@@ -239,14 +280,16 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> list[dict]:
     experiment = cfg.storage.rstrip("/") + "/" + cfg.name
     progress = Progress(cfg.study_storage, cfg.name, [p.name for p in space.params], cfg.tolerance,
                         str(results / "trials.parquet"), cfg.num_samples, cfg.total_epochs, cfg.cost_key,
-                        dataclasses.asdict(track), cfg.targets, cfg.max_failures)
+                        dataclasses.asdict(track), cfg.targets, cfg.max_failures, state_copy)
     if resume:
         if not tune.Tuner.can_restore(experiment):
             raise UsageError(f"nothing to resume in {experiment}: the search never started its first trial")
-        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True)
+        # errored trials stay ERROR (Optuna was told FAIL): only the interrupted ones go on
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False)
     else:
         searcher = OptunaSearcher(space, cfg.targets, cfg.name, cfg.study_storage, cfg.tolerance,
-                                  cfg.total_epochs, cfg.cost_key, cfg.seed)
+                                  cfg.total_epochs, cfg.cost_key, cfg.seed, dataset=cfg.dataset)
         # auto = asha: one ASHA per target, a trial competes only with its own budget's trials
         scheduler = (PerTargetASHA(cfg.targets, time_attr="training_iteration", max_t=cfg.total_epochs,
                                    grace_period=cfg.grace_period or max(1, cfg.total_epochs // 4),
@@ -272,13 +315,11 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> list[dict]:
     studies = load_studies(cfg.study_storage, cfg.name, cfg.targets)
     rows = trial_rows(studies, [p.name for p in space.params], cfg.tolerance, checkpoints)
     write_parquet(rows, results / "trials.parquet")
-    track.update(rows, results / "trials.parquet", cfg.targets, cfg.cost_key)
-    models = track.register_front(rows)
-    print(summary(rows, cfg.targets, cfg.cost_key))
+    state.upload(results, state_copy, _log)
+    models = track.update(rows, results / "trials.parquet", cfg.targets, cfg.cost_key)   # and the registry
+    print(summary(rows, cfg.targets, cfg.cost_key, models))
     if backbone_info is not None:
         print("\n" + summary_line(backbone_info))
-    if models:
-        print("\nfront models (drn-eval URI, or mlflow.pytorch.load_model):\n  " + "\n  ".join(models))
     print(f"\nMLflow UI: mlflow ui --backend-store-uri {track.uri} --host 127.0.0.1   "
           f"(filter: tags.pareto = 'true')" if track.uri.startswith("sqlite:") else f"\nMLflow: {track.uri}")
     ended = sum(r["state"] in ("COMPLETE", "PRUNED", "FAIL") for r in rows)
@@ -296,17 +337,8 @@ def main(argv=None) -> int:
     resume = args.pop("resume")
     try:
         if resume:
-            storage = args.get("storage", SearchConfig.__dataclass_fields__["storage"].default)
-            path = results_root(storage) / resume / "search.json"
-            if not path.is_file():
-                raise UsageError(f"no search named {resume!r} under {path.parent.parent} (no search.json)")
-            import json
-            saved = json.loads(path.read_text())
             # a resumed search keeps its settings; where Ray runs may change
-            for k in ("address", "storage"):
-                if k in args:
-                    saved[k] = args[k]
-            cfg = SearchConfig.from_dict(saved)
+            cfg = SearchConfig.resumed(resume, {k: args[k] for k in ("address", "storage") if k in args})
         else:
             cfg = SearchConfig.from_flags(args)
         run_search(cfg, resume=bool(resume))

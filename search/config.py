@@ -65,6 +65,7 @@ class SearchConfig:
     max_failures: int = 2            # retries of a trial that errors (from its last checkpoint)
     optuna_storage: str | None = None  # RDB URL; None: sqlite in the results dir
     mlflow_uri: str | None = None    # MLflow tracking URI (a server: http://host:port); None: sqlite in the results dir
+    experiment_name: str | None = None  # MLflow experiment; None: the search's name
     routing: str = "drn"             # drn, or a static baseline (firstk | randomk | distributedk | deepk) at each target
     backbone: str = "auto"           # none: every trial trains from scratch; auto: the plain network of --arch,
                                      # trained once (--backbone-epochs) and cached under <storage>/backbones;
@@ -139,6 +140,8 @@ class SearchConfig:
         if not is_uri(self.storage):
             self.storage = os.path.abspath(os.path.expanduser(self.storage))
         self.train_config(self.targets[0])   # the shared training settings are valid too
+        from .space import check_routing, load_space
+        check_routing(load_space(self.space), self.routing)
 
     @property
     def targets(self) -> list[str]:
@@ -182,6 +185,24 @@ class SearchConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "SearchConfig":
         return build_checked(cls, d, "search config")
+
+    @classmethod
+    def resumed(cls, name: str, overrides: dict) -> "SearchConfig":
+        """Search `name`'s saved settings under --storage, fetched first from a cloud --storage's copy
+        on a head that lacks them (search/state.py); `overrides`: where Ray runs and --storage."""
+        storage = overrides.get("storage", cls.__dataclass_fields__["storage"].default)
+        results = results_root(storage) / name
+        load = lambda folder: cls.from_dict({**json.loads((folder / "search.json").read_text()), **overrides})
+        if not (results / "search.json").is_file():
+            from .state import Unreadable, fetch_state, state_uri
+            try:
+                found, why = fetch_state(storage, name, results, accept=load), ""   # refused settings: not fetched
+            except Unreadable as e:
+                found, why = False, f", and {e}"
+            if not found:
+                copy = f" nor in {state_uri(storage, name)}" if is_uri(storage) and not why else ""
+                raise UsageError(f"no search named {name!r} under {results.parent} (no search.json{copy}){why}")
+        return load(results)
 
     @classmethod
     def from_flags(cls, flags: dict) -> "SearchConfig":

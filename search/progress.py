@@ -1,7 +1,7 @@
 """A Tune callback on the driver: one line per trial epoch, and trials.parquet rewritten from the
 search's studies (one per target) each time a trial ends (so a crashed driver leaves an up-to-date
-table). Trials are named by their search-wide number. Holds only plain values: a restored search
-unpickles it."""
+table; with a cloud --storage, copied there with the search's other files, search/state.py). Trials
+are named by their search-wide number. Holds only plain values: a restored search unpickles it."""
 import sys
 import time
 from pathlib import Path
@@ -10,18 +10,21 @@ from ray.tune import Callback
 
 from .results import trial_rows, write_parquet
 from .searcher import load_studies
+from .state import upload
 from .tracking import Tracking
 
 
 class Progress(Callback):
     def __init__(self, study_storage: str, study_name: str, space_names: list[str], tolerance: float,
                  parquet: str, num_samples: int, total_epochs: int, cost_key: str,
-                 tracking: dict | None = None, targets: list[str] | None = None, max_failures: int = 0):
+                 tracking: dict | None = None, targets: list[str] | None = None, max_failures: int = 0,
+                 state: str | None = None):
         self.study_storage, self.study_name, self.space_names = study_storage, study_name, space_names
         self.tolerance, self.parquet, self.num_samples = tolerance, parquet, num_samples
         self.total_epochs, self.cost_key = total_epochs, cost_key
         self.tracking, self.targets = tracking, targets or []
         self.max_failures = max_failures
+        self.state = state       # the cloud copy of the search's files (state.state_uri), or None
         self.t0 = time.time()
         self.ended = 0
 
@@ -56,6 +59,8 @@ class Progress(Callback):
         write_parquet(rows, self.parquet)
         if self.tracking is not None:   # states, Pareto tags, the parent's table and plot
             Tracking(**self.tracking).update(rows, Path(self.parquet), self.targets, self.cost_key)
+        # a callback pickled before it had a state copy has no attribute
+        upload(Path(self.parquet).parent, getattr(self, "state", None), self._print)
         return rows
 
     def on_trial_complete(self, iteration, trials, trial, **info):

@@ -35,7 +35,7 @@ def trial_rows(studies: list[optuna.Study], space_names: list[str], tolerance: f
         row["reason"] = a.get("reason")
         row["checkpoint"] = (checkpoints or {}).get(a.get("tune_trial_id"))
         rows.append(row)
-    done = [r for r in rows if r["state"] == "COMPLETE" and _finite(r["accuracy"]) and _finite(r["flops"])]
+    done = front_candidates(rows)
     for r in rows:
         r.update(pareto_flops=False, pareto_k=False, pareto_all=False)
     for target in dict.fromkeys(r["target"] for r in done):   # one front per target, in first-seen order
@@ -48,6 +48,22 @@ def trial_rows(studies: list[optuna.Study], space_names: list[str], tolerance: f
     return rows
 
 
+def front_candidates(rows: list[dict]) -> list[dict]:
+    """The one rule for who may stand on a front (Parquet's pareto_* flags, MLflow's pareto tags,
+    the registry's versions and the summary's fronts all come from it): every finished trial with a
+    finite val accuracy and FLOPs, feasible or not. An infeasible trial that no other trial of its
+    target dominates stays on the front, its `feasible` flag false: the front shows the trade-off
+    the search found; the pick per budget is best_feasible."""
+    return [r for r in rows if r["state"] == "COMPLETE" and _finite(r["accuracy"]) and _finite(r["flops"])]
+
+
+def best_feasible(rows: list[dict], target: str) -> dict | None:
+    """A target's pick: its feasible trial with the best val accuracy (the first on a tie; test is
+    never read), or None. The summary's best trial and the registry's alias best-<target>."""
+    cands = [r for r in rows if r["target"] == target and r["feasible"]]
+    return max(cands, key=lambda r: r["accuracy"]) if cands else None
+
+
 def write_parquet(rows: list[dict], path: str | Path) -> None:
     """Atomic: a crash mid-write leaves the previous file."""
     path = Path(path)
@@ -56,7 +72,8 @@ def write_parquet(rows: list[dict], path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def summary(rows: list[dict], targets: list[str], cost_key: str = "flops") -> str:
+def summary(rows: list[dict], targets: list[str], cost_key: str = "flops", models: list[dict] | None = None) -> str:
+    """`models`: the registry's (registry.register_front), named with their URIs at the end."""
     unit = "FLOPs" if cost_key == "flops" else "ms"
     counts = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
     lines = [f"{len(rows)} trials: " + ", ".join(f"{n} {s.lower()}" for s, n in counts.items() if n)]
@@ -65,29 +82,44 @@ def summary(rows: list[dict], targets: list[str], cost_key: str = "flops") -> st
                  "test: the held-out split, reported only):")
     lines.append(f"  {'target':>10}  {'trial':>5}  {'val acc':>7}  {'test acc':>8}  {unit:>9}  {'error':>7}  {'K':>5}")
     for target in targets:
-        cands = [r for r in rows if r["target"] == target and r["feasible"]]
-        if not cands:
+        b = best_feasible(rows, target)
+        if b is None:
             lines.append(f"  {target:>10}  none feasible yet")
             continue
-        b = max(cands, key=lambda r: r["accuracy"])
         test = f"{b['test_accuracy']:>8.2%}" if _finite(b.get("test_accuracy")) else f"{'-':>8}"
         lines.append(f"  {target:>10}  {b['trial']:>5}  {b['accuracy']:>7.2%}  {test}  {b[cost_key]:>9.4g}  "
                      f"{b['rel_error']:>+7.2%}  {b['k']:>5.1f}")
     for target in targets:
         front = sorted((r for r in rows if r["target"] == target and r["pareto_flops"]), key=lambda r: r["flops"])
         lines.append("")
-        lines.append(f"Pareto front of target {target}, val accuracy vs FLOPs:")
+        lines.append(f"Pareto front of target {target}, val accuracy vs FLOPs (finished trials, feasible or not):")
         several = len(targets) > 1
-        lines.append(f"  {'trial':>5}  {'val acc':>7}  {'FLOPs':>9}  {'K':>5}" + "  on the front of all targets" * several)
+        lines.append(f"  {'trial':>5}  {'val acc':>7}  {'FLOPs':>9}  {'K':>5}  feasible" + "  on the front of all targets" * several)
         for r in front:
-            line = f"  {r['trial']:>5}  {r['accuracy']:>7.2%}  {r['flops']:>9.4g}  {r['k']:>5.1f}"
+            line = f"  {r['trial']:>5}  {r['accuracy']:>7.2%}  {r['flops']:>9.4g}  {r['k']:>5.1f}  {'yes' if r['feasible'] else 'no':>8}"
             lines.append(line + f"  {'yes' if r['pareto_all'] else 'no'}" * several)
         if not front:
             lines.append("  no finished trial yet")
+    if models:
+        lines += ["", *model_lines(models)]
     failed = [r for r in rows if r["state"] == "FAIL"]
     for r in failed:
         lines.append(f"trial {r['trial']} failed: {r['reason']}")
     return "\n".join(lines)
+
+
+def model_lines(models: list[dict]) -> list[str]:
+    """One line per registered model on a front or under an alias: its URIs, trial, target, hyper-parameters."""
+    lines = ["registered models (drn-eval URI, or mlflow.pytorch.load_model; best-<target>: the target's "
+             "best feasible by val accuracy):"]
+    width = max(len(m["uri"]) for m in models)
+    for m in models:
+        name = m["uri"].rsplit("/", 1)[0]
+        alias = f"{name}@{m['alias']}" if m["alias"] else "-"
+        where = "front" if m["front"] else "off the front"
+        hp = ", ".join(f"{k} {v}" for k, v in sorted(m["params"].items()))
+        lines.append(f"  {m['uri']:<{width}}  {alias}  trial {m['trial']}, target {m['target']}, {where}: {hp}")
+    return lines
 
 
 def _finite(v) -> bool:

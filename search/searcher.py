@@ -21,15 +21,22 @@ Optuna numbers trials per study; the search numbers them once across its studies
 to Tune as `optuna_trial`: Tune's trial dirs, MLflow's child runs, Parquet's `trial` and the
 progress lines use this number. The studies live in one RDB (sqlite by default), so a resumed
 search and its restored searcher keep asking the same studies and counting on.
+
+The first trial of each study runs the paper's values (`paper_trial`), enqueued: TPE starts from the
+published setting. Each study's TPE is seeded anew from the trials the study holds whenever this
+searcher (re)connects to it, and lies about running trials (constant liar) so that concurrent
+trials spread out.
 """
 import json
 import math
+
+import numpy as np
 import optuna
 from ray.tune.search import Searcher
 
-from drn.config import parse_target
+from drn.config import TrainConfig, parse_target
 
-from .space import Space
+from .space import Param, Space
 
 TERMINAL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
@@ -56,6 +63,29 @@ def search_trial(t: optuna.trial.FrozenTrial) -> int:
     return t.user_attrs.get("search_trial", t.number)
 
 
+# Sec. 4.1's margins and loss weights: drn-train's defaults
+PAPER = ("d_c", "d_d", "lam", "alpha")
+
+
+def paper_values(dataset: str | None) -> dict[str, float]:
+    """d_c 0.2, d_d 0.5, lam and alpha 0.2 (0.4 on Tiny-ImageNet); the margins only without a dataset."""
+    if dataset is None:
+        return {k: TrainConfig.__dataclass_fields__[k].default for k in ("d_c", "d_d")}
+    cfg = TrainConfig(dataset=dataset)
+    return {k: getattr(cfg, k) for k in PAPER}
+
+
+def _holds(p: Param, value) -> bool:
+    return value in p.choices if p.kind == "categorical" else p.low <= value <= p.high
+
+
+def paper_trial(space: Space, dataset: str | None) -> dict:
+    """The paper's values of the space's sampled parameters, where their ranges hold them; the rest
+    (a value out of range, a parameter the paper does not set, like lr) is the sampler's."""
+    values = paper_values(dataset)
+    return {p.name: values[p.name] for p in space.params if p.name in values and _holds(p, values[p.name])}
+
+
 def dearest_first(targets: list[str]) -> list[str]:
     """The targets by cost, dearest first, where they share a kind (all % or all absolute); else as given."""
     parsed = [parse_target(t) for t in targets]
@@ -65,11 +95,14 @@ def dearest_first(targets: list[str]) -> list[str]:
 
 
 class OptunaSearcher(Searcher):
+    dataset: str | None = None   # for a searcher unpickled from a search started before it had one
+
     def __init__(self, space: Space, targets: list[str], study_name: str, storage: str, tolerance: float,
-                 total_epochs: int, cost_key: str = "flops", seed: int = 0):
+                 total_epochs: int, cost_key: str = "flops", seed: int = 0, dataset: str | None = None):
         super().__init__(metric="accuracy", mode="max")
         self.space, self.targets, self.study_name, self.storage = space, list(targets), study_name, storage
         self.tolerance, self.total_epochs, self.cost_key, self.seed = tolerance, total_epochs, cost_key, seed
+        self.dataset = dataset   # whose paper values the first trials run
         self.live: dict[str, tuple[str, int]] = {}   # Tune trial id -> (target, its study's trial number)
         self._studies: dict[str, optuna.Study] | None = None
 
@@ -79,16 +112,23 @@ class OptunaSearcher(Searcher):
 
     @property
     def studies(self) -> dict[str, optuna.Study]:
-        """Target -> its study, all created at the first use."""
+        """Target -> its study, all created (or reconnected to) at the first use."""
         if self._studies is None:
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             rdb = optuna.storages.RDBStorage(self.storage)
-            self._studies = {
-                t: optuna.create_study(study_name=name, storage=rdb, load_if_exists=True, direction="maximize",
-                                       sampler=optuna.samplers.TPESampler(seed=self.seed + i, n_startup_trials=10,
-                                                                          multivariate=True))
-                for i, (t, name) in enumerate(study_names(self.study_name, self.targets).items())}
+            self._studies = {t: optuna.create_study(study_name=name, storage=rdb, load_if_exists=True,
+                                                    direction="maximize")
+                             for t, name in study_names(self.study_name, self.targets).items()}
+            for i, study in enumerate(self._studies.values()):
+                study.sampler = self._sampler(i, len(study.get_trials(deepcopy=False)))
         return self._studies
+
+    def _sampler(self, index: int, n_trials: int) -> optuna.samplers.TPESampler:
+        # seeded by the study's trial count too: a sampler re-created with its first seed (a resumed
+        # search unpickles this searcher) would ask the first trials' parameters again
+        seed = int(np.random.SeedSequence([self.seed % 2**32, index, n_trials]).generate_state(1)[0])
+        # constant liar: running trials count as bad ones, so concurrent trials do not crowd one region
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10, multivariate=True, constant_liar=True)
 
     def _frozen(self, target: str, number: int) -> optuna.trial.FrozenTrial:
         return self.studies[target].get_trials(deepcopy=False)[number]
@@ -98,11 +138,17 @@ class OptunaSearcher(Searcher):
         return optuna.Trial(self.studies[target], self._frozen(target, number)._trial_id)
 
     def suggest(self, trial_id: str) -> dict:
-        counts = {t: len(s.get_trials(deepcopy=False)) for t, s in self.studies.items()}
+        trials = {t: s.get_trials(deepcopy=False) for t, s in self.studies.items()}
+        # asked trials only: an enqueued one (WAITING) takes its number when it is asked
+        counts = {t: sum(x.state != optuna.trial.TrialState.WAITING for x in ts) for t, ts in trials.items()}
         rank = {t: i for i, t in enumerate(dearest_first(self.targets))}
         # the fewest first; ties: the dearest in the first round, the cheapest after it
         target = min(self.targets, key=lambda t: (counts[t], rank[t] if counts[t] == 0 else -rank[t]))
-        trial = self.studies[target].ask(self.space.distributions())
+        study = self.studies[target]
+        paper = paper_trial(self.space, self.dataset) if not trials[target] else {}
+        if paper:   # the study's first trial (unless trials were enqueued before): enqueued as it is asked
+            study.enqueue_trial(paper)
+        trial = study.ask(self.space.distributions())
         number = sum(counts.values())
         trial.set_user_attr("search_trial", number)
         trial.set_user_attr("target", target)
@@ -116,7 +162,9 @@ class OptunaSearcher(Searcher):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self.live and _finite(result.get("accuracy")):
-            self._report(*self.live[trial_id], result)
+            target, number = self.live[trial_id]
+            if self._frozen(target, number).state not in TERMINAL:   # a restored driver replays
+                self._report(target, number, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         target, number = self.live.pop(trial_id, (None, None))

@@ -20,7 +20,10 @@ from drn.config import TrainConfig, UsageError
 
 # TrainConfig fields a space may sample or fix (the rest belong to the search's command line)
 SEARCHABLE = ("d_c", "d_d", "lam", "alpha", "gamma", "mu", "beta", "lr", "momentum", "weight_decay",
-              "views", "batch_size", "router_hidden", "lr_decay")
+              "views", "batch_size", "router_hidden", "lr_decay", "drop_path")
+# what only the routers read (Eq. 3-10, the router MLP): a static route has none
+ROUTER_ONLY = ("d_c", "d_d", "lam", "alpha", "gamma", "mu", "beta", "router_hidden")
+STATIC_ONLY = ("drop_path",)   # stochastic depth: a routed network's routers choose what to skip
 KINDS = ("float", "int", "categorical")
 
 
@@ -66,8 +69,10 @@ def _check_value(name: str, value, where: str) -> None:
         raise UsageError(f"{where}: {name} takes whole numbers, got {value!r}")
     if not want_int and not _number(value):
         raise UsageError(f"{where}: {name} takes a number, got {value!r}")
+    # drop_path is valid only on a static route: check it on one
+    context = dict(routing="firstk", k=1) if name in STATIC_ONLY else {}
     try:
-        TrainConfig(**{name: value})
+        TrainConfig(**{name: value}, **context)
     except UsageError as e:
         raise UsageError(f"{where}: {e}") from None
 
@@ -132,3 +137,21 @@ def load_space(path: str | Path) -> Space:
     if not params:
         raise UsageError(f"{path}: nothing to search: every key is fixed (give at least one range)")
     return Space(str(path.resolve()), tuple(params), fixed)
+
+
+def check_routing(space: Space, routing: str) -> None:
+    """A space must search what the route trains: a static one has no routers, a routed one no
+    stochastic depth. Sampling what a trial ignores spends its trials on noise."""
+    keys = [p.name for p in space.params] + list(space.fixed)
+    if routing == "drn":
+        wrong = [k for k in keys if k in STATIC_ONLY]
+        if wrong:
+            raise UsageError(f"space {space.path}: {', '.join(wrong)} is for the static routes (--routing firstk, "
+                             f"randomk, distributedk, deepk); a routed network's routers choose what to skip")
+        return
+    used = [p.name for p in space.params if p.name not in ROUTER_ONLY]
+    if not used:
+        sampled = ", ".join(p.name for p in space.params)
+        raise UsageError(f"--routing {routing} has no routers, so space {space.path} samples nothing it uses "
+                         f"({sampled}); give --space static (lr, weight_decay, drop_path) or a space of "
+                         f"{', '.join(k for k in SEARCHABLE if k not in ROUTER_ONLY)}")

@@ -1,5 +1,6 @@
-"""MLflow: one experiment per search, a parent run for the search, a nested child run per trial
-(per-epoch metrics, final model, routes), Pareto tags and plot, front models registered.
+"""MLflow, trial logging: one experiment per search, a parent run for the search, a nested child
+run per trial (per-epoch metrics, final model, routes), Pareto and feasibility tags. The registry of
+the front's models is search/registry.py, the Pareto plot search/plots.py.
 
 Everything goes through an explicit `MlflowClient(uri)` with an absolute tracking URI (Ray moves
 trials' working directories) and explicit experiment ids: no `mlflow.set_experiment`, whose env
@@ -7,6 +8,7 @@ var would override the experiment inside workers. Children nest by the `mlflow.p
 """
 import dataclasses
 import json
+import os
 import socket
 import subprocess
 import tempfile
@@ -20,15 +22,23 @@ import torch.nn as nn
 
 from drn.config import UsageError
 
+from .plots import pareto_plot
+from .registry import CHECKPOINT_ARTIFACT, fetch_checkpoint, register_front, slug   # noqa: F401 (public here too)
+
 RDB_SCHEMES = ("postgresql", "mysql", "mssql", "databricks")
 # child-run tag -> trials-table column; the UI filter `tags.pareto = 'true'` shows the front(s)
 PARETO_TAGS = {"pareto": "pareto_flops",      # accuracy vs FLOPs, among the trials of the run's target
                "pareto_k": "pareto_k",        # accuracy vs routing length K, same target
                "pareto_all": "pareto_all"}    # accuracy vs FLOPs across all targets of the search
+# the figures of the final epoch that are also linked to the trial's logged model (its Models-tab columns)
+MODEL_METRICS = ("accuracy", "test_accuracy", "flops", "test_flops", "k", "test_k", "latency_ms", "test_latency_ms")
+# what the MLflow 3 UI reads to open an experiment on its runs, not on the GenAI overview
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
-def resolve_uri(uri: str | None, results_dir: Path) -> str:
-    """The tracking URI, absolute; a server must answer its /health before any trial runs."""
+def resolve_uri(uri: str | None, results_dir: Path, given_by: str = "--mlflow-uri") -> str:
+    """The tracking URI, absolute; a server must answer its /health before any trial runs.
+    `given_by`: where `uri` came from (the flag or $MLFLOW_TRACKING_URI), for the error lines."""
     if uri is None:
         return f"sqlite:///{(results_dir / 'mlflow.db').absolute()}"
     if "://" not in uri and ":" not in uri:                    # a bare path: a file store
@@ -46,13 +56,13 @@ def resolve_uri(uri: str | None, results_dir: Path) -> str:
     if scheme == "sqlite":
         path = uri.split("sqlite:///", 1)[-1] if uri.startswith("sqlite:///") else None
         if not path:
-            raise UsageError(f"--mlflow-uri {uri!r}: a sqlite URI is sqlite:///path/to/mlflow.db")
+            raise UsageError(f"{given_by} {uri!r}: a sqlite URI is sqlite:///path/to/mlflow.db")
         return f"sqlite:///{Path(path).expanduser().absolute()}"
     if scheme == "file":
         return uri
     if scheme in RDB_SCHEMES:
         return uri
-    raise UsageError(f"--mlflow-uri {uri!r}: give http(s)://host:port, sqlite:///path, file:///path or an RDB URL")
+    raise UsageError(f"{given_by} {uri!r}: give http(s)://host:port, sqlite:///path, file:///path or an RDB URL")
 
 
 @dataclass(frozen=True)
@@ -77,30 +87,44 @@ class Tracking:
             return found[0].info.run_id
         run = client.create_run(self.experiment_id, run_name=f"trial-{trial}", tags={
             "mlflow.parentRunId": self.parent_run_id, "optuna_trial": str(trial), "target": str(target),
-            "state": "RUNNING", "search": self.search, **{tag: "false" for tag in PARETO_TAGS}})
+            "state": "RUNNING", "search": self.search, "feasible": "false", **{tag: "false" for tag in PARETO_TAGS}})
         for k, v in params.items():
             client.log_param(run.info.run_id, k, v)
         return run.info.run_id
 
-    def log_epoch(self, run_id: str, metrics: dict, step: int) -> None:
+    def logged_steps(self, run_id: str) -> dict[str, int]:
+        """Metric key -> the last step the run has of it (empty for a new run)."""
+        client = self.client()
+        return {k: max(m.step for m in client.get_metric_history(run_id, k))
+                for k in client.get_run(run_id).data.metrics}
+
+    def log_epoch(self, run_id: str, metrics: dict, step: int, model_id: str | None = None) -> None:
+        """One epoch's metrics; with `model_id` (the last epoch's) MODEL_METRICS are linked to that model."""
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
-        self.client().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.client().log_batch(run_id, metrics=[
+            Metric(k, float(v), now, step, model_id=model_id if k in MODEL_METRICS else None)
+            for k, v in metrics.items()])
 
-    def log_final(self, run_id: str, trainer) -> None:
-        """The finished trial's model (mlflow.pytorch), its checkpoint and its val routes."""
+    def log_final(self, run_id: str, trainer, trial: int, target: str) -> str:
+        """The finished trial's val routes, its checkpoint and its model (mlflow.pytorch, named
+        <search>-t<trial>-<target>; MLflow gives it the run's params); returns the model's id.
+        A restarted trial whose model is logged already gets that one back: one model per trial."""
         import mlflow
         import torch
         from drn.evaluate import route_split
+        client = self.client()
+        done = self.logged_model(run_id)
+        if done is not None:
+            return done
         model = trainer.model.eval().cpu()
         val = trainer.data.val
         preds, gates, _ = route_split(model, val.images, trainer.cfg.eval_batch_size, "hard")
         flops = trainer.cost.route_cost(gates)
         with tempfile.TemporaryDirectory() as d:
             write_routes(Path(d) / "routes.parquet", val.labels, preds, gates, flops)
-            client = self.client()
             client.log_artifact(run_id, str(Path(d) / "routes.parquet"))
-            client.log_artifact(run_id, str(trainer.checkpoint_path), artifact_path="checkpoint")
+            client.log_artifact(run_id, str(trainer.checkpoint_path), artifact_path=str(Path(CHECKPOINT_ARTIFACT).parent))
         mlflow.set_tracking_uri(self.uri)
         example = val.images[:2].float().div(255).numpy()
         with mlflow.start_run(run_id=run_id, nested=True):
@@ -110,11 +134,32 @@ class Tracking:
             # requirements given, not inferred: inference re-imports the model in a subprocess (~10 s)
             # and no serving check (MLflow reloads the model to run the example, ~5 s a trial):
             # test_tracking loads the logged model by its models:/ URI and runs it
-            info = mlflow.pytorch.log_model(RoutedClassifier(model), name="model", signature=signature,
-                                            input_example=example, pip_requirements=requirements(),
-                                            validate_serving_input=False)
+            info = mlflow.pytorch.log_model(
+                RoutedClassifier(model), name=self.model_name(trial, target), signature=signature,
+                input_example=example, pip_requirements=requirements(), validate_serving_input=False,
+                tags={"search": self.search, "optuna_trial": str(trial), "target": str(target)})
+        self._tag_model(run_id, info.model_uri)
+        return info.model_id
+
+    def model_name(self, trial: int, target: str) -> str:
+        """The trial's logged model: <search>-t<trial>-<target>, as MLflow takes names (s-t3-50pct)."""
+        return f"{slug(self.search)}-t{trial}-{slug(target)}"
+
+    def logged_model(self, run_id: str) -> str | None:
+        """The id of the model the run logged already (READY: a crash mid-upload left none), else None."""
+        from mlflow.entities import LoggedModelStatus
+        found = [m for m in self.client().search_logged_models([self.experiment_id],
+                                                               filter_string=f"source_run_id = '{run_id}'")
+                 if m.status == LoggedModelStatus.READY]
+        if not found:
+            return None
+        self._tag_model(run_id, found[0].model_uri)   # a crash may have come between the model and its tags
+        return found[0].model_id
+
+    def _tag_model(self, run_id: str, model_uri: str) -> None:
+        client = self.client()
         client.set_tag(run_id, "model", "logged")
-        client.set_tag(run_id, "model_uri", info.model_uri)   # MLflow 3: models:/m-<id>, not the run's artifacts
+        client.set_tag(run_id, "model_uri", model_uri)   # MLflow 3: models:/m-<id>, not the run's artifacts
 
     # ------------------------------------------------------------------ driver side
     def log_backbone(self, info: dict) -> None:
@@ -126,20 +171,25 @@ class Tracking:
             if isinstance(info.get(k), (int, float)):
                 client.log_metric(self.parent_run_id, f"backbone_{k}", float(info[k]))
 
-    def update(self, rows: list[dict], parquet: Path | None = None, targets: list[str] | None = None,
-               cost_key: str = "flops") -> None:
-        """Trial states and Pareto tags on the children; trials table and Pareto plot on the parent."""
-        client = self.client()
-        runs = {r.data.tags.get("optuna_trial"): r for r in client.search_runs(
+    def children(self) -> dict:
+        """optuna_trial (str) -> the trial's child run."""
+        return {r.data.tags.get("optuna_trial"): r for r in self.client().search_runs(
             [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
             max_results=10000)}
+
+    def update(self, rows: list[dict], parquet: Path | None = None, targets: list[str] | None = None,
+               cost_key: str = "flops") -> list[dict]:
+        """Trial states, feasible and Pareto tags on the children; trials table and Pareto plot on the
+        parent; the registry (registry.register_front), whose current models it returns."""
+        client = self.client()
+        runs = self.children()
         status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
         for row in rows:
             run = runs.get(str(row["trial"]))
             if run is None:
                 continue
             rid = run.info.run_id
-            tags = {"state": row["state"]}
+            tags = {"state": row["state"], "feasible": "true" if row.get("feasible") else "false"}
             tags.update({tag: "true" if row.get(col) else "false" for tag, col in PARETO_TAGS.items()})
             for tag, value in tags.items():
                 if run.data.tags.get(tag) != value:   # one call per change, not per trial per update
@@ -154,55 +204,62 @@ class Tracking:
             with tempfile.TemporaryDirectory() as d:
                 pareto_plot(rows, targets or [], Path(d) / "pareto.png", cost_key)
                 client.log_artifact(self.parent_run_id, str(Path(d) / "pareto.png"))
+        return register_front(self, rows, runs)
 
-    def register_front(self, rows: list[dict]) -> list[str]:
-        """Register the front's logged models under `drn-<search>`; returns models:/ URIs."""
-        import mlflow
-        mlflow.set_tracking_uri(self.uri)   # the registry resolves models:/m-<id> sources through it
-        client = self.client()
-        name = self.search if self.search.startswith("drn-") else f"drn-{self.search}"  # not drn-drn-…
-        runs = {r.data.tags.get("optuna_trial"): r for r in client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' "
-                                                f"and tags.model = 'logged'", max_results=10000)}
-        front = [runs[str(r["trial"])] for r in rows if r.get("pareto_flops") and str(r["trial"]) in runs]  # every target's
-        if not front:
-            return []
-        try:
-            client.get_registered_model(name)
-        except Exception:
-            client.create_registered_model(name, description=f"Pareto fronts (val accuracy vs FLOPs, one per target) of search {self.search}")
-        have = {v.run_id: v.version for v in client.search_model_versions(f"name = '{name}'")}
-        uris = []
-        for run in front:
-            rid = run.info.run_id
-            if rid not in have:
-                model_uri = run.data.tags["model_uri"]
-                v = client.create_model_version(name, source=model_uri, run_id=rid,
-                                                model_id=model_uri.removeprefix("models:/"),
-                                                tags={"optuna_trial": run.data.tags.get("optuna_trial", "")})
-                have[rid] = v.version
-            uris.append(f"models:/{name}/{have[rid]}")
-        return uris
+    def register_front(self, rows: list[dict]) -> list[dict]:
+        return register_front(self, rows)
+
+
+class TrialRun:
+    """A trial's side of MLflow: its child run, each epoch's metrics logged once per (key, step) --
+    a restarted trial re-runs the epochs after its last Tune checkpoint, and the MLflow log of an
+    epoch comes before Tune saves that epoch's checkpoint -- and, at the last epoch, its model once."""
+
+    def __init__(self, track: Tracking, trial: int, target: str, params: dict):
+        self.track, self.trial, self.target = track, trial, str(target)
+        self.run_id = track.child_run(trial, target, params)
+        self.logged = track.logged_steps(self.run_id)
+
+    def report(self, metrics: dict, step: int, trainer=None) -> None:
+        """One epoch's metrics; with `trainer` (the last epoch) its model first, which the
+        final figures are then linked to (the Models tab shows them)."""
+        model_id = self.track.log_final(self.run_id, trainer, self.trial, self.target) if trainer else None
+        fresh = {k: v for k, v in metrics.items() if self.logged.get(k, -1) < step}
+        if fresh:
+            self.track.log_epoch(self.run_id, fresh, step, model_id)
+            self.logged.update(dict.fromkeys(fresh, step))
 
 
 def check(cfg, results_dir: Path) -> tuple[str, str | None]:
-    """Before anything is written: the tracking URI (absolute, reachable) and the artifact
-    location a new experiment gets; a name already taken there is a usage error."""
+    """Before anything is written: the tracking URI (--mlflow-uri, else $MLFLOW_TRACKING_URI, else
+    sqlite in the results dir; absolute, reachable) and the artifact location a new experiment
+    gets; an experiment name already taken there is a usage error."""
     import mlflow
     from mlflow import MlflowClient
-    uri = resolve_uri(cfg.mlflow_uri, results_dir)
+    name = experiment_name(cfg)
+    env = os.environ.get("MLFLOW_TRACKING_URI") or None
+    uri = resolve_uri(cfg.mlflow_uri or env, results_dir,
+                      "--mlflow-uri" if cfg.mlflow_uri else "$MLFLOW_TRACKING_URI")
     local = uri.startswith(("sqlite:", "file:"))
     artifacts = (results_dir / "mlartifacts").absolute().as_uri() if local else None
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         return uri, artifacts        # a new store: nothing to clash with, and nothing written yet
     try:
-        exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(cfg.name)
+        exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
     except mlflow.exceptions.MlflowException as e:
         raise UsageError(f"MLflow at {uri}: {str(e).splitlines()[0]}") from None
     if exp is not None:
         where = f" with artifacts at {exp.artifact_location}" if exp.artifact_location != artifacts else ""
-        raise UsageError(f"MLflow experiment {cfg.name!r} already exists at {uri}{where}; pick another --name")
+        flag = "--experiment-name" if cfg.experiment_name else "--name (or give --experiment-name)"
+        raise UsageError(f"MLflow experiment {name!r} already exists at {uri}{where}; pick another {flag}")
     return uri, artifacts
+
+
+def experiment_name(cfg) -> str:
+    """--experiment-name, else the search's name."""
+    if cfg.experiment_name is not None and not cfg.experiment_name.strip():
+        raise UsageError("--experiment-name must not be empty")
+    return cfg.experiment_name or cfg.name
 
 
 def resumed(results_dir: Path) -> Tracking:
@@ -210,10 +267,12 @@ def resumed(results_dir: Path) -> Tracking:
 
 
 def create(cfg, results_dir: Path, uri: str, artifacts: str | None) -> Tracking:
-    """The experiment and the search's parent run (CLI config, space file, version, commit)."""
+    """The experiment (tagged to open on its runs in the MLflow 3 UI) and the search's parent run
+    (CLI config, space file, version, commit)."""
     from mlflow import MlflowClient
     client = MlflowClient(tracking_uri=uri)
-    exp_id = client.create_experiment(cfg.name, artifact_location=artifacts)
+    exp_id = client.create_experiment(experiment_name(cfg), artifact_location=artifacts,
+                                      tags={**EXPERIMENT_KIND, "search": cfg.name})
     parent = client.create_run(exp_id, run_name=cfg.name, tags={"role": "search", "search": cfg.name,
                                                                  "git_commit": git_commit(), "drn_version": version()})
     rid = parent.info.run_id
@@ -257,53 +316,6 @@ def write_routes(path: Path, labels, preds, gates, flops) -> None:
     pq.write_table(table, path)
 
 
-def pareto_plot(rows: list[dict], targets: list[str], path: Path, cost_key: str = "flops") -> None:
-    """Two panels, accuracy vs FLOPs and accuracy vs K: every trial, each target's front as a line,
-    the front across targets (when several) circled, FLOPs targets as dashed lines."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-    has = [r for r in rows if r.get("accuracy") is not None and r.get("flops")]
-    done = [r for r in has if r["state"] == "COMPLETE"]
-    other = [r for r in has if r["state"] != "COMPLETE"]
-    groups = list(dict.fromkeys([*targets, *(r["target"] for r in done)]))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, key, col, label in ((axes[0], "flops", "pareto_flops", "FLOPs per image"),
-                                (axes[1], "k", "pareto_k", "routing length K (executed blocks)")):
-        if other:
-            ax.scatter([r[key] for r in other], [100 * r["accuracy"] for r in other], c="0.75", s=16,
-                       label="pruned / failed (partial)")
-        for i, target in enumerate(groups):
-            c = colors[i % len(colors)]
-            group = [r for r in done if r["target"] == target]
-            if not group:
-                continue
-            ax.scatter([r[key] for r in group], [100 * r["accuracy"] for r in group], color=c, s=22, alpha=0.6)
-            front = sorted((r for r in group if r.get(col)), key=lambda r: r[key])
-            ax.plot([r[key] for r in front], [100 * r["accuracy"] for r in front], "o-", color=c, lw=1.5,
-                    label=f"front, target {target}" if len(groups) > 1 else "Pareto front")
-            for r in front:
-                ax.annotate(str(r["trial"]), (r[key], 100 * r["accuracy"]), textcoords="offset points",
-                            xytext=(4, 4), fontsize=8)
-        if key == "flops" and len(groups) > 1:
-            top = [r for r in done if r.get("pareto_all")]
-            ax.scatter([r["flops"] for r in top], [100 * r["accuracy"] for r in top], s=110, facecolors="none",
-                       edgecolors="k", lw=1.2, label="front across targets")
-        if key == "flops" and cost_key == "flops":
-            for t in sorted({r["target_cost"] for r in rows if r.get("target_cost")}):
-                ax.axvline(t, color="0.4", ls="--", lw=0.8)
-        ax.set_xlabel(f"{label} (hard routing, val)")
-        ax.legend(fontsize=8, loc="lower right")
-    axes[0].set_ylabel("val accuracy (%)")
-    axes[0].set_title("accuracy vs FLOPs" + ("; dashed: targets" if cost_key == "flops" else "")
-                      + f" ({', '.join(targets)})")
-    axes[1].set_title("accuracy vs routing length")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def requirements() -> list[str]:
     """The logged model is a torch.export program: it needs torch (and drn-search to be used as a
     routed model through its checkpoint)."""
@@ -326,41 +338,3 @@ def version() -> str:
         return v("drn-search")
     except PackageNotFoundError:
         return "unknown"
-
-
-def fetch_checkpoint(uri: str, tracking_uri: str | None = None) -> Path:
-    """runs:/<id>[/...] or models:/<name>/<version|alias> -> the local path of that run's
-    drn checkpoint (downloaded), which drn-eval loads with weights_only=True."""
-    import mlflow
-    from mlflow import MlflowClient
-    tracking_uri = tracking_uri or mlflow.get_tracking_uri()
-    store = _local_store(tracking_uri)
-    if store is not None and not store.exists():   # MLflow would create an empty store there
-        raise UsageError(f"{uri}: no MLflow store at {store}; give --mlflow-uri (or $MLFLOW_TRACKING_URI)")
-    client = MlflowClient(tracking_uri=tracking_uri)
-    try:
-        if uri.startswith("runs:/"):
-            run_id = uri[len("runs:/"):].split("/")[0]
-        elif uri.startswith("models:/"):
-            name, _, ref = uri[len("models:/"):].partition("/")
-            if not ref:
-                raise UsageError(f"{uri}: give models:/<name>/<version> or models:/<name>@<alias>")
-            mv = client.get_model_version(name, ref) if ref.isdigit() else client.get_model_version_by_alias(name, ref)
-            run_id = mv.run_id
-        else:
-            raise UsageError(f"{uri}: not a runs:/ or models:/ URI")
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint/checkpoint.pt",
-                                                        tracking_uri=tracking_uri))
-    except mlflow.exceptions.MlflowException as e:
-        raise UsageError(f"{uri}: {str(e).splitlines()[0]}") from None
-
-
-def _local_store(tracking_uri: str) -> Path | None:
-    """The file or folder of a local tracking store (sqlite file, ./mlruns folder), else None."""
-    if tracking_uri.startswith("sqlite:///"):
-        return Path(tracking_uri[len("sqlite:///"):])
-    if tracking_uri.startswith("file:"):
-        return Path(tracking_uri[len("file:"):].removeprefix("//"))
-    if "://" not in tracking_uri and ":" not in tracking_uri:
-        return Path(tracking_uri)
-    return None

@@ -17,7 +17,7 @@ from ray import tune
 from drn.config import TrainConfig
 from drn.train import CHECKPOINT, Trainer
 
-from .tracking import Tracking
+from .tracking import Tracking, TrialRun
 
 # keys of the trial config that are not TrainConfig fields
 META = ("target", "optuna_trial")
@@ -55,7 +55,7 @@ def run_trial(config: dict, base: dict, data, backbone: dict | None = None) -> N
     cost_key = "latency_ms" if target_key == "target_latency_ms" else "flops"
     start_epoch = trainer.epoch   # > 0 when Tune restarted the trial (node lost, driver resumed)
     node = ray.get_runtime_context().get_node_id()
-    run_id = track.child_run(config["optuna_trial"], config["target"], {**params, "seed": cfg.seed}) if track else None
+    mlflow_run = TrialRun(track, config["optuna_trial"], config["target"], {**params, "seed": cfg.seed}) if track else None
     setup = time.perf_counter() - t_entry
 
     def report(m: dict) -> None:
@@ -63,11 +63,12 @@ def run_trial(config: dict, base: dict, data, backbone: dict | None = None) -> N
         m.update(target_cost=trainer.target, optuna_trial=config["optuna_trial"],
                  rel_error=m[cost_key] / trainer.target - 1, done=float(trainer.epoch >= cfg.total_epochs),
                  checkpoint_epoch=trainer.epoch, setup_seconds=setup)
-        if run_id is not None:
-            track.log_epoch(run_id, {k: v for k, v in m.items() if math.isfinite(v)}, int(trainer.epoch))
-            if trainer.epoch >= cfg.total_epochs:   # finished: the model, before Tune hears the end
-                t0 = time.perf_counter()
-                track.log_final(run_id, trainer)
+        if mlflow_run is not None:
+            final = trainer.epoch >= cfg.total_epochs   # finished: the model, before Tune hears the end
+            t0 = time.perf_counter()
+            mlflow_run.report({k: v for k, v in m.items() if math.isfinite(v)}, int(trainer.epoch),
+                              trainer if final else None)
+            if final:
                 m["export_seconds"] = time.perf_counter() - t0
         m.update(start_epoch=start_epoch, node_id=node)  # where this attempt ran, and from which epoch
         tune.report(m, checkpoint=tune.Checkpoint.from_directory(str(out)))

@@ -69,3 +69,15 @@ def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     prog, rest = args[0], args[1:]
     cmd = cli_command(prog)
     return subprocess.run([*cmd, *rest], capture_output=True, text=True, cwd=cwd, timeout=900)
+
+
+def enqueued_study(db: Path, name: str, trials: list[dict]) -> str:
+    """An Optuna study NAME in sqlite file `db` whose first trials are `trials` (enqueued: the searcher
+    asks them in this order, whatever the seed), for `drn-search --optuna-storage <returned URL>`:
+    tests that need a given parameter in a given trial do not depend on a sampler's draws."""
+    import optuna
+    url = f"sqlite:///{db}"
+    study = optuna.create_study(study_name=name, storage=url, direction="maximize")
+    for params in trials:
+        study.enqueue_trial(params)
+    return url

@@ -16,7 +16,7 @@ import optuna
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import cli_command
+from conftest import cli_command, enqueued_study
 
 pytestmark = pytest.mark.slow
 
@@ -127,6 +127,25 @@ def results(experiment: Path) -> dict[int, list[dict]]:
     return out
 
 
+def tune_states(experiment: Path) -> dict[int, str]:
+    """Optuna trial number -> the status Tune last saved for it (experiment_state-*.json): what a
+    resumed driver starts from. A trial the driver saw finish but had not yet saved as TERMINATED is
+    re-run by Tune on resume (from its final checkpoint), so a kill is only safe once it is saved."""
+    files = sorted(experiment.glob("experiment_state-*.json"), key=lambda f: f.stat().st_mtime)
+    if not files:
+        return {}
+    try:
+        state = json.loads(files[-1].read_text())
+    except json.JSONDecodeError:                 # caught mid-write
+        return {}
+    out = {}
+    for data, _ in state["trial_data"]:
+        trial = json.loads(data) if isinstance(data, str) else data
+        if isinstance(trial.get("config"), dict) and "optuna_trial" in trial["config"]:
+            out[int(trial["config"]["optuna_trial"])] = trial["status"]
+    return out
+
+
 def wait_for(condition, timeout: float, what: str, proc=None):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -199,8 +218,10 @@ def test_a_sigkilled_driver_resumes_without_losing_or_rerunning_a_finished_trial
         table = pq.read_table(experiment / "trials.parquet").to_pylist()
         done = {r["trial"]: r for r in table if r["state"] == "COMPLETE"}
         running = [n for n, rows in results(experiment).items() if n not in done and rows[-1]["epoch"] < 3]
-        return (done, running) if done and running else None
-    done, _ = wait_for(one_done_one_running, 600, "one finished and one running trial", proc)
+        saved = tune_states(experiment)
+        safe = all(saved.get(n) == "TERMINATED" for n in done)   # Tune's own record of the finished ones
+        return (done, running) if done and running and safe else None
+    done, _ = wait_for(one_done_one_running, 600, "one finished trial saved as such and one running", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
 
@@ -225,10 +246,13 @@ def test_a_sigkilled_driver_resumes_without_losing_or_rerunning_a_finished_trial
 def test_a_diverging_trial_fails_and_the_rest_go_on(cluster, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("d_c: 0.2\nlr: {type: categorical, choices: [0.05, 1.0e+6]}\n")
-    proc = cluster.search("diverge", "--num-samples", "3", "--epochs", "2", "--space", str(space), "--seed", "1")
+    # the rates given, not drawn: trial 1 diverges, 0 and 2 learn
+    study = enqueued_study(tmp_path / "o.db", "diverge", [{"lr": 0.05}, {"lr": 1.0e+6}, {"lr": 0.05}])
+    proc = cluster.search("diverge", "--num-samples", "3", "--epochs", "2", "--space", str(space),
+                          "--optuna-storage", study)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pq.read_table(cluster.storage / "diverge" / "trials.parquet").to_pylist()
-    assert {r["lr"] for r in table} == {0.05, 1.0e+6}, "the seed must draw both rates"
+    assert {r["trial"]: r["lr"] for r in table} == {0: 0.05, 1: 1.0e+6, 2: 0.05}
     for r in table:
         assert r["state"] == ("FAIL" if r["lr"] > 1 else "COMPLETE"), r
         if r["state"] == "FAIL":

@@ -119,8 +119,9 @@ def _final(acc, flops, target=100.0, epoch=3):
     return {"accuracy": acc, "flops": flops, "target_cost": target, "epoch": epoch, "k": 5.0}
 
 
-def test_searcher_tells_optuna_complete_pruned_and_fail(searcher):
+def test_searcher_tells_optuna_complete_pruned_and_fail(searcher, tmp_path):
     configs = {tid: searcher.suggest(tid) for tid in ("a", "b", "c", "d", "e")}
+    searcher.save(str(tmp_path / "state.json"))                          # Tune's snapshot: all five live
     assert [c["optuna_trial"] for c in configs.values()] == [0, 1, 2, 3, 4]
     assert all(c["target"] == "50%" and 0.05 <= c["d_c"] <= 0.5 for c in configs.values())
     for epoch, acc in ((1, 0.3), (2, 0.4)):
@@ -141,8 +142,18 @@ def test_searcher_tells_optuna_complete_pruned_and_fail(searcher):
     # the constraint keeps the more accurate but over-budget trial off the front
     assert [t.number for t in study.best_trials] == [0]
     assert budget_violation(150.0, 100.0, 0.02) == pytest.approx(0.48)
-    searcher.on_trial_complete("a", _final(0.99, 100.0))                 # told twice: ignored
-    assert study.trials[0].value == pytest.approx(0.61)
+    # a driver restored from the snapshot replays trials Optuna has already been told: ignored (told
+    # again, Optuna would raise: the trial has finished)
+    replay = pickle.loads(pickle.dumps(searcher))
+    replay.restore(str(tmp_path / "state.json"))
+    assert set(replay.live) == {"a", "b", "c", "d", "e"}
+    replay.on_trial_result("b", {"accuracy": 0.45, "epoch": 2})
+    replay.on_trial_complete("a", _final(0.99, 100.0))
+    replay.on_trial_complete("b", _final(0.45, 100.0, epoch=2))
+    assert "a" not in replay.live and "b" not in replay.live
+    study = replay.studies["50%"]
+    assert [t.state for t in study.trials] == [S.COMPLETE, S.PRUNED, S.FAIL, S.FAIL, S.COMPLETE]
+    assert study.trials[0].value == pytest.approx(0.61) and study.trials[1].intermediate_values == {1: 0.40}
 
 
 def test_searcher_survives_pickling_and_restores_its_trial_map(searcher, tmp_path):
@@ -299,6 +310,99 @@ def test_searcher_with_several_studies_saves_and_restores(tmp_path):
     assert (e["target"], e["optuna_trial"]) == ("30%", 4)
 
 
+def _params(config: dict, space) -> tuple:
+    return tuple(config[p.name] for p in space.params)
+
+
+def test_a_resumed_search_asks_no_parameters_of_earlier_trials_again(tmp_path):
+    space = load_space(SPACES_DIR / "default.yaml")
+    s = OptunaSearcher(space, ["50%"], "s", f"sqlite:///{tmp_path / 'o.db'}", 0.02, 2, seed=0)
+    pickled = pickle.dumps(s)              # Tune pickles the searcher into tuner.pkl before any trial
+    state = str(tmp_path / "state.json")
+    asked = []
+    for session in range(3):               # the first run, then two resumes, each asking 3 trials
+        if session:
+            s = pickle.loads(pickled)
+            s.restore(state)
+        for i in range(3 * session, 3 * session + 3):
+            config = s.suggest(str(i))
+            asked.append(config)
+            s.on_trial_complete(str(i), _final(0.5 + 0.01 * i, 100.0, epoch=2))
+        s.save(state)
+    assert [c["optuna_trial"] for c in asked] == list(range(9))
+    # a sampler re-seeded as it first was would ask trial 0's (or 1's) parameters again at each resume
+    assert len({_params(c, space) for c in asked}) == 9
+
+
+def test_the_first_trial_of_each_study_runs_the_paper_values(tmp_path):
+    from search.searcher import paper_trial
+    f = tmp_path / "space.yaml"
+    f.write_text("d_c: {type: float, low: 0.05, high: 0.5}\n"
+                 "d_d: {type: float, low: 0.6, high: 1.0}\n"          # the paper's 0.5 is out of range
+                 "lam: {type: float, low: 0.05, high: 0.8, log: true}\n"
+                 "alpha: {type: categorical, choices: [0.1, 0.4]}\n"  # 0.4 on Tiny-ImageNet only
+                 "lr: {type: float, low: 0.02, high: 0.2, log: true}\n")  # no paper value: sampled
+    space = load_space(f)
+    assert paper_trial(space, "cifar10") == {"d_c": 0.2, "lam": 0.2}
+    assert paper_trial(space, "tinyimagenet") == {"d_c": 0.2, "lam": 0.4, "alpha": 0.4}
+    assert paper_trial(space, None) == {"d_c": 0.2}                 # the margins do not depend on the data
+    assert paper_trial(load_space(SPACES_DIR / "default.yaml"), "cifar10") == {
+        "d_c": 0.2, "d_d": 0.5, "lam": 0.2, "alpha": 0.2}
+
+    db = f"sqlite:///{tmp_path / 'o.db'}"
+    s = OptunaSearcher(space, ["30%", "60%"], "m", db, 0.02, 2, dataset="tinyimagenet")
+    pickled = pickle.dumps(s)
+    first = [s.suggest(str(i)) for i in range(4)]
+    assert [c["target"] for c in first] == ["60%", "30%", "30%", "60%"]
+    for c in first[:2]:                                             # each study's first trial
+        assert (c["d_c"], c["lam"], c["alpha"]) == (0.2, 0.4, 0.4)
+        assert 0.6 <= c["d_d"] <= 1.0 and 0.02 <= c["lr"] <= 0.2 and c["optuna_trial"] in (0, 1)
+    assert all(c["d_c"] != 0.2 for c in first[2:])                   # then the sampler's
+    s.save(str(tmp_path / "state.json"))
+    clone = pickle.loads(pickled)                                   # resumed: not enqueued again
+    clone.restore(str(tmp_path / "state.json"))
+    again = [clone.suggest(str(i)) for i in range(4, 6)]
+    assert all(c["d_c"] != 0.2 for c in again)
+    for study in clone.studies.values():
+        trials = study.get_trials(deepcopy=False)
+        assert [t.params["d_c"] == 0.2 for t in trials] == [True, False, False]
+        assert not [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
+
+
+def test_trials_enqueued_before_the_search_come_first_numbered_from_0(tmp_path):
+    db = f"sqlite:///{tmp_path / 'o.db'}"
+    study = optuna.create_study(study_name="q", storage=db, direction="maximize")
+    for d_c in (0.1, 0.3):
+        study.enqueue_trial({"d_c": d_c})
+    s = OptunaSearcher(load_space(SPACES_DIR / "default.yaml"), ["50%"], "q", db, 0.02, 2, dataset="cifar10")
+    got = [s.suggest(str(i)) for i in range(3)]
+    assert [c["optuna_trial"] for c in got] == [0, 1, 2]          # a waiting trial is not a trial yet
+    assert [c["d_c"] for c in got[:2]] == [0.1, 0.3]
+    assert got[2]["d_c"] not in (0.1, 0.2, 0.3)                    # the given trials replace the paper's
+
+
+def test_concurrent_trials_spread_out_by_the_constant_liar(tmp_path):
+    import copy
+    space = load_space(SPACES_DIR / "default.yaml")
+    s = OptunaSearcher(space, ["50%"], "s", f"sqlite:///{tmp_path / 'o.db'}", 0.5, 2, seed=3)
+    for i in range(12):                                             # past TPE's 10 random start-up trials
+        s.suggest(str(i))
+        s.on_trial_complete(str(i), _final(0.3 + 0.05 * (i % 7), 100.0, epoch=2))
+    study = s.studies["50%"]
+    assert study.sampler._constant_liar
+    running = [s.suggest(tid) for tid in ("r1", "r2")]              # two trials at once, both RUNNING
+    assert _params(running[0], space) != _params(running[1], space)
+    # the same model and random state, with and without the lie: only the liar sees r1 and r2
+    probe = study.ask()
+    trial = study.get_trials(deepcopy=False)[probe.number]
+    liar, twin, honest = (copy.deepcopy(study.sampler) for _ in range(3))
+    honest._constant_liar = False
+    dists = space.distributions()
+    lie = liar.sample_relative(study, trial, dists)
+    assert lie and lie == twin.sample_relative(study, trial, dists)
+    assert lie != honest.sample_relative(study, trial, dists)
+
+
 def test_several_targets_get_one_front_each_and_one_across(tmp_path):
     from PIL import Image
 
@@ -333,6 +437,58 @@ def test_several_targets_get_one_front_each_and_one_across(tmp_path):
     assert line5.endswith("no")                 # on its target's front, not on the front across targets
     pareto_plot(rows, ["30%", "60%"], tmp_path / "p.png")
     assert Image.open(tmp_path / "p.png").size[0] > 600
+
+
+@pytest.mark.slow
+def test_resume_leaves_errored_trials_failed_and_continues_interrupted_ones(tmp_path):
+    """A real search (Ray, resnet8, synthetic data), interrupted, then resumed. Its trials at 1e-7 ms
+    raise: the target is below the network's fixed latency, which only the trial measures (ERROR in
+    Tune, FAIL in Optuna, no retries). The resume must not run them again; the 90 % trial the interrupt
+    caught goes on from its last epoch."""
+    import re
+    import signal
+    import subprocess
+    import time
+
+    import pyarrow.parquet as pq
+
+    from conftest import cli_command, run_cli
+    args = ["--target-latency-ms", "1e-7", "90%", "--arch", "resnet8", "--dataset", "synthetic", "--epochs", "3",
+            "--finetune-epochs", "0", "--backbone", "none", "--batch-size", "64", "--num-samples", "2",
+            "--max-concurrent", "1", "--max-failures", "0", "--scheduler", "fifo", "--storage", str(tmp_path),
+            "--name", "e"]
+    # trial 0 at 1e-7 ms (first round: the targets as given, % and ms do not compare), trial 1 at 90 %
+    proc = subprocess.Popen([*cli_command("drn-search"), *args], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    seen, deadline = [], time.time() + 600
+    for line in proc.stderr:
+        seen.append(line)
+        if "trial 1 (target 90%) epoch 1/3" in line or time.time() > deadline:
+            break
+    # Ctrl-C in trial 1's second epoch: Tune registers an epoch's checkpoint a moment after its result
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    first = "".join(seen) + err
+    assert proc.returncode == 130, first[-3000:]
+    assert re.search(r"trial 0 raised: .*not above the network's fixed cost", first), first[-3000:]
+
+    resumed = run_cli("drn-search", "--resume", "e", "--storage", str(tmp_path))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "trial 0 (target 1e-7) started" not in resumed.stderr and "trial 0 raised" not in resumed.stderr
+    assert "2/2 trials ended" in resumed.stderr
+    assert re.search(r"trial 1 \(target 90%\) epoch [23]/3.*\(restarted from its epoch [12] checkpoint\)",
+                     resumed.stderr), resumed.stderr[-3000:]
+    rows = {r["trial"]: r for r in pq.read_table(tmp_path / "e" / "trials.parquet").to_pylist()}
+    assert {n: (r["target"], r["state"]) for n, r in rows.items()} == {0: ("1e-7", "FAIL"), 1: ("90%", "COMPLETE")}
+    assert rows[0]["reason"] == "trial raised an error"
+    epochs = {}
+    for f in (tmp_path / "e").glob("trial-*/result.json"):
+        lines = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        if lines:                                # trial 0 raised before its first epoch
+            epochs[int(lines[0]["optuna_trial"])] = [int(r["epoch"]) for r in lines]
+    # trial 1 went on from its checkpoint (epoch 1, or 2 if the driver stopped late), not from scratch
+    assert list(epochs) == [1] and epochs[1].count(1) == 1 and epochs[1][-1] == 3, epochs
 
 
 def test_help_lists_every_flag(capsys):

@@ -1,0 +1,162 @@
+"""Where a search's state lives, and who can reach it (issue 16).
+
+With a cloud --storage (s3://, gs://, file://...) Tune keeps its part there, but ours -- search.json,
+mlflow.json, trials.parquet and the Optuna sqlite study -- is written on the head, in
+./drn-results/<name>/. A copy goes to <storage>/<name>/drn-state/ when the search starts and each time
+a trial ends, so that `--resume NAME --storage URI` on a new head fetches it first. An RDB
+--optuna-storage (postgresql://...) is shared already: there is no optuna.db to copy.
+
+A Ray cluster that spans several machines runs trials where the head's disk is out of reach: their
+checkpoints (--storage) and MLflow runs must go somewhere every machine can write.
+"""
+import json
+import re
+import shutil
+import sqlite3
+import tempfile
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from drn.config import UsageError
+
+from .config import is_uri
+
+STATE_DIR = "drn-state"
+FILES = ("search.json", "mlflow.json", "trials.parquet")
+STUDY = "optuna.db"        # the default study (--optuna-storage unset), beside them
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0")   # an MLflow server only the head reaches
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def state_uri(storage: str, name: str) -> str | None:
+    """The cloud copy of search `name`'s files, or None for a local --storage (they live there already)."""
+    return f"{storage.rstrip('/')}/{name}/{STATE_DIR}" if is_uri(storage) else None
+
+
+def backup_sqlite(db: Path, copy: Path) -> None:
+    """A consistent copy of a sqlite file that the searcher may be writing (sqlite's online backup:
+    copying the bytes mid-transaction could give a torn database)."""
+    src, dst = sqlite3.connect(db), sqlite3.connect(copy)
+    try:
+        with dst:
+            src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
+
+
+def upload(results_dir: Path, uri: str | None, log) -> bool:
+    """Copy the search's files to its cloud copy `uri` (nothing for None). A failure is one line via
+    `log`, not the search's end: the next trial's end tries again."""
+    if uri is None:
+        return False
+    import pyarrow as pa
+    from pyarrow import fs
+    try:
+        filesystem, where = fs.FileSystem.from_uri(uri)
+        filesystem.create_dir(where, recursive=True)
+        with tempfile.TemporaryDirectory() as d:
+            files = [results_dir / f for f in FILES if (results_dir / f).is_file()]
+            if (results_dir / STUDY).is_file():
+                backup_sqlite(results_dir / STUDY, Path(d) / STUDY)
+                files.append(Path(d) / STUDY)
+            for path in files:   # one object each: a reader sees a whole file or the previous one
+                with filesystem.open_output_stream(f"{where}/{path.name}") as dst:
+                    dst.write(path.read_bytes())
+    except (OSError, sqlite3.Error, pa.ArrowException) as e:
+        log(f"could not copy the search's state to {uri}: {_first_line(e)}")
+        return False
+    return True
+
+
+class Unreadable(UsageError):
+    """The cloud copy could not be read (credentials, network)."""
+
+
+def fetch_state(storage: str, name: str, results_dir: Path, accept=lambda fetched: None) -> bool:
+    """On a head that lacks search `name`: its files from the cloud copy into `results_dir`; False
+    when there is none. Refused (nothing written) when the copy cannot be resumed here, or when
+    `accept(folder)` raises a UsageError on the fetched files."""
+    from .backbone import fetch
+    uri = state_uri(storage, name)
+    if uri is None or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        return False
+    import pyarrow as pa
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        try:
+            if not fetch(f"{uri}/search.json", tmp / "search.json"):
+                return False
+            fetched = [f for f in FILES[1:] + (STUDY,) if fetch(f"{uri}/{f}", tmp / f)]
+        except (OSError, pa.ArrowException) as e:
+            raise Unreadable(f"{uri} cannot be read: {_first_line(e)}") from None
+        if "mlflow.json" not in fetched:
+            raise UsageError(f"{uri} holds no mlflow.json: search {name!r} stopped before it started")
+        _check_mlflow_here(json.loads((tmp / "mlflow.json").read_text())["uri"], name)
+        accept(tmp)
+        results_dir.mkdir(parents=True, exist_ok=True)
+        for f in tmp.iterdir():
+            shutil.move(f, results_dir / f.name)
+    return True
+
+
+def _check_mlflow_here(uri: str, name: str) -> None:
+    """A local MLflow store stayed on the old head (it is not copied: its artifacts can be large)."""
+    store = _local_store(uri)
+    if store is not None and not store.exists():
+        raise UsageError(f"search {name!r} logs to the MLflow store {uri}, which is not on this head (a local "
+                         f"store stays on the head that ran the search); resume it there, or run searches that "
+                         f"must outlive their head with an MLflow server (--mlflow-uri http://HOST:5000)")
+
+
+def check_new(storage: str, name: str) -> None:
+    """A new search must not write into another's folder under a cloud --storage (a local one is
+    checked by its results dir)."""
+    if not is_uri(storage):
+        return
+    import pyarrow as pa
+    from pyarrow import fs
+    try:
+        filesystem, where = fs.FileSystem.from_uri(f"{storage.rstrip('/')}/{name}")
+        found = filesystem.get_file_info(where).type != fs.FileType.NotFound
+    except (OSError, pa.ArrowException) as e:
+        raise UsageError(f"cannot read --storage {storage}: {_first_line(e)}") from None
+    if found:
+        raise UsageError(f"search {name!r} already exists in {storage}; continue it with --resume {name} "
+                         f"--storage {storage} or pick another --name")
+
+
+def cluster_machines() -> int:
+    """Machines (node IPs) of the connected Ray cluster: nodes that share one can share its disk."""
+    import ray
+    return len({n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")})
+
+
+def _local_store(uri: str) -> Path | None:
+    """The file or folder of a local MLflow store (sqlite file, file: folder, bare path), else None."""
+    if uri.startswith("sqlite:"):
+        return Path(uri.split("sqlite:///", 1)[-1])
+    if uri.startswith("file:"):
+        return Path(urlsplit(uri).path)
+    return None if "://" in uri or ":" in uri else Path(uri)
+
+
+def check_shared(address: str | None, storage: str, mlflow_uri: str, machines: int) -> None:
+    """Trials on other machines write their checkpoints to --storage and their runs to `mlflow_uri`
+    (the search's, resolved): both must be reachable from every machine of a cluster (a local Ray is
+    one machine)."""
+    if address is None or machines <= 1:
+        return
+    local, fixes = [], []
+    if not is_uri(storage) or storage.startswith("file:"):
+        local.append(f"--storage {storage}")
+        fixes.append("a cloud --storage (s3://BUCKET/PATH, gs://...)")
+    if _local_store(mlflow_uri) is not None or urlsplit(mlflow_uri).hostname in LOOPBACK:
+        local.append(f"MLflow store {mlflow_uri}")
+        fixes.append("an MLflow server at an address they reach (--mlflow-uri http://HEAD-IP:5000)")
+    if local:
+        raise UsageError(f"the Ray cluster at {address} spans {machines} machines, and trials on the others cannot "
+                         f"reach this one's {' nor its '.join(local)}: give {' and '.join(fixes)}")

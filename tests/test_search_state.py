@@ -1,0 +1,183 @@
+"""Issue 16: a static baseline searches what it trains; a cluster of several machines must reach the
+search's storage; a search's own files survive the head through a cloud --storage (file://: the same
+pyarrow code path as s3://)."""
+import json
+import shutil
+import sqlite3
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from drn.config import TrainConfig, UsageError
+from search import tracking
+from search.cli import main
+from search.config import SPACES_DIR, SearchConfig
+from search.progress import Progress
+from search.searcher import OptunaSearcher, load_studies
+from search.space import ROUTER_ONLY, SEARCHABLE, load_space
+from search.state import check_new, check_shared, state_uri, upload
+
+BASE = ["--target-flops", "50%", "--arch", "resnet8", "--dataset", "synthetic", "--name", "b"]
+
+
+# ----------------------------------------------------------------------------- static baselines
+
+@pytest.mark.parametrize("space", [
+    "default",                                                                # the DRN's margins and weights
+    "beta: {type: float, low: 2.0, high: 8.0}\nlr: 0.05\nrouter_hidden: 16\n",  # a used one only fixed
+])
+def test_a_static_routing_with_a_space_of_router_parameters_is_refused(tmp_path, capsys, space):
+    if "\n" in space:
+        (tmp_path / "s.yaml").write_text(space)
+        space = str(tmp_path / "s.yaml")
+    storage = tmp_path / "results"
+    rc = main([*BASE, "--routing", "firstk", "--space", space, "--storage", str(storage)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "--routing firstk has no routers" in err and "--space static" in err
+    assert not storage.exists()
+
+
+def test_the_static_space_is_valid_for_static_routes_only(tmp_path):
+    space = load_space(SPACES_DIR / "static.yaml")
+    d = space.distributions()
+    assert d["lr"].low < 0.1 < d["lr"].high and d["lr"].log                       # drn-train's lr
+    assert d["weight_decay"].low < 1e-4 < d["weight_decay"].high and d["weight_decay"].log
+    assert not set(d) & set(ROUTER_ONLY) and set(d) <= set(SEARCHABLE)
+    for routing in ("firstk", "randomk", "distributedk", "deepk"):
+        assert SearchConfig.from_flags({"target_flops": ["50%"], "routing": routing, "space": "static",
+                                        "storage": str(tmp_path)}).space == str(SPACES_DIR / "static.yaml")
+    with pytest.raises(UsageError, match="drop_path is for the static routes"):
+        SearchConfig(target_flops=["50%"], space="static")
+
+
+def _train_static(tiny_data, tmp_path, **kw):
+    """One epoch of a static route (firstk, 2 of resnet8's 3 blocks): the network, and its routers at the start."""
+    from drn.train import Trainer
+    cfg = TrainConfig(arch="resnet8", dataset="imagefolder", data_dir=str(tiny_data), out=str(tmp_path / "r"),
+                      epochs=1, batch_size=12, device="cpu", routing="firstk", k=2, **kw)
+    trainer = Trainer(cfg, log=lambda s: None)
+    routers = [p.detach().clone() for p in trainer.model.router_parameters()]
+    trainer.run()
+    return trainer.model, routers
+
+
+def test_a_static_route_trains_with_what_the_static_space_samples_and_never_runs_its_routers(tiny_data, tmp_path):
+    base, routers = _train_static(tiny_data, tmp_path)
+    weights = lambda m: torch.cat([p.detach().flatten() for n, p in m.named_parameters() if "router" not in n])
+    assert all(a.equal(b) for a, b in zip(routers, base.router_parameters()))    # beta, router_hidden: idle
+    changed = dict(lr=0.3, weight_decay=0.01, drop_path=0.9)   # far from the defaults, to show in 3 steps
+    assert set(changed) == {p.name for p in load_space(SPACES_DIR / "static.yaml").params}
+    for name, value in changed.items():
+        other, _ = _train_static(tiny_data, tmp_path, **{name: value})
+        assert not weights(other).equal(weights(base)), f"{name} changed nothing"
+    # the loss weights and margins, all at once: Eq. 5-10 are not computed for a static route (cross-entropy only)
+    other, _ = _train_static(tiny_data, tmp_path, d_c=0.4, d_d=0.9, lam=0.7, alpha=0.7, gamma=0.9, mu=0.5)
+    assert weights(other).equal(weights(base))
+    assert {"d_c", "d_d", "lam", "alpha", "gamma", "mu", "beta", "router_hidden"} == set(ROUTER_ONLY)
+
+
+# ----------------------------------------------------------------------------- storage on a cluster
+
+@pytest.mark.parametrize("storage,mlflow,machines,refused", [
+    ("/home/u/drn-results", "sqlite:////home/u/drn-results/x/mlflow.db", 2,
+     "--storage /home/u/drn-results nor its MLflow store sqlite:////home/u/drn-results/x/mlflow.db"),
+    ("s3://b/drn", "http://10.0.1.23:5000", 3, None),
+    ("s3://b/drn", "postgresql://u:p@10.0.1.23/mlflow", 2, None),
+    ("s3://b/drn", "file:///home/u/mlruns", 2, "give an MLflow server"),
+    ("s3://b/drn", "sqlite:////home/u/m.db", 2, "MLflow store sqlite:////home/u/m.db"),
+    ("s3://b/drn", "http://127.0.0.1:5000", 2, "MLflow store http://127.0.0.1:5000"),
+    ("file:///mnt/drn", "http://10.0.1.23:5000", 2, "give a cloud --storage (s3://"),
+    ("/home/u/drn-results", "sqlite:////home/u/m.db", 1, None),   # one machine (also: nodes that share its IP)
+])
+def test_a_cluster_of_several_machines_must_reach_storage_and_mlflow(storage, mlflow, machines, refused):
+    if refused is None:
+        check_shared("auto", storage, mlflow, machines)
+    else:
+        with pytest.raises(UsageError, match=refused.replace("(", r"\(")) as e:
+            check_shared("auto", storage, mlflow, machines)
+        assert "\n" not in str(e.value) and "spans" in str(e.value)
+    check_shared(None, "/home/u/drn-results", "sqlite:////home/u/m.db", 1)   # a local Ray is one machine
+
+
+# ----------------------------------------------------------------------------- state beyond the head
+
+def _new_search(remote, name, **kw) -> tuple[SearchConfig, tracking.Tracking]:
+    """What run_search writes before its first trial: search.json and the MLflow experiment."""
+    cfg = SearchConfig(target_flops=["50%"], arch="resnet8", dataset="synthetic", storage=remote, name=name, **kw)
+    cfg.results_dir.mkdir(parents=True)
+    cfg.save(cfg.results_dir / "search.json")
+    return cfg, tracking.create(cfg, cfg.results_dir, *tracking.check(cfg, cfg.results_dir))
+
+
+def test_a_cloud_storage_keeps_the_search_state_that_a_new_head_resumes(tmp_path, monkeypatch, capsys):
+    remote = (tmp_path / "bucket").as_uri()
+    (tmp_path / "mlflow").mkdir()                     # a store both heads reach (a server, in a cluster)
+    (tmp_path / "head").mkdir()
+    monkeypatch.chdir(tmp_path / "head")
+    cfg, track = _new_search(remote, "s1", mlflow_uri=f"sqlite:///{tmp_path / 'mlflow' / 'm.db'}")
+    copy = state_uri(cfg.storage, cfg.name)
+    assert copy == f"{remote}/s1/drn-state" and state_uri(str(tmp_path), "s1") is None
+    notes = []
+    assert upload(cfg.results_dir, copy, notes.append) and not notes              # at the start
+    assert sorted(p.name for p in (tmp_path / "bucket/s1/drn-state").iterdir()) == ["mlflow.json", "search.json"]
+
+    # trials end: a real study in the head's optuna.db, the table rewritten and copied by the callback
+    searcher = OptunaSearcher(load_space(cfg.space), cfg.targets, cfg.name, cfg.study_storage, cfg.tolerance,
+                              cfg.total_epochs, seed=0)
+    progress = Progress(cfg.study_storage, cfg.name, [p.name for p in load_space(cfg.space).params], cfg.tolerance,
+                        str(cfg.results_dir / "trials.parquet"), 3, cfg.total_epochs, cfg.cost_key, None,
+                        cfg.targets, 0, copy)
+    for i, acc in enumerate((0.5, 0.6, 0.7)):
+        searcher.suggest(str(i))
+        searcher.on_trial_complete(str(i), {"accuracy": acc, "flops": 100.0, "target_cost": 100.0,
+                                            "epoch": cfg.total_epochs, "k": 2.0})
+        progress._write([])
+    with sqlite3.connect(cfg.results_dir / "optuna.db") as db:   # a write in flight: not in the copy
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("CREATE TABLE half_written (x)")
+        assert upload(cfg.results_dir, copy, notes.append) and not notes
+        db.rollback()
+
+    shutil.rmtree(tmp_path / "head")                  # the head is lost; another starts without ./drn-results
+    head = tmp_path / "new-head"
+    head.mkdir()
+    monkeypatch.chdir(head)
+    again = SearchConfig.resumed("s1", {"storage": remote})
+    assert again == cfg and again.results_dir == head / "drn-results" / "s1"
+    study = load_studies(again.study_storage, again.name, again.targets)[0]
+    assert [t.value for t in study.trials] == [0.5, 0.6, 0.7] and study.best_trial.params == study.trials[2].params
+    rows = pq.read_table(again.results_dir / "trials.parquet").to_pylist()
+    assert [r["state"] for r in rows] == ["COMPLETE"] * 3 and [r["accuracy"] for r in rows] == [0.5, 0.6, 0.7]
+    assert tracking.resumed(again.results_dir) == track
+    with sqlite3.connect(again.results_dir / "optuna.db") as db:
+        assert not db.execute("SELECT name FROM sqlite_master WHERE name = 'half_written'").fetchall()
+
+    # the name is taken under the cloud storage, whichever head asks
+    with pytest.raises(UsageError, match="already exists in"):
+        check_new(remote, "s1")
+    check_new(remote, "s2")
+    # an unknown name: one line naming where it looked
+    capsys.readouterr()
+    assert main(["--resume", "nope", "--storage", remote]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"nor in {remote}/nope/drn-state" in err
+    assert not (head / "drn-results" / "nope").exists()
+
+    # a local MLflow store is not copied: where it is lost too (the default: sqlite in the head's
+    # results dir), another head is refused before it writes anything
+    shutil.rmtree(tmp_path / "mlflow")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match="logs to the MLflow store .* not on this head.*MLflow server"):
+        SearchConfig.resumed("s1", {"storage": remote})
+    assert not (tmp_path / "drn-results").exists()
+
+
+def test_a_failed_copy_is_one_line_and_the_search_goes_on(tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "search.json").write_text(json.dumps({}))
+    (tmp_path / "bucket").write_text("a file where the bucket's folder should be")
+    notes = []
+    assert not upload(tmp_path / "r", f"{(tmp_path / 'bucket').as_uri()}/s/drn-state", notes.append)
+    assert len(notes) == 1 and notes[0].startswith("could not copy the search's state to file://")
