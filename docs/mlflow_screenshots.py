@@ -1,6 +1,8 @@
 """Real-browser check of the MLflow walk-through: start `mlflow server` on 127.0.0.1, run a tiny
 drn-search against it, and take headless-Chromium screenshots of (1) the experiment page filtered
-to the Pareto front and (2) the parent run's Pareto plot. Writes docs/img/*.png.
+to the Pareto front, (2) the front compared in charts, (3) the parent run's Pareto plot, (4) the
+experiment's Models tab (each trial's logged model with its linked metrics) and (5) the registered
+version the alias best-70pct points at; then `drn-eval` that alias's URI. Writes docs/img/*.png.
 
     apt-get install chromium        # Debian's package: /usr/bin/chromium
     python docs/mlflow_screenshots.py [--chromium /usr/bin/chromium]
@@ -68,6 +70,13 @@ def main() -> int:
         shot(args.chromium, runs + "&compareRunsMode=CHART", HERE / "img" / "mlflow-front-charts.png")
         shot(args.chromium, f"{uri}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}/artifacts/pareto.png",
              HERE / "img" / "mlflow-pareto-plot.png")
+        shot(args.chromium, f"{uri}/#/experiments/{exp.experiment_id}/models", HERE / "img" / "mlflow-models.png")
+        from search.registry import alias, model_name
+        name, best = model_name("demo"), alias("70%")
+        version = client.get_model_version_by_alias(name, best)
+        shot(args.chromium, f"{uri}/#/models/{name}/versions/{version.version}", HERE / "img" / "mlflow-alias.png")
+        print(f"models:/{name}@{best} -> version {version.version}")
+        subprocess.run(["drn-eval", f"models:/{name}@{best}", "--mlflow-uri", uri], check=True)
     finally:
         server.terminate()
         server.wait(timeout=30)

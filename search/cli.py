@@ -213,7 +213,8 @@ def _trial_dirname(trial) -> str:
     return f"trial-{trial.config.get('optuna_trial', 'x')}-{trial.trial_id}"
 
 
-def run_search(cfg: SearchConfig, resume: bool = False) -> list[dict]:
+def tune_settings(cfg: SearchConfig) -> None:
+    """Tune's environment for a search (set before Ray Tune is imported; a user's own values win)."""
     # Tune's warning that per-epoch checkpoints snapshot its state often: that is the intent here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # a trial's error is one line from Progress (with the path of its traceback), not Tune's traceback
@@ -223,16 +224,26 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> list[dict]:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     # waiting trials are what the autoscaler adds nodes for: up to --max-concurrent at once
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max_pending_trials(cfg.num_samples, cfg.max_concurrent)))
-    from ray import tune
-    from ray.tune.schedulers import FIFOScheduler
 
-    from .results import summary, trial_rows, write_parquet
-    from .scheduler import PerTargetASHA
-    from .searcher import OptunaSearcher, load_studies
+
+@dataclasses.dataclass
+class Prepared:
+    """What a search has checked and set up before its first trial."""
+    space: object                 # search.space.Space
+    data: object                  # drn.data.Dataset, decoded once, for the object store
+    backbone: dict | None         # the backbone checkpoint every trial starts from
+    init: str | None              # its path
+    backbone_info: dict | None
+    track: tracking.Tracking
+    cpus: float
+    gpus: float
+    state_copy: str | None        # where our files are kept beside a cloud --storage
+
+
+def prepare(cfg: SearchConfig, resume: bool) -> Prepared:
+    """Every check that can fail on bad input (before anything is written), then Ray, MLflow and
+    the backbone."""
     from .space import load_space
-    from .trainable import run_trial
-    from .progress import Progress
-
     space = load_space(cfg.space)
     results = cfg.results_dir
     if not resume and results.exists():
@@ -270,66 +281,96 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> list[dict]:
         backbone_info = describe(path, backbone, origin)
         track.log_backbone(backbone_info)
         _log(summary_line(backbone_info) + ": every trial starts from it")
-    base = {**cfg.train_config(cfg.targets[0], device="cuda" if gpus > 0 else "cpu", init=init).to_dict(),
-            "target_key": cfg.target_key, "threads": max(1, int(cpus)), "tracking": dataclasses.asdict(track)}
+    return Prepared(space, data, backbone, init, backbone_info, track, cpus, gpus, state_copy)
+
+
+def make_tuner(cfg: SearchConfig, resume: bool, p: Prepared):
+    """A new Tuner (our searcher, one ASHA per target), or the interrupted one restored."""
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+
+    from .progress import Progress
+    from .scheduler import PerTargetASHA
+    from .searcher import OptunaSearcher
+    from .trainable import run_trial
+
+    base = {**cfg.train_config(cfg.targets[0], device="cuda" if p.gpus > 0 else "cpu", init=p.init).to_dict(),
+            "target_key": cfg.target_key, "threads": max(1, int(p.cpus)), "tracking": dataclasses.asdict(p.track)}
     for k in ("target_flops", "target_latency_ms", "out"):
         base.pop(k)
     # the images and the backbone go into Ray's object store once; each trial reads them from there
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, data=data, backbone=backbone),
-                                    {"cpu": cpus, "gpu": gpus})
-    experiment = cfg.storage.rstrip("/") + "/" + cfg.name
-    progress = Progress(cfg.study_storage, cfg.name, [p.name for p in space.params], cfg.tolerance,
-                        str(results / "trials.parquet"), cfg.num_samples, cfg.total_epochs, cfg.cost_key,
-                        dataclasses.asdict(track), cfg.targets, cfg.max_failures, state_copy)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, data=p.data, backbone=p.backbone),
+                                    {"cpu": p.cpus, "gpu": p.gpus})
     if resume:
+        experiment = cfg.storage.rstrip("/") + "/" + cfg.name
         if not tune.Tuner.can_restore(experiment):
             raise UsageError(f"nothing to resume in {experiment}: the search never started its first trial")
         # errored trials stay ERROR (Optuna was told FAIL): only the interrupted ones go on
-        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=False,
-                                   restart_errored=False)
-    else:
-        searcher = OptunaSearcher(space, cfg.targets, cfg.name, cfg.study_storage, cfg.tolerance,
-                                  cfg.total_epochs, cfg.cost_key, cfg.seed, dataset=cfg.dataset)
-        # auto = asha: one ASHA per target, a trial competes only with its own budget's trials
-        scheduler = (PerTargetASHA(cfg.targets, time_attr="training_iteration", max_t=cfg.total_epochs,
-                                   grace_period=cfg.grace_period or max(1, cfg.total_epochs // 4),
-                                   reduction_factor=cfg.reduction_factor)
-                     if cfg.scheduler in ("asha", "auto") else FIFOScheduler())
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric="accuracy", mode="max",
-                                        num_samples=cfg.num_samples,
-                                        max_concurrent_trials=cfg.max_concurrent,
-                                        trial_dirname_creator=_trial_dirname),
-            run_config=tune.RunConfig(
-                name=cfg.name, storage_path=cfg.storage, verbose=0, callbacks=[progress],
-                failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-    t0 = time.time()
-    grid = tuner.fit()
+        return tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                  restart_errored=False)
+    progress = Progress(cfg.study_storage, cfg.name, [q.name for q in p.space.params], cfg.tolerance,
+                        str(cfg.results_dir / "trials.parquet"), cfg.num_samples, cfg.total_epochs, cfg.cost_key,
+                        dataclasses.asdict(p.track), cfg.targets, cfg.max_failures, p.state_copy)
+    searcher = OptunaSearcher(p.space, cfg.targets, cfg.name, cfg.study_storage, cfg.tolerance,
+                              cfg.total_epochs, cfg.cost_key, cfg.seed, dataset=cfg.dataset)
+    # auto = asha: one ASHA per target, a trial competes only with its own budget's trials
+    scheduler = (PerTargetASHA(cfg.targets, time_attr="training_iteration", max_t=cfg.total_epochs,
+                               grace_period=cfg.grace_period or max(1, cfg.total_epochs // 4),
+                               reduction_factor=cfg.reduction_factor)
+                 if cfg.scheduler in ("asha", "auto") else FIFOScheduler())
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric="accuracy", mode="max",
+                                    num_samples=cfg.num_samples,
+                                    max_concurrent_trials=cfg.max_concurrent,
+                                    trial_dirname_creator=_trial_dirname),
+        run_config=tune.RunConfig(
+            name=cfg.name, storage_path=cfg.storage, verbose=0, callbacks=[progress],
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+
+
+def finish(cfg: SearchConfig, p: Prepared, grid) -> list[dict]:
+    """The trials table (Parquet, the cloud copy), MLflow's tags and registry, and the summary."""
+    from .results import summary, trial_rows, write_parquet
+    from .searcher import load_studies
     checkpoints = {}
     for r in grid:
         tid = (r.metrics or {}).get("trial_id")
         if tid and r.checkpoint is not None:
             checkpoints[tid] = f"{r.checkpoint.path.rstrip('/')}/checkpoint.pt"
     studies = load_studies(cfg.study_storage, cfg.name, cfg.targets)
-    rows = trial_rows(studies, [p.name for p in space.params], cfg.tolerance, checkpoints)
-    write_parquet(rows, results / "trials.parquet")
-    state.upload(results, state_copy, _log)
-    models = track.update(rows, results / "trials.parquet", cfg.targets, cfg.cost_key)   # and the registry
+    rows = trial_rows(studies, [q.name for q in p.space.params], cfg.tolerance, checkpoints)
+    write_parquet(rows, cfg.results_dir / "trials.parquet")
+    state.upload(cfg.results_dir, p.state_copy, _log)
+    models = p.track.update(rows, cfg.results_dir / "trials.parquet", cfg.targets, cfg.cost_key)   # and the registry
     print(summary(rows, cfg.targets, cfg.cost_key, models))
-    if backbone_info is not None:
-        print("\n" + summary_line(backbone_info))
-    print(f"\nMLflow UI: mlflow ui --backend-store-uri {track.uri} --host 127.0.0.1   "
-          f"(filter: tags.pareto = 'true')" if track.uri.startswith("sqlite:") else f"\nMLflow: {track.uri}")
+    if p.backbone_info is not None:
+        from .backbone import summary_line
+        print("\n" + summary_line(p.backbone_info))
+    uri = p.track.uri
+    print(f"\nMLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1   "
+          f"(filter: tags.pareto = 'true')" if uri.startswith("sqlite:") else f"\nMLflow: {uri}")
+    return rows
+
+
+def run_search(cfg: SearchConfig, resume: bool = False) -> tuple[list[dict], bool]:
+    """Run (or resume) the search; returns its trials and whether every one of them has ended
+    (False: interrupted, e.g. by Ctrl-C, which Tune turns into an early return of fit())."""
+    tune_settings(cfg)
+    p = prepare(cfg, resume)
+    tuner = make_tuner(cfg, resume, p)
+    t0 = time.time()
+    grid = tuner.fit()
+    rows = finish(cfg, p, grid)
     ended = sum(r["state"] in ("COMPLETE", "PRUNED", "FAIL") for r in rows)
     if ended < cfg.num_samples:
         _log(f"interrupted after {time.time() - t0:.0f}s with {ended}/{cfg.num_samples} trials ended; "
              f"continue with: drn-search --resume {cfg.name} --storage {cfg.storage}")
-        raise KeyboardInterrupt
-    _log(f"done in {time.time() - t0:.0f}s; trials: {results / 'trials.parquet'}; "
-         f"checkpoints under {experiment}")
-    return rows
+        return rows, False
+    _log(f"done in {time.time() - t0:.0f}s; trials: {cfg.results_dir / 'trials.parquet'}; "
+         f"checkpoints under {cfg.storage.rstrip('/')}/{cfg.name}")
+    return rows, True
 
 
 def main(argv=None) -> int:
@@ -341,18 +382,20 @@ def main(argv=None) -> int:
             cfg = SearchConfig.resumed(resume, {k: args[k] for k in ("address", "storage") if k in args})
         else:
             cfg = SearchConfig.from_flags(args)
-        run_search(cfg, resume=bool(resume))
+        _, complete = run_search(cfg, resume=bool(resume))
     except UsageError as e:
         print(f"drn-search: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("drn-search: interrupted (trials and checkpoints so far are kept; see --resume)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt:   # Ctrl-C before Tune runs (once it runs, Tune stops on it and returns)
+        complete = False
     finally:
         if "ray" in sys.modules:
             import ray
             if ray.is_initialized():
                 ray.shutdown()
+    if not complete:
+        print("drn-search: interrupted (trials and checkpoints so far are kept; see --resume)", file=sys.stderr)
+        return 130
     return 0
 
 

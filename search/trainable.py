@@ -7,6 +7,7 @@ error for Tune's retry logic, and the searcher marks it FAIL.
 """
 import math
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,8 +43,10 @@ def run_trial(config: dict, base: dict, data, backbone: dict | None = None) -> N
     base.pop("tracking", None)
     torch.set_num_threads(max(1, int(threads)))
     params = {k: v for k, v in config.items() if k not in META}
-    out = Path(tune.get_context().get_trial_dir()) / "run"
-    out.mkdir(parents=True, exist_ok=True)
+    # the trainer's own folder, outside Tune's trial dir: Tune copies that dir to the storage while the
+    # trainer rewrites its checkpoint (checkpoint.pt.tmp -> checkpoint.pt), and a file that vanishes
+    # mid-copy failed the experiment state's save; Tune gets each epoch's checkpoint by tune.report
+    out = Path(tempfile.mkdtemp(prefix=f"drn-trial-{config['optuna_trial']}-"))
     resume = False
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -73,11 +76,13 @@ def run_trial(config: dict, base: dict, data, backbone: dict | None = None) -> N
         m.update(start_epoch=start_epoch, node_id=node)  # where this attempt ran, and from which epoch
         tune.report(m, checkpoint=tune.Checkpoint.from_directory(str(out)))
 
-    if resume and trainer.epoch >= cfg.total_epochs:  # finished, but its last report was lost
-        report(trainer.final_metrics())
-        return
     try:
-        trainer.run(on_epoch=report)
+        if resume and trainer.epoch >= cfg.total_epochs:  # finished, but its last report was lost
+            report(trainer.final_metrics())
+        else:
+            trainer.run(on_epoch=report)
     except FloatingPointError as e:
         tune.report({"diverged": 1.0, "error": str(e), "epoch": float(trainer.epoch + 1), "accuracy": 0.0,
                      cost_key: math.nan, "target_cost": trainer.target, "optuna_trial": config["optuna_trial"]})
+    finally:   # every epoch's checkpoint is in Tune's storage by now (tune.report persists it)
+        shutil.rmtree(out, ignore_errors=True)
