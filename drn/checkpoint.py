@@ -48,8 +48,9 @@ def model_from_checkpoint(ckpt: dict) -> tuple[RoutedResNet, TrainConfig]:
     model = model_for(cfg, ckpt["num_classes"], ckpt["input_size"])
     state = dict(ckpt["model"])
     state.setdefault("threshold", torch.tensor(0.5))  # checkpoints written before calibration existed
+    # checkpoints written before routing="capacity" lack the routers' capacities: the model keeps 1 (the whole batch)
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         raise UsageError(f"checkpoint weights do not fit {cfg.arch}: {str(e).splitlines()[0]}") from None
     return model, cfg

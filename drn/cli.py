@@ -30,6 +30,8 @@ def _fmt(name: str, v) -> str:
             return "2 for drn, 1 for full and the static routes"
         if name == "router_open":
             return "0.99 for --init on the budget, else 0.9"
+        if name == "controller_every":
+            return "1 on CPU, 8 on CUDA"
         if name == "warmup_epochs":
             return "2 for resnet56 and deeper and resnet50 unless --zero-init-residual, else 0"
         return "0.2, or 0.4 on tinyimagenet (the paper's)" if name in ("lam", "alpha") else "none"
@@ -128,6 +130,12 @@ TRAIN_FLAGS = {
     "--seed": ("seed", int, "random seed (initialisation, shuffling, augmentation; randomk's blocks)"),
     "--device": ("device", str, "auto, cpu, cuda or cuda:N"),
     "--eval-batch-size": ("eval_batch_size", int, "batch size of the per-epoch evaluation"),
+    "--compile": ("compile", str, "the main epochs' training step under torch.compile, the same step to float "
+                                  "rounding: inductor (fused kernels, CUDA graphs on CUDA; the first steps compile, "
+                                  "about a minute), cudagraphs (CUDA only: the eager kernels captured) or off"),
+    "--channels-last": ("channels_last", str, "NHWC activations: auto (on CUDA, off on CPU), on or off"),
+    "--controller-every": ("controller_every", int, "the budget loop reads the batches' hard cost every N steps "
+                                                    "(one host sync per N)"),
 }
 
 
@@ -183,6 +191,17 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--routing", choices=("hard", "sample"), default="hard",
                    help="hard: Eq. 11, execute iff r >= threshold; sample: Ber-Dis (Table 4b), each gate drawn "
                         "from Bernoulli(r) (default: hard)")
+    p.add_argument("--hard-forward", choices=("gather", "capacity"), default="gather",
+                   help="how --routing hard runs the blocks: gather: each block on exactly the images routed "
+                        "through it (shapes depend on the data); capacity: each block on a fixed share of the "
+                        "batch, ceil(capacity x batch) images, the top of its router's r, the slots under the "
+                        "threshold padded and the images beyond it dropped to the shortcut: static shapes, for "
+                        "torch.compile and CUDA graphs; reports flops_spent (padding included), flops (the routes "
+                        "that ran) and the share dropped (default: gather)")
+    p.add_argument("--capacity-factor", type=float, metavar="F",
+                   help="with --hard-forward capacity: block b's capacity is min(1, F x its execution rate on the "
+                        "run's val split at the evaluation's threshold), measured with the gather forward; never "
+                        "from the split evaluated (default: 1.25)")
     p.add_argument("--json", action="store_true", help="end stdout with one JSON line of the metrics")
     return p
 
@@ -192,7 +211,7 @@ def _emit(metrics: dict, as_json: bool) -> None:
         print(json.dumps(metrics))
         return
     for k, v in metrics.items():
-        if k != "block_exec_rate":
+        if k not in ("block_exec_rate", "block_dropped_rate", "capacity"):
             print(f"{k:>20}  {v:.4g}" if isinstance(v, float) else f"{k:>20}  {v}")
 
 
@@ -266,7 +285,7 @@ def eval_main(argv=None, fetch=None) -> int:
         from .checkpoint import load_checkpoint, model_from_checkpoint
         from .cost import measure_cost_table
         from .data import load_source, split_source
-        from .evaluate import evaluate
+        from .evaluate import CAPACITY_FACTOR, evaluate, val_capacity
         from .train import select_device
         sweep = args.sweep_threshold
         if sweep is not None and not sweep:
@@ -276,6 +295,14 @@ def eval_main(argv=None, fetch=None) -> int:
                 raise UsageError(f"threshold must be in (0, 1), got {t}")
         if args.batch_size < 1:
             raise UsageError(f"batch size must be >= 1, got {args.batch_size}")
+        capacity = args.hard_forward == "capacity"
+        if args.capacity_factor is not None and not capacity:
+            raise UsageError("--capacity-factor is for --hard-forward capacity")
+        factor = CAPACITY_FACTOR if args.capacity_factor is None else args.capacity_factor
+        if not 0 < factor < float("inf"):
+            raise UsageError(f"capacity factor must be finite and > 0, got {args.capacity_factor}")
+        if capacity and (args.routing != "hard" or sweep):
+            raise UsageError("--hard-forward capacity runs --routing hard at one threshold (no --sweep-threshold)")
         if args.checkpoint.startswith(("runs:/", "models:/")):
             # drn knows nothing of MLflow: the caller (search.evaluate) fetches the checkpoint artifact
             if fetch is None:
@@ -292,14 +319,14 @@ def eval_main(argv=None, fetch=None) -> int:
         if (classes, size) != (ckpt["num_classes"], ckpt["input_size"]):
             raise UsageError(f"the data has {classes} classes of {size}px images, the model "
                              f"was trained on {ckpt['num_classes']} classes of {ckpt['input_size']}px")
-        if args.split == "test":
-            split = src.test
-        else:   # the run's own val carve; on another dataset, the same fraction and seed
-            split = getattr(split_source(src, cfg.val_fraction, cfg.val_seed,
-                                         ckpt["val_index"] if dataset == cfg.dataset else None), args.split)
+        # the run's own val carve; on another dataset, the same fraction and seed
+        carve = lambda: split_source(src, cfg.val_fraction, cfg.val_seed, ckpt["val_index"] if dataset == cfg.dataset else None)
+        split = src.test if args.split == "test" else getattr(carve(), args.split)
         model.to(select_device(args.device))
         torch.set_grad_enabled(False)
         cost = measure_cost_table(model)
+        if capacity:
+            val_capacity(model, carve().val, factor, args.batch_size, args.threshold)
         if sweep:
             rows = []
             for t in sweep:
@@ -308,7 +335,9 @@ def eval_main(argv=None, fetch=None) -> int:
             _emit_sweep(rows, cost.full, args.json)
             return 0
         metrics = evaluate(model, split, cost, args.batch_size, args.threshold, same_path=True, seed=args.seed,
-                           routing=args.routing)
+                           routing="capacity" if capacity else args.routing)
+        if capacity:
+            metrics.update(hard_forward="capacity", capacity_factor=factor)
         metrics.update(checkpoint=str(Path(args.checkpoint).absolute()), split=args.split, routing=args.routing,
                        threshold=model.threshold.item() if args.threshold is None else args.threshold,
                        epoch=ckpt["epoch"])

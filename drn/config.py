@@ -171,6 +171,15 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"          # auto | cpu | cuda | cuda:N
     amp: bool = True              # bfloat16 autocast on CUDA; ignored on CPU
+    compile: str = "off"          # the main epochs' step under torch.compile (drn/step.py), the same step to float
+                                  # rounding: inductor (fused kernels; on CUDA replayed as CUDA graphs) | cudagraphs
+                                  # (CUDA only: the eager kernels captured, seconds to compile) | off. Off by
+                                  # default: its GPU speed is not measured yet (BENCHMARKS.md, issue 17)
+    channels_last: str = "auto"   # NHWC activations: auto (on CUDA, where cuDNN converts NCHW around every conv;
+                                  # off on CPU) | on | off
+    controller_every: int | None = None  # the budget loop reads the batches' hard cost every N steps, one host sync
+                                  # per N, and replays the N readings in order (None: 1 on CPU, where a read costs
+                                  # nothing; 8 on CUDA)
     eval_batch_size: int = 500
 
     def __post_init__(self):
@@ -234,6 +243,12 @@ class TrainConfig:
             (0 <= self.full_pass <= 10, f"full pass must be in [0, 10], got {self.full_pass}"),
             (0 <= self.router_leak <= 0.1, f"router leak must be in [0, 0.1], got {self.router_leak}"),
             (self.eval_batch_size >= 1, f"eval batch size must be >= 1, got {self.eval_batch_size}"),
+            (self.controller_every is None or 1 <= self.controller_every <= 1000,
+             f"controller every must be in [1, 1000] steps, got {self.controller_every}"),
+            (self.compile in ("off", "inductor", "cudagraphs"),
+             f"compile must be off, inductor or cudagraphs, got {self.compile!r}"),
+            (self.compile != "cudagraphs" or self.device != "cpu", "compile cudagraphs needs a CUDA device"),
+            (self.channels_last in ("auto", "on", "off"), f"channels last must be auto, on or off, got {self.channels_last!r}"),
             (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
              f"device must be auto, cpu or cuda[:N], got {self.device!r}"),
         ]

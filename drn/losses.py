@@ -33,8 +33,8 @@ def diversity_loss(routes: torch.Tensor, d_d: float) -> torch.Tensor:
         return centers.sum() * 0.0
     # explicit differences rather than cdist: exact, and the norm's gradient is 0 (not NaN) at 0
     dist = torch.linalg.vector_norm(centers[:, None] - centers[None], dim=-1)  # (L, L)
-    off_diagonal = ~torch.eye(L, dtype=torch.bool, device=routes.device)
-    return F.relu(d_d - dist)[off_diagonal].square().sum() / (L * (L - 1))
+    off_diagonal = 1 - torch.eye(L, dtype=dist.dtype, device=routes.device)   # a product, not a mask index: no host sync
+    return (F.relu(d_d - dist).square() * off_diagonal).sum() / (L * (L - 1))
 
 
 def cost_loss(r: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:

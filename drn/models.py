@@ -10,6 +10,13 @@ Every residual block carries a router and can be skipped. Three ways to run the 
           block -> scatter), so time falls with FLOPs
     mask  testing, Eq. 11 as the public implementations do it: every block runs on every sample
           and the result is multiplied by the 0/1 gate (reference for `hard`, and a baseline)
+    capacity  testing, Eq. 11 with static shapes (Mixture-of-Depths' capacity): block b runs on
+          exactly k_b = ceil(capacity_b * B) images of a batch of B, the top k_b of its router's r;
+          slots with r < threshold are padding (their output is the shortcut), and images the
+          router wants beyond k_b are dropped (shortcut). No host sync and no data-dependent
+          shape, so it can be captured (torch.compile, CUDA graphs); with capacities >= the
+          routed shares it computes what `hard` does. The capacities are buffers of the
+          routers (set_capacity; 1 until set: every block on the whole batch)
 
 F(x) = relu(residual(x) + S(x)) is the whole block, S its shortcut. A skipped block passes x
 through its shortcut only: the identity for most blocks; for a shape-changing block (stride 2
@@ -28,7 +35,7 @@ import torch.nn.functional as F
 
 from .router import Router, hard_route, soft_route, straight_through
 
-ROUTINGS = ("soft", "straight", "hard", "mask", "sample")
+ROUTINGS = ("soft", "straight", "hard", "mask", "sample", "capacity")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -88,6 +95,8 @@ class RoutedBlock(nn.Module):
     def __init__(self, cin: int, router_hidden: int):
         super().__init__()
         self.router = Router(cin, router_hidden)
+        # routing="capacity": the share of a batch this block runs on (RoutedResNet.set_capacity)
+        self.router.register_buffer("capacity", torch.ones(()))
 
     def route(self, x: torch.Tensor, beta: float, z: torch.Tensor | None = None, leak: float = 0.0) -> torch.Tensor:
         """x (B, C, H, W) -> r (B,), Eq. 3; z: x's global average pool (B, C) when known; leak:
@@ -125,6 +134,29 @@ class RoutedBlock(nn.Module):
         if z is not None and sc is x:
             z.index_copy_(0, idx, ran.mean(dim=(2, 3)))
         return sc.index_copy_(0, idx, ran) if in_place else sc.index_copy(0, idx, ran)
+
+    def capacity(self, x: torch.Tensor, g: torch.Tensor, score: torch.Tensor, k: int, in_place: bool = False,
+                 z: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 11 with static shapes: F runs on exactly k images, the top k of `score` (B,); of those,
+        the ones without g are padding and output S(x), as do the images with g outside the top k
+        (dropped). Returns the output and the gates that ran (B,) bool. in_place, z: as `gather`."""
+        sc = self.shortcut(x)
+        if k == 0:
+            return sc, torch.zeros_like(g)
+        if k == x.shape[0]:   # the whole batch: no gather
+            out = torch.where(g.view(-1, 1, 1, 1), self.residual(x).add_(sc).relu_(), sc)
+            if z is not None and sc is x:
+                z.copy_(torch.where(g.view(-1, 1), out.mean(dim=(2, 3)), z))
+            return out, g
+        top = score.topk(k, sorted=False).indices                       # (k,)
+        keep = g.index_select(0, top)                                    # (k,) False: a padding slot
+        xs = x.index_select(0, top)
+        ss = xs if sc is x else sc.index_select(0, top)
+        ran = torch.where(keep.view(-1, 1, 1, 1), self.residual(xs).add_(ss).relu_(), ss)
+        if z is not None and sc is x:
+            z.index_copy_(0, top, torch.where(keep.view(-1, 1), ran.mean(dim=(2, 3)), z.index_select(0, top)))
+        out = sc.index_copy_(0, top, ran) if in_place else sc.index_copy(0, top, ran)
+        return out, torch.zeros_like(g).index_copy_(0, top, keep)
 
     def run(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """The whole block on every image, no router (static routes); scale: the residual's factor
@@ -222,7 +254,7 @@ class ModelConfig:
 class RoutedOutput(NamedTuple):
     logits: torch.Tensor  # (B, classes)
     r: torch.Tensor       # (B, blocks) soft routing variables (Eq. 3)
-    gates: torch.Tensor   # (B, blocks) bool, the hard decisions (Eq. 11) or the forced ones
+    gates: torch.Tensor   # (B, blocks) bool, the hard decisions (Eq. 11) or the forced ones (capacity: those run)
 
 
 # ----------------------------------------------------------------------------- model
@@ -255,6 +287,9 @@ class RoutedResNet(nn.Module):
         for b in self.blocks:
             b.router.open_(cfg.router_open)
         self.fc = nn.Linear(cin, cfg.num_classes)
+        # the blocks' capacities (routing="capacity") as Python floats: static shapes under compile
+        self._capacity = (1.0,) * len(blocks)
+        self.register_load_state_dict_post_hook(_capacity_loaded)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -270,6 +305,25 @@ class RoutedResNet(nn.Module):
         self.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
         self.std.copy_(torch.as_tensor(std, dtype=torch.float32))
 
+    @property
+    def capacity(self) -> torch.Tensor:
+        """(n,) the blocks' capacities: routing="capacity" runs block b on ceil(capacity[b] * B) images."""
+        return torch.stack([b.router.capacity for b in self.blocks])
+
+    @torch.no_grad()
+    def set_capacity(self, capacity) -> None:
+        """capacity (n,) in [0, 1], e.g. a capacity factor times the blocks' execution rates on val."""
+        c = torch.as_tensor(capacity, dtype=torch.float32).flatten()
+        if c.shape != (self.num_blocks,) or not bool(((c >= 0) & (c <= 1)).all()):
+            raise ValueError(f"capacity must be {self.num_blocks} shares in [0, 1], got {capacity}")
+        for b, v in zip(self.blocks, c):
+            b.router.capacity.copy_(v)
+        self._capacity = tuple(c.tolist())
+
+    def capacity_k(self, batch: int) -> list[int]:
+        """Images each block runs on under routing="capacity" in a batch of `batch` (1e-6: float noise)."""
+        return [min(batch, math.ceil(c * batch - 1e-6)) for c in self._capacity]
+
     def router_parameters(self):
         return [p for b in self.blocks for p in b.router.parameters()]
 
@@ -277,7 +331,8 @@ class RoutedResNet(nn.Module):
         """x (B, 3, H, W) in [0, 1] -> features (B, C, h, w), r (B, n), gates (B, n).
         threshold: execute iff r >= threshold (default: the model's own, 0.5 unless calibrated).
         explore (straight only): each skipped block also runs on this share of the images, drawn
-        per image; the returned gates stay the routers' decisions."""
+        per image; the returned gates stay the routers' decisions. capacity: the returned gates are
+        those that ran (the routers' decisions are r >= threshold)."""
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
         threshold = self.threshold if threshold is None else threshold
@@ -293,7 +348,8 @@ class RoutedResNet(nn.Module):
             return x, g.to(x.dtype), g
         # inference: x's global average pool goes from block to block -- an image that skips an
         # identity block keeps its pool, so only the images a block ran are pooled again
-        fast = routing in ("hard", "sample") and not torch.is_grad_enabled()
+        fast = routing in ("hard", "sample", "capacity") and not torch.is_grad_enabled()
+        ks = self.capacity_k(x.shape[0]) if routing == "capacity" else None
         z, rs, gs = None, [], []
         for i, block in enumerate(self.blocks):
             if fast and z is None:
@@ -312,6 +368,11 @@ class RoutedResNet(nn.Module):
                 x = block.soft(x, straight_through(run, r))
             elif routing == "mask":
                 x = block.mask(x, g)
+            elif routing == "capacity":   # the routed images first, by r (forced gates: r's order among them)
+                score = torch.where(g, r.detach() + 2, r.detach())
+                x, g = block.capacity(x, g, score, ks[i], in_place=fast, z=z)
+                if not isinstance(block.shortcut, nn.Identity):
+                    z = None
             else:
                 x = block.gather(x, g, in_place=fast, z=z)
                 if not isinstance(block.shortcut, nn.Identity):
@@ -354,6 +415,12 @@ class RoutedResNet(nn.Module):
     def forward(self, x, routing: str = "soft", threshold=None, gates=None, explore: float = 0.0) -> RoutedOutput:
         feats, r, g = self.forward_features(x, routing, threshold, gates, explore)
         return RoutedOutput(self.forward_head(feats), r, g)
+
+
+def _capacity_loaded(model: RoutedResNet, keys) -> None:
+    """load_state_dict's post-hook: a state written before routing="capacity" keeps the capacities."""
+    keys.missing_keys[:] = [k for k in keys.missing_keys if not k.endswith(".router.capacity")]
+    model.set_capacity(model.capacity)
 
 
 def build_model(arch: str, num_classes: int = 10, input_size: int = 32, **kw) -> RoutedResNet:

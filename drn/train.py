@@ -5,7 +5,6 @@
 The caller learns about each epoch through `on_epoch(metrics)`; returning True stops training
 after that epoch's checkpoint is written (how a scheduler stops a trial, or a test interrupts).
 """
-import contextlib
 import dataclasses
 import math
 import sys
@@ -14,7 +13,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .baselines import k_for_budget, randomk_at_budget, static_route
 from .calibrate import TRIM, trim_threshold
@@ -22,11 +20,13 @@ from .checkpoint import load_checkpoint, model_for, model_from_checkpoint, save_
 from .config import TrainConfig, UsageError, resolve_target
 from .controller import WARM_MU, MuController, RateHold
 from .cost import CostTable, measure_cost_table, measure_latency_table
-from .data import Dataset, load_dataset, make_views, random_crop_flip
-from .evaluate import evaluate, threshold_curve
-from .losses import LossWeights, drn_loss
+from .data import Dataset, load_dataset, random_crop_flip
+from .evaluate import CAPACITY_FACTOR, capacity_from_rates, evaluate, threshold_curve
+from .losses import LossWeights
 from .models import ARCHS, build_model
-from .router import logit_gap, straight_through
+from .router import logit_gap
+from .step import CompiledStep, set_lr, train_step  # noqa: F401 (train_step: drn.train's API)
+from .step import autocast as _autocast
 from .warmstart import greedy_route, warm_start
 
 CHECKPOINT = "checkpoint.pt"
@@ -40,12 +40,6 @@ def select_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _progress(m: dict, total_epochs: int) -> str:
     target = f" target {m['target']:.3g}{'ms' if m['target_unit'] == 'ms' else ''}" if m.get("target") else ""
     latency = f" {m['latency_ms']:.3g}ms" if "latency_ms" in m else ""
@@ -56,61 +50,6 @@ def _progress(m: dict, total_epochs: int) -> str:
             f"flops {m['flops']:.3g} ({m['flops'] / m['flops_full']:.0%}){latency}{target} "
             f"K {m['k']:.1f}/{m['k_full']} paths {m['distinct_paths']} mu {m['mu']:.3g} "
             f"| {m['epoch_seconds']:.1f}s" + (f" | test {m['test_accuracy']:.2%}" if "test_accuracy" in m else ""))
-
-
-def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, *,
-               views: int, finetune: bool, cost_norm: torch.Tensor, mu: float, weights: LossWeights,
-               amp: bool = True, routing: str = "soft", consistency_routes: str = "soft", explore: float = 0.0,
-               full_pass: float = 0.0, view_augment: str = "same"):
-    """One optimisation step on a batch of L uint8 images (L, C, H, W) and labels (L,): M = `views`
-    augmented views of each, forward under `routing` (soft, Eq. 4, or straight-through), Eq. 9 (or
-    CE under hard routing when finetuning or for a static route), Eq. 5 and 10 on r or on the routes the views ran
-    (`consistency_routes`), backward, SGD; explore: the share of images on which a skipped block runs
-    anyway (straight-through main epochs); full_pass: the weight of a second cross-entropy, of the
-    full network (every block) on the first view of each image, so that every block trains on every
-    image whatever the routes (BN running statistics are left to the routed pass). Returns the loss
-    (detached), its parts, the model output and the labels (L*M,)."""
-    dev = images.device
-    m = views
-    x = images.float().div_(255)
-    y = labels.repeat_interleave(m)
-    with _autocast(dev, amp):
-        if finetune:  # frozen routers (or none), hard routing: train what testing will run
-            out = model(random_crop_flip(x.repeat_interleave(m, 0) if m > 1 else x, generator), routing="hard")
-            loss = F.cross_entropy(out.logits.float(), y)
-            parts = dict.fromkeys(("consistency", "diversity", "cost", "reg"), torch.zeros((), device=dev))
-            parts["cls"] = loss.detach()
-        else:
-            xs = make_views(x, m, generator, view_augment)
-            out = model(xs, routing=routing, explore=explore)
-            r, run = out.r.float(), None
-            if consistency_routes == "executed":  # straight-through: a view ran its 0/1 route g; r's gradient
-                run = (straight_through(out.gates, r) if routing == "straight" else r).view(x.shape[0], m, -1)
-            loss, parts = drn_loss(out.logits.float(), y, r.view(x.shape[0], m, -1), cost_norm, mu, weights, run)
-            if full_pass > 0:
-                first = xs[::m]
-                with _frozen_bn_stats(model):
-                    full = model(first, routing="mask", gates=torch.ones(first.shape[0], model.num_blocks,
-                                                                         dtype=torch.bool, device=dev))
-                loss = loss + full_pass * F.cross_entropy(full.logits.float(), labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach(), parts, out, y
-
-
-@contextlib.contextmanager
-def _frozen_bn_stats(model):
-    """Batch norm normalises with the batch's statistics but leaves its running ones as they are."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, v in zip(bns, saved):
-            m.momentum = v
 
 
 def _regrouped(state: dict, optimizer: torch.optim.Optimizer, params: list) -> dict:
@@ -163,6 +102,15 @@ class Trainer:
                 self.init_info = warm_start(self.model, cfg.init, cfg.dataset, self.data.val_index, init_checkpoint)
         self.static = cfg.routing != "drn"
         self.model.to(self.device)
+        cuda = self.device.type == "cuda"
+        if cfg.compile == "cudagraphs" and not cuda:
+            raise UsageError(f"--compile cudagraphs needs a CUDA device, and this run is on {self.device}")
+        self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        # the loop's reading of the batches' cost is a host sync: every step on CPU, where it costs nothing
+        self.controller_every = cfg.controller_every or (8 if cuda else 1)
+        self.compiled: CompiledStep | None = None   # the main epochs' step under torch.compile, made on first use
         self.cost: CostTable = measure_cost_table(self.model)
         # the budget's cost table: FLOPs, or per-block latency measured once on this device (kept
         # in the checkpoint, so a resumed run optimises the same Eq. 8 weights)
@@ -197,13 +145,16 @@ class Trainer:
         routers = {id(p) for p in self.model.router_parameters()}
         groups = [{"params": [p for p in self.model.parameters() if id(p) not in routers], "router": False},
                   {"params": self.model.router_parameters(), "router": True}]
+        # fused on CUDA: one kernel per update instead of one per parameter (a compiled step fuses its own)
         self.optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay)
+                                         weight_decay=cfg.weight_decay, fused=cuda and cfg.compile == "off")
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.epoch = 0          # completed epochs
         self.history: list[dict] = []
         if ckpt is not None:
             self.optimizer.load_state_dict(_regrouped(ckpt["optimizer"], self.optimizer, list(self.model.parameters())))
+            for g in self.optimizer.param_groups:   # this device's implementation, not the saving run's
+                g["lr"], g["fused"], g["foreach"] = float(g["lr"]), cuda and cfg.compile == "off", None
             self.controller.load_state_dict(ckpt["controller"])
             self.generator.set_state(ckpt["rng"]["data"].to("cpu"))
             torch.set_rng_state(ckpt["rng"]["torch"])
@@ -310,6 +261,14 @@ class Trainer:
         images, labels = self.train_split
         n_img, L = labels.shape[0], min(cfg.batch_size, labels.shape[0])
         cost_norm = self.budget.normalized(dev)
+        block_cost = self.budget.block_tensor(dev)
+        steering = self.target is not None and not finetune and not self.static
+        pending: list[torch.Tensor] = []   # batch costs the loop has not read yet (one host sync per controller_every)
+        if not finetune and not self.static and cfg.compile != "off" and self.compiled is None:
+            self.compiled = CompiledStep(model, self.optimizer, weights=self.weights, amp=cfg.amp,
+                                         routing=cfg.train_routing, consistency_routes=cfg.consistency_routes,
+                                         explore=cfg.explore, full_pass=cfg.full_pass, view_augment=cfg.view_augment,
+                                         channels_last=self.channels_last, backend=cfg.compile)
         sums = torch.zeros(7, device=dev)  # loss, 5 parts, correct
         gate_sum = torch.zeros(self.cost.num_blocks, device=dev)
         seen = 0
@@ -322,27 +281,33 @@ class Trainer:
         for i, s in enumerate(range(0, n_img - L + 1, L)):  # drop the last partial batch
             lr = cfg.lr_at(self.epoch, (i + 1) / steps)
             for group in self.optimizer.param_groups:
-                group["lr"] = cfg.lr_at(self.epoch, (i + 1) / steps, router=True) if group["router"] else lr
+                set_lr(group, cfg.lr_at(self.epoch, (i + 1) / steps, router=True) if group["router"] else lr)
             idx = perm[s:s + L]
-            # a static baseline trains like the finetune: its route, cross-entropy, no routing losses
-            loss, parts, out, y = train_step(model, self.optimizer, images[idx], labels[idx], self.generator,
-                                             views=1 if finetune else cfg.views, finetune=finetune or self.static,
-                                             cost_norm=cost_norm,
-                                             mu=self.controller.mu, weights=self.weights, amp=cfg.amp,
-                                             routing=cfg.train_routing,
-                                             consistency_routes=cfg.consistency_routes, explore=cfg.explore,
-                                             full_pass=cfg.full_pass, view_augment=cfg.view_augment)
+            if self.compiled is not None and not finetune:
+                loss, parts, out, y = self.compiled(images[idx], labels[idx], self.generator, views=cfg.views,
+                                                    cost_norm=cost_norm, mu=self.controller.mu)
+            else:   # a static baseline trains like the finetune: its route, cross-entropy, no routing losses
+                loss, parts, out, y = train_step(model, self.optimizer, images[idx], labels[idx], self.generator,
+                                                 views=1 if finetune else cfg.views, finetune=finetune or self.static,
+                                                 cost_norm=cost_norm,
+                                                 mu=self.controller.mu, weights=self.weights, amp=cfg.amp,
+                                                 routing=cfg.train_routing,
+                                                 consistency_routes=cfg.consistency_routes, explore=cfg.explore,
+                                                 full_pass=cfg.full_pass, view_augment=cfg.view_augment,
+                                                 channels_last=self.channels_last)
             gates = out.gates.float()
             if hold is not None:   # a decided block's shift is 0
                 shifts = hold.update(logit_gap(out.r.detach().float(), model.cfg.beta), d_t)
                 for block, delta in zip(model.blocks, shifts):
                     block.router.shift_(delta)
-            if self.target is not None and not finetune and not self.static:
-                self.controller.update(self.budget.route_cost(gates).mean().item())
-            sums += torch.stack([loss, parts["cls"], parts["consistency"], parts["diversity"],
-                                 parts["cost"], parts["reg"], (out.logits.argmax(1) == y).sum().float()])
+            if steering:
+                pending.append((self.budget.fixed + gates @ block_cost).mean())
+                if len(pending) == self.controller_every:
+                    self._steer(pending)
+            sums += torch.cat([loss.view(1), parts, (out.logits.argmax(1) == y).sum().float().view(1)])
             gate_sum += gates.sum(0)
             seen += y.shape[0]
+        self._steer(pending)
         v = sums.tolist()
         if not math.isfinite(v[0]):
             raise FloatingPointError(f"loss is not finite in epoch {self.epoch + 1} (diverged); lower --lr")
@@ -351,6 +316,13 @@ class Trainer:
                 "loss_diversity": v[3] / steps, "loss_cost": v[4] / steps, "loss_reg": v[5] / steps,
                 "train_accuracy": v[6] / max(seen, 1),
                 "train_cost_hard": self.budget.route_cost(gate_sum / max(seen, 1)).item()}
+
+    def _steer(self, pending: list[torch.Tensor]) -> None:
+        """The budget loop reads the batches' costs (one host sync) and updates mu once per batch, in order."""
+        if pending:
+            for cost in torch.stack(pending).tolist():
+                self.controller.update(cost)
+            pending.clear()
 
     def run(self, on_epoch: Callable[[dict], bool | None] | None = None) -> dict:
         cfg = self.cfg
@@ -443,6 +415,8 @@ class Trainer:
         self.model.threshold.fill_(threshold)
         threshold = self.model.threshold.item()   # as the float32 buffer holds it
         val = self.evaluate(self.val_split)
+        # routing="capacity" (the static-shape hard forward): CAPACITY_FACTOR x each block's val rate
+        self.model.set_capacity(capacity_from_rates(val["block_exec_rate"], CAPACITY_FACTOR))
         self.calibration = {"epoch": self.epoch, "threshold": threshold, "landed": landed,
                             "calib_images": int(images.shape[0]), "calib_cost": calib_cost, "val": val,
                             "seconds": time.perf_counter() - t0}   # with the val evaluation

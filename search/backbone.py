@@ -16,6 +16,7 @@ from pathlib import Path
 from drn.checkpoint import load_checkpoint, save_checkpoint
 from drn.config import TrainConfig, UsageError
 
+from .cloud import fetch, publish
 from .config import SearchConfig, is_uri, results_root
 
 KEY_VERSION = 1   # bump when what a backbone is trained with changes meaning
@@ -48,30 +49,6 @@ def backbone_path(cfg: SearchConfig) -> Path:
 def backbone_uri(cfg: SearchConfig) -> str | None:
     """A cloud --storage's copy (what a new head finds), or None for a local --storage."""
     return f"{cfg.storage.rstrip('/')}/{_relpath(cfg)}" if is_uri(cfg.storage) else None
-
-
-def fetch(uri: str, path: Path) -> bool:
-    """Copy the cloud copy at `uri` to `path` (atomically); False when there is none."""
-    from pyarrow import fs
-    filesystem, where = fs.FileSystem.from_uri(uri)
-    if filesystem.get_file_info(where).type != fs.FileType.File:
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    with filesystem.open_input_stream(where) as src, open(tmp, "wb") as dst:
-        while chunk := src.read(1 << 24):
-            dst.write(chunk)
-    tmp.replace(path)
-    return True
-
-
-def publish(path: Path, uri: str) -> None:
-    """Upload the local cache to the cloud copy (one object: readers see all of it or none)."""
-    from pyarrow import fs
-    filesystem, where = fs.FileSystem.from_uri(uri)
-    filesystem.create_dir(where.rsplit("/", 1)[0], recursive=True)
-    with filesystem.open_output_stream(where) as dst:
-        dst.write(path.read_bytes())
 
 
 def _cached(path: Path, epochs: int, log) -> dict | None:
@@ -133,7 +110,7 @@ def ensure_backbone(cfg: SearchConfig, data, cpus: float, gpus: float, log) -> t
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, ckpt)   # atomic: a crash leaves no half-written cache
     if uri is not None:
-        publish(path, uri)
+        publish(uri.rsplit("/", 1)[0], [path])   # path and uri end in the same checkpoint.pt
     log(f"backbone: done in {time.time() - t0:.0f}s, val accuracy {ckpt['history'][-1]['accuracy']:.2%}")
     return path, ckpt, "trained"
 

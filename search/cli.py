@@ -10,13 +10,12 @@ import os
 import socket
 import sys
 import time
-from pathlib import Path
 
 from drn.cli import EXIT_USAGE, _Parser
 from drn.config import UsageError, resolve_target
 
 from . import state, tracking
-from .config import SMOKE, SearchConfig, results_root
+from .config import SMOKE, SearchConfig
 
 # flag -> (SearchConfig field, type, nargs, help). Defaults are read from SearchConfig.
 FLAGS = {
@@ -64,6 +63,8 @@ FLAGS = {
                           "(default: drn-train's 250, the paper's schedule)"),
     "--mlflow-uri": ("mlflow_uri", str, None, "MLflow tracking URI, e.g. a server http://127.0.0.1:5000 "
                      "(default: $MLFLOW_TRACKING_URI, else sqlite:///<results dir>/mlflow.db)"),
+    "--compile": ("compile", str, None, "each trial's main-epoch training step under torch.compile: inductor (CUDA "
+                  "graphs on GPUs), cudagraphs (GPUs only) or off; the same step to float rounding"),
     "--experiment-name": ("experiment_name", str, None, "MLflow experiment of the search (default: --name)"),
 }
 
@@ -202,6 +203,8 @@ def resources(cfg: SearchConfig, cluster: dict) -> tuple[float, float]:
                          f"(it has {cpus:g} CPUs); use --gpus-per-trial 0")
     if g > gpus:
         raise UsageError(f"--gpus-per-trial {g:g} is more than the cluster's {gpus:g} GPUs")
+    if cfg.compile == "cudagraphs" and g == 0:
+        raise UsageError("--compile cudagraphs needs GPUs, and the trials get none; use --compile inductor or off")
     c = cfg.cpus_per_trial if cfg.cpus_per_trial is not None else (
         1.0 if g == 0 else max(1.0, min(4.0, cpus // max(gpus / g, 1))))
     if c > cpus:
@@ -301,16 +304,26 @@ def make_tuner(cfg: SearchConfig, resume: bool, p: Prepared):
     # the images and the backbone go into Ray's object store once; each trial reads them from there
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, data=p.data, backbone=p.backbone),
                                     {"cpu": p.cpus, "gpu": p.gpus})
+    progress = Progress(cfg.study_storage, cfg.name, [q.name for q in p.space.params], cfg.tolerance,
+                        str(cfg.results_dir / "trials.parquet"), cfg.num_samples, cfg.total_epochs, cfg.cost_key,
+                        dataclasses.asdict(p.track), cfg.targets, cfg.max_failures, p.state_copy)
     if resume:
         experiment = cfg.storage.rstrip("/") + "/" + cfg.name
         if not tune.Tuner.can_restore(experiment):
             raise UsageError(f"nothing to resume in {experiment}: the search never started its first trial")
         # errored trials stay ERROR (Optuna was told FAIL): only the interrupted ones go on
-        return tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=False,
-                                  restart_errored=False)
-    progress = Progress(cfg.study_storage, cfg.name, [q.name for q in p.space.params], cfg.tolerance,
-                        str(cfg.results_dir / "trials.parquet"), cfg.num_samples, cfg.total_epochs, cfg.cost_key,
-                        dataclasses.asdict(p.track), cfg.targets, cfg.max_failures, p.state_copy)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False)
+        # Tuner.restore takes no callbacks nor searcher (ray-project/ray#41364): it unpickles the first
+        # driver's, with the paths of that head's results dir (./drn-results of where it ran). Ours replace
+        # them: this run's Progress, and the study this run's results dir holds (an --optuna-storage RDB
+        # is the same URL). Under Ray Client the driver is an actor that unpickled them itself
+        restored = tuner._local_tuner   # private, but ray is pinned (2.60) and tests/test_search_state.py runs it
+        if restored is not None:
+            run_config = restored.get_run_config()
+            run_config.callbacks = [progress if isinstance(c, Progress) else c for c in run_config.callbacks]
+            restored._tune_config.search_alg.storage = cfg.study_storage
+        return tuner
     searcher = OptunaSearcher(p.space, cfg.targets, cfg.name, cfg.study_storage, cfg.tolerance,
                               cfg.total_epochs, cfg.cost_key, cfg.seed, dataset=cfg.dataset)
     # auto = asha: one ASHA per target, a trial competes only with its own budget's trials

@@ -74,6 +74,8 @@ class SearchConfig:
                                      # Ray's object store
     backbone_epochs: int | None = None  # auto: the plain network's epochs (None: SCRATCH_EPOCHS; for a PATH,
                                      # the epochs it was trained for); the trials' schedule is a share of it
+    compile: str = "off"             # each trial's main-epoch step under torch.compile: inductor | cudagraphs | off
+                                     # (drn-train's --compile; GPU speed not measured yet)
     smoke_test: bool = False
 
     def __post_init__(self):
@@ -139,7 +141,7 @@ class SearchConfig:
             self.epochs = SCRATCH_EPOCHS
         if not is_uri(self.storage):
             self.storage = os.path.abspath(os.path.expanduser(self.storage))
-        self.train_config(self.targets[0])   # the shared training settings are valid too
+        self.train_config(self.targets[0], device="auto")   # the shared training settings are valid too
         from .space import check_routing, load_space
         check_routing(load_space(self.space), self.routing)
 
@@ -174,7 +176,7 @@ class SearchConfig:
                            finetune_epochs=self.finetune_epochs, batch_size=self.batch_size, seed=self.seed,
                            val_fraction=self.val_fraction,
                            init=init or (None if self.backbone in ("none", "auto") else self.backbone),
-                           device=device, routing=self.routing, **{self.target_key: target})
+                           device=device, routing=self.routing, compile=self.compile, **{self.target_key: target})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -202,7 +204,11 @@ class SearchConfig:
             if not found:
                 copy = f" nor in {state_uri(storage, name)}" if is_uri(storage) and not why else ""
                 raise UsageError(f"no search named {name!r} under {results.parent} (no search.json{copy}){why}")
-        return load(results)
+        cfg = load(results)
+        if (results / "mlflow.json").is_file():   # none: the search stopped before it started
+            from .state import follow_mlflow
+            follow_mlflow(results)
+        return cfg
 
     @classmethod
     def from_flags(cls, flags: dict) -> "SearchConfig":

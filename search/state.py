@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from drn.config import UsageError
 
+from .cloud import fetch, publish
 from .config import is_uri
 
 STATE_DIR = "drn-state"
@@ -54,18 +55,13 @@ def upload(results_dir: Path, uri: str | None, log) -> bool:
     if uri is None:
         return False
     import pyarrow as pa
-    from pyarrow import fs
     try:
-        filesystem, where = fs.FileSystem.from_uri(uri)
-        filesystem.create_dir(where, recursive=True)
         with tempfile.TemporaryDirectory() as d:
             files = [results_dir / f for f in FILES if (results_dir / f).is_file()]
             if (results_dir / STUDY).is_file():
                 backup_sqlite(results_dir / STUDY, Path(d) / STUDY)
                 files.append(Path(d) / STUDY)
-            for path in files:   # one object each: a reader sees a whole file or the previous one
-                with filesystem.open_output_stream(f"{where}/{path.name}") as dst:
-                    dst.write(path.read_bytes())
+            publish(uri, files)
     except (OSError, sqlite3.Error, pa.ArrowException) as e:
         log(f"could not copy the search's state to {uri}: {_first_line(e)}")
         return False
@@ -80,7 +76,6 @@ def fetch_state(storage: str, name: str, results_dir: Path, accept=lambda fetche
     """On a head that lacks search `name`: its files from the cloud copy into `results_dir`; False
     when there is none. Refused (nothing written) when the copy cannot be resumed here, or when
     `accept(folder)` raises a UsageError on the fetched files."""
-    from .backbone import fetch
     uri = state_uri(storage, name)
     if uri is None or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         return False
@@ -110,6 +105,17 @@ def _check_mlflow_here(uri: str, name: str) -> None:
         raise UsageError(f"search {name!r} logs to the MLflow store {uri}, which is not on this head (a local "
                          f"store stays on the head that ran the search); resume it there, or run searches that "
                          f"must outlive their head with an MLflow server (--mlflow-uri http://HOST:5000)")
+
+
+def follow_mlflow(results_dir: Path) -> None:
+    """The default MLflow store (sqlite in the results dir) moves with its results dir (copied to
+    another head, another --storage): mlflow.json then names the store here. Any other store stays."""
+    record, here = results_dir / "mlflow.json", results_dir / "mlflow.db"
+    track = json.loads(record.read_text())
+    store = _local_store(track["uri"]) if track["uri"].startswith("sqlite:") else None
+    # <the results dir where the search started>/mlflow.db, and this results dir holds it now
+    if store is not None and store.parts[-2:] == here.parts[-2:] and store != here and here.is_file():
+        record.write_text(json.dumps({**track, "uri": f"sqlite:///{here}"}))
 
 
 def check_new(storage: str, name: str) -> None:

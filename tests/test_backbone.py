@@ -7,7 +7,8 @@ import torch
 
 from drn.config import TrainConfig
 from drn.train import Trainer
-from search.backbone import backbone_key, backbone_path, backbone_uri, ensure_backbone, fetch, publish
+from search.backbone import backbone_key, backbone_path, backbone_uri, ensure_backbone
+from search.cloud import fetch, publish
 from search.config import SCRATCH_EPOCHS, TRIAL_EPOCHS_SHARE, TRIAL_FINETUNE_SHARE, SearchConfig
 
 from conftest import run_cli
@@ -69,7 +70,7 @@ def test_a_cloud_storage_keeps_a_copy_that_a_new_head_fetches(tmp_path, monkeypa
     local = backbone_path(cfg)
     local.parent.mkdir(parents=True)
     save_checkpoint(local, _plain(tmp_path))
-    publish(local, uri)
+    publish(uri.rsplit("/", 1)[0], [local])
 
     head = tmp_path / "new-head"                       # another machine: no local cache
     head.mkdir()

@@ -1,14 +1,22 @@
 """Issue 16: a static baseline searches what it trains; a cluster of several machines must reach the
 search's storage; a search's own files survive the head through a cloud --storage (file://: the same
 pyarrow code path as s3://)."""
+import contextlib
 import json
 import shutil
+import signal
+import socket
 import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import cli_command, run_cli
 from drn.config import TrainConfig, UsageError
 from search import tracking
 from search.cli import main
@@ -174,6 +182,18 @@ def test_a_cloud_storage_keeps_the_search_state_that_a_new_head_resumes(tmp_path
     assert not (tmp_path / "drn-results").exists()
 
 
+def test_the_default_mlflow_store_moves_with_its_results_dir_and_any_other_stays(tmp_path):
+    cfg, track = _new_search(str(tmp_path / "old"), "s")        # the default: sqlite in the results dir
+    assert track.uri == f"sqlite:///{tmp_path / 'old' / 's' / 'mlflow.db'}"
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    moved = tracking.resumed(SearchConfig.resumed("s", {"storage": str(tmp_path / "new")}).results_dir)
+    assert moved == tracking.Tracking(**{**vars(track), "uri": f"sqlite:///{tmp_path / 'new' / 's' / 'mlflow.db'}"})
+    assert moved.client().get_run(track.parent_run_id).info.experiment_id == track.experiment_id
+    for uri in ("http://10.0.1.23:5000", f"sqlite:///{tmp_path / 'm.db'}"):   # a server, a store elsewhere
+        (tmp_path / "new" / "s" / "mlflow.json").write_text(json.dumps({**vars(track), "uri": uri}))
+        assert tracking.resumed(SearchConfig.resumed("s", {"storage": str(tmp_path / "new")}).results_dir).uri == uri
+
+
 def test_a_failed_copy_is_one_line_and_the_search_goes_on(tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "search.json").write_text(json.dumps({}))
@@ -181,3 +201,63 @@ def test_a_failed_copy_is_one_line_and_the_search_goes_on(tmp_path):
     notes = []
     assert not upload(tmp_path / "r", f"{(tmp_path / 'bucket').as_uri()}/s/drn-state", notes.append)
     assert len(notes) == 1 and notes[0].startswith("could not copy the search's state to file://")
+
+
+@contextlib.contextmanager
+def _mlflow_server(folder):
+    """A real `mlflow server` (its store and artifacts in `folder`): what a search that outlives its head logs to."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'm.db'}",
+                             "--artifacts-destination", str(folder / "artifacts")],
+                            cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(uri + "/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline and proc.poll() is None, "mlflow server did not start"
+                time.sleep(0.5)
+        yield uri
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_search_resumed_from_another_directory_keeps_its_files_there(tiny_data, tmp_path):
+    """The restored Tuner unpickles the first driver's searcher and callback: they must use this
+    head's ./drn-results, not the one of the directory the search started in."""
+    remote = (tmp_path / "bucket").as_uri()
+    first, second = tmp_path / "a", tmp_path / "b"
+    for d in (first, second, tmp_path / "mlflow"):
+        d.mkdir()
+    args = ["--target-flops", "50%", "--arch", "resnet8", "--dataset", "imagefolder", "--data-dir", str(tiny_data),
+            "--epochs", "1", "--finetune-epochs", "0", "--backbone", "none", "--batch-size", "12",
+            "--scheduler", "fifo", "--num-samples", "2", "--max-concurrent", "1", "--storage", remote,
+            "--name", "moved"]
+    with _mlflow_server(tmp_path / "mlflow") as mlflow_uri:
+        proc = subprocess.Popen([*cli_command("drn-search"), *args, "--mlflow-uri", mlflow_uri], cwd=first,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        seen, deadline = [], time.time() + 600
+        for line in proc.stderr:                      # one trial ended: Ctrl-C
+            seen.append(line)
+            if "1/2 trials ended" in line or time.time() > deadline:
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 130, "".join(seen) + err[-2000:]
+        assert [p.name for p in first.iterdir()] == ["drn-results"]
+
+        shutil.rmtree(first / "drn-results")          # that head is lost; this one runs elsewhere
+        resumed = run_cli("drn-search", "--resume", "moved", "--storage", remote, cwd=second)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = pq.read_table(second / "drn-results" / "moved" / "trials.parquet").to_pylist()
+    assert sorted(r["trial"] for r in rows) == [0, 1] and {r["state"] for r in rows} == {"COMPLETE"}
+    assert not list(first.iterdir())                  # nothing written back where the search started
+    assert pq.read_table(f"{tmp_path / 'bucket' / 'moved' / 'drn-state' / 'trials.parquet'}").to_pylist() == rows

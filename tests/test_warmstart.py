@@ -1,5 +1,4 @@
 """--init: a routed (or static) network starts from a trained plain one, routers open."""
-import dataclasses
 
 import pytest
 import torch
