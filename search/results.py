@@ -117,9 +117,17 @@ def model_lines(models: list[dict]) -> list[str]:
         name = m["uri"].rsplit("/", 1)[0]
         alias = f"{name}@{m['alias']}" if m["alias"] else "-"
         where = "front" if m["front"] else "off the front"
-        hp = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(m["params"].items()))
+        hp = ", ".join(f"{k} {_short(v)}" for k, v in sorted(m["params"].items()))
         lines.append(f"  {m['uri']:<{width}}  {alias}  trial {m['trial']}, target {m['target']}, {where}: {hp}")
     return lines
+
+
+def _short(v) -> str:
+    """A hyper-parameter at 3 digits (MLflow hands params back as strings)."""
+    try:
+        return f"{float(v):.3g}"
+    except (TypeError, ValueError):
+        return str(v)
 
 
 def _finite(v) -> bool:

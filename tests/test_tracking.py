@@ -325,7 +325,8 @@ def test_registry_describes_versions_moves_the_alias_and_marks_those_off_the_fro
     assert [(m["trial"], m["alias"], m["front"]) for m in seen[-1]] == [(1, "best-50pct", True), (2, None, True)]
     text = summary(rows, cfg.targets, "flops", seen[-1])
     line = next(l for l in text.splitlines() if l.strip().startswith(f"models:/drn-r/{v1.version}"))
-    assert "models:/drn-r@best-50pct" in line and "trial 1, target 50%" in line and "d_c " in line
+    assert "models:/drn-r@best-50pct" in line and "trial 1, target 50%" in line
+    assert f"d_c {float(v1.tags['hp_d_c']):.3g}," in line   # MLflow's string params, at 3 digits
 
 
 def test_tracking_uri_flag_then_env_then_sqlite_and_the_experiment_name(trial, tmp_path, monkeypatch):
