@@ -134,6 +134,7 @@ class CompiledStep:
             g["lr"] = torch.tensor(float(g["lr"]))
             g["foreach"], g["fused"] = True, False
         self.mu = torch.zeros((), device=device)
+        self.calls = 0   # steps done: the first one compiles
         self._loss = compile_(main_loss)
         self._update = compile_(optimizer.step)
 
@@ -149,6 +150,7 @@ class CompiledStep:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self._update()
+        self.calls += 1
         if self.graphs:   # the graphs' outputs live in their memory pool until the next replay
             loss, parts, out = loss.detach().clone(), parts.clone(), type(out)(*(t.clone() for t in out))
         return loss.detach(), parts, out, y

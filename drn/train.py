@@ -111,6 +111,7 @@ class Trainer:
         # the loop's reading of the batches' cost is a host sync: every step on CPU, where it costs nothing
         self.controller_every = cfg.controller_every or (8 if cuda else 1)
         self.compiled: CompiledStep | None = None   # the main epochs' step under torch.compile, made on first use
+        self.compile_failed = False   # it did not compile here: the run goes on eager
         self.cost: CostTable = measure_cost_table(self.model)
         # the budget's cost table: FLOPs, or per-block latency measured once on this device (kept
         # in the checkpoint, so a resumed run optimises the same Eq. 8 weights)
@@ -264,7 +265,7 @@ class Trainer:
         block_cost = self.budget.block_tensor(dev)
         steering = self.target is not None and not finetune and not self.static
         pending: list[torch.Tensor] = []   # batch costs the loop has not read yet (one host sync per controller_every)
-        if not finetune and not self.static and cfg.compile != "off" and self.compiled is None:
+        if not finetune and not self.static and cfg.compile != "off" and self.compiled is None and not self.compile_failed:
             self.compiled = CompiledStep(model, self.optimizer, weights=self.weights, amp=cfg.amp,
                                          routing=cfg.train_routing, consistency_routes=cfg.consistency_routes,
                                          explore=cfg.explore, full_pass=cfg.full_pass, view_augment=cfg.view_augment,
@@ -283,9 +284,11 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 set_lr(group, cfg.lr_at(self.epoch, (i + 1) / steps, router=True) if group["router"] else lr)
             idx = perm[s:s + L]
+            out = None
             if self.compiled is not None and not finetune:
-                loss, parts, out, y = self.compiled(images[idx], labels[idx], self.generator, views=cfg.views,
-                                                    cost_norm=cost_norm, mu=self.controller.mu)
+                out = self._compiled_step(images[idx], labels[idx], cost_norm)
+            if out is not None:
+                loss, parts, out, y = out
             else:   # a static baseline trains like the finetune: its route, cross-entropy, no routing losses
                 loss, parts, out, y = train_step(model, self.optimizer, images[idx], labels[idx], self.generator,
                                                  views=1 if finetune else cfg.views, finetune=finetune or self.static,
@@ -316,6 +319,23 @@ class Trainer:
                 "loss_diversity": v[3] / steps, "loss_cost": v[4] / steps, "loss_reg": v[5] / steps,
                 "train_accuracy": v[6] / max(seen, 1),
                 "train_cost_hard": self.budget.route_cost(gate_sum / max(seen, 1)).item()}
+
+    def _compiled_step(self, images, labels, cost_norm):
+        """The compiled main step; None (and eager from now on, with a log line) when it does not
+        compile here, e.g. without a C++ compiler for inductor."""
+        from torch._dynamo.exc import TorchDynamoException
+        from torch._inductor.exc import InductorError
+        try:
+            return self.compiled(images, labels, self.generator, views=self.cfg.views, cost_norm=cost_norm,
+                                 mu=self.controller.mu)
+        except (TorchDynamoException, InductorError) as e:
+            if self.compiled.calls:   # it ran before: not a compile failure
+                raise
+            inner = getattr(e, "inner_exception", None) or e.__cause__ or e   # the compiler's own words
+            why = next((line for line in str(inner).splitlines() if line.strip()), type(inner).__name__)
+            self.log(f"--compile {self.cfg.compile} failed here ({why[:200]}); the main epochs run eager")
+            self.compiled, self.compile_failed = None, True
+            return None
 
     def _steer(self, pending: list[torch.Tensor]) -> None:
         """The budget loop reads the batches' costs (one host sync) and updates mu once per batch, in order."""

@@ -1,6 +1,7 @@
 """The training step without host syncs (issue 17): compiled = eager to float rounding, the budget
 loop's batched readings, channels_last, the flags."""
 import copy
+import math
 
 import pytest
 import torch
@@ -148,3 +149,24 @@ def test_a_search_passes_compile_to_its_trials_and_refuses_cudagraphs_without_gp
     assert resources(cfg, {"CPU": 4.0, "GPU": 1.0}) == (4.0, 1.0)
     with pytest.raises(UsageError, match="--compile cudagraphs needs GPUs"):
         resources(cfg, {"CPU": 4.0})
+
+
+def test_a_step_that_does_not_compile_here_runs_eager_with_one_log_line(tiny_data, tmp_path, monkeypatch):
+    """torch.compile failing on this machine (no C++ compiler, an unsupported op): one log line, and
+    the run trains on eagerly instead of crashing (a trial's retry would crash again)."""
+    from torch._dynamo.exc import BackendCompilerFailed
+    import drn.step
+
+    def broken(fn, **kw):
+        def call(*a, **k):
+            raise BackendCompilerFailed(lambda: None, RuntimeError("InvalidCxxCompiler: no working C++ compiler"), None)
+        return call
+    monkeypatch.setattr(drn.step.torch, "compile", broken)
+    logs = []
+    t = Trainer(tiny_cfg(tiny_data, tmp_path / "b", epochs=1, finetune_epochs=0, compile="inductor",
+                         target_flops="60%"), log=logs.append)
+    t.run()
+    failed = [line for line in logs if "--compile inductor failed here" in line]
+    assert len(failed) == 1 and "no working C++ compiler" in failed[0] and "run eager" in failed[0]
+    assert t.compiled is None and t.compile_failed and t.epoch == t.cfg.total_epochs
+    assert all(math.isfinite(h["loss"]) for h in t.history)
