@@ -5,6 +5,7 @@ assert_close, rtol 1.3e-6 / atol 1e-5: the gathered batches differ, so conv kern
 another order), with less room it drops the lowest-r images to the shortcut; torch.compile
 captures it whole. Evaluation reports the FLOPs it spends; drn-eval --hard-forward capacity."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from drn.cost import measure_cost_table
 from drn.data import Split
 from drn.evaluate import capacity_from_rates, evaluate, val_capacity
 from drn.models import build_model
+from test_bad_input import run_case
 
 
 def routed(arch: str, batch: int, seed: int = 0, size: int = 32, classes: int = 10):
@@ -164,17 +166,8 @@ def test_evaluate_reports_the_flops_the_capacity_spends_as_the_flop_counter_coun
 
 
 def _eval(argv, capsys) -> tuple[int, str, str]:
-    """drn-eval in this process (the console script calls exactly this)."""
-    from drn.cli import eval_main
-    capsys.readouterr()
-    try:
-        rc = eval_main(argv)
-    except SystemExit as e:   # argparse's own exit
-        rc = e.code
-    finally:
-        torch.set_grad_enabled(True)
-    out = capsys.readouterr()
-    return rc, out.out, out.err
+    """drn-eval in this process, as test_bad_input runs it."""
+    return run_case("drn-eval", argv, Path.cwd(), capsys)
 
 
 def test_drn_eval_hard_forward_capacity_and_its_bad_values(tiny_data, tmp_path, capsys):
