@@ -69,9 +69,9 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     shutil.rmtree(storage, ignore_errors=True)
-    print(f"| trials × epochs | concurrent | wall s | Σ training s | Σ calibration s | Σ between reports s | "
-          f"training share | trainer share (+ calibration) | goal ≥ 90 % |")
-    print(f"|---|---|---|---|---|---|---|---|---|")
+    print("| trials × epochs | concurrent | wall s | Σ training s | Σ calibration s | Σ between reports s | "
+          "training share | trainer share (+ calibration) | goal ≥ 90 % |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.trials} × {args.epochs} | {args.concurrent} | {wall:.0f} | {train:.0f} | {calib:.0f} | {tune_iter:.0f} | "
           f"{out['share_training']:.1%} | {out['share_trainer']:.1%} | {'met' if out['goal_met'] else 'MISSED'} |")
     return 0

@@ -135,6 +135,31 @@ def check_new(storage: str, name: str) -> None:
                          f"--storage {storage} or pick another --name")
 
 
+def save_after_the_last_upload(log) -> None:
+    """Tune saves its experiment state (trials, searcher, callbacks) into a staging dir that a
+    background thread uploads to --storage. Ray 2.60 saves without waiting for the previous upload:
+    a forced save (each trial checkpoint, with num_to_keep=1) renames a .tmp file the upload has just
+    listed, and the upload fails with a FileNotFoundError traceback on stderr. Here each save waits for
+    the upload in flight first (a few small files, milliseconds). Idempotent; the driver process only."""
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager as Manager
+    if getattr(Manager.sync_up_experiment_state, "drn_waits", False):
+        return
+    sync_up = Manager.sync_up_experiment_state
+
+    def sync_up_experiment_state(self, save_fn, force=False, wait=False):
+        def save():
+            syncer = getattr(self._storage, "syncer", None)
+            if syncer is not None:
+                try:
+                    syncer.wait()
+                except Exception as e:   # that upload is lost; the one after this save sends it all again
+                    log(f"warning: an upload of Tune's state to --storage failed: {_first_line(e)}")
+            save_fn()
+        return sync_up(self, save, force=force, wait=wait)
+    sync_up_experiment_state.drn_waits, sync_up_experiment_state.ray = True, sync_up
+    Manager.sync_up_experiment_state = sync_up_experiment_state
+
+
 def cluster_machines() -> int:
     """Machines (node IPs) of the connected Ray cluster: nodes that share one can share its disk."""
     import ray

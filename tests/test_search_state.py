@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -261,3 +262,47 @@ def test_a_search_resumed_from_another_directory_keeps_its_files_there(tiny_data
     assert sorted(r["trial"] for r in rows) == [0, 1] and {r["state"] for r in rows} == {"COMPLETE"}
     assert not list(first.iterdir())                  # nothing written back where the search started
     assert pq.read_table(f"{tmp_path / 'bucket' / 'moved' / 'drn-state' / 'trials.parquet'}").to_pylist() == rows
+
+
+def test_tune_saves_its_state_only_after_the_last_upload_ended(tmp_path, monkeypatch):
+    """Ray 2.60 wrote the next experiment state into the staging dir while the previous upload was
+    still copying it: a forced save renamed a .tmp file the upload had listed, and the upload failed
+    with a FileNotFoundError traceback (seen once in CI). With the fix each save waits for it."""
+    import ray.train._internal.storage as ray_storage
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+
+    from search.state import save_after_the_last_upload
+
+    copy = ray_storage._pyarrow_fs_copy_files
+
+    def slow_copy(*args, **kwargs):          # an upload that takes a while (a loaded head, a slow bucket)
+        time.sleep(0.5)
+        return copy(*args, **kwargs)
+    monkeypatch.setattr(ray_storage, "_pyarrow_fs_copy_files", slow_copy)
+    Manager = _ExperimentCheckpointManager      # as Ray ships it, even where a search ran in this process
+    monkeypatch.setattr(Manager, "sync_up_experiment_state",
+                        getattr(Manager.sync_up_experiment_state, "ray", Manager.sync_up_experiment_state))
+    monkeypatch.setattr(ray_storage, "_get_ray_train_session_dir", lambda: str(tmp_path / "session"))  # no Ray
+
+    def saves_during_an_upload() -> list[bool]:
+        storage = StorageContext(storage_path=str(tmp_path / "storage"), experiment_dir_name=f"x{time.time_ns()}")
+        manager = Manager(storage=storage, checkpoint_period=0)
+        staging = Path(storage.experiment_driver_staging_path)
+        staging.mkdir(parents=True)
+        seen = []
+
+        def save():
+            seen.append(bool(storage.syncer._should_continue_existing_sync()))
+            (staging / "state.json").write_text(json.dumps({"saves": len(seen)}))
+        for _ in range(3):
+            manager.sync_up_experiment_state(save_fn=save, force=True)
+        storage.syncer.wait()
+        uploaded = Path(storage.experiment_fs_path, "state.json")
+        assert json.loads(uploaded.read_text()) == {"saves": 3}
+        return seen
+
+    assert any(saves_during_an_upload())        # the race, as Ray ships it
+    save_after_the_last_upload(print)
+    save_after_the_last_upload(print)           # idempotent: one wait, not two
+    assert not any(saves_during_an_upload())
