@@ -11,6 +11,7 @@ a GPU at batch 128 (issue 17).
     PYTHONPATH=. python bench/train_overhead.py                                 # CPU: ResNet-20/56/110, batch 128
     PYTHONPATH=. python bench/train_overhead.py --device cuda --compile --batches 128 512
     PYTHONPATH=. python bench/train_overhead.py --archs resnet56 --profile      # where the time goes
+    PYTHONPATH=. python bench/train_overhead.py --archs resnet20 --profile --compile   # ... per generated kernel
 
 Each step is timed alone (synchronised on CUDA), routed and plain steps interleaved; the figure is
 the median over steps after warm-up (which includes compiling), divided by the image-views of the step.
@@ -167,14 +168,15 @@ def profile(steps: dict, device, n: int = 3, rows: int = 25) -> None:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     for name, fn in steps.items():
-        fn()
+        for _ in range(3):   # compiled: the first steps compile (the update graph too)
+            fn()
         with torch.profiler.profile(activities=acts) as prof:
             for _ in range(n):
                 fn()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         print(f"\n## profile: {name} step, {n} steps", flush=True)
-        print(prof.key_averages().table(sort_by=key, row_limit=rows), flush=True)
+        print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=110), flush=True)
 
 
 def main() -> None:
@@ -210,6 +212,9 @@ def main() -> None:
           f"{' | malloc keeps freed memory' if kept else ''}",
           flush=True)
     if args.profile:
+        if args.compile == "inductor" and not cuda:   # name inductor's generated C++ kernels in the tables
+            import torch._inductor.config
+            torch._inductor.config.cpp.enable_kernel_profile = True
         for arch in args.archs:
             for b in args.batches:
                 r, pl = make_steps(arch, b, args.views, device, args.amp, args.compile, cl, args.train_routing)
