@@ -269,6 +269,22 @@ def test_soft_blend_equals_autograd_through_add_relu_lerp():
     assert torch.autograd.gradcheck(SoftBlend.apply, (res, sc, w))
 
 
+def test_soft_blend_compiled_has_the_eager_gradients():
+    """Under torch.compile the backward writes relu' as sign(h) (a float mask: inductor's CPU code
+    stores bool masks slowly); the gradients stay the eager ones, also where h is exactly 0."""
+    torch.manual_seed(12)
+    sc = torch.randn(4, 3, 5, 5)
+    res = torch.where(torch.rand(4, 3, 5, 5) < 0.2, -sc, torch.randn(4, 3, 5, 5))   # h = 0 exactly there
+    w, g = torch.rand(4, 1, 1, 1), torch.randn(4, 3, 5, 5)
+
+    def grads(fn):
+        xs = [t.clone().requires_grad_() for t in (res, sc, w)]
+        return torch.autograd.grad(fn(*xs), xs, g)
+    torch._dynamo.reset()
+    for a, b in zip(grads(torch.compile(SoftBlend.apply)), grads(SoftBlend.apply)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- skipped blocks
 
 def run_block(block, routing: str, x, g):
