@@ -372,7 +372,6 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> tuple[list[dict], boo
     (False: interrupted, e.g. by Ctrl-C, which Tune turns into an early return of fit())."""
     tune_settings(cfg)
     p = prepare(cfg, resume)
-    state.save_after_the_last_upload(_log)
     tuner = make_tuner(cfg, resume, p)
     t0 = time.time()
     grid = tuner.fit()

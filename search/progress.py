@@ -10,7 +10,7 @@ from ray.tune import Callback
 
 from .results import trial_rows, write_parquet
 from .searcher import load_studies
-from .state import upload
+from .state import save_after_the_last_upload, upload
 from .tracking import Tracking
 
 
@@ -30,6 +30,8 @@ class Progress(Callback):
 
     def setup(self, **info):
         self.t0 = time.time()  # also when a resumed search starts again
+        # here, in the process that runs Tune's driver (under Ray Client, a remote actor)
+        save_after_the_last_upload(self._print)
 
     def _print(self, msg: str) -> None:
         print(f"[drn-search {time.time() - self.t0:6.0f}s] {msg}", file=sys.stderr, flush=True)

@@ -140,7 +140,8 @@ def save_after_the_last_upload(log) -> None:
     background thread uploads to --storage. Ray 2.60 saves without waiting for the previous upload:
     a forced save (each trial checkpoint, with num_to_keep=1) renames a .tmp file the upload has just
     listed, and the upload fails with a FileNotFoundError traceback on stderr. Here each save waits for
-    the upload in flight first (a few small files, milliseconds). Idempotent; the driver process only."""
+    the upload in flight first (a few small files, milliseconds). Idempotent; called by the Progress
+    callback's setup, in whatever process runs Tune's driver."""
     from ray.tune.execution.experiment_state import _ExperimentCheckpointManager as Manager
     if getattr(Manager.sync_up_experiment_state, "drn_waits", False):
         return
