@@ -1,7 +1,12 @@
+import contextlib
 import os
 import shutil
+import signal
+import socket
 import sys
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +74,51 @@ def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     prog, rest = args[0], args[1:]
     cmd = cli_command(prog)
     return subprocess.run([*cmd, *rest], capture_output=True, text=True, cwd=cwd, timeout=900)
+
+
+def interrupt_search(args: list[str], after: str, cwd=None, pause: float = 0.0) -> tuple[int, str]:
+    """Run drn-search with `args`, Ctrl-C once a stderr line holds `after` (and `pause` seconds more):
+    its exit code and everything it wrote to stderr."""
+    proc = subprocess.Popen([*cli_command("drn-search"), *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen, deadline = [], time.time() + 600
+    for line in proc.stderr:
+        seen.append(line)
+        if after in line or time.time() > deadline:
+            break
+    time.sleep(pause)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, "".join(seen) + err
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path):
+    """A real `mlflow server` on 127.0.0.1 (its store, artifacts and log in `folder`); yields its URI."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    log = open(folder / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+                             "--artifacts-destination", str(folder / "artifacts")],
+                            cwd=folder, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(uri + "/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    pytest.fail("mlflow server did not start: " + (folder / "server.log").read_text()[-2000:])
+                time.sleep(0.5)
+        yield uri
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
 
 
 def enqueued_study(db: Path, name: str, trials: list[dict]) -> str:

@@ -2,16 +2,13 @@
 Parquet, summary, resume after an interrupt of a two-target search (one Optuna study and one ASHA
 per target) (bad input: test_bad_input.py)."""
 import json
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import optuna
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import cli_command, enqueued_study, run_cli
+from conftest import enqueued_study, interrupt_search, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -105,17 +102,8 @@ def test_resume_after_an_interrupt_keeps_finished_trials_and_counts_none_twice(t
     # last epoch (nothing pruned), restored with the tuner
     args = search_args(tiny_data, tmp_path, "r", "--num-samples", "4", "--max-concurrent", "1",
                        "--target-flops", "50%", "70%", "--scheduler", "asha", "--grace-period", "2")
-    proc = subprocess.Popen([*cli_command("drn-search"), *args], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)
-    seen = []
-    deadline = time.time() + 600
-    for line in proc.stderr:                     # wait until two trials have ended, then Ctrl-C
-        seen.append(line)
-        if "2/4 trials ended" in line or time.time() > deadline:
-            break
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, "".join(seen) + err[-2000:]
+    rc, err = interrupt_search(args, "2/4 trials ended")     # two trials have ended: Ctrl-C
+    assert rc == 130, err[-3000:]
     before = {r["trial"]: r for r in pq.read_table(tmp_path / "r" / "trials.parquet").to_pylist()}
     finished = {n: r for n, r in before.items() if r["state"] in TERMINAL}
     assert len(finished) >= 2

@@ -446,31 +446,18 @@ def test_resume_leaves_errored_trials_failed_and_continues_interrupted_ones(tmp_
     Tune, FAIL in Optuna, no retries). The resume must not run them again; the 90 % trial the interrupt
     caught goes on from its last epoch."""
     import re
-    import signal
-    import subprocess
-    import time
 
     import pyarrow.parquet as pq
 
-    from conftest import cli_command, run_cli
+    from conftest import interrupt_search, run_cli
     args = ["--target-latency-ms", "1e-7", "90%", "--arch", "resnet8", "--dataset", "synthetic", "--epochs", "3",
             "--finetune-epochs", "0", "--backbone", "none", "--batch-size", "64", "--num-samples", "2",
             "--max-concurrent", "1", "--max-failures", "0", "--scheduler", "fifo", "--storage", str(tmp_path),
             "--name", "e"]
     # trial 0 at 1e-7 ms (first round: the targets as given, % and ms do not compare), trial 1 at 90 %
-    proc = subprocess.Popen([*cli_command("drn-search"), *args], stderr=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)
-    seen, deadline = [], time.time() + 600
-    for line in proc.stderr:
-        seen.append(line)
-        if "trial 1 (target 90%) epoch 1/3" in line or time.time() > deadline:
-            break
     # Ctrl-C in trial 1's second epoch: Tune registers an epoch's checkpoint a moment after its result
-    time.sleep(2)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=300)
-    first = "".join(seen) + err
-    assert proc.returncode == 130, first[-3000:]
+    rc, first = interrupt_search(args, "trial 1 (target 90%) epoch 1/3", pause=2)
+    assert rc == 130, first[-3000:]
     assert re.search(r"trial 0 raised: .*not above the network's fixed cost", first), first[-3000:]
 
     resumed = run_cli("drn-search", "--resume", "e", "--storage", str(tmp_path))

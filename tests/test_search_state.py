@@ -1,23 +1,17 @@
 """Issue 16: a static baseline searches what it trains; a cluster of several machines must reach the
 search's storage; a search's own files survive the head through a cloud --storage (file://: the same
 pyarrow code path as s3://)."""
-import contextlib
 import json
 import shutil
-import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import cli_command, run_cli
+from conftest import interrupt_search, mlflow_server, run_cli
 from drn.config import TrainConfig, UsageError
 from search import tracking
 from search.cli import main
@@ -204,32 +198,6 @@ def test_a_failed_copy_is_one_line_and_the_search_goes_on(tmp_path):
     assert len(notes) == 1 and notes[0].startswith("could not copy the search's state to file://")
 
 
-@contextlib.contextmanager
-def _mlflow_server(folder):
-    """A real `mlflow server` (its store and artifacts in `folder`): what a search that outlives its head logs to."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uri = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'm.db'}",
-                             "--artifacts-destination", str(folder / "artifacts")],
-                            cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(uri + "/health", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline and proc.poll() is None, "mlflow server did not start"
-                time.sleep(0.5)
-        yield uri
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
 @pytest.mark.slow
 def test_a_search_resumed_from_another_directory_keeps_its_files_there(tiny_data, tmp_path):
     """The restored Tuner unpickles the first driver's searcher and callback: they must use this
@@ -242,17 +210,9 @@ def test_a_search_resumed_from_another_directory_keeps_its_files_there(tiny_data
             "--epochs", "1", "--finetune-epochs", "0", "--backbone", "none", "--batch-size", "12",
             "--scheduler", "fifo", "--num-samples", "2", "--max-concurrent", "1", "--storage", remote,
             "--name", "moved"]
-    with _mlflow_server(tmp_path / "mlflow") as mlflow_uri:
-        proc = subprocess.Popen([*cli_command("drn-search"), *args, "--mlflow-uri", mlflow_uri], cwd=first,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        seen, deadline = [], time.time() + 600
-        for line in proc.stderr:                      # one trial ended: Ctrl-C
-            seen.append(line)
-            if "1/2 trials ended" in line or time.time() > deadline:
-                break
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 130, "".join(seen) + err[-2000:]
+    with mlflow_server(tmp_path / "mlflow") as mlflow_uri:
+        rc, err = interrupt_search([*args, "--mlflow-uri", mlflow_uri], "1/2 trials ended", cwd=first)  # one trial ended
+        assert rc == 130, err[-3000:]
         assert [p.name for p in first.iterdir()] == ["drn-results"]
 
         shutil.rmtree(first / "drn-results")          # that head is lost; this one runs elsewhere
