@@ -5,7 +5,9 @@ versions that fall off the front say so. And the other way: any model URI the ML
 the drn checkpoint of the trial that logged it (what drn-eval loads).
 
 Called from Tracking.update on the driver after every trial that ends, and once at the end."""
+import contextlib
 import math
+import os
 import re
 from pathlib import Path
 
@@ -33,15 +35,31 @@ def alias(target: str) -> str:
     return f"best-{slug(target)}"
 
 
+@contextlib.contextmanager
+def using_tracking_uri(uri: str):
+    """mlflow.set_tracking_uri for a block, then back as it was. MLflow also exports it as
+    $MLFLOW_TRACKING_URI, which a later search in this process would take for the user's."""
+    import mlflow
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(env)    # None: unset, as before
+
+
 def register_front(track, rows: list[dict], runs: dict | None = None) -> list[dict]:
     """Register the logged models of the fronts (`pareto_flops`, one per target) and of each target's
     best feasible trial (results.best_feasible: the alias's), sync every version's description and
     tags with its trial's row, move the aliases. `runs`: optuna_trial -> child run, when the caller
     has them. Returns, per version on a front or under an alias: trial, target, version, uri,
     alias (or None), front, params."""
-    import mlflow
+    with using_tracking_uri(track.uri):   # the registry resolves models:/m-<id> sources through it
+        return _register_front(track, rows, runs)
+
+
+def _register_front(track, rows: list[dict], runs: dict | None) -> list[dict]:
     from .results import best_feasible
-    mlflow.set_tracking_uri(track.uri)   # the registry resolves models:/m-<id> sources through it
     client = track.client()
     runs = runs if runs is not None else track.children()
     logged = {t: r for t, r in runs.items() if r.data.tags.get("model") == "logged"}

@@ -23,7 +23,7 @@ import torch.nn as nn
 from drn.config import UsageError
 
 from .plots import pareto_plot
-from .registry import CHECKPOINT_ARTIFACT, fetch_checkpoint, register_front, slug   # noqa: F401 (public here too)
+from .registry import CHECKPOINT_ARTIFACT, fetch_checkpoint, register_front, slug, using_tracking_uri   # noqa: F401 (public here too)
 
 RDB_SCHEMES = ("postgresql", "mysql", "mssql", "databricks")
 # child-run tag -> trials-table column; the UI filter `tags.pareto = 'true'` shows the front(s)
@@ -125,9 +125,8 @@ class Tracking:
             write_routes(Path(d) / "routes.parquet", val.labels, preds, gates, flops)
             client.log_artifact(run_id, str(Path(d) / "routes.parquet"))
             client.log_artifact(run_id, str(trainer.checkpoint_path), artifact_path=str(Path(CHECKPOINT_ARTIFACT).parent))
-        mlflow.set_tracking_uri(self.uri)
         example = val.images[:2].float().div(255).numpy()
-        with mlflow.start_run(run_id=run_id, nested=True):
+        with using_tracking_uri(self.uri), mlflow.start_run(run_id=run_id, nested=True):
             with torch.no_grad():
                 out = RoutedClassifier(model)(torch.from_numpy(example)).numpy()
             signature = mlflow.models.infer_signature(example, out)

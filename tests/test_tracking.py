@@ -2,11 +2,9 @@
 one parent and a child per trial, Pareto tags equal the Pareto function, artifacts parse, and a
 logged model reloads in a fresh process and reproduces its numbers through drn-eval."""
 import json
-import socket
+import os
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -14,40 +12,17 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
+from conftest import mlflow_server, run_cli
 from search.pareto import pareto_front
+from search.registry import using_tracking_uri
 
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
-                             "--artifacts-destination", str(d / "artifacts"), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=open(d / "server.log", "w"))
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(uri + "/health", timeout=2)
-            break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail("mlflow server did not start: " + (d / "server.log").read_text()[-2000:])
-            time.sleep(1)
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as uri:
+        yield uri
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +216,23 @@ def test_a_trial_logs_one_model_named_for_it_with_its_final_figures_linked(trial
         assert linked[key] == trial.run.data.metrics[key], key
     assert "loss_cls" not in linked                        # only the figures a model is chosen by
     assert model.params["d_c"] == str(trial.params["d_c"]) and model.tags["target"] == "50%"
+
+
+def test_logging_and_registering_leave_this_process_tracking_uri_as_it_was(trial, monkeypatch):
+    """MLflow exports the URI it is set to as $MLFLOW_TRACKING_URI: left there, a later search in the
+    process (no --mlflow-uri) would log to this one's store, taking it for the user's choice."""
+    import mlflow
+    assert os.environ.get("MLFLOW_TRACKING_URI") != trial.track.uri   # the trial logged a model
+    for env in (None, "http://127.0.0.1:9"):
+        if env is None:
+            monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        else:
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", env)
+        trial.track.register_front(trial.rows)
+        assert os.environ.get("MLFLOW_TRACKING_URI") == env
+        with using_tracking_uri(trial.track.uri):
+            assert mlflow.get_tracking_uri() == trial.track.uri
+        assert os.environ.get("MLFLOW_TRACKING_URI") == env
 
 
 def test_a_restarted_trial_logs_each_epoch_once(trial):
