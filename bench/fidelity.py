@@ -91,6 +91,18 @@ ABLATIONS = {"soft": ["--train-routing", "soft"], "nocons": ["--lam", "0"], "nod
              "dc002": ["--d-c", "0.02"], "consexec": ["--consistency-routes", "executed"],
              "perturb": ["--view-augment", "perturb"], "perturbnocons": ["--view-augment", "perturb", "--lam", "0"]}
 
+# routes that depend on the image: routers that start undecided (p = 0.5), gates drawn from Bernoulli(r) in
+# training (straight-through) and ConvNet-AIG's per-block rate loss at weight w; in every cell, both starts
+UNDECIDED = ["--router-start", "undecided"]
+ROUTE_RECIPES = {"default": [],
+                 "stoch": [*UNDECIDED, "--train-routing", "stochastic"],
+                 "stochrate1": [*UNDECIDED, "--train-routing", "stochastic", "--rate-weight", "1", "--rate-routes", "soft"],
+                 "stochrate5": [*UNDECIDED, "--train-routing", "stochastic", "--rate-weight", "5", "--rate-routes", "soft"],
+                 "straightrate1": [*UNDECIDED, "--rate-weight", "1", "--rate-routes", "soft"],
+                 "straightrate1x": [*UNDECIDED, "--rate-weight", "1"],
+                 "straightrate5x": [*UNDECIDED, "--rate-weight", "5"],
+                 "straightrate1xfp": [*UNDECIDED, "--rate-weight", "1", "--full-pass", "1"]}
+
 
 @functools.lru_cache(maxsize=None)
 def brackets(arch: str, t: float) -> dict[str, int]:
@@ -147,6 +159,12 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                             k = brackets(arch, t)[method]
                             runs[f"{arch}-{start}-{method}2v-{t}-k{k}-s{seed}"] = [
                                 "--arch", arch, "--routing", method, "--k", str(k), *v2]
+            for start in ("scratch", "warm"):   # the route recipes
+                init = ["--init", str(RUNS_DIR / full / "checkpoint.pt")] if start == "warm" else []
+                for t in TARGETS[arch]:
+                    for name, flags in ROUTE_RECIPES.items():
+                        runs[f"{arch}-{start}-drn-{t}-{name}-s{seed}"] = [
+                            "--arch", arch, "--target-flops", f"{t}%", *flags, *init, *s]
             if arch == "resnet56":   # the plain network and the statics on the DRN's recipe
                 runs[f"{arch}-full-drnrecipe-s{seed}"] = ["--arch", arch, "--routing", "full", *RECIPE, *s]
                 for start in ("scratch", "warm"):
@@ -291,7 +309,8 @@ def _one(name: str, flags: list[str], args, i: int, n: int) -> int:
     import torch
     hist = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["history"]
     keep = ("epoch", "phase", "accuracy", "flops", "train_cost_hard", "mu", "loss_cls", "loss_consistency",
-            "loss_diversity", "loss_cost", "loss_reg")
+            "loss_diversity", "loss_cost", "loss_reg", "loss_rate", "distinct_paths", "effective_paths",
+            "dynamic_share", "block_exec_rate")
     record["history"] = [{k: h.get(k) for k in keep} for h in hist]
     record["weights_id"] = _weights_id(out / "checkpoint.pt")
     if _depends(flags) is not None:   # the start it is paired on (see _stale)
@@ -370,6 +389,45 @@ def _best(per_method: dict[str, dict]) -> str | None:
     """The method whose per-seed values have the best mean, among those with any; None if none has."""
     have = [m for m, v in per_method.items() if v]
     return max(have, key=lambda m: statistics.mean(per_method[m].values())) if have else None
+
+
+def routes_report(args) -> int:
+    """The route recipes (ROUTE_RECIPES) per cell, as a markdown table on stdout: val accuracy (what
+    chooses), test accuracy and its paired gap to the best static route at the recipe's own FLOPs (the
+    paper's statics and the 2-view ones), the landing at threshold 0.5 and the trimmed threshold (val),
+    and how much the routes depend on the image on test (effective paths, dynamic share, same-path)."""
+    res = _load()
+    print("| arch | start | budget | recipe | seeds | val acc | test acc | − best paper static | − best 2-view static "
+          "| val error at 0.5 | threshold | effective paths | dynamic share | same-path |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for arch in TARGETS:
+        for start in ("scratch", "warm"):
+            for t in TARGETS[arch]:
+                stem = f"{arch}-{start}-{{}}-{t}"
+                for name in ROUTE_RECIPES:
+                    rec = {s: res[f"{arch}-{start}-drn-{t}-{name}-s{s}"] for s in SEEDS
+                           if f"{arch}-{start}-drn-{t}-{name}-s{s}" in res}
+                    if not rec:
+                        continue
+                    ev = {s: r["eval_hard"] for s, r in rec.items()}
+                    acc = {s: e["accuracy"] for s, e in ev.items()}
+                    share = {s: e["flops"] / e["flops_full"] for s, e in ev.items()}
+                    cols = []
+                    for methods in (PAPER, tuple(f"{m}2v" for m in TWO_VIEWS)):
+                        st = {m: _at_flops(res, stem, m, t, share)[0] for m in methods}
+                        best = _best(st)
+                        g = [acc[s] - st[best][s] for s in acc if best and s in st[best]]
+                        cols.append(_gap(g) + (f" ({best})" if g else ""))
+                    err = [r["train"]["uncalibrated_flops"] / r["train"]["target"] - 1 for r in rec.values()]
+                    mean = lambda xs: statistics.mean(xs) if xs else float("nan")
+                    print(f"| {arch} | {start} | {t} % | {name} | {len(rec)} | "
+                          f"{_pm(r['train']['val_accuracy'] for r in rec.values())} | {_pm(acc.values())} | "
+                          f"{cols[0]} | {cols[1]} | {', '.join(f'{100 * e:+.1f} %' for e in err)} | "
+                          f"{', '.join(format(r['train']['threshold'], '.2f') for r in rec.values())} | "
+                          f"{mean([e.get('effective_paths', 1.0) for e in ev.values()]):.1f} | "
+                          f"{100 * mean([e.get('dynamic_share', 0.0) for e in ev.values()]):.0f} % | "
+                          f"{100 * mean([e['same_path_ratio'] for e in ev.values()]):.0f} % |")
+    return 0
 
 
 def _variant_table(res: dict, suffix: str, label: str) -> list[str]:
@@ -556,14 +614,14 @@ def report(args) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("run", "report"))
+    ap.add_argument("what", choices=("run", "report", "routes"))
     ap.add_argument("--data-dir", default=os.environ.get("DRN_DATA_DIR", str(ROOT.parent / "shared/data/cifar10-5k")))
     ap.add_argument("--arch", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     ap.add_argument("--only", nargs="+", help="run only the runs whose name contains one of these")
     ap.add_argument("--dry-run", action="store_true", help="list what is left to run")
     args = ap.parse_args()
     args.data_dir = str(Path(args.data_dir).absolute())
-    return run(args) if args.what == "run" else report(args)
+    return {"run": run, "report": report, "routes": routes_report}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -91,7 +91,9 @@ TRAIN_FLAGS = {
     "--router-hidden": ("router_hidden", int, "hidden width of each router"),
     "--router-open": ("router_open", float, "p(execute) of an open router at the start, in (0.5, 1); a closed one "
                                           "starts at 1 - this"),
-    "--router-start": ("router_start", str, "open: every router at --router-open; auto, deepk, distributedk (with "
+    "--router-start": ("router_start", str, "open: every router at --router-open; undecided: every router at "
+                                            "p = 0.5 (with --train-routing stochastic, each block on a random half "
+                                            "of the images at first); auto, deepk, distributedk (with "
                                             "a target): a static route closest to the target open (auto: "
                                             "DistributedK's, or DeepK's where DistributedK's runs the deepest stage "
                                             "on one block), the other "
@@ -104,7 +106,8 @@ TRAIN_FLAGS = {
                                             "(views 2..M also one of crop, h-flip, v-flip, +-15 deg rotation: "
                                             "views that differ, for Eq. 5 to act on)"),
     "--train-routing": ("train_routing", str, "soft: Eq. 4 in training (the paper); straight: each image runs its "
-                                              "hard route (Eq. 11) forward, Eq. 3's gradient flows back (straight-through)"),
+                                              "hard route (Eq. 11) forward, Eq. 3's gradient flows back (straight-through); "
+                                              "stochastic: straight-through with each gate drawn from Bernoulli(r)"),
     "--router-lr": ("router_lr", str, "decay: the routers' lr steps down with the blocks'; constant: the routers "
                                       "keep the peak lr until the finetune, so the budget loop can still move them"),
     "--explore": ("explore", float, "straight-through training: a block its router skips still runs on this share "
@@ -116,6 +119,11 @@ TRAIN_FLAGS = {
     "--full-pass": ("full_pass", float, "weight of a second cross-entropy per training step, of the full network "
                                         "(every block) on one view: every block trains on every image, so a router "
                                         "can judge a block it skips (supernet training; 0: off)"),
+    "--rate-weight": ("rate_weight", float, "weight of the per-block execution-rate loss (ConvNet-AIG's): with a "
+                                            "target, every block is asked to run on the budget's share of the "
+                                            "images, so the routers must tell images apart (0: off)"),
+    "--rate-routes": ("rate_routes", str, "what the rate loss reads: executed (the 0/1 routes the images ran, "
+                                          "straight-through) or soft (r)"),
     "--router-leak": ("router_leak", float, "gradient floor of the routing variable w.r.t. its router's logits "
                                             "in training, in [0, 0.1]: lets closed routers reopen (0: Eq. 3 as is)"),
     "--target-flops": ("target_flops", str, "FLOPs budget per image, absolute (2e8) or share of full (40%%); "
@@ -202,6 +210,10 @@ def _eval_parser() -> argparse.ArgumentParser:
                    help="with --hard-forward capacity: block b's capacity is min(1, F x its execution rate on the "
                         "run's val split at the evaluation's threshold), measured with the gather forward; never "
                         "from the split evaluated (default: 1.25)")
+    p.add_argument("--routes-png", metavar="FILE",
+                   help="also draw the split's routes to FILE (.png): its images grouped by route, a row per "
+                        "frequent route (its blocks, share and accuracy), and the distinct routes per epoch of "
+                        "the training history (the paper's Fig. 5 and 7)")
     p.add_argument("--json", action="store_true", help="end stdout with one JSON line of the metrics")
     return p
 
@@ -301,6 +313,14 @@ def eval_main(argv=None, fetch=None) -> int:
         factor = CAPACITY_FACTOR if args.capacity_factor is None else args.capacity_factor
         if not 0 < factor < float("inf"):
             raise UsageError(f"capacity factor must be finite and > 0, got {args.capacity_factor}")
+        if args.routes_png is not None:
+            png = Path(args.routes_png)
+            if png.suffix.lower() != ".png":
+                raise UsageError(f"--routes-png {png}: the file name must end in .png")
+            if not png.parent.is_dir():
+                raise UsageError(f"--routes-png {png}: folder {png.parent} does not exist")
+            if sweep:
+                raise UsageError("--routes-png draws the routes at one threshold: not with --sweep-threshold")
         if capacity and (args.routing != "hard" or sweep):
             raise UsageError("--hard-forward capacity runs --routing hard at one threshold (no --sweep-threshold)")
         if args.checkpoint.startswith(("runs:/", "models:/")):
@@ -338,6 +358,17 @@ def eval_main(argv=None, fetch=None) -> int:
                            routing="capacity" if capacity else args.routing)
         if capacity:
             metrics.update(hard_forward="capacity", capacity_factor=factor)
+        if args.routes_png is not None:
+            from .evaluate import route_split
+            from .routemap import routes_png
+            images = split.images.to(model.mean.device)
+            if args.routing == "sample":
+                torch.manual_seed(args.seed)
+            preds, gates, _ = route_split(model, images, args.batch_size, "capacity" if capacity else args.routing,
+                                          args.threshold)
+            routes_png(args.routes_png, split.images, split.labels, preds, gates, ckpt.get("history"),
+                       title=f"{cfg.arch}, {args.split} split")
+            metrics.update(routes_png=str(Path(args.routes_png).absolute()))
         metrics.update(checkpoint=str(Path(args.checkpoint).absolute()), split=args.split, routing=args.routing,
                        threshold=model.threshold.item() if args.threshold is None else args.threshold,
                        epoch=ckpt["epoch"])

@@ -52,6 +52,9 @@ def build_checked(cls, d: dict, what: str):
     return cls(**d)
 
 
+ROUTER_STARTS = ("auto", "open", "undecided", "deepk", "distributedk", "greedy")
+
+
 def default_data_dir() -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "drn", "data")
 
@@ -152,6 +155,10 @@ class TrainConfig:
                                   # network (every block, on one view), so that every block trains on every
                                   # image and a router can judge a block it skips (supernet training; 0: off;
                                   # measured at 1: the routes still keep their start, BENCHMARKS.md issue 14)
+    rate_weight: float = 0.0      # weight of the per-block execution-rate loss (losses.rate_loss): with a target,
+                                  # every block is asked to run on the budget's share of the images
+    rate_routes: str = "executed" # what the rate loss reads: the routes the images ran (executed: straight-through,
+                                  # the rate testing will see) or soft r
     router_leak: float = 0.0      # gradient floor of r w.r.t. the router logits (router.soft_route): lets
                                   # closed routers reopen; 0 = Eq. 3's own gradient (BENCHMARKS.md, issue 14)
     # budget: FLOPs per image ('2e8') or share of the full network ('40%'), or milliseconds per
@@ -204,7 +211,7 @@ class TrainConfig:
         if self.views is None:
             self.views = 2 if self.routing == "drn" else 1
         if self.router_open is None:
-            on_budget = self.router_start != "open" and (self.target_flops or self.target_latency_ms) is not None
+            on_budget = self.router_start not in ("open", "undecided") and (self.target_flops or self.target_latency_ms) is not None
             self.router_open = 0.99 if on_budget and self.init is not None else 0.9
         self.lam = default_w if self.lam is None else self.lam
         self.alpha = default_w if self.alpha is None else self.alpha
@@ -241,6 +248,7 @@ class TrainConfig:
             (0 <= self.explore <= 0.5, f"explore must be in [0, 0.5], got {self.explore}"),
             (0 <= self.routers_first < self.epochs, f"routers first must be in [0, epochs), got {self.routers_first}"),
             (0 <= self.full_pass <= 10, f"full pass must be in [0, 10], got {self.full_pass}"),
+            (0 <= self.rate_weight <= 100, f"rate weight must be in [0, 100], got {self.rate_weight}"),
             (0 <= self.router_leak <= 0.1, f"router leak must be in [0, 0.1], got {self.router_leak}"),
             (self.eval_batch_size >= 1, f"eval batch size must be >= 1, got {self.eval_batch_size}"),
             (self.controller_every is None or 1 <= self.controller_every <= 1000,
@@ -261,8 +269,9 @@ class TrainConfig:
                 raise UsageError(msg)
         if self.target_flops is not None and self.target_latency_ms is not None:
             raise UsageError("give a FLOPs target or a latency target, not both")
-        if self.router_start not in ("auto", "open", "deepk", "distributedk", "greedy"):
-            raise UsageError(f"router start must be auto, open, deepk, distributedk or greedy, got {self.router_start!r}")
+        if self.router_start not in ROUTER_STARTS:
+            raise UsageError(f"router start must be {', '.join(ROUTER_STARTS[:-1])} or {ROUTER_STARTS[-1]}, "
+                             f"got {self.router_start!r}")
         if self.router_start == "greedy" and self.init is None and self.routing == "drn":
             raise UsageError("router start greedy measures trained blocks: it needs --init (a warm start)")
         if self.mu_integral not in ("always", "hold", "reset"):
@@ -273,12 +282,14 @@ class TrainConfig:
             raise UsageError(f"router lr must be decay or constant, got {self.router_lr!r}")
         if self.consistency_routes not in ("soft", "executed"):
             raise UsageError(f"consistency routes must be soft or executed, got {self.consistency_routes!r}")
+        if self.rate_routes not in ("soft", "executed"):
+            raise UsageError(f"rate routes must be soft or executed, got {self.rate_routes!r}")
         if self.view_augment not in ("same", "perturb"):
             raise UsageError(f"view augment must be same or perturb, got {self.view_augment!r}")
         if self.view_augment == "perturb" and (self.views < 2 or self.routing != "drn"):
             raise UsageError("view augment perturb varies the views Eq. 5 compares: it needs --views 2 or more and a drn")
-        if self.train_routing not in ("soft", "straight"):
-            raise UsageError(f"train routing must be soft or straight, got {self.train_routing!r}")
+        if self.train_routing not in ("soft", "straight", "stochastic"):
+            raise UsageError(f"train routing must be soft, straight or stochastic, got {self.train_routing!r}")
         from .baselines import STATIC
         if self.routing not in ("drn", "full", *STATIC):
             raise UsageError(f"unknown routing {self.routing!r}; choose drn, full, {', '.join(STATIC)}")

@@ -113,6 +113,28 @@ def threshold_curve(model: RoutedResNet, images: torch.Tensor, cost: CostTable, 
     return edges.tolist(), (step.cumsum(0)[:-1] / images.shape[0]).tolist()
 
 
+DYNAMIC_RATE = (0.1, 0.9)   # a block is dynamic on a split when it runs on 10-90 % of its images
+
+
+def path_stats(gates: torch.Tensor, block_cost) -> dict:
+    """How much the routes depend on the image. gates (N, n) bool, block_cost (n,) the blocks' costs.
+
+    path_entropy     bits: the entropy of the routes' distribution over the N images (0: one route)
+    effective_paths  2 ** path_entropy: the number of equally frequent routes with that entropy
+    dynamic_share    the share of the executed routable cost spent in blocks that run on 10-90 % of
+                     the images (DYNAMIC_RATE): the compute that depends on the image (0: static)
+    """
+    _, counts = torch.unique(gates, dim=0, return_counts=True)
+    p = counts.double() / gates.shape[0]
+    entropy = max(0.0, float(-(p * p.log2()).sum()))
+    rate = gates.double().mean(0)
+    spent = rate * torch.as_tensor(block_cost, dtype=torch.float64, device=rate.device)
+    dynamic = (rate >= DYNAMIC_RATE[0]) & (rate <= DYNAMIC_RATE[1])
+    total = spent.sum().item()
+    return {"path_entropy": entropy, "effective_paths": 2.0 ** entropy,
+            "dynamic_share": spent[dynamic].sum().item() / total if total > 0 else 0.0}
+
+
 def route_stats(preds: torch.Tensor, gates: torch.Tensor, labels: torch.Tensor, cost: CostTable) -> dict:
     g = gates.float()
     return {
@@ -122,6 +144,7 @@ def route_stats(preds: torch.Tensor, gates: torch.Tensor, labels: torch.Tensor, 
         "k": g.sum(1).mean().item(),
         "k_full": cost.num_blocks,
         "distinct_paths": int(torch.unique(gates, dim=0).shape[0]),
+        **path_stats(gates, cost.block),
         "block_exec_rate": [round(v, 4) for v in g.mean(0).tolist()],
         "images": int(labels.shape[0]),
     }

@@ -16,6 +16,7 @@ class LossWeights:
     gamma: float = 0.5   # regularisation weight
     d_c: float = 0.2     # consistency margin (L2 distance in route space)
     d_d: float = 0.5     # diversity margin (L2 distance in route space)
+    rate: float = 0.0    # weight of the per-block execution-rate loss (rate_loss; not in the paper)
 
 
 def consistency_loss(routes: torch.Tensor, d_c: float) -> torch.Tensor:
@@ -44,6 +45,15 @@ def cost_loss(r: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
     return (r @ cost).mean()
 
 
+def rate_loss(r: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """ConvNet-AIG's target-rate loss: mean over blocks of (the block's execution rate over the
+    batch - its target rate)^2, with r as the rate. Eq. 8 prices the mean route only, so it is as
+    happy with a static route as with routes that vary; this term asks every block to run on a
+    share of the images, which the routers can only meet by telling images apart.
+    r (..., n), target (n,) in [0, 1]"""
+    return (r.reshape(-1, r.shape[-1]).mean(0) - target).square().mean()
+
+
 def regularization_loss(routes: torch.Tensor) -> torch.Tensor:
     """Eq. 10: (1/L) sum_i ||r_i - mean(route_{i,:})||_2.
 
@@ -64,11 +74,14 @@ def regularization_loss(routes: torch.Tensor) -> torch.Tensor:
 
 
 def drn_loss(logits: torch.Tensor, labels: torch.Tensor, routes: torch.Tensor, cost: torch.Tensor,
-             mu: float, w: LossWeights, run: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             mu: float, w: LossWeights, run: torch.Tensor | None = None,
+             rate_target: torch.Tensor | None = None,
+             rate_run: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Eq. 9. logits (L*M, classes) and labels (L*M,) in the same sample-major order as routes
     (L, M, n), the soft r of Eq. 3. run (L, M, n): the routes the views ran, if Eq. 5 and Eq. 10
-    are to compare those (TrainConfig.consistency_routes); None: r. Returns the total and its
-    detached parts."""
+    are to compare those (TrainConfig.consistency_routes); None: r. rate_target (n,): the blocks'
+    target execution rates of rate_loss (weight w.rate; None: no such term); rate_run (L, M, n): the
+    routes whose rates it reads (None: r). Returns the total and its detached parts."""
     run = routes if run is None else run
     parts = {
         "cls": F.cross_entropy(logits, labels),
@@ -76,7 +89,10 @@ def drn_loss(logits: torch.Tensor, labels: torch.Tensor, routes: torch.Tensor, c
         "diversity": diversity_loss(routes, w.d_d),
         "cost": cost_loss(routes, cost),
         "reg": regularization_loss(run),
+        "rate": rate_loss(routes if rate_run is None else rate_run, rate_target) if rate_target is not None else routes.sum() * 0.0,
     }
     total = (parts["cls"] + w.lam * parts["consistency"] + w.alpha * parts["diversity"]
              + mu * parts["cost"] + w.gamma * parts["reg"])
+    if rate_target is not None and w.rate > 0:
+        total = total + w.rate * parts["rate"]
     return total, {k: v.detach() for k, v in parts.items()}

@@ -6,6 +6,9 @@ Every residual block carries a router and can be skipped. Three ways to run the 
     straight  training, straight-through: Eq. 4 with r replaced by Eq. 11's 0/1 decision g in the
           forward pass and by r in the backward (g + r - sg(r)): each image trains on the route it
           will be tested on, and the routers still get Eq. 3's gradient
+    stochastic  training, straight-through with g drawn from Bernoulli(r) (the hard Gumbel gate of
+          ConvNet-AIG): an undecided router runs its block on a random share of the images, so every
+          block trains and its router learns, image by image, where running it lowers the loss
     hard  testing, Eq. 11:  each block runs only on the samples routed through it (gather ->
           block -> scatter), so time falls with FLOPs
     mask  testing, Eq. 11 as the public implementations do it: every block runs on every sample
@@ -35,7 +38,7 @@ import torch.nn.functional as F
 
 from .router import Router, hard_route, soft_route, straight_through
 
-ROUTINGS = ("soft", "straight", "hard", "mask", "sample", "capacity")
+ROUTINGS = ("soft", "straight", "stochastic", "hard", "mask", "sample", "capacity")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -360,13 +363,13 @@ class RoutedResNet(nn.Module):
             r = block.route(x, self.cfg.beta, z, self.cfg.leak)
             if gates is not None:
                 g = gates[:, i]
-            elif routing == "sample":   # Ber-Dis (Table 4b): each gate drawn from Bernoulli(r)
+            elif routing in ("sample", "stochastic"):   # Ber-Dis (Table 4b): each gate drawn from Bernoulli(r)
                 g = torch.bernoulli(r.detach().float()).bool()
             else:
                 g = hard_route(r.detach(), threshold)
             if routing == "soft":
                 x = block.soft(x, r)
-            elif routing == "straight":
+            elif routing in ("straight", "stochastic"):
                 run = g | (torch.rand(g.shape, device=g.device) < explore) if explore > 0 else g
                 x = block.soft(x, straight_through(run, r))
             elif routing == "mask":

@@ -23,7 +23,7 @@ from .data import make_views, random_crop_flip
 from .losses import LossWeights, drn_loss
 from .router import straight_through
 
-PARTS = ("cls", "consistency", "diversity", "cost", "reg")
+PARTS = ("cls", "consistency", "diversity", "cost", "reg", "rate")
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -48,17 +48,24 @@ def frozen_bn_stats(model):
 
 def main_loss(model, xs: torch.Tensor, labels: torch.Tensor, views: int, cost_norm: torch.Tensor, mu,
               weights: LossWeights, *, amp: bool = True, routing: str = "soft", consistency_routes: str = "soft",
-              explore: float = 0.0, full_pass: float = 0.0):
-    """The main epochs' forward and Eq. 9: xs (L*M, C, H, W) the views, sample-major; labels (L,).
+              explore: float = 0.0, full_pass: float = 0.0, rate_target: torch.Tensor | None = None,
+              rate_routes: str = "executed"):
+    """The main epochs' forward and Eq. 9: xs (L*M, C, H, W) the views, sample-major; labels (L,);
+    rate_target (n,): the blocks' target execution rates (losses.rate_loss), or None; rate_routes: whose
+    rates it reads, the routes the views ran ("executed", straight-through) or r ("soft").
     Returns the loss, its parts stacked in PARTS order (detached), the model output, the labels (L*M,)."""
     L, dev = labels.shape[0], xs.device
     y = labels.repeat_interleave(views)
     with autocast(dev, amp):
         out = model(xs, routing=routing, explore=explore)
-        r, run = out.r.float(), None
-        if consistency_routes == "executed":  # straight-through: a view ran its 0/1 route g; r's gradient
-            run = (straight_through(out.gates, r) if routing == "straight" else r).view(L, views, -1)
-        loss, parts = drn_loss(out.logits.float(), y, r.view(L, views, -1), cost_norm, mu, weights, run)
+        r, run, rate_run = out.r.float(), None, None
+        ran = routing in ("straight", "stochastic")   # a view ran its 0/1 route g; r's gradient (straight-through)
+        if consistency_routes == "executed":
+            run = (straight_through(out.gates, r) if ran else r).view(L, views, -1)
+        if rate_target is not None and rate_routes == "executed" and ran:
+            rate_run = straight_through(out.gates, r)
+        loss, parts = drn_loss(out.logits.float(), y, r.view(L, views, -1), cost_norm, mu, weights, run, rate_target,
+                               rate_run)
         if full_pass > 0:
             first = xs[::views]
             with frozen_bn_stats(model):
@@ -71,7 +78,8 @@ def main_loss(model, xs: torch.Tensor, labels: torch.Tensor, views: int, cost_no
 def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, *,
                views: int, finetune: bool, cost_norm: torch.Tensor, mu: float, weights: LossWeights,
                amp: bool = True, routing: str = "soft", consistency_routes: str = "soft", explore: float = 0.0,
-               full_pass: float = 0.0, view_augment: str = "same", channels_last: bool = False):
+               full_pass: float = 0.0, view_augment: str = "same", channels_last: bool = False,
+               rate_target: torch.Tensor | None = None, rate_routes: str = "executed"):
     """One optimisation step on a batch of L uint8 images (L, C, H, W) and labels (L,): M = `views`
     augmented views of each, forward under `routing` (soft, Eq. 4, or straight-through), Eq. 9 (or
     CE under hard routing when finetuning or for a static route), Eq. 5 and 10 on r or on the routes the views ran
@@ -93,7 +101,8 @@ def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, gen
     else:
         xs = make_views(x, views, generator, view_augment).contiguous(memory_format=fmt)
         loss, parts, out, y = main_loss(model, xs, labels, views, cost_norm, mu, weights, amp=amp, routing=routing,
-                                        consistency_routes=consistency_routes, explore=explore, full_pass=full_pass)
+                                        consistency_routes=consistency_routes, explore=explore, full_pass=full_pass,
+                                        rate_target=rate_target, rate_routes=rate_routes)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -118,7 +127,7 @@ class CompiledStep:
     def __init__(self, model, optimizer, *, weights: LossWeights, amp: bool = True, routing: str = "soft",
                  consistency_routes: str = "soft", explore: float = 0.0, full_pass: float = 0.0,
                  view_augment: str = "same", channels_last: bool = False, backend: str = "inductor",
-                 mode: str | None = None):
+                 mode: str | None = None, rate_target: torch.Tensor | None = None, rate_routes: str = "executed"):
         self.model, self.optimizer = model, optimizer
         self.view_augment, self.channels_last = view_augment, channels_last
         device = next(model.parameters()).device
@@ -129,7 +138,7 @@ class CompiledStep:
         self.graphs = backend == "cudagraphs" or (cuda and mode == "reduce-overhead")
         compile_ = lambda fn: torch.compile(fn, backend=backend, mode=mode)
         self.kw = dict(weights=weights, amp=amp, routing=routing, consistency_routes=consistency_routes,
-                       explore=explore, full_pass=full_pass)
+                       explore=explore, full_pass=full_pass, rate_target=rate_target, rate_routes=rate_routes)
         for g in optimizer.param_groups:   # tensors, so that a new lr is an input, not a recompile
             g["lr"] = torch.tensor(float(g["lr"]))
             g["foreach"], g["fused"] = True, False

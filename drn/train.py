@@ -25,7 +25,7 @@ from .evaluate import CAPACITY_FACTOR, capacity_from_rates, evaluate, threshold_
 from .losses import LossWeights
 from .models import ARCHS, build_model
 from .router import logit_gap
-from .step import CompiledStep, set_lr, train_step  # noqa: F401 (train_step: drn.train's API)
+from .step import PARTS, CompiledStep, set_lr, train_step  # noqa: F401 (train_step: drn.train's API)
 from .step import autocast as _autocast
 from .warmstart import greedy_route, warm_start
 
@@ -124,7 +124,11 @@ class Trainer:
         unit = "FLOPs" if self.budget.unit == "flops" else "ms"
         # a static baseline is trained at its k: the target only chose k, it is not steered to
         self.target = resolve_target(cfg.target, self.budget.full, self.budget.fixed, unit)
-        if ckpt is None and cfg.router_start != "open" and self.target is not None and not self.static:
+        if ckpt is None and cfg.router_start == "undecided" and not self.static:
+            for block in self.model.blocks:
+                block.router.open_(0.5)
+            self.log("routers start undecided (p = 0.5)")
+        elif ckpt is None and cfg.router_start != "open" and self.target is not None and not self.static:
             route, half = self._start_on_budget()
             self.log(f"routers start on the budget: blocks {[i for i, on in enumerate(route) if on]} open"
                      + ("" if half is None else f", block {half} undecided (p = 0.5)") + ", the others closed")
@@ -142,7 +146,12 @@ class Trainer:
         self.hold = RateHold() if (cfg.finetune_rates == "hold" and self.target is not None
                                    and not self.static and cfg.finetune_epochs > 0) else None
         self.calibration: dict | None = None
-        self.weights = LossWeights(cfg.lam, cfg.alpha, cfg.gamma, cfg.d_c, cfg.d_d)
+        self.weights = LossWeights(cfg.lam, cfg.alpha, cfg.gamma, cfg.d_c, cfg.d_d, cfg.rate_weight)
+        # the rate loss's target: every block at the budget's share of the routable cost
+        self.rate_target = None
+        if self.target is not None and not self.static and cfg.rate_weight > 0:
+            share = (self.target - self.budget.fixed) / sum(self.budget.block)
+            self.rate_target = torch.full((self.cost.num_blocks,), min(1.0, max(0.0, share)), device=self.device)
         routers = {id(p) for p in self.model.router_parameters()}
         groups = [{"params": [p for p in self.model.parameters() if id(p) not in routers], "router": False},
                   {"params": self.model.router_parameters(), "router": True}]
@@ -177,7 +186,7 @@ class Trainer:
         if cfg.mu is not None:
             return cfg.mu
         warm = (cfg.init is not None and self.target is not None and not self.static
-                and cfg.router_start != "open")
+                and cfg.router_start not in ("open", "undecided"))
         return WARM_MU * mu_scale if warm else 0.05
 
     def _start_on_budget(self) -> tuple[tuple[bool, ...], int | None]:
@@ -269,8 +278,9 @@ class Trainer:
             self.compiled = CompiledStep(model, self.optimizer, weights=self.weights, amp=cfg.amp,
                                          routing=cfg.train_routing, consistency_routes=cfg.consistency_routes,
                                          explore=cfg.explore, full_pass=cfg.full_pass, view_augment=cfg.view_augment,
-                                         channels_last=self.channels_last, backend=cfg.compile)
-        sums = torch.zeros(7, device=dev)  # loss, 5 parts, correct
+                                         channels_last=self.channels_last, backend=cfg.compile,
+                                         rate_target=self.rate_target, rate_routes=cfg.rate_routes)
+        sums = torch.zeros(len(PARTS) + 2, device=dev)  # loss, the parts, correct
         gate_sum = torch.zeros(self.cost.num_blocks, device=dev)
         seen = 0
         perm = torch.randperm(n_img, generator=self.generator, device=dev)
@@ -297,7 +307,8 @@ class Trainer:
                                                  routing=cfg.train_routing,
                                                  consistency_routes=cfg.consistency_routes, explore=cfg.explore,
                                                  full_pass=cfg.full_pass, view_augment=cfg.view_augment,
-                                                 channels_last=self.channels_last)
+                                                 channels_last=self.channels_last, rate_target=self.rate_target,
+                                                 rate_routes=cfg.rate_routes)
             gates = out.gates.float()
             if hold is not None:   # a decided block's shift is 0
                 shifts = hold.update(logit_gap(out.r.detach().float(), model.cfg.beta), d_t)
@@ -315,9 +326,8 @@ class Trainer:
         if not math.isfinite(v[0]):
             raise FloatingPointError(f"loss is not finite in epoch {self.epoch + 1} (diverged); lower --lr")
         held = {} if hold is None else {"router_shift": hold.state_dict()["shift"]}
-        return {**held, "lr": lr, "loss": v[0] / steps, "loss_cls": v[1] / steps, "loss_consistency": v[2] / steps,
-                "loss_diversity": v[3] / steps, "loss_cost": v[4] / steps, "loss_reg": v[5] / steps,
-                "train_accuracy": v[6] / max(seen, 1),
+        return {**held, "lr": lr, "loss": v[0] / steps, **{f"loss_{k}": x / steps for k, x in zip(PARTS, v[1:])},
+                "train_accuracy": v[-1] / max(seen, 1),
                 "train_cost_hard": self.budget.route_cost(gate_sum / max(seen, 1)).item()}
 
     def _compiled_step(self, images, labels, cost_norm):
@@ -419,7 +429,9 @@ class Trainer:
     def measure_test(self) -> dict:
         """The held-out split, once, at the end of the run: reported, never read by a choice."""
         m = self.evaluate(self.data.test)
-        self.test_metrics = {f"test_{k}": m[k] for k in ("accuracy", "flops", "k", "latency_ms", "images") if k in m}
+        self.test_metrics = {f"test_{k}": m[k] for k in ("accuracy", "flops", "k", "latency_ms", "images",
+                                                                "distinct_paths", "path_entropy", "effective_paths",
+                                                                "dynamic_share") if k in m}
         return self.test_metrics
 
     @torch.no_grad()

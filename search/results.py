@@ -13,7 +13,8 @@ from .searcher import search_trial
 
 # accuracy, flops, k: on val (what every choice reads); test_*: the held-out split, reported only
 METRICS = ("accuracy", "flops", "k", "latency_ms", "test_accuracy", "test_flops", "test_k", "epoch", "threshold",
-           "uncalibrated_flops", "mu", "target_cost", "rel_error", "distinct_paths")
+           "uncalibrated_flops", "mu", "target_cost", "rel_error", "distinct_paths", "path_entropy",
+           "effective_paths", "dynamic_share", "test_distinct_paths", "test_effective_paths", "test_dynamic_share")
 
 
 def trial_rows(studies: list[optuna.Study], space_names: list[str], tolerance: float,

@@ -113,6 +113,7 @@ class Tracking:
         import mlflow
         import torch
         from drn.evaluate import route_split
+        from drn.routemap import routes_png
         client = self.client()
         done = self.logged_model(run_id)
         if done is not None:
@@ -124,6 +125,10 @@ class Tracking:
         with tempfile.TemporaryDirectory() as d:
             write_routes(Path(d) / "routes.parquet", val.labels, preds, gates, flops)
             client.log_artifact(run_id, str(Path(d) / "routes.parquet"))
+            # val, not test: a person picks a model by what the MLflow UI shows
+            routes_png(Path(d) / "routes.png", val.images, val.labels, preds, gates, trainer.history,
+                       title=f"trial {trial}, target {target}, val split")
+            client.log_artifact(run_id, str(Path(d) / "routes.png"))
             client.log_artifact(run_id, str(trainer.checkpoint_path), artifact_path=str(Path(CHECKPOINT_ARTIFACT).parent))
         example = val.images[:2].float().div(255).numpy()
         with using_tracking_uri(self.uri), mlflow.start_run(run_id=run_id, nested=True):

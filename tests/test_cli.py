@@ -24,7 +24,8 @@ def test_train_prints_progress_and_ends_with_json(trained):
     # with a target, 2 finetune epochs follow the main one by default
     assert "epoch 1/3" in proc.stderr and "epoch 3/3 finetune" in proc.stderr and "mu" in proc.stderr and "K " in proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key in ("accuracy", "flops", "flops_full", "k", "k_full", "distinct_paths"):
+    for key in ("accuracy", "flops", "flops_full", "k", "k_full", "distinct_paths", "path_entropy",
+                "effective_paths", "dynamic_share", "test_distinct_paths", "test_effective_paths", "test_dynamic_share"):
         assert key in result
     assert result["k_full"] == 3 and (out / "checkpoint.pt").is_file()
 
@@ -36,8 +37,10 @@ def test_eval_reproduces_training_metrics(trained, tiny_data):
     assert ev.returncode == 0, ev.stderr
     m = json.loads(ev.stdout.strip().splitlines()[-1])
     for key in ("accuracy", "flops", "flops_full", "k", "k_full", "distinct_paths", "same_path_ratio",
-                "images_per_s", "block_exec_rate"):
+                "images_per_s", "block_exec_rate", "path_entropy", "effective_paths", "dynamic_share"):
         assert key in m, key
+    assert m["effective_paths"] == trained_metrics["test_effective_paths"]
+    assert m["dynamic_share"] == trained_metrics["test_dynamic_share"]
     # the default split is test; --split val is the run's own carve, read back from the checkpoint
     assert m["split"] == "test" and m["images"] == trained_metrics["test_images"]
     assert m["accuracy"] == trained_metrics["test_accuracy"] and m["flops"] == trained_metrics["test_flops"]
@@ -99,3 +102,24 @@ def test_drn_imports_nothing_of_the_search_stack():
                      [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
             for name in names:
                 assert name.split(".")[0] not in banned, f"{path.name} imports {name}"
+
+
+def test_eval_draws_the_routes_png(trained, tmp_path):
+    import matplotlib.image
+    out, _ = trained
+    png = tmp_path / "routes.png"
+    ev = run_cli("drn-eval", str(out / "checkpoint.pt"), "--json", "--device", "cpu", "--routes-png", str(png))
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout.strip().splitlines()[-1])["routes_png"] == str(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    h, w, _ = matplotlib.image.imread(png).shape
+    assert h > 200 and w > 600
+    assert [p.name for p in tmp_path.iterdir()] == ["routes.png"]   # no temporary file left
+
+
+@pytest.mark.parametrize("name, why", [("routes.jpg", "must end in .png"), ("missing/routes.png", "does not exist")])
+def test_eval_routes_png_bad_path_is_one_line_and_writes_nothing(trained, tmp_path, name, why):
+    out, _ = trained
+    ev = run_cli("drn-eval", str(out / "checkpoint.pt"), "--device", "cpu", "--routes-png", str(tmp_path / name))
+    assert ev.returncode == 2 and why in ev.stderr and len(ev.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in ev.stderr and list(tmp_path.iterdir()) == []

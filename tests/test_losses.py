@@ -229,7 +229,8 @@ def test_drn_loss_is_the_weighted_sum_of_its_parts(w, mu):
     cost = normalized_cost(n)
 
     total, parts = drn_loss(logits, labels, routes, cost, mu, w)
-    assert set(parts) == {"cls", "consistency", "diversity", "cost", "reg"}
+    assert set(parts) == {"cls", "consistency", "diversity", "cost", "reg", "rate"}
+    assert parts["rate"].item() == 0.0   # no rate target: no rate term
     for name, v in parts.items():
         assert v.grad_fn is None and not v.requires_grad, f"{name} is not detached"
         assert v.dim() == 0

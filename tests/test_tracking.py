@@ -88,6 +88,9 @@ def test_parent_and_child_artifacts_parse(tracked, tmp_path):
     assert mean == pytest.approx(child.data.metrics["flops"], rel=1e-6)
     acc = sum(r["label"] == r["prediction"] for r in routes) / len(routes)
     assert acc == pytest.approx(child.data.metrics["accuracy"], abs=1e-6)
+    assert Image.open(client.download_artifacts(child.info.run_id, "routes.png", str(tmp_path))).size[0] > 600
+    for key in ("path_entropy", "effective_paths", "dynamic_share"):   # the route statistics, every epoch
+        assert key in child.data.metrics
 
 
 def test_front_model_reloads_in_a_fresh_process_and_drn_eval_reproduces_it(tracked, server):
