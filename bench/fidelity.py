@@ -101,7 +101,12 @@ ROUTE_RECIPES = {"default": [],
                  "straightrate1": [*UNDECIDED, "--rate-weight", "1", "--rate-routes", "soft"],
                  "straightrate1x": [*UNDECIDED, "--rate-weight", "1"],
                  "straightrate5x": [*UNDECIDED, "--rate-weight", "5"],
-                 "straightrate1xfp": [*UNDECIDED, "--rate-weight", "1", "--full-pass", "1"]}
+                 "straightrate1xfp": [*UNDECIDED, "--rate-weight", "1", "--full-pass", "1"],
+                 "band15": ["--rate-weight", "5", "--rate-band", "0.15"],
+                 "band15und": [*UNDECIDED, "--rate-weight", "5", "--rate-band", "0.15"],
+                 "norm": [*UNDECIDED, "--router-norm"],
+                 "normrate1": [*UNDECIDED, "--router-norm", "--rate-weight", "1"],
+                 "normauto": ["--router-norm"]}
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,7 +9,8 @@ that block, the other blocks' gates kept:
     all-run     the block runs on every image
     all-skip    it runs on none
 
-routed − shuffled is what the router's choice of images adds; all-run < routed means the block
+routed − shuffled is what the router's choice of images adds (and the first row's "every block
+shuffled" what all of them add together); all-run < routed means the block
 only helps the images it was trained on (the block specialised).
 
 Then Eq. 5's view of the same model: two views of each of 512 training images, either the training
@@ -41,7 +42,11 @@ def route_value(path: str, data_dir: str) -> list[str]:
     acc = lambda gates: (model(x, routing="mask", gates=gates).logits.argmax(1) == y).float().mean().item()
     gates = model(x, routing="mask").gates.bool()
     rates = gates.float().mean(0).tolist()
-    rows = [f"| {Path(path).parent.name} | {' '.join(f'{r:.2f}' for r in rates)} | {100 * acc(gates):.1f} |"]
+    # every block's decisions handed to other images, each block its own shuffle: the same rates, no image in it
+    gen = torch.Generator().manual_seed(1)
+    shuffled = torch.stack([gates[torch.randperm(len(y), generator=gen), i] for i in range(gates.shape[1])], 1)
+    rows = [f"| {Path(path).parent.name} | {' '.join(f'{r:.2f}' for r in rates)} | {100 * acc(gates):.1f} "
+            f"(every block shuffled: {100 * acc(shuffled):.1f}) |"]
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     for i, rate in enumerate(rates):
         if not 0.03 < rate < 0.97:

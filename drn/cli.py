@@ -122,6 +122,8 @@ TRAIN_FLAGS = {
     "--rate-weight": ("rate_weight", float, "weight of the per-block execution-rate loss (ConvNet-AIG's): with a "
                                             "target, every block is asked to run on the budget's share of the "
                                             "images, so the routers must tell images apart (0: off)"),
+    "--rate-band": ("rate_band", float, "0: the rate loss asks every block to run on the budget's share of the "
+                                        "images; b > 0: on a share in [b, 1 - b] only"),
     "--rate-routes": ("rate_routes", str, "what the rate loss reads: executed (the 0/1 routes the images ran, "
                                           "straight-through) or soft (r)"),
     "--router-leak": ("router_leak", float, "gradient floor of the routing variable w.r.t. its router's logits "
@@ -160,6 +162,9 @@ def _train_parser() -> argparse.ArgumentParser:
                    default=argparse.SUPPRESS, help="start each residual branch's last BN at 0, so every block "
                    "starts as its shortcut (default: on for --routing full of resnet56 and deeper and resnet50, off "
                    "for drn and the static routes)")
+    p.add_argument("--router-norm", dest="router_norm", action=argparse.BooleanOptionalAction,
+                   default=argparse.SUPPRESS, help="batch-normalise each router's logit gap, so that it is decided "
+                   "image by image from the start and its bias sets its execution rate (default: off)")
     p.add_argument("--no-amp", dest="amp", action="store_false", default=argparse.SUPPRESS,
                    help="disable bfloat16 autocast on CUDA (default: on for CUDA, off on CPU)")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false", default=argparse.SUPPRESS,
@@ -264,6 +269,7 @@ def _cost_only(cfg: TrainConfig) -> dict:
     if cfg.routing != "drn" and cfg.k is None:
         raise UsageError("--cost-only of a static routing needs --k")
     model = build_model(cfg.arch, classes, size, beta=cfg.beta, router_hidden=cfg.router_hidden, leak=cfg.router_leak, router_open=cfg.router_open,
+                        router_norm=cfg.router_norm,
                         static_route=route_of(cfg))
     return {"arch": cfg.arch, "dataset": cfg.dataset, "input_size": size,
             **measure_cost_table(model).to_dict()}

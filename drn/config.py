@@ -121,6 +121,7 @@ class TrainConfig:
     # routers
     beta: float = 5.0
     router_hidden: int = 32
+    router_norm: bool = False     # each router's logit gap batch-normalised (router.Router): decided image by image
     router_open: float | None = None  # p(execute) of an open router at the start, in (0.5, 1) (a closed one:
                                   # 1 - this); None: 0.99 for a warm start on the budget (--init: trained
                                   # blocks pull closed routers open within an epoch at 0.9, BENCHMARKS.md), else 0.9
@@ -157,6 +158,8 @@ class TrainConfig:
                                   # measured at 1: the routes still keep their start, BENCHMARKS.md issue 14)
     rate_weight: float = 0.0      # weight of the per-block execution-rate loss (losses.rate_loss): with a target,
                                   # every block is asked to run on the budget's share of the images
+    rate_band: float = 0.0        # 0: the rate loss asks every block for the budget's share; b > 0: for a rate in
+                                  # [b, 1 - b] only (the budget loop places the blocks' rates inside it)
     rate_routes: str = "executed" # what the rate loss reads: the routes the images ran (executed: straight-through,
                                   # the rate testing will see) or soft r
     router_leak: float = 0.0      # gradient floor of r w.r.t. the router logits (router.soft_route): lets
@@ -249,6 +252,7 @@ class TrainConfig:
             (0 <= self.routers_first < self.epochs, f"routers first must be in [0, epochs), got {self.routers_first}"),
             (0 <= self.full_pass <= 10, f"full pass must be in [0, 10], got {self.full_pass}"),
             (0 <= self.rate_weight <= 100, f"rate weight must be in [0, 100], got {self.rate_weight}"),
+            (0 <= self.rate_band < 0.5, f"rate band must be in [0, 0.5), got {self.rate_band}"),
             (0 <= self.router_leak <= 0.1, f"router leak must be in [0, 0.1], got {self.router_leak}"),
             (self.eval_batch_size >= 1, f"eval batch size must be >= 1, got {self.eval_batch_size}"),
             (self.controller_every is None or 1 <= self.controller_every <= 1000,

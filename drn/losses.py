@@ -46,12 +46,15 @@ def cost_loss(r: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
 
 
 def rate_loss(r: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """ConvNet-AIG's target-rate loss: mean over blocks of (the block's execution rate over the
-    batch - its target rate)^2, with r as the rate. Eq. 8 prices the mean route only, so it is as
-    happy with a static route as with routes that vary; this term asks every block to run on a
-    share of the images, which the routers can only meet by telling images apart.
-    r (..., n), target (n,) in [0, 1]"""
-    return (r.reshape(-1, r.shape[-1]).mean(0) - target).square().mean()
+    """ConvNet-AIG's target-rate loss: mean over blocks of the squared distance of the block's
+    execution rate over the batch (the mean of r) to its target, a rate (n,) or a band (2, n) of
+    [low; high] rates (0 inside it). Eq. 8 prices the mean route only, so it is as happy with a
+    static route as with routes that vary; this term asks every block to run on a share of the
+    images, which the routers can only meet by telling images apart.
+    r (..., n), target (n,) or (2, n) in [0, 1]"""
+    rate = r.reshape(-1, r.shape[-1]).mean(0)
+    lo, hi = (target, target) if target.dim() == 1 else target
+    return (F.relu(lo - rate).square() + F.relu(rate - hi).square()).mean()
 
 
 def regularization_loss(routes: torch.Tensor) -> torch.Tensor:

@@ -98,9 +98,9 @@ class RoutedBlock(nn.Module):
     residual: nn.Module
     shortcut: nn.Module
 
-    def __init__(self, cin: int, router_hidden: int):
+    def __init__(self, cin: int, router_hidden: int, router_norm: bool = False):
         super().__init__()
-        self.router = Router(cin, router_hidden)
+        self.router = Router(cin, router_hidden, norm=router_norm)
         # routing="capacity": the share of a batch this block runs on (RoutedResNet.set_capacity)
         self.router.register_buffer("capacity", torch.ones(()))
 
@@ -174,8 +174,8 @@ class RoutedBlock(nn.Module):
 class BasicBlock(RoutedBlock):
     expansion = 1
 
-    def __init__(self, cin: int, planes: int, stride: int, router_hidden: int):
-        super().__init__(cin, router_hidden)
+    def __init__(self, cin: int, planes: int, stride: int, router_hidden: int, router_norm: bool = False):
+        super().__init__(cin, router_hidden, router_norm)
         cout = planes
         self.residual = nn.Sequential(
             conv3x3(cin, cout, stride), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
@@ -186,8 +186,8 @@ class BasicBlock(RoutedBlock):
 class Bottleneck(RoutedBlock):
     expansion = 4
 
-    def __init__(self, cin: int, planes: int, stride: int, router_hidden: int):
-        super().__init__(cin, router_hidden)
+    def __init__(self, cin: int, planes: int, stride: int, router_hidden: int, router_norm: bool = False):
+        super().__init__(cin, router_hidden, router_norm)
         cout = planes * self.expansion
         self.residual = nn.Sequential(
             conv1x1(cin, planes), nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
@@ -226,6 +226,7 @@ class ModelConfig:
     beta: float = 5.0         # Eq. 3 temperature of the soft routing variable
     router_hidden: int = 32   # width of the router's hidden linear layer
     router_open: float = 0.9  # p(execute) of every router at initialisation (router.Router.open_)
+    router_norm: bool = False # the routers' logit gap batch-normalised (router.Router)
     leak: float = 0.0         # gradient floor of r w.r.t. the router's logit gap (router.soft_route)
     zero_init_residual: bool = False  # last BN of each residual branch starts at 0: every block starts
                                       # as its shortcut (Goyal et al.), so a deep ResNet trains like a shallow one first
@@ -287,7 +288,7 @@ class RoutedResNet(nn.Module):
         for i, (n, planes) in enumerate(zip(spec.stages, spec.widths)):
             for j in range(n):
                 stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(spec.block(cin, planes, stride, cfg.router_hidden))
+                blocks.append(spec.block(cin, planes, stride, cfg.router_hidden, cfg.router_norm))
                 cin = planes * spec.block.expansion
         self.blocks = nn.ModuleList(blocks)
         for b in self.blocks:

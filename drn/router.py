@@ -39,34 +39,58 @@ def straight_through(g: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 
 class Router(nn.Module):
-    """Global average pool -> Linear -> ReLU -> Linear -> 2 logits (execute, skip)."""
+    """Global average pool -> Linear -> ReLU -> Linear -> 2 logits (execute, skip).
+
+    norm: the logit gap is batch-normalised (BatchNorm1d, running statistics at test): its spread
+    over the images is the norm's weight whatever the scale the features give it, so the router is
+    decided image by image from the first step (a route per image), and its bias alone sets the
+    share of the images that run the block. Without it the gap's spread over images starts at 0
+    and grows slowly, and a router pushed to an execution rate between 0 and 1 sits undecided at
+    r ~ 0.5 for every image, where noise decides (BENCHMARKS.md, "Routes that depend on the image")."""
 
     # p(execute) = softmax(logits)[0] at the start (TrainConfig.router_open, router_start)
     OPEN = 0.9
+    SPREAD = 1.0   # norm: the logit gap's standard deviation over the images at the start
 
-    def __init__(self, channels: int, hidden: int, open_p: float = OPEN):
+    def __init__(self, channels: int, hidden: int, open_p: float = OPEN, norm: bool = False):
         super().__init__()
         self.fc1 = nn.Linear(channels, hidden)
         self.fc2 = nn.Linear(hidden, 2)
+        self.norm = nn.BatchNorm1d(1) if norm else None
         self.open_(open_p)
 
     @torch.no_grad()
     def open_(self, p: float) -> None:
-        """Start with p(execute) = p for every input: logit gap log(p / (1 - p)), split evenly, and
-        a zero last layer, so the features cannot move the start (trained features, as in a warm
-        start, are large enough to put a random layer's logits anywhere). fc2's weights get a
-        gradient from the first step, fc1's once fc2 has grown (as zero-init residuals learn)."""
-        half = 0.5 * math.log(p / (1 - p))
-        self.fc2.bias.copy_(torch.tensor([half, -half]))
+        """Start with p(execute) = p: logit gap log(p / (1 - p)). Without norm, for every input: the
+        gap split evenly over the two logits and a zero last layer, so the features cannot move the
+        start (trained features, as in a warm start, are large enough to put a random layer's logits
+        anywhere); fc2's weights get a gradient from the first step, fc1's once fc2 has grown (as
+        zero-init residuals learn). With norm, the median image's: the norm's bias, the spread SPREAD
+        (the last layer stays random, so that the gap varies over images from the start)."""
+        gap = math.log(p / (1 - p))
+        if self.norm is not None:
+            self.norm.bias.fill_(gap)
+            self.norm.weight.fill_(self.SPREAD)
+            self.fc2.bias.zero_()
+            return
+        self.fc2.bias.copy_(torch.tensor([0.5 * gap, -0.5 * gap]))
         self.fc2.weight.zero_()
 
     @torch.no_grad()
     def shift_(self, delta: torch.Tensor | float) -> None:
         """Add delta to the logit gap of every input: the same decision function, re-centred."""
-        delta = torch.as_tensor(delta, dtype=self.fc2.bias.dtype, device=self.fc2.bias.device)
-        self.fc2.bias.add_(torch.stack([0.5 * delta, -0.5 * delta]))
+        bias = self.fc2.bias if self.norm is None else self.norm.bias
+        delta = torch.as_tensor(delta, dtype=bias.dtype, device=bias.device)
+        if self.norm is not None:
+            bias.add_(delta)
+        else:
+            bias.add_(torch.stack([0.5 * delta, -0.5 * delta]))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, H, W) -> logits (B, 2); z: x's global average pool (B, C), when already known."""
         z = x.mean(dim=(2, 3)) if z is None else z
-        return self.fc2(F.relu(self.fc1(z)))
+        logits = self.fc2(F.relu(self.fc1(z)))
+        if self.norm is None:
+            return logits
+        gap = self.norm((logits[:, :1] - logits[:, 1:]).float()).to(logits.dtype)   # (B, 1)
+        return torch.cat([0.5 * gap, -0.5 * gap], 1)

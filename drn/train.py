@@ -147,11 +147,12 @@ class Trainer:
                                    and not self.static and cfg.finetune_epochs > 0) else None
         self.calibration: dict | None = None
         self.weights = LossWeights(cfg.lam, cfg.alpha, cfg.gamma, cfg.d_c, cfg.d_d, cfg.rate_weight)
-        # the rate loss's target: every block at the budget's share of the routable cost
+        # the rate loss's target: every block at the budget's share of the routable cost, or in a band
         self.rate_target = None
         if self.target is not None and not self.static and cfg.rate_weight > 0:
-            share = (self.target - self.budget.fixed) / sum(self.budget.block)
-            self.rate_target = torch.full((self.cost.num_blocks,), min(1.0, max(0.0, share)), device=self.device)
+            share = min(1.0, max(0.0, (self.target - self.budget.fixed) / sum(self.budget.block)))
+            lo, hi = (cfg.rate_band, 1 - cfg.rate_band) if cfg.rate_band > 0 else (share, share)
+            self.rate_target = torch.tensor([lo, hi], device=self.device).view(2, 1).expand(2, self.cost.num_blocks)
         routers = {id(p) for p in self.model.router_parameters()}
         groups = [{"params": [p for p in self.model.parameters() if id(p) not in routers], "router": False},
                   {"params": self.model.router_parameters(), "router": True}]

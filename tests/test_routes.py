@@ -55,6 +55,14 @@ def test_rate_loss_hand_computed_and_its_gradient_reaches_r():
     assert torch.allclose(r.grad, torch.tensor([[[0.0, 0.2]], [[0.0, 0.2]]], dtype=torch.float64))
 
 
+def test_rate_loss_of_a_band_is_zero_inside_it():
+    r = torch.tensor([[0.1, 0.5, 0.95], [0.1, 0.5, 0.95]])
+    band = torch.tensor([[0.2] * 3, [0.8] * 3])
+    # rates 0.1, 0.5, 0.95: 0.1 under the band by 0.1, 0.95 over it by 0.15 -> (0.01 + 0 + 0.0225) / 3
+    assert rate_loss(r, band).item() == pytest.approx((0.01 + 0.0225) / 3)
+    assert rate_loss(r, torch.tensor([[0.1, 0.5, 0.9], [0.1, 0.5, 1.0]])).item() == 0.0
+
+
 def test_drn_loss_adds_the_rate_term_at_its_weight_only_with_a_target():
     torch.manual_seed(0)
     logits, labels = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
@@ -88,3 +96,41 @@ def test_stochastic_routing_draws_gates_from_r_and_trains_every_router():
         assert b.router.fc2.weight.grad is not None and b.router.fc2.weight.grad.abs().sum() > 0
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_a_normalised_router_is_decided_image_by_image_from_the_start():
+    from drn.router import Router
+    torch.manual_seed(0)
+    router = Router(16, 8, open_p=0.7, norm=True).train()
+    logits = router(torch.randn(256, 16, 4, 4))
+    gap = logits[:, 0] - logits[:, 1]
+    # the batch's gaps: centred on the start's log(p / (1 - p)), spread SPREAD, whatever fc2's scale
+    assert gap.mean().item() == pytest.approx(math.log(0.7 / 0.3), abs=1e-4)
+    assert gap.std(unbiased=False).item() == pytest.approx(Router.SPREAD, rel=1e-3)
+    router.shift_(0.5)   # the rate hold's knob moves every image's gap
+    assert (router(torch.randn(256, 16, 4, 4))[:, 0] * 2).mean().item() == pytest.approx(math.log(0.7 / 0.3) + 0.5,
+                                                                                          abs=1e-4)
+
+
+def test_normalised_routers_route_hard_as_they_mask_and_survive_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("resnet8", num_classes=10, input_size=16, router_norm=True)
+    for b in model.blocks:
+        b.router.open_(0.5)
+    x = torch.rand(64, 3, 16, 16)
+    model.train()
+    with torch.no_grad():
+        for _ in range(40):                 # the routers' running statistics settle on this data
+            model(x, routing="straight")
+    model.eval()
+    with torch.no_grad():
+        hard, mask = model(x, routing="hard"), model(x, routing="mask")
+    assert torch.equal(hard.gates, mask.gates) and torch.allclose(hard.logits, mask.logits, atol=1e-4)
+    rate = hard.gates.float().mean(0)
+    assert ((rate > 0.05) & (rate < 0.95)).all(), rate   # undecided start: every block on part of the images
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    again = build_model("resnet8", num_classes=10, input_size=16, router_norm=True)
+    again.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+    again.eval()
+    with torch.no_grad():
+        assert torch.equal(again(x, routing="hard").gates, hard.gates)
