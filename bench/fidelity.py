@@ -94,6 +94,7 @@ ABLATIONS = {"soft": ["--train-routing", "soft"], "nocons": ["--lam", "0"], "nod
 # routes that depend on the image: routers that start undecided (p = 0.5), gates drawn from Bernoulli(r) in
 # training (straight-through) and ConvNet-AIG's per-block rate loss at weight w; in every cell, both starts
 UNDECIDED = ["--router-start", "undecided"]
+DROP_PATH = 0.5   # the warmdp backbone's stochastic depth: block l of L skipped with probability 0.5 l / L (Huang et al.)
 ROUTE_RECIPES = {"default": [],
                  "stoch": [*UNDECIDED, "--train-routing", "stochastic"],
                  "stochrate1": [*UNDECIDED, "--train-routing", "stochastic", "--rate-weight", "1", "--rate-routes", "soft"],
@@ -106,7 +107,13 @@ ROUTE_RECIPES = {"default": [],
                  "band15und": [*UNDECIDED, "--rate-weight", "5", "--rate-band", "0.15"],
                  "norm": [*UNDECIDED, "--router-norm"],
                  "normrate1": [*UNDECIDED, "--router-norm", "--rate-weight", "1"],
-                 "normauto": ["--router-norm"]}
+                 "normauto": ["--router-norm"],
+                 # the search trial's split of a schedule from a backbone: a short main phase, a long finetune
+                 "defaultft6": ["--epochs", "2", "--finetune-epochs", "6"],
+                 "normft6": [*UNDECIDED, "--router-norm", "--epochs", "2", "--finetune-epochs", "6"],
+                 # nearly three times the schedule: does the dynamic network's gap close with training?
+                 "defaultlong": ["--epochs", "18", "--finetune-epochs", "4"],
+                 "normlong": [*UNDECIDED, "--router-norm", "--epochs", "18", "--finetune-epochs", "4"]}
 
 
 @functools.lru_cache(maxsize=None)
@@ -170,6 +177,18 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                     for name, flags in ROUTE_RECIPES.items():
                         runs[f"{arch}-{start}-drn-{t}-{name}-s{seed}"] = [
                             "--arch", arch, "--target-flops", f"{t}%", *flags, *init, *s]
+            # a backbone trained with stochastic depth (BlockDrop's start: blocks that can be skipped), and the
+            # DRN recipes and the statics from it
+            fulldp = f"{arch}-fulldp-s{seed}"
+            runs[fulldp] = ["--arch", arch, "--routing", "full", "--drop-path", str(DROP_PATH), *s]
+            init = ["--init", str(RUNS_DIR / fulldp / "checkpoint.pt")]
+            for t in TARGETS[arch]:
+                for name in ("default", "norm", "normrate1"):
+                    runs[f"{arch}-warmdp-drn-{t}-{name}-s{seed}"] = [
+                        "--arch", arch, "--target-flops", f"{t}%", *ROUTE_RECIPES[name], *init, *s]
+                for method in TWO_VIEWS:
+                    runs[f"{arch}-warmdp-{method}2v-{t}-s{seed}"] = [
+                        "--arch", arch, "--routing", method, "--target-flops", f"{t}%", "--views", "2", *init, *s]
             if arch == "resnet56":   # the plain network and the statics on the DRN's recipe
                 runs[f"{arch}-full-drnrecipe-s{seed}"] = ["--arch", arch, "--routing", "full", *RECIPE, *s]
                 for start in ("scratch", "warm"):
@@ -232,6 +251,8 @@ def _weights_id(checkpoint: Path) -> str:
     import torch
     h = hashlib.sha256()
     for k, v in sorted(torch.load(checkpoint, map_location="cpu", weights_only=True)["model"].items()):
+        if k.endswith(".router.capacity"):   # routing="capacity"'s shares, not weights (checkpoints before it lack them)
+            continue
         h.update(k.encode())
         h.update(v.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
     return h.hexdigest()[:16]

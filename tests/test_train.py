@@ -14,16 +14,24 @@ def tiny_cfg(data, out, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("routing,cons,augment", [("straight", "soft", "same"), ("soft", "soft", "same"),
-                                                  ("straight", "executed", "same"), ("straight", "soft", "perturb")])
-def test_train_writes_checkpoint_and_reports_every_epoch(tiny_data, tmp_path, routing, cons, augment):
+ROUTES = dict(router_start="undecided", router_norm=True, rate_weight=1.0, target_flops="50%", finetune_epochs=0)
+
+
+@pytest.mark.parametrize("routing,cons,augment,extra", [
+    ("straight", "soft", "same", {}), ("soft", "soft", "same", {}), ("straight", "executed", "same", {}),
+    ("straight", "soft", "perturb", {}), ("stochastic", "soft", "same", {}), ("straight", "soft", "same", ROUTES)])
+def test_train_writes_checkpoint_and_reports_every_epoch(tiny_data, tmp_path, routing, cons, augment, extra):
     seen = []
-    cfg = tiny_cfg(tiny_data, tmp_path / "run", train_routing=routing, consistency_routes=cons, view_augment=augment)
+    cfg = tiny_cfg(tiny_data, tmp_path / "run", train_routing=routing, consistency_routes=cons, view_augment=augment,
+                   **extra)
     result = train(cfg, on_epoch=lambda m: seen.append(m), log=lambda s: None)
     assert [m["epoch"] for m in seen] == [1, 2]
     for key in ("accuracy", "flops", "flops_full", "k", "k_full", "distinct_paths", "mu", "loss_cls",
-                "loss_consistency", "loss_diversity", "loss_cost", "loss_reg"):
+                "loss_consistency", "loss_diversity", "loss_cost", "loss_reg", "loss_rate", "path_entropy",
+                "effective_paths", "dynamic_share"):
         assert key in result and math.isfinite(result[key]), key
+    if extra:   # the rate loss acted in the main epochs
+        assert seen[0]["loss_rate"] > 0
     assert 0 < result["flops"] <= result["flops_full"]
     assert 0 <= result["k"] <= result["k_full"] == 3
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
