@@ -113,7 +113,9 @@ ROUTE_RECIPES = {"default": [],
                  "normft6": [*UNDECIDED, "--router-norm", "--epochs", "2", "--finetune-epochs", "6"],
                  # nearly three times the schedule: does the dynamic network's gap close with training?
                  "defaultlong": ["--epochs", "18", "--finetune-epochs", "4"],
-                 "normlong": [*UNDECIDED, "--router-norm", "--epochs", "18", "--finetune-epochs", "4"]}
+                 "normlong": [*UNDECIDED, "--router-norm", "--epochs", "18", "--finetune-epochs", "4"],
+                 # the stage transitions run on every image (ConvNet-AIG does not gate its downsampling layers)
+                 "normkt": [*UNDECIDED, "--router-norm", "--no-route-transitions"]}
 
 
 @functools.lru_cache(maxsize=None)

@@ -165,6 +165,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--router-norm", dest="router_norm", action=argparse.BooleanOptionalAction,
                    default=argparse.SUPPRESS, help="batch-normalise each router's logit gap, so that it is decided "
                    "image by image from the start and its bias sets its execution rate (default: off)")
+    p.add_argument("--route-transitions", dest="route_transitions", action=argparse.BooleanOptionalAction,
+                   default=argparse.SUPPRESS, help="route the blocks that change the shape (the first of each "
+                   "stage after the stem); --no-route-transitions runs them on every image (default: routed)")
     p.add_argument("--no-amp", dest="amp", action="store_false", default=argparse.SUPPRESS,
                    help="disable bfloat16 autocast on CUDA (default: on for CUDA, off on CPU)")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false", default=argparse.SUPPRESS,
@@ -269,7 +272,7 @@ def _cost_only(cfg: TrainConfig) -> dict:
     if cfg.routing != "drn" and cfg.k is None:
         raise UsageError("--cost-only of a static routing needs --k")
     model = build_model(cfg.arch, classes, size, beta=cfg.beta, router_hidden=cfg.router_hidden, leak=cfg.router_leak, router_open=cfg.router_open,
-                        router_norm=cfg.router_norm,
+                        router_norm=cfg.router_norm, route_transitions=cfg.route_transitions,
                         static_route=route_of(cfg))
     return {"arch": cfg.arch, "dataset": cfg.dataset, "input_size": size,
             **measure_cost_table(model).to_dict()}

@@ -122,6 +122,7 @@ class TrainConfig:
     beta: float = 5.0
     router_hidden: int = 32
     router_norm: bool = False     # each router's logit gap batch-normalised (router.Router): decided image by image
+    route_transitions: bool = True  # False: the shape-changing blocks run on every image (models.ModelConfig)
     router_open: float | None = None  # p(execute) of an open router at the start, in (0.5, 1) (a closed one:
                                   # 1 - this); None: 0.99 for a warm start on the budget (--init: trained
                                   # blocks pull closed routers open within an epoch at 0.9, BENCHMARKS.md), else 0.9

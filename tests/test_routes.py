@@ -134,3 +134,22 @@ def test_normalised_routers_route_hard_as_they_mask_and_survive_a_checkpoint(tmp
     again.eval()
     with torch.no_grad():
         assert torch.equal(again(x, routing="hard").gates, hard.gates)
+
+
+def test_unrouted_transitions_run_on_every_image_and_the_other_blocks_stay_routed():
+    torch.manual_seed(0)
+    model = build_model("resnet14", num_classes=10, input_size=16, router_norm=True, route_transitions=False)
+    transitions = [i for i, b in enumerate(model.blocks) if not isinstance(b.shortcut, torch.nn.Identity)]
+    assert transitions == [2, 4]
+    for b in model.blocks:
+        b.router.open_(0.5)
+    x = torch.rand(64, 3, 16, 16)
+    out = model(x, routing="straight")
+    assert out.gates[:, transitions].all() and (out.r[:, transitions] == 1).all()
+    assert not out.gates[:, [0, 1, 3, 5]].all()
+    out.logits.sum().backward()
+    assert model.blocks[2].router.fc1.weight.grad is None and model.blocks[1].router.fc1.weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        _, lo, hi, g = model.route_intervals(x, 0.3, 0.7)   # the threshold sweep never skips them either
+        assert g[:, transitions].all()
