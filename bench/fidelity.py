@@ -419,6 +419,18 @@ def _best(per_method: dict[str, dict]) -> str | None:
     return max(have, key=lambda m: statistics.mean(per_method[m].values())) if have else None
 
 
+def _static_gaps(res: dict, stem: str, t: float, acc: dict[int, float], share: dict[int, float]) -> list[str]:
+    """A DRN's per-seed test accuracy `acc` against the best of the paper's statics and the best 2-view
+    static, each read at the DRN's FLOPs `share` and paired by seed: two "mean [min, max] (method)" cells."""
+    cols = []
+    for methods in (PAPER, tuple(f"{m}2v" for m in TWO_VIEWS)):
+        st = {m: _at_flops(res, stem, m, t, share)[0] for m in methods}
+        best = _best(st)
+        g = [acc[s] - st[best][s] for s in acc if best and s in st[best]]
+        cols.append(_gap(g) + (f" ({best})" if g else ""))
+    return cols
+
+
 def routes_report(args) -> int:
     """The route recipes (ROUTE_RECIPES) per cell, as a markdown table on stdout: val accuracy (what
     chooses), test accuracy and its paired gap to the best static route at the recipe's own FLOPs (the
@@ -440,12 +452,7 @@ def routes_report(args) -> int:
                     ev = {s: r["eval_hard"] for s, r in rec.items()}
                     acc = {s: e["accuracy"] for s, e in ev.items()}
                     share = {s: e["flops"] / e["flops_full"] for s, e in ev.items()}
-                    cols = []
-                    for methods in (PAPER, tuple(f"{m}2v" for m in TWO_VIEWS)):
-                        st = {m: _at_flops(res, stem, m, t, share)[0] for m in methods}
-                        best = _best(st)
-                        g = [acc[s] - st[best][s] for s in acc if best and s in st[best]]
-                        cols.append(_gap(g) + (f" ({best})" if g else ""))
+                    cols = _static_gaps(res, stem, t, acc, share)
                     err = [r["train"]["uncalibrated_flops"] / r["train"]["target"] - 1 for r in rec.values()]
                     mean = lambda xs: statistics.mean(xs) if xs else float("nan")
                     print(f"| {arch} | {start} | {t} % | {name} | {len(rec)} | "
@@ -474,12 +481,7 @@ def _variant_table(res: dict, suffix: str, label: str) -> list[str]:
                 drn = _seeds(res, stem.format("drn"))
                 ev = lambda s: res[f"{arch}-{start}-drn-{t}-{suffix}-s{s}"]
                 share = {s: ev(s)["eval_hard"]["flops"] / ev(s)["eval_hard"]["flops_full"] for s in alt}
-                cols = []
-                for methods in (PAPER, tuple(f"{m}2v" for m in TWO_VIEWS)):
-                    st = {m: _at_flops(res, stem, m, t, share)[0] for m in methods}
-                    best = _best(st)
-                    g = [alt[s] - st[best][s] for s in alt if best and s in st[best]]
-                    cols.append(_gap(g) + (f" ({best})" if g else ""))
+                cols = _static_gaps(res, stem, t, alt, share)
                 lands = [abs(ev(s)["train"]["uncalibrated_flops"] / ev(s)["train"]["target"] - 1) <= 0.05 for s in alt]
                 lines.append(f"| {arch} | {start} | {t} % | {_pm(drn.values())} | {_pm(alt.values())} | "
                              f"{_pm(share.values())} | {_gap([alt[s] - drn[s] for s in alt if s in drn])} | {cols[0]} | "
