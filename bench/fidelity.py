@@ -115,7 +115,9 @@ ROUTE_RECIPES = {"default": [],
                  "defaultlong": ["--epochs", "18", "--finetune-epochs", "4"],
                  "normlong": [*UNDECIDED, "--router-norm", "--epochs", "18", "--finetune-epochs", "4"],
                  # the stage transitions run on every image (ConvNet-AIG does not gate its downsampling layers)
-                 "normkt": [*UNDECIDED, "--router-norm", "--no-route-transitions"]}
+                 "normkt": [*UNDECIDED, "--router-norm", "--no-route-transitions"],
+                 # without Eq. 6: decided routers feel the diversity loss, which pushes routes apart whatever they cost
+                 "normktnodiv": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--alpha", "0"]}
 
 
 @functools.lru_cache(maxsize=None)

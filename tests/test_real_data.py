@@ -19,3 +19,18 @@ def test_resnet20_learns_real_images_with_hard_routing(real_data, tmp_path):
     assert ev.returncode == 0, ev.stderr
     e = json.loads(ev.stdout.strip().splitlines()[-1])
     assert e["accuracy"] == m["test_accuracy"] and e["images"] == 1017 == m["test_images"]   # drn-eval: test
+
+
+def test_normalised_routers_route_real_images_per_image_and_land_the_budget(real_data, tmp_path):
+    """--router-norm from undecided routers (BENCHMARKS.md, "Routes that depend on the image"): the
+    routes depend on the image on the held-out split, and the budget is landed with the threshold
+    inside its trim window."""
+    out = tmp_path / "r14"
+    proc = run_cli("drn-train", "--arch", "resnet14", "--dataset", "imagefolder", "--data-dir", str(real_data),
+                   "--epochs", "3", "--finetune-epochs", "1", "--batch-size", "64", "--target-flops", "50%",
+                   "--router-norm", "--router-start", "undecided", "--out", str(out), "--device", "cpu", "--json")
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert m["test_effective_paths"] >= 4 and m["test_dynamic_share"] >= 0.3, m
+    assert abs(m["flops"] / m["target"] - 1) <= 0.02 and 0.4 <= m["threshold"] <= 0.6, m
+    assert m["accuracy"] > 0.2   # chance: 10 %
