@@ -81,15 +81,17 @@ def summary(rows: list[dict], targets: list[str], cost_key: str = "flops", model
     lines.append("")
     lines.append("best trial per target by val accuracy (feasible: within tolerance of the target on val; "
                  "test: the held-out split, reported only):")
-    lines.append(f"  {'target':>10}  {'trial':>5}  {'val acc':>7}  {'test acc':>8}  {unit:>9}  {'error':>7}  {'K':>5}")
+    lines.append(f"  {'target':>10}  {'trial':>5}  {'val acc':>7}  {'test acc':>8}  {unit:>9}  {'error':>7}  {'K':>5}  "
+                 f"{'paths':>5}")   # paths: effective paths on val, 2^(the routes' entropy): 1 is a static network
     for target in targets:
         b = best_feasible(rows, target)
         if b is None:
             lines.append(f"  {target:>10}  none feasible yet")
             continue
         test = f"{b['test_accuracy']:>8.2%}" if _finite(b.get("test_accuracy")) else f"{'-':>8}"
+        paths = f"{b['effective_paths']:>5.1f}" if _finite(b.get("effective_paths")) else f"{'-':>5}"
         lines.append(f"  {target:>10}  {b['trial']:>5}  {b['accuracy']:>7.2%}  {test}  {b[cost_key]:>9.4g}  "
-                     f"{b['rel_error']:>+7.2%}  {b['k']:>5.1f}")
+                     f"{b['rel_error']:>+7.2%}  {b['k']:>5.1f}  {paths}")
     for target in targets:
         front = sorted((r for r in rows if r["target"] == target and r["pareto_flops"]), key=lambda r: r["flops"])
         lines.append("")

@@ -421,7 +421,7 @@ def test_several_targets_get_one_front_each_and_one_across(tmp_path):
         assert s.suggest(str(i))["target"] == target
         budget = 30.0 if target == "30%" else 60.0
         s.on_trial_complete(str(i), {"accuracy": acc, "flops": flops, "k": k, "target_cost": budget,
-                                     "epoch": 2, "rel_error": flops / budget - 1})
+                                     "epoch": 2, "rel_error": flops / budget - 1, "effective_paths": 1.0 + i})
     rows = trial_rows(list(s.studies.values()), [p.name for p in space.params], 0.1)
     assert [(r["trial"], r["target"]) for r in rows] == [(i, f[0]) for i, f in enumerate(final)]
     flags = {c: [i for i, r in enumerate(rows) if r[c]] for c in ("pareto_flops", "pareto_k", "pareto_all")}
@@ -433,6 +433,8 @@ def test_several_targets_get_one_front_each_and_one_across(tmp_path):
         assert [r["pareto_flops"] for r in group] == [i in front for i in range(len(group))]
     text = summary(rows, ["30%", "60%"])
     assert "Pareto front of target 30%" in text and "Pareto front of target 60%" in text
+    best30 = next(l for l in text.splitlines() if l.split()[:2] == ["30%", "1"])   # trial 1: its effective paths
+    assert best30.split()[-1] == "2.0" and "paths" in text
     line5 = next(l for l in text.splitlines() if l.split()[:1] == ["5"] and "45.00%" in l)
     assert line5.endswith("no")                 # on its target's front, not on the front across targets
     pareto_plot(rows, ["30%", "60%"], tmp_path / "p.png")
