@@ -94,6 +94,7 @@ ABLATIONS = {"soft": ["--train-routing", "soft"], "nocons": ["--lam", "0"], "nod
 # routes that depend on the image: routers that start undecided (p = 0.5), gates drawn from Bernoulli(r) in
 # training (straight-through) and ConvNet-AIG's per-block rate loss at weight w; in every cell, both starts
 UNDECIDED = ["--router-start", "undecided"]
+LONG = ["--epochs", "18", "--finetune-epochs", "4"]   # 2.75 times the schedule
 DROP_PATH = 0.5   # the warmdp backbone's stochastic depth: block l of L skipped with probability 0.5 l / L (Huang et al.)
 ROUTE_RECIPES = {"default": [],
                  "stoch": [*UNDECIDED, "--train-routing", "stochastic"],
@@ -112,12 +113,23 @@ ROUTE_RECIPES = {"default": [],
                  "defaultft6": ["--epochs", "2", "--finetune-epochs", "6"],
                  "normft6": [*UNDECIDED, "--router-norm", "--epochs", "2", "--finetune-epochs", "6"],
                  # nearly three times the schedule: does the dynamic network's gap close with training?
-                 "defaultlong": ["--epochs", "18", "--finetune-epochs", "4"],
-                 "normlong": [*UNDECIDED, "--router-norm", "--epochs", "18", "--finetune-epochs", "4"],
+                 "defaultlong": LONG,
+                 "normlong": [*UNDECIDED, "--router-norm", *LONG],
                  # the stage transitions run on every image (ConvNet-AIG does not gate its downsampling layers)
                  "normkt": [*UNDECIDED, "--router-norm", "--no-route-transitions"],
                  # without Eq. 6: decided routers feel the diversity loss, which pushes routes apart whatever they cost
-                 "normktnodiv": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--alpha", "0"]}
+                 "normktnodiv": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--alpha", "0"],
+                 # the routers' gradients stop at their input: do the router losses pull the blocks' features?
+                 "normdet": [*UNDECIDED, "--router-norm", "--router-detach"],
+                 "normktdet": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--router-detach"],
+                 # a block's gradient the mean over the images that ran it: a block on half of the images
+                 # otherwise learns at half the learning rate of a static route's
+                 "normgr": [*UNDECIDED, "--router-norm", "--block-grad", "routed"],
+                 "normktgr": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--block-grad", "routed"],
+                 "defaultgr": ["--block-grad", "routed"],
+                 # fewer routes that share more: the budget's static route, with 1 or 2 pairs of blocks undecided
+                 "normp1": ["--router-norm", "--undecided-pairs", "1"],
+                 "normp2": ["--router-norm", "--undecided-pairs", "2"]}
 
 
 @functools.lru_cache(maxsize=None)
@@ -209,6 +221,13 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                     for t in TARGETS[arch]:
                         runs[f"{arch}-{start}-drn-{t}-{ALT}-s{seed}"] = [
                             "--arch", arch, "--target-flops", f"{t}%", "--train-routing", ALT, *FREE, *init, *s]
+                # does compute buy accuracy at this schedule, and at 2.75 times it? (a DRN can only gain by moving
+                # FLOPs between images where FLOPs buy accuracy): the whole network and DistributedK's statics
+                for sched, ep in (("", []), ("-long", LONG)):
+                    runs[f"{arch}-full2v{sched}-s{seed}"] = ["--arch", arch, "--routing", "full", "--views", "2", *ep, *s]
+                for t in TARGETS[arch]:
+                    runs[f"{arch}-scratch-distributedk2v-{t}-long-s{seed}"] = [
+                        "--arch", arch, "--routing", "distributedk", "--target-flops", f"{t}%", "--views", "2", *LONG, *s]
                 for name, flags in ABLATIONS.items():
                     runs[f"{arch}-scratch-drn-50-{name}-s{seed}"] = ["--arch", arch, "--target-flops", "50%", *flags,
                                                                      *FREE, *s]

@@ -123,9 +123,13 @@ class TrainConfig:
     router_hidden: int = 32
     router_norm: bool = False     # each router's logit gap batch-normalised (router.Router): decided image by image
     route_transitions: bool = True  # False: the shape-changing blocks run on every image (models.ModelConfig)
+    router_detach: bool = False   # the routers' gradients stop at their input features (models.ModelConfig)
     router_open: float | None = None  # p(execute) of an open router at the start, in (0.5, 1) (a closed one:
                                   # 1 - this); None: 0.99 for a warm start on the budget (--init: trained
                                   # blocks pull closed routers open within an epoch at 0.9, BENCHMARKS.md), else 0.9
+    undecided_pairs: int = 0      # with a start on the budget: this many pairs of blocks (an open and a closed one of
+                                  # a stage, the deepest stage first) start undecided (p = 0.5) instead: routes that
+                                  # vary on about 2 x this many blocks at the start route's expected cost
     router_start: str = "auto"    # with a target: the blocks of a static route (baselines.py) closest to the
                                   # target start open (router_open), the others closed (1 - router_open), so
                                   # training starts on the budget (BENCHMARKS.md, issue 14). auto: DistributedK's
@@ -163,6 +167,9 @@ class TrainConfig:
                                   # [b, 1 - b] only (the budget loop places the blocks' rates inside it)
     rate_routes: str = "executed" # what the rate loss reads: the routes the images ran (executed: straight-through,
                                   # the rate testing will see) or soft r
+    block_grad: str = "batch"     # a routed block's gradient: the mean over the batch (zeros for the images that
+                                  # skip it, so a block run on a share p of the images learns at p x lr) or
+                                  # "routed", the mean over the images that ran it (drn/step.py)
     router_leak: float = 0.0      # gradient floor of r w.r.t. the router logits (router.soft_route): lets
                                   # closed routers reopen; 0 = Eq. 3's own gradient (BENCHMARKS.md, issue 14)
     # budget: FLOPs per image ('2e8') or share of the full network ('40%'), or milliseconds per
@@ -277,6 +284,10 @@ class TrainConfig:
         if self.router_start not in ROUTER_STARTS:
             raise UsageError(f"router start must be {', '.join(ROUTER_STARTS[:-1])} or {ROUTER_STARTS[-1]}, "
                              f"got {self.router_start!r}")
+        if self.undecided_pairs < 0:
+            raise UsageError(f"undecided pairs must be >= 0, got {self.undecided_pairs}")
+        if self.undecided_pairs and self.router_start in ("open", "undecided"):
+            raise UsageError(f"undecided pairs need a start on the budget, not router start {self.router_start}")
         if self.router_start == "greedy" and self.init is None and self.routing == "drn":
             raise UsageError("router start greedy measures trained blocks: it needs --init (a warm start)")
         if self.mu_integral not in ("always", "hold", "reset"):
@@ -289,6 +300,8 @@ class TrainConfig:
             raise UsageError(f"consistency routes must be soft or executed, got {self.consistency_routes!r}")
         if self.rate_routes not in ("soft", "executed"):
             raise UsageError(f"rate routes must be soft or executed, got {self.rate_routes!r}")
+        if self.block_grad not in ("batch", "routed"):
+            raise UsageError(f"block grad must be batch or routed, got {self.block_grad!r}")
         if self.view_augment not in ("same", "perturb"):
             raise UsageError(f"view augment must be same or perturb, got {self.view_augment!r}")
         if self.view_augment == "perturb" and (self.views < 2 or self.routing != "drn"):

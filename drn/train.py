@@ -129,9 +129,9 @@ class Trainer:
                 block.router.open_(0.5)
             self.log("routers start undecided (p = 0.5)")
         elif ckpt is None and cfg.router_start != "open" and self.target is not None and not self.static:
-            route, half = self._start_on_budget()
-            self.log(f"routers start on the budget: blocks {[i for i, on in enumerate(route) if on]} open"
-                     + ("" if half is None else f", block {half} undecided (p = 0.5)") + ", the others closed")
+            route, undecided = self._start_on_budget()
+            self.log(f"routers start on the budget: blocks {[i for i, on in enumerate(route) if on and i not in undecided]}"
+                     f" open, {undecided} undecided (p = 0.5), the others closed")
         steps = max(1, self.data.train.labels.shape[0] // min(cfg.batch_size, self.data.train.labels.shape[0]))
         # Eq. 8 splits one share over the blocks, so a router's pull is ~ mu / blocks: the loop's range
         # grows with depth, so that a router of ResNet-56 feels what one of ResNet-20 does (never below
@@ -190,7 +190,7 @@ class Trainer:
                 and cfg.router_start not in ("open", "undecided"))
         return WARM_MU * mu_scale if warm else 0.05
 
-    def _start_on_budget(self) -> tuple[tuple[bool, ...], int | None]:
+    def _start_on_budget(self) -> tuple[tuple[bool, ...], list[int]]:
         """Start the routers on the budget rather than at the full network: a route's routers open
         (router_open), the others close (1 - router_open). greedy (a warm start): the route that the
         trained blocks lose least by on val (warmstart.greedy_route). deepk / distributedk: that
@@ -199,7 +199,8 @@ class Trainer:
         than 2.5 %, one more block starts undecided (p = 0.5, about half the images: the next
         static route's, or the last block greedy dropped): its router is where Eq. 3 is
         steepest, so the budget loop can steer it to the target without a saturated router's cliff.
-        Returns the open route and the undecided block."""
+        TrainConfig.undecided_pairs more pairs start undecided (_undecided_pairs).
+        Returns the start route and its undecided blocks."""
         b, target = self.budget, self.target
         cost = lambda route: b.route_cost(torch.tensor(route, dtype=torch.float32)).item()
         if self.cfg.router_start == "greedy":   # the route the trained blocks lose least by on val
@@ -213,9 +214,29 @@ class Trainer:
             last = ARCHS[self.cfg.arch].stages[-1]
             if kind == "auto" and last > 1 and sum(route[-last:]) + (half is not None and half >= len(route) - last) <= 1:
                 route, half = self._static_start("deepk", cost)   # DistributedK's runs the deepest stage on one block
+        undecided = sorted(({half} - {None}) | self._undecided_pairs(route, half))
         for i, (block, on) in enumerate(zip(self.model.blocks, route)):
-            block.router.open_(0.5 if i == half else self.cfg.router_open if on else 1 - self.cfg.router_open)
-        return route, half
+            block.router.open_(0.5 if i in undecided else self.cfg.router_open if on else 1 - self.cfg.router_open)
+        return route, undecided
+
+    def _undecided_pairs(self, route: tuple[bool, ...], half: int | None) -> set[int]:
+        """TrainConfig.undecided_pairs: an open and a closed block of the same stage and cost, the deepest
+        stage first, both at p = 0.5: the expected cost stays the route's. Routed blocks only (a block
+        that always runs has no router to start)."""
+        out = set()
+        starts = [sum(ARCHS[self.cfg.arch].stages[:s]) for s in range(len(ARCHS[self.cfg.arch].stages))]
+        for s in reversed(range(len(starts))):
+            if len(out) >= 2 * self.cfg.undecided_pairs:
+                break
+            idx = [j for j in range(starts[s], starts[s] + ARCHS[self.cfg.arch].stages[s])
+                   if j != half and not self.model.blocks[j].always]
+            cost = lambda j: self.budget.block[j]
+            opened = [j for j in idx if route[j]]
+            closed = [j for j in idx if not route[j]]
+            pair = next(((a, b) for a in opened for b in closed if abs(cost(a) - cost(b)) <= 1e-6 * cost(a)), None)
+            if pair:
+                out.update(pair)
+        return out
 
     def _static_start(self, kind: str, cost) -> tuple[tuple[bool, ...], int | None]:
         """The static route of `kind` nearest the target, or the one under it plus an undecided block."""
@@ -280,7 +301,8 @@ class Trainer:
                                          routing=cfg.train_routing, consistency_routes=cfg.consistency_routes,
                                          explore=cfg.explore, full_pass=cfg.full_pass, view_augment=cfg.view_augment,
                                          channels_last=self.channels_last, backend=cfg.compile,
-                                         rate_target=self.rate_target, rate_routes=cfg.rate_routes)
+                                         rate_target=self.rate_target, rate_routes=cfg.rate_routes,
+                                         block_grad=cfg.block_grad)
         sums = torch.zeros(len(PARTS) + 2, device=dev)  # loss, the parts, correct
         gate_sum = torch.zeros(self.cost.num_blocks, device=dev)
         seen = 0
@@ -309,7 +331,7 @@ class Trainer:
                                                  consistency_routes=cfg.consistency_routes, explore=cfg.explore,
                                                  full_pass=cfg.full_pass, view_augment=cfg.view_augment,
                                                  channels_last=self.channels_last, rate_target=self.rate_target,
-                                                 rate_routes=cfg.rate_routes)
+                                                 rate_routes=cfg.rate_routes, block_grad=cfg.block_grad)
             gates = out.gates.float()
             if hold is not None:   # a decided block's shift is 0
                 shifts = hold.update(logit_gap(out.r.detach().float(), model.cfg.beta), d_t)

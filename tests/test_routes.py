@@ -153,3 +153,41 @@ def test_unrouted_transitions_run_on_every_image_and_the_other_blocks_stay_route
     with torch.no_grad():
         _, lo, hi, g = model.route_intervals(x, 0.3, 0.7)   # the threshold sweep never skips them either
         assert g[:, transitions].all()
+
+
+def test_detached_routers_train_themselves_and_not_the_blocks_they_read():
+    # a loss on the routes alone (Eq. 8's cost): with router_detach no block parameter gets a gradient,
+    # every router does; without it the blocks before a router do
+    x = torch.rand(16, 3, 16, 16)
+    for detach in (False, True):
+        torch.manual_seed(0)
+        model = build_model("resnet8", num_classes=10, input_size=16, router_norm=True, router_detach=detach)
+        out = model(x, routing="straight")
+        out.r.sum().backward()
+        stem = model.stem[0].weight.grad
+        assert (stem is None or not stem.abs().sum()) == detach
+        assert all(b.router.fc1.weight.grad is not None and b.router.fc1.weight.grad.abs().sum() > 0
+                   for b in model.blocks)
+    model.zero_grad(set_to_none=True)
+    model(x, routing="straight").logits.sum().backward()   # the task loss still trains every block
+    assert all(p.grad is not None for b in model.blocks for p in b.residual.parameters())
+
+
+def test_per_route_grads_make_a_block_gradient_the_mean_over_the_images_that_ran_it():
+    from drn.step import per_route_grads
+    torch.manual_seed(0)
+    model = build_model("resnet8", num_classes=10, input_size=16)
+    x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    gates = torch.ones(8, model.num_blocks, dtype=torch.bool)
+    gates[:6, 1] = False                      # block 1 runs on 2 of 8 images, block 2 on none
+    gates[:, 2] = False
+    out = model(x, routing="straight", gates=gates)
+    torch.nn.functional.cross_entropy(out.logits, y).backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    per_route_grads(model, out.gates)
+    for n, p in model.named_parameters():
+        if n not in before:
+            continue
+        scale = 4.0 if n.startswith("blocks.1.residual") else 1.0   # 8 images / 2 that ran it
+        assert torch.allclose(p.grad, before[n] * scale), n
+    assert not any(before[n].abs().sum() for n in before if n.startswith("blocks.2.residual"))

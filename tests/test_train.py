@@ -331,7 +331,9 @@ def test_routers_can_start_on_the_budget(tiny_data, tmp_path, kind):
                        target_flops=target, **extra)
         assert cfg.router_start == kind and cfg.mu_ki == 8 and cfg.router_open == 0.9
         trainer = Trainer(cfg, log=lambda s: None)
-        route, half = trainer._start_on_budget()
+        route, undecided = trainer._start_on_budget()
+        half = undecided[0] if undecided else None
+        assert len(undecided) <= 1
         kinds = ("deepk", "distributedk") if kind == "auto" else (kind,)
         assert any(route == tuple(static_route(m, (2, 2, 2), k).tolist()) for m in kinds for k in range(1, 7))
         x = trainer.train_split.images[:16].float() / 255
@@ -357,14 +359,27 @@ def test_routers_can_start_on_the_budget(tiny_data, tmp_path, kind):
         TrainConfig(router_start="random")
 
 
-@pytest.mark.parametrize("target,route,half", [("30%", [3, 6, 8], None), ("50%", [0, 3, 6, 8], 5)])
+@pytest.mark.parametrize("target,route,undecided,pairs", [("30%", [3, 6, 8], [], 0), ("50%", [0, 3, 6, 8], [5], 0),
+                                                          ("50%", [0, 3, 6, 8], [5, 7, 8], 1),
+                                                          ("50%", [0, 3, 6, 8], [0, 1, 5, 7, 8], 2),
+                                                          ("50%", [0, 3, 6, 8], [0, 1, 5, 7, 8], 3)])
 def test_auto_start_takes_deepk_where_distributedk_runs_the_last_stage_on_one_block(tiny_data, tmp_path, target,
-                                                                                    route, half):
+                                                                                    route, undecided, pairs):
     """ResNet-20 at 30 %: DistributedK's route (0, 3, 6) runs stage 3 on its transition alone, so the
-    routers start on DeepK's (3, 6, 8); at 50 % DistributedK's route (0, 3, 6, 8, block 5 undecided)."""
-    trainer = Trainer(tiny_cfg(tiny_data, tmp_path, arch="resnet20", target_flops=target), log=lambda s: None)
-    got, got_half = trainer._start_on_budget()
-    assert [i for i, on in enumerate(got) if on] == route and got_half == half
+    routers start on DeepK's (3, 6, 8); at 50 % DistributedK's route (0, 3, 6, 8, block 5 undecided).
+    undecided_pairs: an open and a closed block of equal cost per stage, deepest first (stage 2 has
+    none: its open block is the cheaper transition, its closed one's pair is the undecided block 5),
+    at most one pair per stage; every image starts at the route's expected cost."""
+    trainer = Trainer(tiny_cfg(tiny_data, tmp_path, arch="resnet20", target_flops=target, undecided_pairs=pairs),
+                      log=lambda s: None)
+    got, got_undecided = trainer._start_on_budget()
+    assert [i for i, on in enumerate(got) if on] == route and got_undecided == undecided
+    b = trainer.budget
+    expected = [0.5 if i in undecided else float(on) for i, on in enumerate(got)]
+    if target == "50%":   # the pairs move no expected cost: the same as block 5 alone undecided
+        single = [0.5 if i == 5 else float(on) for i, on in enumerate(got)]
+        assert b.route_cost(torch.tensor(expected)[None]).item() == pytest.approx(
+            b.route_cost(torch.tensor(single)[None]).item())
 
 
 def test_warm_starts_on_the_budget_start_their_routers_further_from_the_middle(tmp_path):
