@@ -7,6 +7,8 @@ loop, the trim) reads val; the tables report test.
 
     python bench/fidelity.py run    [--arch resnet20 resnet56] [--only SUBSTRING...] [--dry-run]
     python bench/fidelity.py report           # -> bench/results/fidelity.md (+ plots in docs/img/)
+    python bench/fidelity.py routes           # the route recipes against the best static routes
+    python bench/fidelity.py compute          # does compute buy accuracy? statics and the whole network
 
 Several `run`s may work side by side (one per core): each claims a run with a lock file, a crashed
 claim is taken over, a finished run (its JSON in bench/results/fidelity/) is never run again and an
@@ -452,6 +454,29 @@ def _static_gaps(res: dict, stem: str, t: float, acc: dict[int, float], share: d
     return cols
 
 
+def compute_report(args) -> int:
+    """Does compute buy accuracy? Per schedule, ResNet-20 from scratch: test accuracy of the whole
+    network and of the 2-view static routes at 30 / 50 / 70 % (mean ± sd over the seeds that ran).
+    A DRN moves FLOPs between images; where more FLOPs buy no accuracy, no such move can gain."""
+    res = _load()
+    arch = "resnet20"
+    print("| schedule | " + " | ".join(f"{m} at {t} %" for t in TARGETS[arch] for m in ("best 2-view static",))
+          + " | whole network, 1 view | whole network, 2 views |")
+    print("|---|" + "---|" * (len(TARGETS[arch]) + 2))
+    for sched, sfx in ((f"{EPOCHS} + {FINETUNE}", ""), ("18 + 4", "-long")):
+        cells = []
+        for t in TARGETS[arch]:
+            per = {m: _seeds(res, f"{arch}-scratch-{m}2v-{t}{sfx}") for m in TWO_VIEWS}
+            best = _best(per)
+            n = len(per[best]) if best else 0
+            cells.append(f"{_pm(per[best].values())} ({best}, {n} seed{'s' * (n > 1)})" if best else "–")
+        full = _seeds(res, f"{arch}-full{sfx}") if not sfx else {}
+        full2 = _seeds(res, f"{arch}-full2v{sfx}")
+        cells += [_pm(full.values()), f"{_pm(full2.values())} ({len(full2)} seed{'s' * (len(full2) > 1)})" if full2 else "–"]
+        print(f"| {sched} | " + " | ".join(cells) + " |")
+    return 0
+
+
 def routes_report(args) -> int:
     """The route recipes (ROUTE_RECIPES) per cell, as a markdown table on stdout: val accuracy (what
     chooses), test accuracy and its paired gap to the best static route at the recipe's own FLOPs (the
@@ -464,8 +489,8 @@ def routes_report(args) -> int:
     for arch in TARGETS:
         for start in ("scratch", "warm"):
             for t in TARGETS[arch]:
-                stem = f"{arch}-{start}-{{}}-{t}"
-                for name in ROUTE_RECIPES:
+                for name in ROUTE_RECIPES:   # a long recipe against the statics of the long schedule
+                    stem = f"{arch}-{start}-{{}}-{t}" + ("-long" if name.endswith("long") else "")
                     rec = {s: res[f"{arch}-{start}-drn-{t}-{name}-s{s}"] for s in SEEDS
                            if f"{arch}-{start}-drn-{t}-{name}-s{s}" in res}
                     if not rec:
@@ -665,14 +690,14 @@ def report(args) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("run", "report", "routes"))
+    ap.add_argument("what", choices=("run", "report", "routes", "compute"))
     ap.add_argument("--data-dir", default=os.environ.get("DRN_DATA_DIR", str(ROOT.parent / "shared/data/cifar10-5k")))
     ap.add_argument("--arch", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     ap.add_argument("--only", nargs="+", help="run only the runs whose name contains one of these")
     ap.add_argument("--dry-run", action="store_true", help="list what is left to run")
     args = ap.parse_args()
     args.data_dir = str(Path(args.data_dir).absolute())
-    return {"run": run, "report": report, "routes": routes_report}[args.what](args)
+    return {"run": run, "report": report, "routes": routes_report, "compute": compute_report}[args.what](args)
 
 
 if __name__ == "__main__":
