@@ -230,6 +230,16 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                 for t in TARGETS[arch]:
                     runs[f"{arch}-scratch-distributedk2v-{t}-long-s{seed}"] = [
                         "--arch", arch, "--routing", "distributedk", "--target-flops", f"{t}%", "--views", "2", *LONG, *s]
+                # from the longer-trained whole network (BlockDrop's start: a trained network whose blocks pay):
+                # do the statics keep a slope over the budgets, and does the DRN then beat them?
+                init = ["--init", str(RUNS_DIR / f"{arch}-full2v-long-s{seed}" / "checkpoint.pt")]
+                for t in TARGETS[arch]:
+                    for method in TWO_VIEWS:
+                        runs[f"{arch}-warmlong-{method}2v-{t}-s{seed}"] = [
+                            "--arch", arch, "--routing", method, "--target-flops", f"{t}%", "--views", "2", *init, *s]
+                    for name in ("default", "norm", "normp1"):
+                        runs[f"{arch}-warmlong-drn-{t}-{name}-s{seed}"] = [
+                            "--arch", arch, "--target-flops", f"{t}%", *ROUTE_RECIPES[name], *init, *s]
                 for name, flags in ABLATIONS.items():
                     runs[f"{arch}-scratch-drn-50-{name}-s{seed}"] = ["--arch", arch, "--target-flops", "50%", *flags,
                                                                      *FREE, *s]
@@ -487,7 +497,7 @@ def routes_report(args) -> int:
           "| val error at 0.5 | threshold | effective paths | dynamic share | same-path |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for arch in TARGETS:
-        for start in ("scratch", "warm"):
+        for start in ("scratch", "warm", "warmlong"):
             for t in TARGETS[arch]:
                 for name in ROUTE_RECIPES:   # a long recipe against the statics of the long schedule
                     stem = f"{arch}-{start}-{{}}-{t}" + ("-long" if name.endswith("long") else "")
