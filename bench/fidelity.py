@@ -131,7 +131,10 @@ ROUTE_RECIPES = {"default": [],
                  "defaultgr": ["--block-grad", "routed"],
                  # fewer routes that share more: the budget's static route, with 1 or 2 pairs of blocks undecided
                  "normp1": ["--router-norm", "--undecided-pairs", "1"],
-                 "normp2": ["--router-norm", "--undecided-pairs", "2"]}
+                 "normp2": ["--router-norm", "--undecided-pairs", "2"],
+                 # a control: the norm recipe's routers never trained (lr 0): routes that depend on the image,
+                 # chosen by a random function of the features
+                 "normfrozen": [*UNDECIDED, "--router-norm", "--router-lr", "frozen"]}
 
 
 @functools.lru_cache(maxsize=None)

@@ -112,7 +112,8 @@ TRAIN_FLAGS = {
                                               "hard route (Eq. 11) forward, Eq. 3's gradient flows back (straight-through); "
                                               "stochastic: straight-through with each gate drawn from Bernoulli(r)"),
     "--router-lr": ("router_lr", str, "decay: the routers' lr steps down with the blocks'; constant: the routers "
-                                      "keep the peak lr until the finetune, so the budget loop can still move them"),
+                                      "keep the peak lr until the finetune, so the budget loop can still move them; "
+                                      "frozen: 0, the routers keep their random start (a control)"),
     "--explore": ("explore", float, "straight-through training: a block its router skips still runs on this share "
                                     "of the images, so that every block trains (the routes and the cost read "
                                     "the routers' decisions; 0: off)"),

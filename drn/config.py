@@ -148,7 +148,9 @@ class TrainConfig:
                                   # soft: Eq. 4, the paper's
     router_lr: str = "decay"      # decay: the routers' lr follows the blocks' (milestones); constant: the
                                   # routers keep the peak lr until the finetune freezes them, so the budget
-                                  # loop can still move them after the blocks' lr has decayed
+                                  # loop can still move them after the blocks' lr has decayed; frozen: 0, the
+                                  # routers keep their random start (a control: routes that depend on the
+                                  # image but are not learned)
     explore: float = 0.0          # straight-through main epochs: a skipped block still runs on this share of
                                   # the images (drawn per image; the routes, the cost and the loop read the
                                   # routers' decisions). A block that never runs never trains, so its router
@@ -294,8 +296,8 @@ class TrainConfig:
             raise UsageError(f"mu integral must be always, hold or reset, got {self.mu_integral!r}")
         if self.finetune_rates not in ("hold", "free"):
             raise UsageError(f"finetune rates must be hold or free, got {self.finetune_rates!r}")
-        if self.router_lr not in ("decay", "constant"):
-            raise UsageError(f"router lr must be decay or constant, got {self.router_lr!r}")
+        if self.router_lr not in ("decay", "constant", "frozen"):
+            raise UsageError(f"router lr must be decay, constant or frozen, got {self.router_lr!r}")
         if self.consistency_routes not in ("soft", "executed"):
             raise UsageError(f"consistency routes must be soft or executed, got {self.consistency_routes!r}")
         if self.rate_routes not in ("soft", "executed"):
@@ -364,7 +366,9 @@ class TrainConfig:
         """Learning rate at `frac` of the way through 0-based `epoch`: a linear warm-up over
         `warmup_epochs`, then steps at the milestones; the finetune phase restarts at `finetune_lr`
         and decays along a half cosine to 0. router: the routers' lr, which skips the milestone
-        steps with router_lr = constant (the finetune freezes the routers)."""
+        steps with router_lr = constant, and is 0 with frozen (the finetune freezes the routers)."""
+        if router and self.router_lr == "frozen":
+            return 0.0
         if epoch >= self.epochs:
             t = (epoch - self.epochs + frac) / max(self.finetune_epochs, 1)
             return self.finetune_lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))

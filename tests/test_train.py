@@ -405,3 +405,17 @@ def test_block_grad_routed_changes_a_routed_training_and_leaves_a_static_route_a
     static = dict(routing="distributedk", target_flops="50%")
     c, d = weights("c", **static), weights("d", block_grad="routed", **static)
     assert all(torch.equal(c[k], d[k]) for k in c)
+
+
+def test_frozen_routers_keep_their_start_while_the_blocks_train(tiny_data, tmp_path):
+    """--router-lr frozen (a control: routes that depend on the image, not learned): lr 0 for the
+    routers in every main step, so their parameters stay as they started; the blocks train."""
+    t = Trainer(tiny_cfg(tiny_data, tmp_path / "f", epochs=1, finetune_epochs=0, router_lr="frozen",
+                         router_start="undecided", router_norm=True, target_flops="50%"), log=lambda s: None)
+    start = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.run()
+    end = t.model.state_dict()
+    routers = [k for k in start if ".router." in k and not k.endswith(("running_mean", "running_var",
+                                                                         "num_batches_tracked", "capacity"))]
+    assert routers and all(torch.equal(start[k], end[k]) for k in routers)
+    assert any(not torch.equal(start[k], end[k]) for k in start if ".residual." in k)
