@@ -93,6 +93,7 @@ def train_and_eval_cases(data: Path, tmp: Path) -> dict[str, tuple]:
         "undecided pairs below 0": ("drn-train", "--arch", "resnet8", *common, "--undecided-pairs", "-1"),
         "undecided pairs from undecided": ("drn-train", "--arch", "resnet8", *common, "--undecided-pairs", "1", "--router-start", "undecided"),
         "block grad unknown": ("drn-train", "--arch", "resnet8", *common, "--block-grad", "images"),
+        "router lr unknown": ("drn-train", "--arch", "resnet8", *common, "--router-lr", "zero"),
         "eval routes png not a png": ("drn-eval", str(foreign), "--routes-png", str(tmp / "r.jpg")),
         "router open at 1": ("drn-train", "--arch", "resnet8", *common, "--router-open", "1"),
         "budget ramp above 1": ("drn-train", "--arch", "resnet8", *common, "--budget-ramp", "2"),
