@@ -134,7 +134,10 @@ ROUTE_RECIPES = {"default": [],
                  "normp2": ["--router-norm", "--undecided-pairs", "2"],
                  # a control: the norm recipe's routers never trained (lr 0): routes that depend on the image,
                  # chosen by a random function of the features
-                 "normfrozen": [*UNDECIDED, "--router-norm", "--router-lr", "frozen"]}
+                 "normfrozen": [*UNDECIDED, "--router-norm", "--router-lr", "frozen"],
+                 # every block also trained on every image (the whole network on the first view): the split's cost?
+                 "normfp": [*UNDECIDED, "--router-norm", "--full-pass", "1"],
+                 "normktfp": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1"]}
 
 
 @functools.lru_cache(maxsize=None)
