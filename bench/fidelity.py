@@ -121,14 +121,6 @@ ROUTE_RECIPES = {"default": [],
                  "normkt": [*UNDECIDED, "--router-norm", "--no-route-transitions"],
                  # without Eq. 6: decided routers feel the diversity loss, which pushes routes apart whatever they cost
                  "normktnodiv": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--alpha", "0"],
-                 # the routers' gradients stop at their input: do the router losses pull the blocks' features?
-                 "normdet": [*UNDECIDED, "--router-norm", "--router-detach"],
-                 "normktdet": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--router-detach"],
-                 # a block's gradient the mean over the images that ran it: a block on half of the images
-                 # otherwise learns at half the learning rate of a static route's
-                 "normgr": [*UNDECIDED, "--router-norm", "--block-grad", "routed"],
-                 "normktgr": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--block-grad", "routed"],
-                 "defaultgr": ["--block-grad", "routed"],
                  # fewer routes that share more: the budget's static route, with 1 or 2 pairs of blocks undecided
                  "normp1": ["--router-norm", "--undecided-pairs", "1"],
                  "normp2": ["--router-norm", "--undecided-pairs", "2"],

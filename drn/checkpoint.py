@@ -40,8 +40,7 @@ def model_for(cfg: TrainConfig, num_classes: int, input_size: int) -> RoutedResN
     from .baselines import route_of
     return build_model(cfg.arch, num_classes, input_size, beta=cfg.beta, router_hidden=cfg.router_hidden,
                        leak=cfg.router_leak, router_open=cfg.router_open, router_norm=cfg.router_norm,
-                       route_transitions=cfg.route_transitions, router_detach=cfg.router_detach,
-                       static_route=route_of(cfg),
+                       route_transitions=cfg.route_transitions, static_route=route_of(cfg),
                        zero_init_residual=cfg.zero_init_residual, drop_path=cfg.drop_path)
 
 

@@ -130,9 +130,6 @@ TRAIN_FLAGS = {
                                         "images; b > 0: on a share in [b, 1 - b] only"),
     "--rate-routes": ("rate_routes", str, "what the rate loss reads: executed (the 0/1 routes the images ran, "
                                           "straight-through) or soft (r)"),
-    "--block-grad": ("block_grad", str, "a routed block's gradient: batch (the mean over the batch; a block "
-                                        "run on a share p of the images learns at p x lr) or routed (the mean "
-                                        "over the images that ran it)"),
     "--router-leak": ("router_leak", float, "gradient floor of the routing variable w.r.t. its router's logits "
                                             "in training, in [0, 0.1]: lets closed routers reopen (0: Eq. 3 as is)"),
     "--target-flops": ("target_flops", str, "FLOPs budget per image, absolute (2e8) or share of full (40%%); "
@@ -175,9 +172,6 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--route-transitions", dest="route_transitions", action=argparse.BooleanOptionalAction,
                    default=argparse.SUPPRESS, help="route the blocks that change the shape (the first of each "
                    "stage after the stem); --no-route-transitions runs them on every image (default: routed)")
-    p.add_argument("--router-detach", dest="router_detach", action=argparse.BooleanOptionalAction,
-                   default=argparse.SUPPRESS, help="the routers' losses train the routers only: no gradient from a "
-                   "router into the features it reads (default: off)")
     p.add_argument("--no-amp", dest="amp", action="store_false", default=argparse.SUPPRESS,
                    help="disable bfloat16 autocast on CUDA (default: on for CUDA, off on CPU)")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false", default=argparse.SUPPRESS,
@@ -282,7 +276,7 @@ def _cost_only(cfg: TrainConfig) -> dict:
     if cfg.routing != "drn" and cfg.k is None:
         raise UsageError("--cost-only of a static routing needs --k")
     model = build_model(cfg.arch, classes, size, beta=cfg.beta, router_hidden=cfg.router_hidden, leak=cfg.router_leak, router_open=cfg.router_open,
-                        router_norm=cfg.router_norm, route_transitions=cfg.route_transitions, router_detach=cfg.router_detach,
+                        router_norm=cfg.router_norm, route_transitions=cfg.route_transitions,
                         static_route=route_of(cfg))
     return {"arch": cfg.arch, "dataset": cfg.dataset, "input_size": size,
             **measure_cost_table(model).to_dict()}

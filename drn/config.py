@@ -123,7 +123,6 @@ class TrainConfig:
     router_hidden: int = 32
     router_norm: bool = False     # each router's logit gap batch-normalised (router.Router): decided image by image
     route_transitions: bool = True  # False: the shape-changing blocks run on every image (models.ModelConfig)
-    router_detach: bool = False   # the routers' gradients stop at their input features (models.ModelConfig)
     router_open: float | None = None  # p(execute) of an open router at the start, in (0.5, 1) (a closed one:
                                   # 1 - this); None: 0.99 for a warm start on the budget (--init: trained
                                   # blocks pull closed routers open within an epoch at 0.9, BENCHMARKS.md), else 0.9
@@ -169,9 +168,6 @@ class TrainConfig:
                                   # [b, 1 - b] only (the budget loop places the blocks' rates inside it)
     rate_routes: str = "executed" # what the rate loss reads: the routes the images ran (executed: straight-through,
                                   # the rate testing will see) or soft r
-    block_grad: str = "batch"     # a routed block's gradient: the mean over the batch (zeros for the images that
-                                  # skip it, so a block run on a share p of the images learns at p x lr) or
-                                  # "routed", the mean over the images that ran it (drn/step.py)
     router_leak: float = 0.0      # gradient floor of r w.r.t. the router logits (router.soft_route): lets
                                   # closed routers reopen; 0 = Eq. 3's own gradient (BENCHMARKS.md, issue 14)
     # budget: FLOPs per image ('2e8') or share of the full network ('40%'), or milliseconds per
@@ -302,8 +298,6 @@ class TrainConfig:
             raise UsageError(f"consistency routes must be soft or executed, got {self.consistency_routes!r}")
         if self.rate_routes not in ("soft", "executed"):
             raise UsageError(f"rate routes must be soft or executed, got {self.rate_routes!r}")
-        if self.block_grad not in ("batch", "routed"):
-            raise UsageError(f"block grad must be batch or routed, got {self.block_grad!r}")
         if self.view_augment not in ("same", "perturb"):
             raise UsageError(f"view augment must be same or perturb, got {self.view_augment!r}")
         if self.view_augment == "perturb" and (self.views < 2 or self.routing != "drn"):

@@ -104,15 +104,12 @@ class RoutedBlock(nn.Module):
         # routing="capacity": the share of a batch this block runs on (RoutedResNet.set_capacity)
         self.router.register_buffer("capacity", torch.ones(()))
         self.always = False   # run on every image, its router unused (ModelConfig.route_transitions)
-        self.detach = False   # the router reads the features without sending gradient into them (ModelConfig.router_detach)
 
     def route(self, x: torch.Tensor, beta: float, z: torch.Tensor | None = None, leak: float = 0.0) -> torch.Tensor:
         """x (B, C, H, W) -> r (B,), Eq. 3; z: x's global average pool (B, C) when known; leak:
         router.soft_route's gradient floor (training). A block that always runs: r = 1."""
         if self.always:
             return x.new_ones(x.shape[0])
-        if self.detach:
-            x, z = x.detach(), (None if z is None else z.detach())
         return soft_route(self.router(x, z), beta, leak)
 
     def soft(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -235,8 +232,6 @@ class ModelConfig:
     router_norm: bool = False # the routers' logit gap batch-normalised (router.Router)
     route_transitions: bool = True  # False: the blocks that change the shape (stride 2, more channels) run on
                               # every image, as ConvNet-AIG leaves its downsampling layers ungated
-    router_detach: bool = False  # the routers' losses (Eq. 5, 6, 8 and the task loss through r) train the
-                              # routers only, not the blocks whose features they read
     leak: float = 0.0         # gradient floor of r w.r.t. the router's logit gap (router.soft_route)
     zero_init_residual: bool = False  # last BN of each residual branch starts at 0: every block starts
                                       # as its shortcut (Goyal et al.), so a deep ResNet trains like a shallow one first
@@ -304,7 +299,6 @@ class RoutedResNet(nn.Module):
         for b in self.blocks:
             b.router.open_(cfg.router_open)
             b.always = not cfg.route_transitions and not isinstance(b.shortcut, nn.Identity)
-            b.detach = cfg.router_detach
         self.fc = nn.Linear(cin, cfg.num_classes)
         # the blocks' capacities (routing="capacity") as Python floats: static shapes under compile
         self._capacity = (1.0,) * len(blocks)

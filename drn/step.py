@@ -46,19 +46,6 @@ def frozen_bn_stats(model):
             m.momentum = v
 
 
-def per_route_grads(model, gates: torch.Tensor) -> None:
-    """Each block's gradient as the mean over the images that ran it, not over the batch: the loss is
-    a batch mean and an image that skips a block adds 0 to the block's gradient, so a block run on a
-    share p of the images would learn at p x lr (with weight decay at its full rate) where a static
-    route's blocks learn at lr. Only the residual branch: the router and a projection shortcut run
-    on every image. gates (B, n) the routes the batch ran; no host sync."""
-    share = gates.float().mean(0).clamp_min(1 / gates.shape[0])   # (n,)
-    for block, s in zip(model.blocks, share):
-        grads = [p.grad for p in block.residual.parameters() if p.grad is not None]
-        if grads:
-            torch._foreach_div_(grads, s)
-
-
 def main_loss(model, xs: torch.Tensor, labels: torch.Tensor, views: int, cost_norm: torch.Tensor, mu,
               weights: LossWeights, *, amp: bool = True, routing: str = "soft", consistency_routes: str = "soft",
               explore: float = 0.0, full_pass: float = 0.0, rate_target: torch.Tensor | None = None,
@@ -92,15 +79,14 @@ def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, gen
                views: int, finetune: bool, cost_norm: torch.Tensor, mu: float, weights: LossWeights,
                amp: bool = True, routing: str = "soft", consistency_routes: str = "soft", explore: float = 0.0,
                full_pass: float = 0.0, view_augment: str = "same", channels_last: bool = False,
-               rate_target: torch.Tensor | None = None, rate_routes: str = "executed", block_grad: str = "batch"):
+               rate_target: torch.Tensor | None = None, rate_routes: str = "executed"):
     """One optimisation step on a batch of L uint8 images (L, C, H, W) and labels (L,): M = `views`
     augmented views of each, forward under `routing` (soft, Eq. 4, or straight-through), Eq. 9 (or
     CE under hard routing when finetuning or for a static route), Eq. 5 and 10 on r or on the routes the views ran
     (`consistency_routes`), backward, SGD; explore: the share of images on which a skipped block runs
     anyway (straight-through main epochs); full_pass: the weight of a second cross-entropy, of the
     full network (every block) on the first view of each image, so that every block trains on every
-    image whatever the routes (BN running statistics are left to the routed pass); block_grad "routed":
-    per_route_grads (a static route's blocks run on all images or none: nothing changes). Returns the loss
+    image whatever the routes (BN running statistics are left to the routed pass). Returns the loss
     (detached), its parts (PARTS order, stacked), the model output and the labels (L*M,)."""
     dev = images.device
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -119,8 +105,6 @@ def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, gen
                                         rate_target=rate_target, rate_routes=rate_routes)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if block_grad == "routed":
-        per_route_grads(model, out.gates)
     optimizer.step()
     return loss.detach(), parts, out, y
 
@@ -143,9 +127,8 @@ class CompiledStep:
     def __init__(self, model, optimizer, *, weights: LossWeights, amp: bool = True, routing: str = "soft",
                  consistency_routes: str = "soft", explore: float = 0.0, full_pass: float = 0.0,
                  view_augment: str = "same", channels_last: bool = False, backend: str = "inductor",
-                 mode: str | None = None, rate_target: torch.Tensor | None = None, rate_routes: str = "executed",
-                 block_grad: str = "batch"):
-        self.model, self.optimizer, self.block_grad = model, optimizer, block_grad
+                 mode: str | None = None, rate_target: torch.Tensor | None = None, rate_routes: str = "executed"):
+        self.model, self.optimizer = model, optimizer
         self.view_augment, self.channels_last = view_augment, channels_last
         device = next(model.parameters()).device
         cuda = device.type == "cuda"
@@ -175,8 +158,6 @@ class CompiledStep:
         loss, parts, out, y = self._loss(self.model, xs, labels, views, cost_norm, self.mu, **self.kw)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.block_grad == "routed":
-            per_route_grads(self.model, out.gates)
         self._update()
         self.calls += 1
         if self.graphs:   # the graphs' outputs live in their memory pool until the next replay

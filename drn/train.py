@@ -301,8 +301,7 @@ class Trainer:
                                          routing=cfg.train_routing, consistency_routes=cfg.consistency_routes,
                                          explore=cfg.explore, full_pass=cfg.full_pass, view_augment=cfg.view_augment,
                                          channels_last=self.channels_last, backend=cfg.compile,
-                                         rate_target=self.rate_target, rate_routes=cfg.rate_routes,
-                                         block_grad=cfg.block_grad)
+                                         rate_target=self.rate_target, rate_routes=cfg.rate_routes)
         sums = torch.zeros(len(PARTS) + 2, device=dev)  # loss, the parts, correct
         gate_sum = torch.zeros(self.cost.num_blocks, device=dev)
         seen = 0
@@ -331,7 +330,7 @@ class Trainer:
                                                  consistency_routes=cfg.consistency_routes, explore=cfg.explore,
                                                  full_pass=cfg.full_pass, view_augment=cfg.view_augment,
                                                  channels_last=self.channels_last, rate_target=self.rate_target,
-                                                 rate_routes=cfg.rate_routes, block_grad=cfg.block_grad)
+                                                 rate_routes=cfg.rate_routes)
             gates = out.gates.float()
             if hold is not None:   # a decided block's shift is 0
                 shifts = hold.update(logit_gap(out.r.detach().float(), model.cfg.beta), d_t)

@@ -391,22 +391,6 @@ def test_warm_starts_on_the_budget_start_their_routers_further_from_the_middle(t
     assert TrainConfig(**base, target_flops="30%", init=str(tmp_path / "p.pt"), router_open=0.8).router_open == 0.8
 
 
-def test_block_grad_routed_changes_a_routed_training_and_leaves_a_static_route_alone(tiny_data, tmp_path):
-    """--block-grad routed (step.per_route_grads) in the trainer's steps: a DRN whose routers split the
-    batch trains to other weights than with the batch mean; a static route's blocks run on every
-    image or none, so its weights are the same bit for bit."""
-    def weights(name, **kw):
-        t = Trainer(tiny_cfg(tiny_data, tmp_path / name, epochs=1, finetune_epochs=1, **kw), log=lambda s: None)
-        t.run()
-        return t.model.state_dict()
-    routed = dict(router_start="undecided", router_norm=True, target_flops="50%")
-    a, b = weights("a", **routed), weights("b", block_grad="routed", **routed)
-    assert any(not torch.equal(a[k], b[k]) for k in a if ".residual." in k)
-    static = dict(routing="distributedk", target_flops="50%")
-    c, d = weights("c", **static), weights("d", block_grad="routed", **static)
-    assert all(torch.equal(c[k], d[k]) for k in c)
-
-
 def test_frozen_routers_keep_their_start_while_the_blocks_train(tiny_data, tmp_path):
     """--router-lr frozen (a control: routes that depend on the image, not learned): lr 0 for the
     routers in every main step, so their parameters stay as they started; the blocks train."""
