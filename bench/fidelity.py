@@ -53,6 +53,13 @@ The plan, for each arch and seed (seeds 0 of everything first):
     {arch}-{start}-drn-{t}-reset-s{seed}     the same with the loop's integral reset at the crossing
                                              (--mu-integral reset), from scratch and warm: today's default
                                              (fourteenth session); the rows before it pin --mu-integral always
+    {arch}-{start}-drn-{t}-{recipe}-s{seed}  the route recipes (ROUTE_RECIPES): routes that depend on the image
+    resnet20-full2v[-long]-s{seed}, resnet20-scratch-distributedk2v-{t}-long-s{seed}
+                                             does compute buy accuracy? the whole network on two views and
+                                             the statics at 2.75 times the schedule (18 + 4; `compute`)
+    resnet20-warmlong-{method}2v-{t}-s{seed}, resnet20-warmlong-drn-{t}-{recipe}-s{seed}
+                                             the statics and the DRN from the whole network trained 18 + 4:
+                                             a start whose blocks pay
 """
 import argparse
 import functools
