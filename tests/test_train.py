@@ -262,7 +262,7 @@ def test_constant_router_lr_skips_the_milestones_only(tiny_data, tmp_path):
     trainer.optimizer.step = lambda *a, **kw: (lrs.append((groups[0]["lr"], groups[1]["lr"])), step(*a, **kw))[1]
     trainer.run()
     assert lrs[0] == pytest.approx((0.1, 0.1)) and lrs[-1] == pytest.approx((0.01, 0.1))
-    with pytest.raises(UsageError, match="router lr must be decay or constant"):
+    with pytest.raises(UsageError, match="router lr must be decay, constant or frozen"):
         TrainConfig(router_lr="cosine")
 
 
