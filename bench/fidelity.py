@@ -242,7 +242,7 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                     for method in TWO_VIEWS:
                         runs[f"{arch}-warmlong-{method}2v-{t}-s{seed}"] = [
                             "--arch", arch, "--routing", method, "--target-flops", f"{t}%", "--views", "2", *init, *s]
-                    for name in ("default", "norm", "normp1"):
+                    for name in ("default", "norm", "normp1", "normktfp"):
                         runs[f"{arch}-warmlong-drn-{t}-{name}-s{seed}"] = [
                             "--arch", arch, "--target-flops", f"{t}%", *ROUTE_RECIPES[name], *init, *s]
                 for name, flags in ABLATIONS.items():
