@@ -35,8 +35,8 @@ starting cost down to the target. It acts on u = asinh(mu / mu_scale):
   augmentation, BN running statistics), the loop measures training batches (augmented views, BN
   batch statistics). From trained blocks (a warm start) the two differ by 3-7 %, the val routes
   dearer: the loop landed the training batches on the target and val missed by up to +10 %
-  (BENCHMARKS.md, "The routers' start, exact, and a loop that steers val"). After every main epoch the trainer reports the val cost beside what
-  training batches cost at that moment (`observe_val`; `Trainer.batch_cost_now` runs a fixed
+  (BENCHMARKS.md, "The routers' start, exact, and a loop that steers val"). After every main epoch
+  the trainer reports the val cost beside what training batches cost at that moment (`observe_val`; `Trainer.batch_cost_now` runs a fixed
   sample of augmented training images in train mode, BN statistics untouched). Not the loop's EMA:
   when routes move fast -- a warm start's routers opened within epoch 1 -- the EMA lags them, and
   the lag read as a val/train bias clipped rho to 1.25 where the true ratio was 1.04, which drove mu
@@ -176,7 +176,8 @@ class RateHold:
     The routers read features those blocks compute, so a frozen router's decisions drift: on
     ResNet-56 at 50 % two undecided blocks ran on 38 / 84 % of the val images when the main phase
     ended (threshold 0.5) and on 27 / 70 % after two finetune epochs, at the lower trimmed threshold
-    0.400; the model fell from -2.4 % to -6.2 % of its target at 0.5 (BENCHMARKS.md, "The finetune holds the routers' rates"). The hold re-centres each undecided router on the moving features:
+    0.400; the model fell from -2.4 % to -6.2 % of its target at 0.5 (BENCHMARKS.md, "The finetune
+    holds the routers' rates"). The hold re-centres each undecided router on the moving features:
     after every finetune step its logit gap d = R_0 - R_1 moves (Router.shift_, the last layer's
     bias) by `gain` times the distance between the threshold's gap and the batch's (1 - ref)
     quantile of d, the gap above which a share ref of the images runs the block. The router's
