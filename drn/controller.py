@@ -36,7 +36,8 @@ starting cost down to the target. It acts on u = asinh(mu / mu_scale):
   batch statistics). From trained blocks (a warm start) the two differ by 3-7 %, the val routes
   dearer: the loop landed the training batches on the target and val missed by up to +10 %
   (BENCHMARKS.md, "The routers' start, exact, and a loop that steers val"). After every main epoch
-  the trainer reports the val cost beside what training batches cost at that moment (`observe_val`; `Trainer.batch_cost_now` runs a fixed
+  the trainer reports the val cost beside what training batches cost at that moment
+  (`observe_val`; `Trainer.batch_cost_now` runs a fixed
   sample of augmented training images in train mode, BN statistics untouched). Not the loop's EMA:
   when routes move fast -- a warm start's routers opened within epoch 1 -- the EMA lags them, and
   the lag read as a val/train bias clipped rho to 1.25 where the true ratio was 1.04, which drove mu
