@@ -101,12 +101,12 @@ class TrainConfig:
     gamma: float = 0.5
     mu: float | None = None       # the cost weight: its start value with a target (the loop adapts it), fixed
                                   # without one. None: 0.05, or WARM_MU x the loop's mu scale (1 on ResNet-20)
-                                  # when the routers start on the budget from --init (BENCHMARKS.md, issue 15)
+                                  # when the routers start on the budget from --init (BENCHMARKS.md, "The 70 % miss, found")
     budget_ramp: float = 0.3      # the loop's setpoint moves from the start cost to the target over this
                                   # share of --epochs (controller.py)
     mu_ki: float | None = None    # the controller's integral gain on asinh(mu / mu_scale), per epoch (controller.py;
                                   # None: 8 when the routers start on the budget, 16 when they do so from
-                                  # --init (BENCHMARKS.md, issue 15), 2 when they start open)
+                                  # --init (BENCHMARKS.md, "The 70 % miss: the loop was too slow"), 2 when they start open)
     mu_integral: str = "reset"    # reset: the loop's integral sums every error and returns to 0 when the routes
                                   # cross over the target while mu < 0 still pulls them up; always: it never
                                   # resets; hold: it holds while the routes are on course to the setpoint

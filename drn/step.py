@@ -1,4 +1,4 @@
-"""The training step: one optimisation step of the trainer, eager or compiled (issue 17).
+"""The training step: one optimisation step of the trainer, eager or compiled.
 
     train_step(model, optimizer, images, labels, generator, ...)    eager, every phase
     CompiledStep(model, optimizer, ...)(images, labels, generator, ...)
