@@ -60,6 +60,8 @@ The plan, for each arch and seed (seeds 0 of everything first):
     resnet20-warmlong-{method}2v-{t}-s{seed}, resnet20-warmlong-drn-{t}-{recipe}-s{seed}
                                              the statics and the DRN from the whole network trained 18 + 4:
                                              a start whose blocks pay
+    resnet20-warmlong-{method}2v-{t}-kd-s{seed}, resnet20-warmlong-drn-{t}-{recipe}kd-s{seed}
+                                             the same with distillation from that network (--distill 1)
 """
 import argparse
 import functools
@@ -136,7 +138,11 @@ ROUTE_RECIPES = {"default": [],
                  "normfrozen": [*UNDECIDED, "--router-norm", "--router-lr", "frozen"],
                  # every block also trained on every image (the whole network on the first view): the split's cost?
                  "normfp": [*UNDECIDED, "--router-norm", "--full-pass", "1"],
-                 "normktfp": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1"]}
+                 "normktfp": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1"],
+                 # distillation from the backbone (from a backbone only; against statics distilled alike)
+                 "defaultkd": ["--distill", "1"],
+                 "normktfpkd": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1",
+                                "--distill", "1"]}
 
 
 @functools.lru_cache(maxsize=None)
@@ -198,6 +204,8 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                 init = ["--init", str(RUNS_DIR / full / "checkpoint.pt")] if start == "warm" else []
                 for t in TARGETS[arch]:
                     for name, flags in ROUTE_RECIPES.items():
+                        if start == "scratch" and "--distill" in flags:
+                            continue
                         runs[f"{arch}-{start}-drn-{t}-{name}-s{seed}"] = [
                             "--arch", arch, "--target-flops", f"{t}%", *flags, *init, *s]
             # a backbone trained with stochastic depth (BlockDrop's start: blocks that can be skipped), and the
@@ -242,7 +250,10 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                     for method in TWO_VIEWS:
                         runs[f"{arch}-warmlong-{method}2v-{t}-s{seed}"] = [
                             "--arch", arch, "--routing", method, "--target-flops", f"{t}%", "--views", "2", *init, *s]
-                    for name in ("default", "norm", "normp1", "normktfp"):
+                        runs[f"{arch}-warmlong-{method}2v-{t}-kd-s{seed}"] = [
+                            "--arch", arch, "--routing", method, "--target-flops", f"{t}%", "--views", "2",
+                            "--distill", "1", *init, *s]
+                    for name in ("default", "norm", "normp1", "normktfp", "defaultkd", "normktfpkd"):
                         runs[f"{arch}-warmlong-drn-{t}-{name}-s{seed}"] = [
                             "--arch", arch, "--target-flops", f"{t}%", *ROUTE_RECIPES[name], *init, *s]
                 for name, flags in ABLATIONS.items():
@@ -504,8 +515,9 @@ def routes_report(args) -> int:
     for arch in TARGETS:
         for start in ("scratch", "warm", "warmlong"):
             for t in TARGETS[arch]:
-                for name in ROUTE_RECIPES:   # a long recipe against the statics of the long schedule
-                    stem = f"{arch}-{start}-{{}}-{t}" + ("-long" if name.endswith("long") else "")
+                for name in ROUTE_RECIPES:   # a long (distilled) recipe against the long (distilled) statics
+                    stem = f"{arch}-{start}-{{}}-{t}" + ("-long" if name.endswith("long") else "") + (
+                        "-kd" if name.endswith("kd") else "")
                     rec = {s: res[f"{arch}-{start}-drn-{t}-{name}-s{s}"] for s in SEEDS
                            if f"{arch}-{start}-drn-{t}-{name}-s{s}" in res}
                     if not rec:

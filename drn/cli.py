@@ -123,6 +123,8 @@ TRAIN_FLAGS = {
     "--full-pass": ("full_pass", float, "weight of a second cross-entropy per training step, of the full network "
                                         "(every block) on one view: every block trains on every image, so a router "
                                         "can judge a block it skips (supernet training; 0: off)"),
+    "--distill": ("distill", float, "weight of a distillation loss from the --init network (every block, frozen): "
+                                    "KL of its softened outputs to this network's, on every step (0: off)"),
     "--rate-weight": ("rate_weight", float, "weight of the per-block execution-rate loss (ConvNet-AIG's): with a "
                                             "target, every block is asked to run on the budget's share of the "
                                             "images, so the routers must tell images apart (0: off)"),

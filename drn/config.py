@@ -162,6 +162,9 @@ class TrainConfig:
                                   # network (every block, on one view), so that every block trains on every
                                   # image and a router can judge a block it skips (supernet training; 0: off;
                                   # measured at 1: the routes still keep their start, BENCHMARKS.md issue 14)
+    distill: float = 0.0          # weight of the distillation loss (Hinton et al.): KL from the --init network's
+                                  # outputs (every block, frozen) to this network's, at temperature losses.DISTILL_T,
+                                  # on every training step (statics and the finetune too); 0: off
     rate_weight: float = 0.0      # weight of the per-block execution-rate loss (losses.rate_loss): with a target,
                                   # every block is asked to run on the budget's share of the images
     rate_band: float = 0.0        # 0: the rate loss asks every block for the budget's share; b > 0: for a rate in
@@ -257,6 +260,7 @@ class TrainConfig:
             (0 <= self.explore <= 0.5, f"explore must be in [0, 0.5], got {self.explore}"),
             (0 <= self.routers_first < self.epochs, f"routers first must be in [0, epochs), got {self.routers_first}"),
             (0 <= self.full_pass <= 10, f"full pass must be in [0, 10], got {self.full_pass}"),
+            (0 <= self.distill <= 10, f"distill must be in [0, 10], got {self.distill}"),
             (0 <= self.rate_weight <= 100, f"rate weight must be in [0, 100], got {self.rate_weight}"),
             (0 <= self.rate_band < 0.5, f"rate band must be in [0, 0.5), got {self.rate_band}"),
             (0 <= self.router_leak <= 0.1, f"router leak must be in [0, 0.1], got {self.router_leak}"),
@@ -288,6 +292,8 @@ class TrainConfig:
             raise UsageError(f"undecided pairs need a start on the budget, not router start {self.router_start}")
         if self.router_start == "greedy" and self.init is None and self.routing == "drn":
             raise UsageError("router start greedy measures trained blocks: it needs --init (a warm start)")
+        if self.distill > 0 and self.init is None:
+            raise UsageError("distill needs --init: the trained network to distill from")
         if self.mu_integral not in ("always", "hold", "reset"):
             raise UsageError(f"mu integral must be always, hold or reset, got {self.mu_integral!r}")
         if self.finetune_rates not in ("hold", "free"):
@@ -349,11 +355,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        # a setting that existed briefly and was removed, kept readable at the value whose behaviour is
-        # the only one left (`--finetune-routers frozen`: the steered finetune collapsed the routes,
-        # BENCHMARKS.md issue 14)
-        if d.get("finetune_routers") == "frozen":
-            d = {k: v for k, v in d.items() if k != "finetune_routers"}
+        # settings that existed briefly and were removed, kept readable at the value whose behaviour is
+        # the only one left (`--finetune-routers frozen`: the steered finetune collapsed the routes;
+        # `--router-detach`, `--block-grad routed`: no effect on the routes, BENCHMARKS.md "Routes that
+        # depend on the image")
+        removed = {"finetune_routers": "frozen", "router_detach": False, "block_grad": "batch"}
+        d = {k: v for k, v in d.items() if not (k in removed and v == removed[k])}
         return build_checked(cls, d, "config")
 
     def lr_at(self, epoch: int, frac: float = 0.0, router: bool = False) -> float:

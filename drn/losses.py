@@ -57,6 +57,16 @@ def rate_loss(r: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (F.relu(lo - rate).square() + F.relu(rate - hi).square()).mean()
 
 
+DISTILL_T = 4.0   # distillation temperature (Hinton et al.; 4 is the usual choice on CIFAR)
+
+
+def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, t: float = DISTILL_T) -> torch.Tensor:
+    """KL(softmax(teacher / t) || softmax(student / t)) * t^2, mean over the batch (Hinton et al.:
+    the t^2 keeps its gradient's scale that of the cross-entropy's)."""
+    return F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                    reduction="batchmean", log_target=True) * t * t
+
+
 def regularization_loss(routes: torch.Tensor) -> torch.Tensor:
     """Eq. 10: (1/L) sum_i ||r_i - mean(route_{i,:})||_2.
 

@@ -20,10 +20,20 @@ import torch
 import torch.nn.functional as F
 
 from .data import make_views, random_crop_flip
-from .losses import LossWeights, drn_loss
+from .losses import LossWeights, distill_loss, drn_loss
 from .router import straight_through
 
 PARTS = ("cls", "consistency", "diversity", "cost", "reg", "rate")
+
+
+def distilled(loss: torch.Tensor, logits: torch.Tensor, xs: torch.Tensor, teacher, weight: float) -> torch.Tensor:
+    """loss + weight * the distillation loss from a frozen `teacher` (eval mode: its running BN
+    statistics) on the same views xs; loss as it is when there is no teacher."""
+    if teacher is None or weight == 0:
+        return loss
+    with torch.no_grad():
+        target = teacher(xs, routing="hard").logits.float()
+    return loss + weight * distill_loss(logits.float(), target)
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -49,10 +59,11 @@ def frozen_bn_stats(model):
 def main_loss(model, xs: torch.Tensor, labels: torch.Tensor, views: int, cost_norm: torch.Tensor, mu,
               weights: LossWeights, *, amp: bool = True, routing: str = "soft", consistency_routes: str = "soft",
               explore: float = 0.0, full_pass: float = 0.0, rate_target: torch.Tensor | None = None,
-              rate_routes: str = "executed"):
+              rate_routes: str = "executed", teacher=None, distill: float = 0.0):
     """The main epochs' forward and Eq. 9: xs (L*M, C, H, W) the views, sample-major; labels (L,);
     rate_target (n,): the blocks' target execution rates (losses.rate_loss), or None; rate_routes: whose
-    rates it reads, the routes the views ran ("executed", straight-through) or r ("soft").
+    rates it reads, the routes the views ran ("executed", straight-through) or r ("soft"); teacher,
+    distill: a frozen network and the weight of the distillation loss from it (distilled).
     Returns the loss, its parts stacked in PARTS order (detached), the model output, the labels (L*M,)."""
     L, dev = labels.shape[0], xs.device
     y = labels.repeat_interleave(views)
@@ -72,6 +83,7 @@ def main_loss(model, xs: torch.Tensor, labels: torch.Tensor, views: int, cost_no
                 full = model(first, routing="mask", gates=torch.ones(first.shape[0], model.num_blocks,
                                                                      dtype=torch.bool, device=dev))
             loss = loss + full_pass * F.cross_entropy(full.logits.float(), labels)
+        loss = distilled(loss, out.logits, xs, teacher, distill)
     return loss, torch.stack([parts[k] for k in PARTS]), out, y
 
 
@@ -79,14 +91,16 @@ def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, gen
                views: int, finetune: bool, cost_norm: torch.Tensor, mu: float, weights: LossWeights,
                amp: bool = True, routing: str = "soft", consistency_routes: str = "soft", explore: float = 0.0,
                full_pass: float = 0.0, view_augment: str = "same", channels_last: bool = False,
-               rate_target: torch.Tensor | None = None, rate_routes: str = "executed"):
+               rate_target: torch.Tensor | None = None, rate_routes: str = "executed", teacher=None,
+               distill: float = 0.0):
     """One optimisation step on a batch of L uint8 images (L, C, H, W) and labels (L,): M = `views`
     augmented views of each, forward under `routing` (soft, Eq. 4, or straight-through), Eq. 9 (or
     CE under hard routing when finetuning or for a static route), Eq. 5 and 10 on r or on the routes the views ran
     (`consistency_routes`), backward, SGD; explore: the share of images on which a skipped block runs
     anyway (straight-through main epochs); full_pass: the weight of a second cross-entropy, of the
     full network (every block) on the first view of each image, so that every block trains on every
-    image whatever the routes (BN running statistics are left to the routed pass). Returns the loss
+    image whatever the routes (BN running statistics are left to the routed pass); teacher, distill:
+    the distillation loss's frozen network and weight, in every phase. Returns the loss
     (detached), its parts (PARTS order, stacked), the model output and the labels (L*M,)."""
     dev = images.device
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -97,12 +111,14 @@ def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, gen
         with autocast(dev, amp):
             out = model(xs.contiguous(memory_format=fmt), routing="hard")
             loss = F.cross_entropy(out.logits.float(), y)
+            loss = distilled(loss, out.logits, xs, teacher, distill)
         parts = torch.cat([loss.detach().view(1), torch.zeros(len(PARTS) - 1, device=dev)])
     else:
         xs = make_views(x, views, generator, view_augment).contiguous(memory_format=fmt)
         loss, parts, out, y = main_loss(model, xs, labels, views, cost_norm, mu, weights, amp=amp, routing=routing,
                                         consistency_routes=consistency_routes, explore=explore, full_pass=full_pass,
-                                        rate_target=rate_target, rate_routes=rate_routes)
+                                        rate_target=rate_target, rate_routes=rate_routes, teacher=teacher,
+                                        distill=distill)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -127,7 +143,8 @@ class CompiledStep:
     def __init__(self, model, optimizer, *, weights: LossWeights, amp: bool = True, routing: str = "soft",
                  consistency_routes: str = "soft", explore: float = 0.0, full_pass: float = 0.0,
                  view_augment: str = "same", channels_last: bool = False, backend: str = "inductor",
-                 mode: str | None = None, rate_target: torch.Tensor | None = None, rate_routes: str = "executed"):
+                 mode: str | None = None, rate_target: torch.Tensor | None = None, rate_routes: str = "executed",
+                 teacher=None, distill: float = 0.0):
         self.model, self.optimizer = model, optimizer
         self.view_augment, self.channels_last = view_augment, channels_last
         device = next(model.parameters()).device
@@ -138,7 +155,8 @@ class CompiledStep:
         self.graphs = backend == "cudagraphs" or (cuda and mode == "reduce-overhead")
         compile_ = lambda fn: torch.compile(fn, backend=backend, mode=mode)
         self.kw = dict(weights=weights, amp=amp, routing=routing, consistency_routes=consistency_routes,
-                       explore=explore, full_pass=full_pass, rate_target=rate_target, rate_routes=rate_routes)
+                       explore=explore, full_pass=full_pass, rate_target=rate_target, rate_routes=rate_routes,
+                       teacher=teacher, distill=distill)
         for g in optimizer.param_groups:   # tensors, so that a new lr is an input, not a recompile
             g["lr"] = torch.tensor(float(g["lr"]))
             g["foreach"], g["fused"] = True, False

@@ -102,6 +102,7 @@ class Trainer:
                 self.init_info = warm_start(self.model, cfg.init, cfg.dataset, self.data.val_index, init_checkpoint)
         self.static = cfg.routing != "drn"
         self.model.to(self.device)
+        self.teacher = self._teacher(init_checkpoint) if cfg.distill > 0 else None
         cuda = self.device.type == "cuda"
         if cfg.compile == "cudagraphs" and not cuda:
             raise UsageError(f"--compile cudagraphs needs a CUDA device, and this run is on {self.device}")
@@ -178,6 +179,16 @@ class Trainer:
         self.test_metrics: dict | None = None if ckpt is None else ckpt.get("test")
 
     @torch.no_grad()
+    def _teacher(self, ckpt: dict | None):
+        """--distill's teacher: the drn checkpoint at --init as it was trained (every block of a
+        plain network), frozen, in eval mode (its running BN statistics)."""
+        if ckpt is None:
+            if not Path(self.cfg.init).is_file():
+                raise UsageError(f"--init {self.cfg.init} does not exist")
+            ckpt = load_checkpoint(Path(self.cfg.init))
+        teacher, _ = model_from_checkpoint(ckpt)
+        return teacher.to(self.device).eval().requires_grad_(False)
+
     def _start_mu(self, mu_scale: float) -> float:
         """The cost weight's start value. From --init with the routers on the budget the loop starts at
         WARM_MU x mu_scale (1 on ResNet-20), not 0.05: a trained block's router moves only once mu is ~1-3,
@@ -301,7 +312,8 @@ class Trainer:
                                          routing=cfg.train_routing, consistency_routes=cfg.consistency_routes,
                                          explore=cfg.explore, full_pass=cfg.full_pass, view_augment=cfg.view_augment,
                                          channels_last=self.channels_last, backend=cfg.compile,
-                                         rate_target=self.rate_target, rate_routes=cfg.rate_routes)
+                                         rate_target=self.rate_target, rate_routes=cfg.rate_routes,
+                                         teacher=self.teacher, distill=cfg.distill)
         sums = torch.zeros(len(PARTS) + 2, device=dev)  # loss, the parts, correct
         gate_sum = torch.zeros(self.cost.num_blocks, device=dev)
         seen = 0
@@ -330,7 +342,8 @@ class Trainer:
                                                  consistency_routes=cfg.consistency_routes, explore=cfg.explore,
                                                  full_pass=cfg.full_pass, view_augment=cfg.view_augment,
                                                  channels_last=self.channels_last, rate_target=self.rate_target,
-                                                 rate_routes=cfg.rate_routes)
+                                                 rate_routes=cfg.rate_routes, teacher=self.teacher,
+                                                 distill=cfg.distill)
             gates = out.gates.float()
             if hold is not None:   # a decided block's shift is 0
                 shifts = hold.update(logit_gap(out.r.detach().float(), model.cfg.beta), d_t)

@@ -91,6 +91,8 @@ def train_and_eval_cases(data: Path, tmp: Path) -> dict[str, tuple]:
         "router norm with a value": ("drn-train", "--arch", "resnet8", *common, "--router-norm=yes"),
         "undecided pairs below 0": ("drn-train", "--arch", "resnet8", *common, "--undecided-pairs", "-1"),
         "undecided pairs from undecided": ("drn-train", "--arch", "resnet8", *common, "--undecided-pairs", "1", "--router-start", "undecided"),
+        "distill without init": ("drn-train", "--arch", "resnet8", *common, "--distill", "1"),
+        "distill negative": ("drn-train", "--arch", "resnet8", *common, "--distill", "-1"),
         "router lr unknown": ("drn-train", "--arch", "resnet8", *common, "--router-lr", "zero"),
         "eval routes png not a png": ("drn-eval", str(foreign), "--routes-png", str(tmp / "r.jpg")),
         "router open at 1": ("drn-train", "--arch", "resnet8", *common, "--router-open", "1"),

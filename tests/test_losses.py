@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from drn.losses import (LossWeights, consistency_loss, cost_loss, diversity_loss, drn_loss,
+from drn.losses import (LossWeights, consistency_loss, cost_loss, distill_loss, diversity_loss, drn_loss,
                         regularization_loss)
 
 
@@ -298,3 +298,15 @@ def test_consistency_on_executed_routes_sees_views_that_run_different_blocks():
     assert executed["consistency"] == pytest.approx(0.09) and soft["consistency"] == 0
     assert executed["reg"] == pytest.approx(0.5) and soft["reg"] == pytest.approx(0.02)
     assert executed["diversity"] == soft["diversity"] and executed["cost"] == soft["cost"]
+
+
+def test_distill_loss_hand_computed_and_zero_on_the_teachers_own_outputs():
+    """t^2 KL(p_teacher || p_student) at temperature t, mean over the batch."""
+    s, t = torch.tensor([[2.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 2.0], [0.0, 0.0]])
+    ps, pt = torch.sigmoid(torch.tensor(0.5)), torch.sigmoid(torch.tensor(-0.5))  # softmax of (2, 0) / 4
+    kl = pt * torch.log(pt / ps) + (1 - pt) * torch.log((1 - pt) / (1 - ps))      # row 2: equal, 0
+    assert distill_loss(s, t, 4.0).item() == pytest.approx(16 * kl.item() / 2, rel=1e-5)
+    assert distill_loss(t, t).item() == pytest.approx(0.0, abs=1e-6)
+    logits = torch.randn(5, 10, requires_grad=True)
+    distill_loss(logits, torch.randn(5, 10)).backward()
+    assert logits.grad.abs().sum() > 0

@@ -222,6 +222,10 @@ def test_config_from_dict_reads_a_removed_setting_only_at_the_behaviour_left():
     assert TrainConfig.from_dict(d) == TrainConfig(arch="resnet20")
     with pytest.raises(UsageError, match="finetune_routers"):
         TrainConfig.from_dict({**d, "finetune_routers": "steer"})
+    gone = {**TrainConfig(arch="resnet20").to_dict(), "router_detach": False, "block_grad": "batch"}
+    assert TrainConfig.from_dict(gone) == TrainConfig(arch="resnet20")
+    with pytest.raises(UsageError, match="block_grad"):
+        TrainConfig.from_dict({**gone, "block_grad": "routed"})
 
 
 def test_tinyimagenet_doubles_the_route_loss_weights():

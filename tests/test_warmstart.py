@@ -153,3 +153,32 @@ def test_routers_start_on_the_greedy_route_of_a_warm_start(plain, tiny_data, tmp
     assert not all(route) and any(route)
     with pytest.raises(UsageError, match="greedy"):
         tiny_cfg(tiny_data, tmp_path / "x", target_flops="50%", router_start="greedy")
+
+
+@pytest.mark.parametrize("routing", ["drn", "distributedk"])
+def test_distill_learns_from_the_frozen_init_network_in_every_phase_and_after_a_resume(plain, tiny_data, tmp_path,
+                                                                                        routing):
+    """--distill: the teacher is the --init network as trained (its outputs, eval mode), frozen; the
+    loss moves the weights (the same run without it ends elsewhere), statics and the finetune too."""
+    kw = dict(arch="resnet20", epochs=1, finetune_epochs=1, target_flops="50%", init=str(plain.checkpoint_path),
+              routing=routing)
+    x = torch.rand(4, 3, 32, 32)
+    plain.model.eval()
+    with torch.no_grad():
+        expected = plain.model(x, routing="hard").logits
+    runs = {}
+    for w in (0.0, 2.0):
+        t = Trainer(tiny_cfg(tiny_data, tmp_path / f"d{w}", distill=w, **kw), log=lambda s: None)
+        if w:
+            before = {k: v.clone() for k, v in t.teacher.state_dict().items()}
+            with torch.no_grad():
+                torch.testing.assert_close(t.teacher(x, routing="hard").logits, expected)
+        t.run(on_epoch=lambda m: True)   # stopped after the main epoch: the finetune runs on a resume
+        resumed = Trainer(tiny_cfg(tiny_data, tmp_path / f"d{w}", distill=w, **kw), resume=True, log=lambda s: None)
+        resumed.run()
+        runs[w] = resumed.model.state_dict()
+        if w:
+            assert all(torch.equal(before[k], v) for k, v in t.teacher.state_dict().items())
+            assert not resumed.teacher.training and all(torch.equal(before[k], v)
+                                                        for k, v in resumed.teacher.state_dict().items())
+    assert any(not torch.equal(runs[0.0][k], runs[2.0][k]) for k in runs[0.0] if ".residual." in k)
