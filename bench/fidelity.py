@@ -142,7 +142,11 @@ ROUTE_RECIPES = {"default": [],
                  # distillation from the backbone (from a backbone only; against statics distilled alike)
                  "defaultkd": ["--distill", "1"],
                  "normktfpkd": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1",
-                                "--distill", "1"]}
+                                "--distill", "1"],
+                 # in-place distillation (slimmable networks): the full pass teaches the routed one
+                 "normktfpip": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1",
+                                "--distill", "1", "--distill-from", "full"],
+                 "normfpip": [*UNDECIDED, "--router-norm", "--full-pass", "1", "--distill", "1", "--distill-from", "full"]}
 
 
 @functools.lru_cache(maxsize=None)
@@ -204,7 +208,7 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                 init = ["--init", str(RUNS_DIR / full / "checkpoint.pt")] if start == "warm" else []
                 for t in TARGETS[arch]:
                     for name, flags in ROUTE_RECIPES.items():
-                        if start == "scratch" and "--distill" in flags:
+                        if start == "scratch" and "--distill" in flags and "full" not in flags:
                             continue
                         runs[f"{arch}-{start}-drn-{t}-{name}-s{seed}"] = [
                             "--arch", arch, "--target-flops", f"{t}%", *flags, *init, *s]
@@ -253,7 +257,7 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                         runs[f"{arch}-warmlong-{method}2v-{t}-kd-s{seed}"] = [
                             "--arch", arch, "--routing", method, "--target-flops", f"{t}%", "--views", "2",
                             "--distill", "1", *init, *s]
-                    for name in ("default", "norm", "normp1", "normktfp", "defaultkd", "normktfpkd"):
+                    for name in ("default", "norm", "normp1", "normktfp", "defaultkd", "normktfpkd", "normktfpip"):
                         runs[f"{arch}-warmlong-drn-{t}-{name}-s{seed}"] = [
                             "--arch", arch, "--target-flops", f"{t}%", *ROUTE_RECIPES[name], *init, *s]
                 for name, flags in ABLATIONS.items():

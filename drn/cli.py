@@ -125,6 +125,8 @@ TRAIN_FLAGS = {
                                         "can judge a block it skips (supernet training; 0: off)"),
     "--distill": ("distill", float, "weight of a distillation loss from the --init network (every block, frozen): "
                                     "KL of its softened outputs to this network's, on every step (0: off)"),
+    "--distill-from": ("distill_from", str, "the distillation's teacher: init (the --init network, frozen) or full "
+                                            "(this network's own full pass of --full-pass, in the main epochs)"),
     "--rate-weight": ("rate_weight", float, "weight of the per-block execution-rate loss (ConvNet-AIG's): with a "
                                             "target, every block is asked to run on the budget's share of the "
                                             "images, so the routers must tell images apart (0: off)"),

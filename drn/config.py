@@ -165,6 +165,9 @@ class TrainConfig:
     distill: float = 0.0          # weight of the distillation loss (Hinton et al.): KL from the --init network's
                                   # outputs (every block, frozen) to this network's, at temperature losses.DISTILL_T,
                                   # on every training step (statics and the finetune too); 0: off
+    distill_from: str = "init"    # the teacher: init (the --init network, frozen) or full (in-place distillation,
+                                  # Yu et al.'s slimmable networks: this network's own full pass of --full-pass,
+                                  # detached, teaches the routed pass in the main epochs; no --init needed)
     rate_weight: float = 0.0      # weight of the per-block execution-rate loss (losses.rate_loss): with a target,
                                   # every block is asked to run on the budget's share of the images
     rate_band: float = 0.0        # 0: the rate loss asks every block for the budget's share; b > 0: for a rate in
@@ -292,8 +295,13 @@ class TrainConfig:
             raise UsageError(f"undecided pairs need a start on the budget, not router start {self.router_start}")
         if self.router_start == "greedy" and self.init is None and self.routing == "drn":
             raise UsageError("router start greedy measures trained blocks: it needs --init (a warm start)")
-        if self.distill > 0 and self.init is None:
-            raise UsageError("distill needs --init: the trained network to distill from")
+        if self.distill_from not in ("init", "full"):
+            raise UsageError(f"distill from must be init or full, got {self.distill_from!r}")
+        if self.distill > 0 and self.distill_from == "init" and self.init is None:
+            raise UsageError("distill needs --init: the trained network to distill from (or --distill-from full)")
+        if self.distill > 0 and self.distill_from == "full" and (self.full_pass == 0 or self.routing != "drn"):
+            raise UsageError("distill from full needs a routed network (--routing drn) with --full-pass > 0: the full "
+                             "pass is the teacher")
         if self.mu_integral not in ("always", "hold", "reset"):
             raise UsageError(f"mu integral must be always, hold or reset, got {self.mu_integral!r}")
         if self.finetune_rates not in ("hold", "free"):

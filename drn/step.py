@@ -59,11 +59,12 @@ def frozen_bn_stats(model):
 def main_loss(model, xs: torch.Tensor, labels: torch.Tensor, views: int, cost_norm: torch.Tensor, mu,
               weights: LossWeights, *, amp: bool = True, routing: str = "soft", consistency_routes: str = "soft",
               explore: float = 0.0, full_pass: float = 0.0, rate_target: torch.Tensor | None = None,
-              rate_routes: str = "executed", teacher=None, distill: float = 0.0):
+              rate_routes: str = "executed", teacher=None, distill: float = 0.0, inplace: float = 0.0):
     """The main epochs' forward and Eq. 9: xs (L*M, C, H, W) the views, sample-major; labels (L,);
     rate_target (n,): the blocks' target execution rates (losses.rate_loss), or None; rate_routes: whose
     rates it reads, the routes the views ran ("executed", straight-through) or r ("soft"); teacher,
-    distill: a frozen network and the weight of the distillation loss from it (distilled).
+    distill: a frozen network and the weight of the distillation loss from it (distilled); inplace: the
+    weight of the distillation loss from the full pass (detached) to the routed pass of the same views.
     Returns the loss, its parts stacked in PARTS order (detached), the model output, the labels (L*M,)."""
     L, dev = labels.shape[0], xs.device
     y = labels.repeat_interleave(views)
@@ -83,6 +84,8 @@ def main_loss(model, xs: torch.Tensor, labels: torch.Tensor, views: int, cost_no
                 full = model(first, routing="mask", gates=torch.ones(first.shape[0], model.num_blocks,
                                                                      dtype=torch.bool, device=dev))
             loss = loss + full_pass * F.cross_entropy(full.logits.float(), labels)
+            if inplace > 0:
+                loss = loss + inplace * distill_loss(out.logits.float()[::views], full.logits.float().detach())
         loss = distilled(loss, out.logits, xs, teacher, distill)
     return loss, torch.stack([parts[k] for k in PARTS]), out, y
 
@@ -92,7 +95,7 @@ def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, gen
                amp: bool = True, routing: str = "soft", consistency_routes: str = "soft", explore: float = 0.0,
                full_pass: float = 0.0, view_augment: str = "same", channels_last: bool = False,
                rate_target: torch.Tensor | None = None, rate_routes: str = "executed", teacher=None,
-               distill: float = 0.0):
+               distill: float = 0.0, inplace: float = 0.0):
     """One optimisation step on a batch of L uint8 images (L, C, H, W) and labels (L,): M = `views`
     augmented views of each, forward under `routing` (soft, Eq. 4, or straight-through), Eq. 9 (or
     CE under hard routing when finetuning or for a static route), Eq. 5 and 10 on r or on the routes the views ran
@@ -100,7 +103,7 @@ def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, gen
     anyway (straight-through main epochs); full_pass: the weight of a second cross-entropy, of the
     full network (every block) on the first view of each image, so that every block trains on every
     image whatever the routes (BN running statistics are left to the routed pass); teacher, distill:
-    the distillation loss's frozen network and weight, in every phase. Returns the loss
+    the distillation loss's frozen network and weight, in every phase; inplace: main_loss's. Returns the loss
     (detached), its parts (PARTS order, stacked), the model output and the labels (L*M,)."""
     dev = images.device
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -118,7 +121,7 @@ def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, gen
         loss, parts, out, y = main_loss(model, xs, labels, views, cost_norm, mu, weights, amp=amp, routing=routing,
                                         consistency_routes=consistency_routes, explore=explore, full_pass=full_pass,
                                         rate_target=rate_target, rate_routes=rate_routes, teacher=teacher,
-                                        distill=distill)
+                                        distill=distill, inplace=inplace)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -144,7 +147,7 @@ class CompiledStep:
                  consistency_routes: str = "soft", explore: float = 0.0, full_pass: float = 0.0,
                  view_augment: str = "same", channels_last: bool = False, backend: str = "inductor",
                  mode: str | None = None, rate_target: torch.Tensor | None = None, rate_routes: str = "executed",
-                 teacher=None, distill: float = 0.0):
+                 teacher=None, distill: float = 0.0, inplace: float = 0.0):
         self.model, self.optimizer = model, optimizer
         self.view_augment, self.channels_last = view_augment, channels_last
         device = next(model.parameters()).device
@@ -156,7 +159,7 @@ class CompiledStep:
         compile_ = lambda fn: torch.compile(fn, backend=backend, mode=mode)
         self.kw = dict(weights=weights, amp=amp, routing=routing, consistency_routes=consistency_routes,
                        explore=explore, full_pass=full_pass, rate_target=rate_target, rate_routes=rate_routes,
-                       teacher=teacher, distill=distill)
+                       teacher=teacher, distill=distill, inplace=inplace)
         for g in optimizer.param_groups:   # tensors, so that a new lr is an input, not a recompile
             g["lr"] = torch.tensor(float(g["lr"]))
             g["foreach"], g["fused"] = True, False

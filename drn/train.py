@@ -102,7 +102,8 @@ class Trainer:
                 self.init_info = warm_start(self.model, cfg.init, cfg.dataset, self.data.val_index, init_checkpoint)
         self.static = cfg.routing != "drn"
         self.model.to(self.device)
-        self.teacher = self._teacher(init_checkpoint) if cfg.distill > 0 else None
+        self.teacher = self._teacher(init_checkpoint) if cfg.distill > 0 and cfg.distill_from == "init" else None
+        self.inplace = cfg.distill if cfg.distill_from == "full" else 0.0
         cuda = self.device.type == "cuda"
         if cfg.compile == "cudagraphs" and not cuda:
             raise UsageError(f"--compile cudagraphs needs a CUDA device, and this run is on {self.device}")
@@ -313,7 +314,7 @@ class Trainer:
                                          explore=cfg.explore, full_pass=cfg.full_pass, view_augment=cfg.view_augment,
                                          channels_last=self.channels_last, backend=cfg.compile,
                                          rate_target=self.rate_target, rate_routes=cfg.rate_routes,
-                                         teacher=self.teacher, distill=cfg.distill)
+                                         teacher=self.teacher, distill=cfg.distill, inplace=self.inplace)
         sums = torch.zeros(len(PARTS) + 2, device=dev)  # loss, the parts, correct
         gate_sum = torch.zeros(self.cost.num_blocks, device=dev)
         seen = 0
@@ -343,7 +344,7 @@ class Trainer:
                                                  full_pass=cfg.full_pass, view_augment=cfg.view_augment,
                                                  channels_last=self.channels_last, rate_target=self.rate_target,
                                                  rate_routes=cfg.rate_routes, teacher=self.teacher,
-                                                 distill=cfg.distill)
+                                                 distill=cfg.distill, inplace=self.inplace)
             gates = out.gates.float()
             if hold is not None:   # a decided block's shift is 0
                 shifts = hold.update(logit_gap(out.r.detach().float(), model.cfg.beta), d_t)

@@ -170,3 +170,24 @@ def test_a_step_that_does_not_compile_here_runs_eager_with_one_log_line(tiny_dat
     assert len(failed) == 1 and "no working C++ compiler" in failed[0] and "run eager" in failed[0]
     assert t.compiled is None and t.compile_failed and t.epoch == t.cfg.total_epochs
     assert all(math.isfinite(h["loss"]) for h in t.history)
+
+
+def test_inplace_distillation_adds_the_full_pass_teaching_the_routed_first_views():
+    """--distill-from full: main_loss adds inplace * distill_loss(routed logits of each image's first
+    view, the full pass's logits on it, detached) to what --full-pass alone gives; the full pass gets
+    no gradient from it."""
+    from drn.losses import distill_loss
+    from drn.step import frozen_bn_stats, main_loss
+    torch.manual_seed(0)
+    model = build_model("resnet8").train()
+    cost_norm = measure_cost_table(model).normalized()
+    w = LossWeights(0.2, 0.2, 0.5, 0.2, 0.5)
+    xs, labels = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (4,))
+    kw = dict(routing="straight", full_pass=1.0)
+    base, _, out, _ = main_loss(model, xs, labels, 2, cost_norm, 0.1, w, **kw)
+    taught, _, _, _ = main_loss(model, xs, labels, 2, cost_norm, 0.1, w, inplace=0.5, **kw)
+    with frozen_bn_stats(model), torch.no_grad():
+        full = model(xs[::2], routing="mask", gates=torch.ones(4, model.num_blocks, dtype=torch.bool)).logits
+    expected = base + 0.5 * distill_loss(out.logits[::2], full)
+    torch.testing.assert_close(taught, expected, rtol=RTOL, atol=ATOL)
+    assert (taught - base).item() > 0

@@ -19,7 +19,8 @@ ROUTES = dict(router_start="undecided", router_norm=True, rate_weight=1.0, targe
 
 @pytest.mark.parametrize("routing,cons,augment,extra", [
     ("straight", "soft", "same", {}), ("soft", "soft", "same", {}), ("straight", "executed", "same", {}),
-    ("straight", "soft", "perturb", {}), ("stochastic", "soft", "same", {}), ("straight", "soft", "same", ROUTES)])
+    ("straight", "soft", "perturb", {}), ("stochastic", "soft", "same", {}), ("straight", "soft", "same", ROUTES),
+    ("straight", "soft", "same", dict(full_pass=1.0, distill=1.0, distill_from="full", target_flops="50%", finetune_epochs=0))])
 def test_train_writes_checkpoint_and_reports_every_epoch(tiny_data, tmp_path, routing, cons, augment, extra):
     seen = []
     cfg = tiny_cfg(tiny_data, tmp_path / "run", train_routing=routing, consistency_routes=cons, view_augment=augment,
@@ -30,7 +31,7 @@ def test_train_writes_checkpoint_and_reports_every_epoch(tiny_data, tmp_path, ro
                 "loss_consistency", "loss_diversity", "loss_cost", "loss_reg", "loss_rate", "path_entropy",
                 "effective_paths", "dynamic_share"):
         assert key in result and math.isfinite(result[key]), key
-    if extra:   # the rate loss acted in the main epochs
+    if extra.get("rate_weight"):   # the rate loss acted in the main epochs
         assert seen[0]["loss_rate"] > 0
     assert 0 < result["flops"] <= result["flops_full"]
     assert 0 <= result["k"] <= result["k_full"] == 3
