@@ -76,7 +76,8 @@ class TrainConfig:
                                   # target, max(2, 10 % of epochs), measured to lift accuracy; else 0)
     finetune_lr: float | None = None  # the finetune restarts at this lr and decays to 0 along a half cosine
                                   # (None: lr). The route settles late in a short schedule, when the main
-                                  # lr has decayed: the restart trains it (BENCHMARKS.md, issue 14)
+                                  # lr has decayed: the restart trains it (BENCHMARKS.md, "Why the DRN loses
+                                  # to RandomK at 30 %")
     finetune_rates: str = "hold"  # hold: each router's execution rate on training images stays where the main
                                   # schedule left it while the finetune trains the blocks it reads (its
                                   # last-layer bias follows; controller.RateHold); free: frozen routers only
@@ -131,7 +132,8 @@ class TrainConfig:
                                   # vary on about 2 x this many blocks at the start route's expected cost
     router_start: str = "auto"    # with a target: the blocks of a static route (baselines.py) closest to the
                                   # target start open (router_open), the others closed (1 - router_open), so
-                                  # training starts on the budget (BENCHMARKS.md, issue 14). auto: DistributedK's
+                                  # training starts on the budget (BENCHMARKS.md, "Routers that start on the
+                                  # budget"). auto: DistributedK's
                                   # route, or DeepK's where DistributedK's runs the deepest stage on one block
                                   # (30 % on ResNet-20); deepk, distributedk: that route; greedy (with --init):
                                   # the route the trained blocks lose least by on val (warmstart.greedy_route);
@@ -143,7 +145,8 @@ class TrainConfig:
                                   # consistency test: views that differ, so that Eq. 5 has something to act on)
     train_routing: str = "straight"  # straight: Eq. 11's 0/1 decisions forward, Eq. 3's gradient backward
                                   # (models.py), so training runs the routes testing will (lands closer, and
-                                  # level with soft in accuracy over 18 runs, BENCHMARKS.md issue 14);
+                                  # level with soft in accuracy over 18 runs, BENCHMARKS.md, "Straight-through
+                                  # routing in training");
                                   # soft: Eq. 4, the paper's
     router_lr: str = "decay"      # decay: the routers' lr follows the blocks' (milestones); constant: the
                                   # routers keep the peak lr until the finetune freezes them, so the budget
