@@ -156,15 +156,18 @@ class TrainConfig:
     explore: float = 0.0          # straight-through main epochs: a skipped block still runs on this share of
                                   # the images (drawn per image; the routes, the cost and the loop read the
                                   # routers' decisions). A block that never runs never trains, so its router
-                                  # only ever sees an untrained block (BENCHMARKS.md, issue 14)
+                                  # only ever sees an untrained block (BENCHMARKS.md, "From scratch the
+                                  # routers never leave their start route")
     routers_first: int = 0        # main epochs at the start in which only the routers train, the blocks frozen:
                                   # the routes settle on the (warm-started) blocks before the blocks adapt to
                                   # them (BlockDrop's order). Measured at 1: on frozen trained blocks the routers
-                                  # open to 77 %, then close in a cliff (BENCHMARKS.md issue 14)
+                                  # open to 77 %, then close in a cliff (BENCHMARKS.md, "Three ways to let
+                                  # the routers judge trained blocks")
     full_pass: float = 0.0        # main epochs: weight of the cross-entropy of a second pass through the full
                                   # network (every block, on one view), so that every block trains on every
                                   # image and a router can judge a block it skips (supernet training; 0: off;
-                                  # measured at 1: the routes still keep their start, BENCHMARKS.md issue 14)
+                                  # measured at 1: BENCHMARKS.md, "Three ways to let the routers judge
+                                  # trained blocks" and "Six more experiments")
     distill: float = 0.0          # weight of the distillation loss (Hinton et al.): KL from the --init network's
                                   # outputs (every block, frozen) to this network's, at temperature losses.DISTILL_T,
                                   # on every training step (statics and the finetune too); 0: off
@@ -178,7 +181,8 @@ class TrainConfig:
     rate_routes: str = "executed" # what the rate loss reads: the routes the images ran (executed: straight-through,
                                   # the rate testing will see) or soft r
     router_leak: float = 0.0      # gradient floor of r w.r.t. the router logits (router.soft_route): lets
-                                  # closed routers reopen; 0 = Eq. 3's own gradient (BENCHMARKS.md, issue 14)
+                                  # closed routers reopen; 0 = Eq. 3's own gradient (BENCHMARKS.md, "A signed
+                                  # budget loop, and two ways to let routers reopen")
     # budget: FLOPs per image ('2e8') or share of the full network ('40%'), or milliseconds per
     # image on this device at `latency_batch` (then a measured latency table replaces FLOPs in Eq. 8)
     target_flops: str | None = None

@@ -13,7 +13,8 @@ def soft_route(logits: torch.Tensor, beta: float, leak: float = 0.0) -> torch.Te
     gap d = R_0 - R_1 gets a floor of `leak`. Eq. 3 saturates twice: dr/dd = 2 beta r(1-r) p(1-p)
     with p = sigmoid(d), which vanishes as |d| grows. So a router that has closed cannot reopen,
     and an open one needs a large cost weight before it moves: hysteresis, which makes the mu loop
-    close too many blocks at once and then leaves them closed (BENCHMARKS.md, issue 14)."""
+    close too many blocks at once and then leaves them closed (BENCHMARKS.md, "A signed budget loop,
+    and two ways to let routers reopen")."""
     r = F.softmax(beta * F.softmax(logits, dim=-1), dim=-1)[..., 0]
     if leak and torch.is_grad_enabled():
         d = logits[..., 0] - logits[..., 1]

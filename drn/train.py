@@ -144,7 +144,8 @@ class Trainer:
                                        mu_min=-20 * mu_scale if cfg.mu_min is None else cfg.mu_min,
                                        ramp_steps=round(cfg.budget_ramp * cfg.epochs) * steps,
                                        hold=cfg.mu_integral == "hold", reset=cfg.mu_integral == "reset")
-        # the finetune's rate hold (measured: BENCHMARKS.md, issue 14); None: frozen routers only
+        # the finetune's rate hold (BENCHMARKS.md, "The finetune holds the routers' rates"); None: frozen
+        # routers only
         self.hold = RateHold() if (cfg.finetune_rates == "hold" and self.target is not None
                                    and not self.static and cfg.finetune_epochs > 0) else None
         self.calibration: dict | None = None
@@ -194,7 +195,7 @@ class Trainer:
         """The cost weight's start value. From --init with the routers on the budget the loop starts at
         WARM_MU x mu_scale (1 on ResNet-20), not 0.05: a trained block's router moves only once mu is ~1-3,
         and from 0.05 the loop gets there after a short main phase's lr has decayed, which leaves the
-        route where it started (BENCHMARKS.md, issue 15)."""
+        route where it started (BENCHMARKS.md, "The 70 % miss, found")."""
         cfg = self.cfg
         if cfg.mu is not None:
             return cfg.mu

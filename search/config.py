@@ -20,7 +20,7 @@ SCRATCH_EPOCHS = TrainConfig.__dataclass_fields__["epochs"].default   # the pape
 # a trial from a backbone, as shares of the backbone's epochs: a short main phase (the routers find their
 # routes; every block runs, two views) and a long finetune (routers frozen, hard routes, one view: an epoch
 # costs about the budget's share of a plain one on CPU). On ResNet-20, 30 epochs, it beat the DRN trained
-# from scratch for all 30 epochs at 30, 50 and 70 % (BENCHMARKS.md, issue 15)
+# from scratch for all 30 epochs at 30, 50 and 70 % (BENCHMARKS.md, "The trial's schedule from a backbone")
 TRIAL_EPOCHS_SHARE = 1 / 15     # 2 of 30, 17 of 250: enough for the routes to land now that the loop starts at a
                                 # warm mu; 5 of 30 gained 1-1.5 points at 30 / 50 % for +0.4 C per trial
 TRIAL_FINETUNE_SHARE = 2 / 3    # 20 of 30, 167 of 250
