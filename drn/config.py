@@ -203,7 +203,8 @@ class TrainConfig:
     compile: str = "off"          # the main epochs' step under torch.compile (drn/step.py), the same step to float
                                   # rounding: inductor (fused kernels; on CUDA replayed as CUDA graphs) | cudagraphs
                                   # (CUDA only: the eager kernels captured, seconds to compile) | off. Off by
-                                  # default: its GPU speed is not measured yet (BENCHMARKS.md, issue 17)
+                                  # default: its GPU speed is not measured yet (BENCHMARKS.md, "GPU speed — the
+                                  # CPU parts")
     channels_last: str = "auto"   # NHWC activations: auto (on CUDA, where cuDNN converts NCHW around every conv;
                                   # off on CPU) | on | off
     controller_every: int | None = None  # the budget loop reads the batches' hard cost every N steps, one host sync

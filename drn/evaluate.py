@@ -73,7 +73,8 @@ def capacity_split(model: RoutedResNet, images: torch.Tensor, batch_size: int,
 
 
 CAPACITY_FACTOR = 1.25   # routing="capacity": block capacity = this x its val execution rate (MoE's usual factor;
-                         # on ResNet-20 / cifar10-5k it kept gather's accuracy at batch 256: BENCHMARKS.md, issue 17)
+                         # on ResNet-20 / cifar10-5k it kept gather's accuracy at batch 256: BENCHMARKS.md,
+                         # "What a capacity drops")
 
 
 def capacity_from_rates(rates, factor: float) -> torch.Tensor:

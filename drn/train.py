@@ -208,7 +208,8 @@ class Trainer:
         (router_open), the others close (1 - router_open). greedy (a warm start): the route that the
         trained blocks lose least by on val (warmstart.greedy_route). deepk / distributedk: that
         static route whose cost is closest to the target; auto: DistributedK's, or DeepK's where
-        DistributedK's runs the deepest stage on a single block (measured: BENCHMARKS.md, issue 14). When the route misses the target by more
+        DistributedK's runs the deepest stage on a single block (BENCHMARKS.md, "The start route decides
+        the DRN at this schedule"). When the route misses the target by more
         than 2.5 %, one more block starts undecided (p = 0.5, about half the images: the next
         static route's, or the last block greedy dropped): its router is where Eq. 3 is
         steepest, so the budget loop can steer it to the target without a saturated router's cliff.
