@@ -1,4 +1,4 @@
-"""One backbone per search (issue 15): the plain network of --arch, trained once and cached, that
+"""One backbone per search: the plain network of --arch, trained once and cached, that
 every trial starts from (drn-train's --init).
 
 `--backbone auto` trains it as a Ray task the first time a (arch, dataset, schedule, seed, val

@@ -14,7 +14,7 @@ it has several (`study_names`). Each new trial goes to the target whose study ho
 trials, so the budgets stay balanced whatever the scheduler prunes. Ties (`dearest_first`): in the
 first round the dearest budget first -- its trials run longest, and started first they end with the
 cheaper ones, not after them (longest-first scheduling: on 2 slots a 30/50/70 % front ends ~20 %
-sooner, BENCHMARKS.md, issue 15) -- after that the cheapest first.
+sooner, BENCHMARKS.md, "The 70 % miss, found") -- after that the cheapest first.
 
 Optuna numbers trials per study; the search numbers them once across its studies, at ask time
 (the count of trials in all the studies before it), kept as the user attr `search_trial` and handed

@@ -1,4 +1,4 @@
-"""Where a search's state lives, and who can reach it (issue 16).
+"""Where a search's state lives, and who can reach it.
 
 With a cloud --storage (s3://, gs://, file://...) Tune keeps its part there, but ours -- search.json,
 mlflow.json, trials.parquet and the Optuna sqlite study -- is written on the head, in
