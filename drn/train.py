@@ -184,11 +184,7 @@ class Trainer:
     def _teacher(self, ckpt: dict | None):
         """--distill's teacher: the drn checkpoint at --init as it was trained (every block of a
         plain network), frozen, in eval mode (its running BN statistics)."""
-        if ckpt is None:
-            if not Path(self.cfg.init).is_file():
-                raise UsageError(f"--init {self.cfg.init} does not exist")
-            ckpt = load_checkpoint(Path(self.cfg.init))
-        teacher, _ = model_from_checkpoint(ckpt)
+        teacher, _ = model_from_checkpoint(ckpt if ckpt is not None else load_checkpoint(self.cfg.init))
         return teacher.to(self.device).eval().requires_grad_(False)
 
     def _start_mu(self, mu_scale: float) -> float:
