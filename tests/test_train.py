@@ -20,7 +20,8 @@ ROUTES = dict(router_start="undecided", router_norm=True, rate_weight=1.0, targe
 @pytest.mark.parametrize("routing,cons,augment,extra", [
     ("straight", "soft", "same", {}), ("soft", "soft", "same", {}), ("straight", "executed", "same", {}),
     ("straight", "soft", "perturb", {}), ("stochastic", "soft", "same", {}), ("straight", "soft", "same", ROUTES),
-    ("straight", "soft", "same", dict(full_pass=1.0, distill=1.0, distill_from="full", target_flops="50%", finetune_epochs=0))])
+    ("straight", "soft", "same", dict(full_pass=1.0, distill=1.0, distill_from="full", target_flops="50%", finetune_epochs=0)),
+    ("straight", "soft", "same", dict(ROUTES, cost_price=1.0))])
 def test_train_writes_checkpoint_and_reports_every_epoch(tiny_data, tmp_path, routing, cons, augment, extra):
     seen = []
     cfg = tiny_cfg(tiny_data, tmp_path / "run", train_routing=routing, consistency_routes=cons, view_augment=augment,
