@@ -149,14 +149,7 @@ ROUTE_RECIPES = {"default": [],
                  "normfpip": [*UNDECIDED, "--router-norm", "--full-pass", "1", "--distill", "1", "--distill-from", "full"],
                  # the paper's consistency experiment (Table 3) on a dynamic recipe: Eq. 5 off
                  "normktfpipnocons": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1",
-                                      "--distill", "1", "--distill-from", "full", "--lam", "0"],
-                 # Eq. 8's price per FLOP in proportion to the network's confidence: FLOPs go to the unsure images
-                 "defaultpr": ["--cost-price", "1"],
-                 "normpr": [*UNDECIDED, "--router-norm", "--cost-price", "1"],
-                 "normktfppr": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1",
-                                "--cost-price", "1"],
-                 "normktfpippr": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1",
-                                  "--distill", "1", "--distill-from", "full", "--cost-price", "1"]}
+                                      "--distill", "1", "--distill-from", "full", "--lam", "0"]}
 
 
 @functools.lru_cache(maxsize=None)
@@ -268,7 +261,7 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                             "--arch", arch, "--routing", method, "--target-flops", f"{t}%", "--views", "2",
                             "--distill", "1", *init, *s]
                     for name in ("default", "norm", "normp1", "normktfp", "defaultkd", "normktfpkd", "normktfpip",
-                                 "defaultpr", "normpr", "normktfppr", "normktfpippr", "normktfpipnocons"):
+                                 "normktfpipnocons"):
                         runs[f"{arch}-warmlong-drn-{t}-{name}-s{seed}"] = [
                             "--arch", arch, "--target-flops", f"{t}%", *ROUTE_RECIPES[name], *init, *s]
                 for name, flags in ABLATIONS.items():

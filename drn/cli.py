@@ -127,9 +127,6 @@ TRAIN_FLAGS = {
                                     "KL of its softened outputs to this network's, on every step (0: off)"),
     "--distill-from": ("distill_from", str, "the distillation's teacher: init (the --init network, frozen) or full "
                                             "(this network's own full pass of --full-pass, in the main epochs)"),
-    "--cost-price": ("cost_price", float, "how far an image's price per FLOP in Eq. 8 follows the network's "
-                                          "confidence in its label: 0 every image alike (the paper's), 1 in "
-                                          "proportion, so the routers save on the images already sure"),
     "--rate-weight": ("rate_weight", float, "weight of the per-block execution-rate loss (ConvNet-AIG's): with a "
                                             "target, every block is asked to run on the budget's share of the "
                                             "images, so the routers must tell images apart (0: off)"),

@@ -174,9 +174,6 @@ class TrainConfig:
     distill_from: str = "init"    # the teacher: init (the --init network, frozen) or full (in-place distillation,
                                   # Yu et al.'s slimmable networks: this network's own full pass of --full-pass,
                                   # detached, teaches the routed pass in the main epochs; no --init needed)
-    cost_price: float = 0.0       # how far an image's price per FLOP in Eq. 8 follows how sure the network is of
-                                  # it (losses.cost_prices): 1 + price * (p / mean p - 1), p the true class's
-                                  # probability; 0: every image alike (the paper's), 1: in proportion to p
     rate_weight: float = 0.0      # weight of the per-block execution-rate loss (losses.rate_loss): with a target,
                                   # every block is asked to run on the budget's share of the images
     rate_band: float = 0.0        # 0: the rate loss asks every block for the budget's share; b > 0: for a rate in
@@ -274,7 +271,6 @@ class TrainConfig:
             (0 <= self.explore <= 0.5, f"explore must be in [0, 0.5], got {self.explore}"),
             (0 <= self.routers_first < self.epochs, f"routers first must be in [0, epochs), got {self.routers_first}"),
             (0 <= self.full_pass <= 10, f"full pass must be in [0, 10], got {self.full_pass}"),
-            (0 <= self.cost_price <= 1, f"cost price must be in [0, 1], got {self.cost_price}"),
             (0 <= self.distill <= 10, f"distill must be in [0, 10], got {self.distill}"),
             (0 <= self.rate_weight <= 100, f"rate weight must be in [0, 100], got {self.rate_weight}"),
             (0 <= self.rate_band < 0.5, f"rate band must be in [0, 0.5), got {self.rate_band}"),
@@ -378,8 +374,9 @@ class TrainConfig:
         # settings that existed briefly and were removed, kept readable at the value whose behaviour is
         # the only one left (`--finetune-routers frozen`: the steered finetune collapsed the routes;
         # `--router-detach`, `--block-grad routed`: no effect on the routes, BENCHMARKS.md "Routes that
-        # depend on the image")
-        removed = {"finetune_routers": "frozen", "router_detach": False, "block_grad": "batch"}
+        # depend on the image"; `--cost-price`: no effect on where the routers spend, BENCHMARKS.md "What
+        # per-image compute can buy here, and where the routers spend it")
+        removed = {"finetune_routers": "frozen", "router_detach": False, "block_grad": "batch", "cost_price": 0.0}
         d = {k: v for k, v in d.items() if not (k in removed and v == removed[k])}
         return build_checked(cls, d, "config")
 

@@ -17,7 +17,6 @@ class LossWeights:
     d_c: float = 0.2     # consistency margin (L2 distance in route space)
     d_d: float = 0.5     # diversity margin (L2 distance in route space)
     rate: float = 0.0    # weight of the per-block execution-rate loss (rate_loss; not in the paper)
-    price: float = 0.0   # how far an image's price per FLOP follows its confidence (cost_prices; not in the paper)
 
 
 def consistency_loss(routes: torch.Tensor, d_c: float) -> torch.Tensor:
@@ -39,24 +38,11 @@ def diversity_loss(routes: torch.Tensor, d_d: float) -> torch.Tensor:
     return (F.relu(d_d - dist).square() * off_diagonal).sum() / (L * (L - 1))
 
 
-def cost_loss(r: torch.Tensor, cost: torch.Tensor, price: torch.Tensor | None = None) -> torch.Tensor:
+def cost_loss(r: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
     """Eq. 8 with c_i normalised to sum to 1 (`CostTable.normalized`): the expected share of the
     routable FLOPs that a sample executes, in [0, 1], averaged over the batch. The normalisation
-    makes mu comparable across architectures and input sizes. price (...): each sample's weight
-    (cost_prices), mean 1; None: every sample alike, the paper's.  r (..., n), cost (n,)"""
-    spent = r @ cost
-    return (spent if price is None else spent * price).mean()
-
-
-def cost_prices(logits: torch.Tensor, labels: torch.Tensor, price: float) -> torch.Tensor:
-    """Each sample's price per FLOP: 1 + price * (p / mean(p) - 1), p the (detached) probability the
-    network gives the true class. Eq. 8 charges every image alike, so the routers save FLOPs wherever
-    a block's gain is smallest now -- measured to be the images the network is least sure of
-    (BENCHMARKS.md, "What per-image compute can buy here, and where the routers spend it"). Priced,
-    a sure image pays more for a block and an unsure one less; the mean price is 1, so mu keeps its
-    scale.  logits (N, classes), labels (N,) -> (N,)"""
-    p = logits.detach().float().softmax(1).gather(1, labels[:, None]).squeeze(1)
-    return (1 + price * (p / p.mean().clamp(min=1e-6) - 1)).clamp(min=0)
+    makes mu comparable across architectures and input sizes.  r (..., n), cost (n,)"""
+    return (r @ cost).mean()
 
 
 def rate_loss(r: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -110,7 +96,6 @@ def drn_loss(logits: torch.Tensor, labels: torch.Tensor, routes: torch.Tensor, c
     target execution rates of rate_loss (weight w.rate; None: no such term); rate_run (L, M, n): the
     routes whose rates it reads (None: r). Returns the total and its detached parts."""
     run = routes if run is None else run
-    price = cost_prices(logits, labels, w.price).view(routes.shape[:2]) if w.price > 0 else None
     parts = {
         "cls": F.cross_entropy(logits, labels),
         "consistency": consistency_loss(run, w.d_c),
@@ -120,7 +105,7 @@ def drn_loss(logits: torch.Tensor, labels: torch.Tensor, routes: torch.Tensor, c
         "rate": rate_loss(routes if rate_run is None else rate_run, rate_target) if rate_target is not None else routes.sum() * 0.0,
     }
     total = (parts["cls"] + w.lam * parts["consistency"] + w.alpha * parts["diversity"]
-             + mu * (parts["cost"] if price is None else cost_loss(routes, cost, price)) + w.gamma * parts["reg"])
+             + mu * parts["cost"] + w.gamma * parts["reg"])
     if rate_target is not None and w.rate > 0:
         total = total + w.rate * parts["rate"]
     return total, {k: v.detach() for k, v in parts.items()}

@@ -149,7 +149,7 @@ class Trainer:
         self.hold = RateHold() if (cfg.finetune_rates == "hold" and self.target is not None
                                    and not self.static and cfg.finetune_epochs > 0) else None
         self.calibration: dict | None = None
-        self.weights = LossWeights(cfg.lam, cfg.alpha, cfg.gamma, cfg.d_c, cfg.d_d, cfg.rate_weight, cfg.cost_price)
+        self.weights = LossWeights(cfg.lam, cfg.alpha, cfg.gamma, cfg.d_c, cfg.d_d, cfg.rate_weight)
         # the rate loss's target: every block at the budget's share of the routable cost, or in a band
         self.rate_target = None
         if self.target is not None and not self.static and cfg.rate_weight > 0:

@@ -95,7 +95,6 @@ def train_and_eval_cases(data: Path, tmp: Path) -> dict[str, tuple]:
         "distill from unknown": ("drn-train", "--arch", "resnet8", *common, "--distill", "1", "--distill-from", "self"),
         "distill from full without full pass": ("drn-train", "--arch", "resnet8", *common, "--distill", "1",
                                                 "--distill-from", "full"),
-        "cost price above 1": ("drn-train", "--arch", "resnet8", *common, "--cost-price", "2"),
         "distill negative": ("drn-train", "--arch", "resnet8", *common, "--distill", "-1"),
         "router lr unknown": ("drn-train", "--arch", "resnet8", *common, "--router-lr", "zero"),
         "eval routes png not a png": ("drn-eval", str(foreign), "--routes-png", str(tmp / "r.jpg")),

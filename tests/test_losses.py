@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from drn.losses import (LossWeights, consistency_loss, cost_loss, cost_prices, distill_loss, diversity_loss,
-                        drn_loss, regularization_loss)
+from drn.losses import (LossWeights, consistency_loss, cost_loss, distill_loss, diversity_loss, drn_loss,
+                        regularization_loss)
 
 
 def t(rows) -> torch.Tensor:
@@ -310,23 +310,3 @@ def test_distill_loss_hand_computed_and_zero_on_the_teachers_own_outputs():
     logits = torch.randn(5, 10, requires_grad=True)
     distill_loss(logits, torch.randn(5, 10)).backward()
     assert logits.grad.abs().sum() > 0
-
-
-def test_cost_prices_hand_computed_and_steer_the_routers_towards_unsure_images():
-    """p = (0.8, 0.2): mean 0.5, prices 1 + (p / 0.5 - 1) = (1.6, 0.4) at price 1, (1.3, 0.7) at 0.5.
-    In Eq. 9 the sure image's r then feels 4 times the cost gradient of the unsure one's."""
-    logits = torch.log(t([[0.8, 0.2], [0.8, 0.2]]))
-    labels = torch.tensor([0, 1])
-    assert cost_prices(logits, labels, 1.0).tolist() == pytest.approx([1.6, 0.4])
-    assert cost_prices(logits, labels, 0.5).tolist() == pytest.approx([1.3, 0.7])
-    assert cost_prices(logits, labels, 0.0).tolist() == pytest.approx([1.0, 1.0])
-    r = t([[[0.5, 0.5]], [[0.5, 0.5]]]).requires_grad_()   # (L=2, M=1, n=2)
-    cost = t([0.5, 0.5])
-    zero = dict(lam=0.0, alpha=0.0, gamma=0.0)
-    total, parts = drn_loss(logits, labels, r, cost, 2.0, LossWeights(**zero, price=1.0))
-    flat, _ = drn_loss(logits, labels, r, cost, 2.0, LossWeights(**zero))
-    assert parts["cost"].item() == pytest.approx(0.5)                 # the reported cost stays unpriced
-    assert total.item() == pytest.approx(flat.item())                 # equal routes: the mean price is 1
-    total.backward()
-    assert r.grad[0, 0].tolist() == pytest.approx([2 * 1.6 * 0.5 / 2] * 2)   # mu * price * c_i / L
-    assert r.grad[1, 0].tolist() == pytest.approx([2 * 0.4 * 0.5 / 2] * 2)

@@ -20,8 +20,7 @@ ROUTES = dict(router_start="undecided", router_norm=True, rate_weight=1.0, targe
 @pytest.mark.parametrize("routing,cons,augment,extra", [
     ("straight", "soft", "same", {}), ("soft", "soft", "same", {}), ("straight", "executed", "same", {}),
     ("straight", "soft", "perturb", {}), ("stochastic", "soft", "same", {}), ("straight", "soft", "same", ROUTES),
-    ("straight", "soft", "same", dict(full_pass=1.0, distill=1.0, distill_from="full", target_flops="50%", finetune_epochs=0)),
-    ("straight", "soft", "same", dict(ROUTES, cost_price=1.0))])
+    ("straight", "soft", "same", dict(full_pass=1.0, distill=1.0, distill_from="full", target_flops="50%", finetune_epochs=0))])
 def test_train_writes_checkpoint_and_reports_every_epoch(tiny_data, tmp_path, routing, cons, augment, extra):
     seen = []
     cfg = tiny_cfg(tiny_data, tmp_path / "run", train_routing=routing, consistency_routes=cons, view_augment=augment,
@@ -224,10 +223,12 @@ def test_config_from_dict_reads_a_removed_setting_only_at_the_behaviour_left():
     assert TrainConfig.from_dict(d) == TrainConfig(arch="resnet20")
     with pytest.raises(UsageError, match="finetune_routers"):
         TrainConfig.from_dict({**d, "finetune_routers": "steer"})
-    gone = {**TrainConfig(arch="resnet20").to_dict(), "router_detach": False, "block_grad": "batch"}
+    gone = {**TrainConfig(arch="resnet20").to_dict(), "router_detach": False, "block_grad": "batch", "cost_price": 0.0}
     assert TrainConfig.from_dict(gone) == TrainConfig(arch="resnet20")
     with pytest.raises(UsageError, match="block_grad"):
         TrainConfig.from_dict({**gone, "block_grad": "routed"})
+    with pytest.raises(UsageError, match="cost_price"):
+        TrainConfig.from_dict({**gone, "cost_price": 1.0})
 
 
 def test_tinyimagenet_doubles_the_route_loss_weights():
