@@ -44,11 +44,6 @@ def predict(model, split):
     return p, p.argmax(1) == y, flops_share(model, out.gates)
 
 
-def allocate(conf: torch.Tensor, threshold: float) -> torch.Tensor:
-    """True where an image takes the large route: the small route's confidence below the threshold."""
-    return conf < threshold
-
-
 def one_seed(a, seed: int) -> dict:
     path = lambda p: p.format(seed=seed)
     small, data = load(path(a.small), a.data_dir)
@@ -61,7 +56,7 @@ def one_seed(a, seed: int) -> dict:
                          f"and the large one's ({l:.3f})")
     q = (a.target - s) / (l - s)                              # the share of images that take the large route
     threshold = torch.quantile(pv.max(1).values, q).item()    # set on val
-    big = allocate(pt.max(1).values, threshold)
+    big = pt.max(1).values < threshold                       # these images take the large route
     conf_acc = torch.where(big, oklt, okt).float().mean().item()
     conf_flops = (s + big.float().mean().item() * (l - s))
     rand_acc = ((1 - q) * okt.float() + q * oklt.float()).mean().item()
