@@ -147,6 +147,18 @@ ROUTE_RECIPES = {"default": [],
                  "normktfpip": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1",
                                 "--distill", "1", "--distill-from", "full"],
                  "normfpip": [*UNDECIDED, "--router-norm", "--full-pass", "1", "--distill", "1", "--distill-from", "full"],
+                 # the budget loop at a quarter of its warm gain: undecided routers answer mu fast, and
+                 # at ki 16 the loop cycles about once an epoch (BENCHMARKS.md, "Why the dynamic recipe misses its landing")
+                 "normktfpipki4": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1",
+                                   "--distill", "1", "--distill-from", "full", "--mu-ki", "4"],
+                 # the routers keep their peak lr through the blocks' milestones: the loop keeps its hold
+                 # on the routes while the features settle
+                 "normktfpiprc": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1",
+                                  "--distill", "1", "--distill-from", "full", "--router-lr", "constant"],
+                 # without Eq. 10 (gamma 0): its pull of a router's two views together, with no margin,
+                 # shrinks a batch-normalised router's spread to 0 (BENCHMARKS.md, "Why the dynamic recipe misses its landing")
+                 "normktfpipg0": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1",
+                                  "--distill", "1", "--distill-from", "full", "--gamma", "0"],
                  # the paper's consistency experiment (Table 3) on a dynamic recipe: Eq. 5 off
                  "normktfpipnocons": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1",
                                       "--distill", "1", "--distill-from", "full", "--lam", "0"]}
@@ -261,7 +273,7 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                             "--arch", arch, "--routing", method, "--target-flops", f"{t}%", "--views", "2",
                             "--distill", "1", *init, *s]
                     for name in ("default", "norm", "normp1", "normktfp", "defaultkd", "normktfpkd", "normktfpip",
-                                 "normktfpipnocons"):
+                                 "normktfpipnocons", "normktfpipki4", "normktfpiprc", "normktfpipg0"):
                         runs[f"{arch}-warmlong-drn-{t}-{name}-s{seed}"] = [
                             "--arch", arch, "--target-flops", f"{t}%", *ROUTE_RECIPES[name], *init, *s]
                 for name, flags in ABLATIONS.items():
