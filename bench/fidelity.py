@@ -159,6 +159,14 @@ ROUTE_RECIPES = {"default": [],
                  # shrinks a batch-normalised router's spread to 0 (BENCHMARKS.md, "Why the dynamic recipe misses its landing")
                  "normktfpipg0": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1",
                                   "--distill", "1", "--distill-from", "full", "--gamma", "0"],
+                 # normktfpip's records ran with the router norm's spread trained; normktfpipfs, the same
+                 # flags, with it fixed (a buffer; drn/router.py Router)
+                 "normktfpipfs": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1",
+                                  "--distill", "1", "--distill-from", "full"],
+                 # and with the routers at their peak lr to the finetune: the loop keeps its hold after the
+                 # blocks' milestones
+                 "normktfpipfsrc": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1",
+                                    "--distill", "1", "--distill-from", "full", "--router-lr", "constant"],
                  # the paper's consistency experiment (Table 3) on a dynamic recipe: Eq. 5 off
                  "normktfpipnocons": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1",
                                       "--distill", "1", "--distill-from", "full", "--lam", "0"]}
@@ -273,7 +281,7 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                             "--arch", arch, "--routing", method, "--target-flops", f"{t}%", "--views", "2",
                             "--distill", "1", *init, *s]
                     for name in ("default", "norm", "normp1", "normktfp", "defaultkd", "normktfpkd", "normktfpip",
-                                 "normktfpipnocons", "normktfpipki4", "normktfpiprc", "normktfpipg0"):
+                                 "normktfpipnocons", "normktfpipki4", "normktfpiprc", "normktfpipg0", "normktfpipfs", "normktfpipfsrc"):
                         runs[f"{arch}-warmlong-drn-{t}-{name}-s{seed}"] = [
                             "--arch", arch, "--target-flops", f"{t}%", *ROUTE_RECIPES[name], *init, *s]
                 for name, flags in ABLATIONS.items():

@@ -171,8 +171,8 @@ def _train_parser() -> argparse.ArgumentParser:
                    "starts as its shortcut (default: on for --routing full of resnet56 and deeper and resnet50, off "
                    "for drn and the static routes)")
     p.add_argument("--router-norm", dest="router_norm", action=argparse.BooleanOptionalAction,
-                   default=argparse.SUPPRESS, help="batch-normalise each router's logit gap, so that it is decided "
-                   "image by image from the start and its bias sets its execution rate (default: off)")
+                   default=argparse.SUPPRESS, help="batch-normalise each router's logit gap to a fixed spread, so that it "
+                   "is decided image by image throughout and its bias sets its execution rate (default: off)")
     p.add_argument("--route-transitions", dest="route_transitions", action=argparse.BooleanOptionalAction,
                    default=argparse.SUPPRESS, help="route the blocks that change the shape (the first of each "
                    "stage after the stem); --no-route-transitions runs them on every image (default: routed)")

@@ -47,7 +47,11 @@ class Router(nn.Module):
     decided image by image from the first step (a route per image), and its bias alone sets the
     share of the images that run the block. Without it the gap's spread over images starts at 0
     and grows slowly, and a router pushed to an execution rate between 0 and 1 sits undecided at
-    r ~ 0.5 for every image, where noise decides (BENCHMARKS.md, "Routes that depend on the image")."""
+    r ~ 0.5 for every image, where noise decides (BENCHMARKS.md, "Routes that depend on the image").
+    The spread is fixed (the norm's weight is a buffer, not trained): the straight-through gate
+    chatters where a block's benefit meets its price, and a trained spread and bias slide to 0
+    together there, giving every image r = 0.5 (BENCHMARKS.md, "Why the dynamic recipe misses its
+    landing")."""
 
     # p(execute) = softmax(logits)[0] at the start (TrainConfig.router_open, router_start)
     OPEN = 0.9
@@ -58,6 +62,10 @@ class Router(nn.Module):
         self.fc1 = nn.Linear(channels, hidden)
         self.fc2 = nn.Linear(hidden, 2)
         self.norm = nn.BatchNorm1d(1) if norm else None
+        if self.norm is not None:   # the spread: a buffer under the parameter's name (checkpoints keep their keys)
+            weight = self.norm.weight.detach()
+            del self.norm.weight
+            self.norm.register_buffer("weight", weight)
         self.open_(open_p)
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ import torch
 from drn.evaluate import path_stats
 from drn.losses import LossWeights, drn_loss, rate_loss
 from drn.models import build_model
+from drn.router import Router
 
 
 def gates(rows) -> torch.Tensor:
@@ -154,3 +155,26 @@ def test_unrouted_transitions_run_on_every_image_and_the_other_blocks_stay_route
         _, lo, hi, g = model.route_intervals(x, 0.3, 0.7)   # the threshold sweep never skips them either
         assert g[:, transitions].all()
 
+
+
+def test_a_normalised_routers_spread_is_fixed_and_its_bias_trains():
+    """The spread is a buffer: a trained spread and bias slide to 0 together where the straight-through
+    gate chatters, and every image then gets r = 0.5 (BENCHMARKS.md, "Why the dynamic recipe misses
+    its landing"). Checkpoints keep the key."""
+    torch.manual_seed(0)
+    model = build_model("resnet8", num_classes=10, input_size=16, router_norm=True)
+    names = {n for n, _ in model.named_parameters()}
+    assert not any(n.endswith("router.norm.weight") for n in names)
+    assert any(n.endswith("router.norm.bias") for n in names)
+    assert any(k.endswith("router.norm.weight") for k in model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
+    x, y = torch.rand(32, 3, 16, 16), torch.randint(0, 10, (32,))
+    bias = [b.router.norm.bias.item() for b in model.blocks]
+    for _ in range(5):
+        out = model(x, routing="straight")
+        loss = torch.nn.functional.cross_entropy(out.logits, y) + out.r.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(b.router.norm.weight.item() == Router.SPREAD for b in model.blocks)
+    assert [b.router.norm.bias.item() for b in model.blocks] != bias
