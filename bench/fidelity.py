@@ -167,6 +167,9 @@ ROUTE_RECIPES = {"default": [],
                  # blocks' milestones
                  "normktfpipfsrc": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1",
                                     "--distill", "1", "--distill-from", "full", "--router-lr", "constant"],
+                 # and with the loop's integral held while the routes are on course (conditional integration)
+                 "normktfpipfshold": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1",
+                                      "--distill", "1", "--distill-from", "full", "--mu-integral", "hold"],
                  # the paper's consistency experiment (Table 3) on a dynamic recipe: Eq. 5 off
                  "normktfpipnocons": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1",
                                       "--distill", "1", "--distill-from", "full", "--lam", "0"]}
@@ -281,7 +284,7 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                             "--arch", arch, "--routing", method, "--target-flops", f"{t}%", "--views", "2",
                             "--distill", "1", *init, *s]
                     for name in ("default", "norm", "normp1", "normktfp", "defaultkd", "normktfpkd", "normktfpip",
-                                 "normktfpipnocons", "normktfpipki4", "normktfpiprc", "normktfpipg0", "normktfpipfs", "normktfpipfsrc"):
+                                 "normktfpipnocons", "normktfpipki4", "normktfpiprc", "normktfpipg0", "normktfpipfs", "normktfpipfsrc", "normktfpipfshold"):
                         runs[f"{arch}-warmlong-drn-{t}-{name}-s{seed}"] = [
                             "--arch", arch, "--target-flops", f"{t}%", *ROUTE_RECIPES[name], *init, *s]
                 for name, flags in ABLATIONS.items():
