@@ -105,6 +105,8 @@ ABLATIONS = {"soft": ["--train-routing", "soft"], "nocons": ["--lam", "0"], "nod
 # routes that depend on the image: routers that start undecided (p = 0.5), gates drawn from Bernoulli(r) in
 # training (straight-through) and ConvNet-AIG's per-block rate loss at weight w; in every cell, both starts
 UNDECIDED = ["--router-start", "undecided"]
+# the in-place recipe (normktfpip) that the landing experiments vary
+INPLACE = [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1", "--distill", "1", "--distill-from", "full"]
 LONG = ["--epochs", "18", "--finetune-epochs", "4"]   # 2.75 times the schedule
 DROP_PATH = 0.5   # the warmdp backbone's stochastic depth: block l of L skipped with probability 0.5 l / L (Huang et al.)
 ROUTE_RECIPES = {"default": [],
@@ -144,35 +146,27 @@ ROUTE_RECIPES = {"default": [],
                  "normktfpkd": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1",
                                 "--distill", "1"],
                  # in-place distillation (slimmable networks): the full pass teaches the routed one
-                 "normktfpip": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1",
-                                "--distill", "1", "--distill-from", "full"],
+                 "normktfpip": [*INPLACE],
                  "normfpip": [*UNDECIDED, "--router-norm", "--full-pass", "1", "--distill", "1", "--distill-from", "full"],
                  # the budget loop at a quarter of its warm gain: undecided routers answer mu fast, and
                  # at ki 16 the loop cycles about once an epoch (BENCHMARKS.md, "Why the dynamic recipe misses its landing")
-                 "normktfpipki4": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1",
-                                   "--distill", "1", "--distill-from", "full", "--mu-ki", "4"],
+                 "normktfpipki4": [*INPLACE, "--mu-ki", "4"],
                  # the routers keep their peak lr through the blocks' milestones: the loop keeps its hold
                  # on the routes while the features settle
-                 "normktfpiprc": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1",
-                                  "--distill", "1", "--distill-from", "full", "--router-lr", "constant"],
+                 "normktfpiprc": [*INPLACE, "--router-lr", "constant"],
                  # without Eq. 10 (gamma 0): its pull of a router's two views together, with no margin,
                  # shrinks a batch-normalised router's spread to 0 (BENCHMARKS.md, "Why the dynamic recipe misses its landing")
-                 "normktfpipg0": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1",
-                                  "--distill", "1", "--distill-from", "full", "--gamma", "0"],
+                 "normktfpipg0": [*INPLACE, "--gamma", "0"],
                  # normktfpip's records ran with the router norm's spread trained; normktfpipfs, the same
                  # flags, with it fixed (a buffer; drn/router.py Router)
-                 "normktfpipfs": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1",
-                                  "--distill", "1", "--distill-from", "full"],
+                 "normktfpipfs": [*INPLACE],
                  # and with the routers at their peak lr to the finetune: the loop keeps its hold after the
                  # blocks' milestones
-                 "normktfpipfsrc": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1",
-                                    "--distill", "1", "--distill-from", "full", "--router-lr", "constant"],
+                 "normktfpipfsrc": [*INPLACE, "--router-lr", "constant"],
                  # and with the loop's integral held while the routes are on course (conditional integration)
-                 "normktfpipfshold": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1",
-                                      "--distill", "1", "--distill-from", "full", "--mu-integral", "hold"],
+                 "normktfpipfshold": [*INPLACE, "--mu-integral", "hold"],
                  # the paper's consistency experiment (Table 3) on a dynamic recipe: Eq. 5 off
-                 "normktfpipnocons": [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1",
-                                      "--distill", "1", "--distill-from", "full", "--lam", "0"]}
+                 "normktfpipnocons": [*INPLACE, "--lam", "0"]}
 
 
 @functools.lru_cache(maxsize=None)
