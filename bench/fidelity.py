@@ -104,7 +104,8 @@ ABLATIONS = {"soft": ["--train-routing", "soft"], "nocons": ["--lam", "0"], "nod
 
 # routes that depend on the image: routers that start undecided (p = 0.5), gates drawn from Bernoulli(r) in
 # training (straight-through) and ConvNet-AIG's per-block rate loss at weight w; in every cell, both starts
-UNDECIDED = ["--router-start", "undecided"]
+# (with the loop's kp 1, the default for every start when these rows ran; undecided routers now get kp 4)
+UNDECIDED = ["--router-start", "undecided", "--mu-kp", "1"]
 # the in-place recipe (normktfpip) that the landing experiments vary
 INPLACE = [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1", "--distill", "1", "--distill-from", "full"]
 LONG = ["--epochs", "18", "--finetune-epochs", "4"]   # 2.75 times the schedule
@@ -165,6 +166,13 @@ ROUTE_RECIPES = {"default": [],
                  "normktfpipfsrc": [*INPLACE, "--router-lr", "constant"],
                  # and with the loop's integral held while the routes are on course (conditional integration)
                  "normktfpipfshold": [*INPLACE, "--mu-integral", "hold"],
+                 # and with the loop's proportional gain at 4: the routers integrate mu (their logits sum its
+                 # gradient), so a loop of integral action alone on them cycles; kp damps it
+                 # (BENCHMARKS.md, "A damped loop for routes that depend on the image")
+                 "normktfpipfskp4": [*INPLACE, "--mu-kp", "4"],
+                 # and with the routers at their peak lr to the finetune: the damped loop keeps its hold on
+                 # the routes after the blocks' milestones
+                 "normktfpipfskp4rc": [*INPLACE, "--mu-kp", "4", "--router-lr", "constant"],
                  # the paper's consistency experiment (Table 3) on a dynamic recipe: Eq. 5 off
                  "normktfpipnocons": [*INPLACE, "--lam", "0"]}
 
@@ -278,7 +286,8 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                             "--arch", arch, "--routing", method, "--target-flops", f"{t}%", "--views", "2",
                             "--distill", "1", *init, *s]
                     for name in ("default", "norm", "normp1", "normktfp", "defaultkd", "normktfpkd", "normktfpip",
-                                 "normktfpipnocons", "normktfpipki4", "normktfpiprc", "normktfpipg0", "normktfpipfs", "normktfpipfsrc", "normktfpipfshold"):
+                                 "normktfpipnocons", "normktfpipki4", "normktfpiprc", "normktfpipg0", "normktfpipfs", "normktfpipfsrc", "normktfpipfshold",
+                                 "normktfpipfskp4", "normktfpipfskp4rc"):
                         runs[f"{arch}-warmlong-drn-{t}-{name}-s{seed}"] = [
                             "--arch", arch, "--target-flops", f"{t}%", *ROUTE_RECIPES[name], *init, *s]
                 for name, flags in ABLATIONS.items():

@@ -24,6 +24,8 @@ def _fmt(name: str, v) -> str:
             return "--lr"
         if name == "mu_ki":
             return "2 with --router-start open, 16 with --init, else 8"
+        if name == "mu_kp":
+            return "4 with --router-start undecided, else 1"
         if name == "mu":
             return "0.05; with a target from --init, 20 x the loop's --mu-scale: 1 on resnet20"
         if name == "views":
@@ -75,6 +77,8 @@ TRAIN_FLAGS = {
     "--budget-ramp": ("budget_ramp", float, "share of --epochs over which the loop's setpoint moves from the "
                                             "start cost to the target"),
     "--mu-ki": ("mu_ki", float, "integral gain of the budget loop on asinh(mu / mu_scale), per epoch of error"),
+    "--mu-kp": ("mu_kp", float, "proportional gain of the budget loop on asinh(mu / mu_scale), per unit of "
+                                "relative error"),
     "--mu-min": ("mu_min", float, "the budget controller's floor for mu; < 0 lets it reward compute "
                                   "to reach a target from below (default -20 x the loop's mu scale)"),
     "--mu-integral": ("mu_integral", str, "reset: the budget loop's integral sums every error and "

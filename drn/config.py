@@ -108,6 +108,10 @@ class TrainConfig:
     mu_ki: float | None = None    # the controller's integral gain on asinh(mu / mu_scale), per epoch (controller.py;
                                   # None: 8 when the routers start on the budget, 16 when they do so from
                                   # --init (BENCHMARKS.md, "The 70 % miss: the loop was too slow"), 2 when they start open)
+    mu_kp: float | None = None    # the controller's proportional gain on asinh(mu / mu_scale), per unit relative
+                                  # error (controller.py; None: 4 when the routers start undecided -- they
+                                  # integrate mu, and an integral loop on them cycles (BENCHMARKS.md, "A damped
+                                  # loop for routes that depend on the image") -- else 1)
     mu_integral: str = "reset"    # reset: the loop's integral sums every error and returns to 0 when the routes
                                   # cross over the target while mu < 0 still pulls them up; always: it never
                                   # resets; hold: it holds while the routes are on course to the setpoint
@@ -231,6 +235,8 @@ class TrainConfig:
         self.finetune_lr = self.lr if self.finetune_lr is None else self.finetune_lr
         if self.mu_ki is None:   # warm: a trained block's router is pulled open, and mu must get there fast
             self.mu_ki = 2.0 if self.router_start == "open" else 16.0 if self.init is not None else 8.0
+        if self.mu_kp is None:
+            self.mu_kp = 4.0 if self.router_start == "undecided" else 1.0
         if self.views is None:
             self.views = 2 if self.routing == "drn" else 1
         if self.router_open is None:
@@ -259,6 +265,7 @@ class TrainConfig:
             (min(self.lam, self.alpha, self.gamma, 0.0 if self.mu is None else self.mu) >= 0, "loss weights must be >= 0"),
             (0 <= self.budget_ramp <= 1, f"budget ramp must be in [0, 1], got {self.budget_ramp}"),
             (0 < self.mu_ki <= 50, f"mu integral gain must be in (0, 50], got {self.mu_ki}"),
+            (0 <= self.mu_kp <= 20, f"mu proportional gain must be in [0, 20], got {self.mu_kp}"),
             (0 < self.mu_max_error <= 2, f"mu max error must be in (0, 2], got {self.mu_max_error}"),
             (self.mu_scale is None or 0 < self.mu_scale <= 10, f"mu scale must be in (0, 10], got {self.mu_scale}"),
             (self.mu_min is None or -50 <= self.mu_min <= (0.05 if self.mu is None else self.mu),

@@ -139,7 +139,7 @@ class Trainer:
         # grows with depth, so that a router of ResNet-56 feels what one of ResNet-20 does (never below
         # ResNet-20's 0.05: the loop was measured there and deeper)
         mu_scale = cfg.mu_scale or 0.05 * max(1.0, self.cost.num_blocks / 9)
-        self.controller = MuController(target=self.target, mu=self._start_mu(mu_scale), ki=cfg.mu_ki, steps_per_epoch=steps,
+        self.controller = MuController(target=self.target, mu=self._start_mu(mu_scale), kp=cfg.mu_kp, ki=cfg.mu_ki, steps_per_epoch=steps,
                                        mu_scale=mu_scale, mu_max=100 * mu_scale, max_error=cfg.mu_max_error,
                                        mu_min=-20 * mu_scale if cfg.mu_min is None else cfg.mu_min,
                                        ramp_steps=round(cfg.budget_ramp * cfg.epochs) * steps,

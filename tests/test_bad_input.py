@@ -75,6 +75,7 @@ def train_and_eval_cases(data: Path, tmp: Path) -> dict[str, tuple]:
         "warm-up negative": ("drn-train", "--arch", "resnet8", *common, "--warmup-epochs", "-1"),
         "mu floor above mu": ("drn-train", "--arch", "resnet8", *common, "--mu-min", "0.5"),
         "mu gain zero": ("drn-train", "--arch", "resnet8", *common, "--mu-ki", "0"),
+        "mu kp negative": ("drn-train", "--arch", "resnet8", *common, "--mu-kp", "-1"),
         "mu max error zero": ("drn-train", "--arch", "resnet8", *common, "--mu-max-error", "0"),
         "mu scale negative": ("drn-train", "--arch", "resnet8", *common, "--mu-scale", "-0.1"),
         "unknown consistency routes": ("drn-train", "--arch", "resnet8", *common, "--consistency-routes", "hard"),

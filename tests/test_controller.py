@@ -429,3 +429,32 @@ def test_reset_lets_mu_return_at_once_when_the_routes_cross_over_the_target():
     (low_a, after_a), (low_r, after_r) = run(False), run(True)
     assert low_a == low_r < -0.3
     assert after_a < -0.3 and after_r > 0.05
+
+
+def integrating_run(kp: float, ki: float, seed: int, epochs: int = 6, steps: int = 57, noise: float = 0.15,
+                    gain: float = 1.5, start: float = 2.0) -> np.ndarray:
+    """Routers that integrate mu, as undecided batch-normalised routers do (their logits sum mu's
+    gradient): the routes' log cost moves each step by gain / steps times the gap between the loop's
+    u = asinh(mu / 0.05) and the u at which the cost's pull balances the blocks'; each batch reads the
+    cost with `noise` relative error (the dynamic recipe's batches: 12-18 %). Returns the true relative
+    error to the target, (epochs, steps)."""
+    rng = np.random.default_rng(seed)
+    c = MuController(target=1.0, mu=1.0, kp=kp, ki=ki, steps_per_epoch=steps, mu_scale=0.05, mu_min=-1.0,
+                     mu_max=5.0, ramp_steps=2 * steps, reset=True)
+    u_eq, x, trace = math.asinh(1.8 / 0.05), math.log(start), []
+    for _ in range(epochs * steps):
+        c.update(math.exp(x) * (1 + noise * rng.normal()))
+        x -= gain / steps * (math.asinh(c.mu / 0.05) - u_eq)
+        trace.append(math.exp(x) - 1)
+    return np.array(trace).reshape(epochs, steps)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_proportional_gain_damps_the_loop_on_routers_that_integrate_mu(seed):
+    """An integral loop on an integrating plant is a second-order loop whose only damping is kp: at
+    the warm gain ki 16 with kp 1 the routes cycle by more than +-50 % to the end (the dynamic recipe's
+    cycle, BENCHMARKS.md "A damped loop for routes that depend on the image"); kp 4 damps it and lands."""
+    cycling, damped = integrating_run(1.0, 16.0, seed), integrating_run(4.0, 16.0, seed)
+    assert np.abs(cycling[-2:]).max() > 0.5
+    assert np.abs(damped[-2:]).max() < 0.3
+    assert abs(damped[-1].mean()) < 0.08
