@@ -9,7 +9,7 @@ from drn.config import TrainConfig
 from drn.train import Trainer
 from search.backbone import backbone_key, backbone_path, backbone_uri, ensure_backbone
 from search.cloud import fetch, publish
-from search.config import SCRATCH_EPOCHS, TRIAL_EPOCHS_SHARE, TRIAL_FINETUNE_SHARE, SearchConfig
+from search.config import SCRATCH_EPOCHS, SearchConfig
 
 from conftest import run_cli
 
@@ -36,7 +36,7 @@ def test_trials_fine_tune_a_backbone_by_default(tmp_path):
     cfg = SearchConfig(target_flops=["50%"])
     assert cfg.backbone == "auto" and cfg.backbone_epochs == SCRATCH_EPOCHS == 250
     # a short main phase and a long finetune, as shares of the backbone's schedule (17 + 167 of 250)
-    assert (cfg.epochs, cfg.finetune_epochs) == (round(TRIAL_EPOCHS_SHARE * 250), round(TRIAL_FINETUNE_SHARE * 250))
+    assert (cfg.epochs, cfg.finetune_epochs) == (17, 167)
     assert cfg.total_epochs == cfg.epochs + cfg.finetune_epochs < cfg.backbone_epochs
     short = SearchConfig(target_flops=["50%"], backbone_epochs=30)
     assert (short.epochs, short.finetune_epochs) == (2, 20)          # what BENCHMARKS.md measured

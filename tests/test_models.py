@@ -280,9 +280,12 @@ def test_soft_blend_compiled_has_the_eager_gradients():
     def grads(fn):
         xs = [t.clone().requires_grad_() for t in (res, sc, w)]
         return torch.autograd.grad(fn(*xs), xs, g)
+    from torch._dynamo.testing import CompileCounterWithBackend
     torch._dynamo.reset()
-    for a, b in zip(grads(torch.compile(SoftBlend.apply)), grads(SoftBlend.apply)):
+    counter = CompileCounterWithBackend("inductor")   # the compiled branch really ran, through inductor
+    for a, b in zip(grads(torch.compile(SoftBlend.apply, backend=counter)), grads(SoftBlend.apply)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert counter.frame_count == 1
 
 
 # ----------------------------------------------------------------------------- skipped blocks
