@@ -1,5 +1,6 @@
 """How far each block's weights moved in training: does a block its router skips ever train?
-(issue 14, item 6)
+(docs/notes/2026-12-02-static-routes.md, "From scratch the routers never leave their start route: a skipped
+block never trains")
 
 For each checkpoint, ||W - W0|| / ||W0|| over the two 3x3 convolutions of every residual block,
 W0 being the run's start: the initial weights re-drawn from the run's seed (`torch.manual_seed`,

@@ -1,4 +1,4 @@
-"""The static-shape hard forward (issue 17, item 2): routing="capacity" (drn/models.py) against the
+"""The static-shape hard forward (BENCHMARKS.md, "What a capacity drops"): routing="capacity" (drn/models.py) against the
 gathered one (routing="hard") and the full network. Block b runs on exactly k_b = ceil(c_b x B)
 images of a batch of B, the top k_b of its router's r; slots under the threshold are padding, and
 routed images beyond k_b are dropped to the shortcut. c_b = min(1, factor x b's execution rate on

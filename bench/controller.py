@@ -8,7 +8,7 @@ interrupted benchmark continues where it stopped.
     DRN_DATA_DIR=../shared/data/cifar10-5k python bench/controller.py
 
 Writes bench/results/controller.json, bench/results/controller_mu.png, and prints a Markdown
-table for BENCHMARKS.md.
+table (docs/notes/2026-11-25-budget-controller.md, "Budget controller: landing on a FLOPs target").
 """
 import argparse
 import json

@@ -1,4 +1,4 @@
-"""Does depth pay in a short schedule? (issue 14, item 4)
+"""Does depth pay in a short schedule? (BENCHMARKS.md, "Learning-rate warm-up and zero-init residuals")
 
 The goal: on cifar10-5k, the plain ResNet-110 trained 10 epochs reaches at least the val accuracy
 of the plain ResNet-20 trained 10 epochs, with drn-train's defaults. Each run is one

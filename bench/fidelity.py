@@ -1,4 +1,4 @@
-"""Paper fidelity at CPU scale (issue 14, item 6): does the DRN earn its budget against static routes?
+"""Paper fidelity at CPU scale (BENCHMARKS.md, "Paper fidelity"): does the DRN earn its budget against static routes?
 
 Every run is one `drn-train` on the real cifar10-5k images (train / a 10 % val carve / the held-out
 test folder) with the same schedule, then `drn-eval --split test` (hard routing, and the same-path
@@ -45,14 +45,14 @@ The plan, for each arch and seed (seeds 0 of everything first):
                                              the plain network and the paper's statics on the DRN's init and
                                              warm-up (the usual BN init, 2 warm-up epochs). The main ResNet-56
                                              static rows pin zero-init without warm-up, the statics' default
-                                             until the twelfth session, when these runs made the DRN's recipe
+                                             until 2026-12-02, when these runs made the DRN's recipe
                                              theirs (drn/config.py); the plain network keeps zero-init
     {arch}-scratch-drn-{t}-hold-s{seed}      the DRN with the finetune's rate hold (--finetune-rates hold), the
-                                             default since the thirteenth session; every other DRN row ran
+                                             default since 2026-12-02; every other DRN row ran
                                              with frozen routers and pins --finetune-rates free
     {arch}-{start}-drn-{t}-reset-s{seed}     the same with the loop's integral reset at the crossing
                                              (--mu-integral reset), from scratch and warm: today's default
-                                             (fourteenth session); the rows before it pin --mu-integral always
+                                             (since 2026-12-03); the rows before it pin --mu-integral always
     {arch}-{start}-drn-{t}-{recipe}-s{seed}  the route recipes (ROUTE_RECIPES): routes that depend on the image
     resnet20-full2v[-long]-s{seed}, resnet20-scratch-distributedk2v-{t}-long-s{seed}
                                              does compute buy accuracy? the whole network on two views and
@@ -84,18 +84,18 @@ BATCH = 64                        # 63 steps per epoch on the 3661 training imag
 TARGETS = {"resnet20": (30, 50, 70), "resnet56": (50,)}
 METHODS = ("drn", "firstk", "randomk", "distributedk", "deepk")
 STATIC = METHODS[1:]
-PAPER = STATIC[:3]                # the paper's Table 4a baselines: item 6's bar; DeepK is the DRN's start route
+PAPER = STATIC[:3]                # the paper's Table 4a baselines: the DRN's bar; DeepK is the DRN's start route
 TWO_VIEWS = ("randomk", "distributedk", "deepk")   # also trained on 2 views per image, the DRN's images per step
 ALT = "soft"                      # the training routing the DRN is also run with, in every ResNet-20 cell
 BRACKETED = ("distributedk", "deepk")   # FirstK trails by 3-8 points: its second point would not change the best
 # DeepK (the auto start's other route; on ResNet-56 at 50 % the start is DistributedK's) runs on ResNet-20 only
-# the DRN rows ran before the finetune held the routers' rates (thirteenth session) and before the loop's
-# integral was reset at the crossing (fourteenth): pinned as they ran; `hold` rows are the thirteenth
-# session's default, `reset` rows today's
+# the DRN rows ran before the finetune held the routers' rates (2026-12-02) and before the loop's
+# integral was reset at the crossing (2026-12-03): pinned as they ran; `hold` rows are the default of
+# 2026-12-02, `reset` rows today's
 FREE = ["--finetune-rates", "free", "--mu-integral", "always"]
 HOLD = {"resnet20": (30, 50, 70), "resnet56": (50,)}   # scratch: where blocks stay undecided
 RECIPE = ["--no-zero-init-residual", "--warmup-epochs", "2"]   # the DRN's own init and warm-up on ResNet-56
-# the statics' recipe before the twelfth session (zero-init, no warm-up on ResNet-56), which their main rows
+# the statics' recipe before 2026-12-02 (zero-init, no warm-up on ResNet-56), which their main rows
 # were run with: pinned so that the records stay what their flags say; `drnrecipe` rows are today's default
 ZERO = {"resnet20": [], "resnet56": ["--zero-init-residual"]}
 ABLATIONS = {"soft": ["--train-routing", "soft"], "nocons": ["--lam", "0"], "nodiv": ["--alpha", "0"],
@@ -150,13 +150,13 @@ ROUTE_RECIPES = {"default": [],
                  "normktfpip": [*INPLACE],
                  "normfpip": [*UNDECIDED, "--router-norm", "--full-pass", "1", "--distill", "1", "--distill-from", "full"],
                  # the budget loop at a quarter of its warm gain: undecided routers answer mu fast, and
-                 # at ki 16 the loop cycles about once an epoch (BENCHMARKS.md, "Why the dynamic recipe misses its landing")
+                 # at ki 16 the loop cycles about once an epoch (BENCHMARKS.md, "Why the dynamic recipe misses its landing: a router on the threshold, and a loop that cycles")
                  "normktfpipki4": [*INPLACE, "--mu-ki", "4"],
                  # the routers keep their peak lr through the blocks' milestones: the loop keeps its hold
                  # on the routes while the features settle
                  "normktfpiprc": [*INPLACE, "--router-lr", "constant"],
                  # without Eq. 10 (gamma 0): its pull of a router's two views together, with no margin,
-                 # shrinks a batch-normalised router's spread to 0 (BENCHMARKS.md, "Why the dynamic recipe misses its landing")
+                 # shrinks a batch-normalised router's spread to 0 (BENCHMARKS.md, "Why the dynamic recipe misses its landing: a router on the threshold, and a loop that cycles")
                  "normktfpipg0": [*INPLACE, "--gamma", "0"],
                  # normktfpip's records ran with the router norm's spread trained; normktfpipfs, the same
                  # flags, with it fixed (a buffer; drn/router.py Router)
@@ -296,7 +296,7 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
     return runs
 
 
-# the warm rows ran with the budget loop's ki 8 and start mu 0.05, the defaults for every start before issue 15
+# the warm rows ran with the budget loop's ki 8 and start mu 0.05, the defaults for every start before 2026-12-03
 # (now 16 and 1 from --init)
 WARM_KI = ["--mu-ki", "8", "--mu", "0.05"]
 

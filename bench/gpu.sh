@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Issue 17 on one CUDA GPU: the routed training step against the plain one under the same treatment
-# (eager; CUDA graphs of the eager kernels; inductor + CUDA graphs), and the static-shape hard
-# forward (capacity) against the gathered one and the full network. Per-step limits sum to 6.5 min.
+# The goals of BENCHMARKS.md, "GPU speed", on one CUDA GPU: the routed training step against the plain
+# one under the same treatment (eager; CUDA graphs of the eager kernels; inductor + CUDA graphs), and
+# the static-shape hard forward (capacity) against the gathered one and the full network. Per-step
+# limits sum to 6.5 min.
 # Needs python3 with torch + torchvision only (no install: PYTHONPATH=.). JSON and logs go to $OUT.
 #
 #   OUT=/tmp/drn-gpu DATA=../shared/data/cifar10-5k bash bench/gpu.sh
 #   SMOKE=1 OUT=/tmp/drn-smoke DATA=../shared/data/cifar10-5k bash bench/gpu.sh   # the same steps, tiny, on CPU
 #
-# Goals (BENCHMARKS.md, issue 17): routed step <= 1.2 x plain at batch 128 for ResNet-20/56/110;
+# Goals (BENCHMARKS.md, "GPU speed"): routed step <= 1.2 x plain at batch 128 for ResNet-20/56/110;
 # ResNet-110 at 50 % FLOPs hard-routed >= 1.5 x faster than full at batch 256 and >= 0.8 of the
 # FLOPs ratio at 1024; ResNet-50 at 64x64 the same way.
 set -u -o pipefail
@@ -55,13 +56,13 @@ step() {  # step NAME TIMEOUT CMD...: run with a time limit, log to $OUT/NAME.lo
   git log -1 --format='commit %H' 2>/dev/null; git status --short 2>/dev/null | head -20
 } | tee "$OUT/env.txt"
 
-# 1. the training step, routed vs plain, each treatment on both sides (item 1, goal <= 1.2x at batch 128)
+# 1. the training step, routed vs plain, each treatment on both sides (the first goal of "GPU speed": <= 1.2x at batch 128)
 step train_eager "$T_OVH" $PY bench/train_overhead.py --device $DEV "${OVH[@]}" --out "$OUT/train_overhead-eager.json"
 step train_$CG "$T_CG" $PY bench/train_overhead.py --device $DEV "${OVH_CG[@]}" --compile $CG \
   --out "$OUT/train_overhead-$CG.json"
 [ "$CG" != inductor ] && step train_inductor "$T_IND" $PY bench/train_overhead.py --device $DEV "${OVH_IND[@]}" \
   --compile inductor --out "$OUT/train_overhead-inductor.json"
-# 2. the hard forward: full vs gather vs capacity, eager and captured (item 2)
+# 2. the hard forward: full vs gather vs capacity, eager and captured (the second and third goals)
 step capacity_speed "$T_CAP" $PY bench/capacity.py --time --device $DEV "${CAP[@]}" --out "$OUT/capacity-speed-$DEV.json"
 # 3. the trainer itself with a captured step (a few epochs on the real images: it runs and lands)
 rm -rf "$OUT/train-run"

@@ -1,4 +1,4 @@
-"""Inference speed of hard routing (issue 8, item 1): gathered execution (routing="hard") vs
+"""Inference speed of hard routing (BENCHMARKS.md, "Inference speed vs FLOPs"): gathered execution (routing="hard") vs
 mask-multiply (routing="mask") vs the full network, at batch 1, 64, 256, for routes at ~30/50/70 %
 of the full network's FLOPs. Goal: speedup >= 0.85 x FLOPs ratio at batch 256 on CPU.
 

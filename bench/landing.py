@@ -1,4 +1,4 @@
-"""Do the routers land the budget themselves? (issue 14, item 2)
+"""Do the routers land the budget themselves? (BENCHMARKS.md, "Landing on the budget")
 
 Each run is one `drn-train` to a FLOPs target with the default recipe (plus the variant's flags),
 on the real cifar10-5k images. What counts is `uncalibrated_flops`: the val cost of the trained

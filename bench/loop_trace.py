@@ -1,6 +1,6 @@
 """The budget loop step by step: each training batch's hard cost, the loop's smoothed cost and mu, and
 at each epoch's end the val cost beside the training batches' (BENCHMARKS.md, "Why the dynamic recipe
-misses its landing"). Runs drn-train's main phase with the loop instrumented.
+misses its landing: a router on the threshold, and a loop that cycles"). Runs drn-train's main phase with the loop instrumented.
 
     python bench/loop_trace.py OUT.json -- <drn-train flags, --out included>
 

@@ -1,4 +1,5 @@
-"""Does re-estimating BN's running statistics at the end (precise BN) close the depth gap? (issue 14, item 4)
+"""Does re-estimating BN's running statistics at the end (precise BN) close the depth gap? (BENCHMARKS.md,
+"Learning-rate warm-up and zero-init residuals")
 
     python bench/precise_bn.py bench/runs/depth/<run>/checkpoint.pt   # one JSON line -> stdout
 

@@ -1,5 +1,5 @@
 """Can per-image compute pay on this data at all, and do the DRN's routers spend it where it pays?
-(BENCHMARKS.md, "Routes that depend on the image")
+(BENCHMARKS.md, "What per-image compute can buy here, and where the routers spend it")
 
 Two static routes trained from the same start, a small one and a large one, bracket a budget t. An
 image-adaptive network at t can at best run the large route on the images that need it and the small

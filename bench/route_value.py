@@ -1,4 +1,4 @@
-"""What are a trained DRN's input-dependent decisions worth? (issue 14, item 6)
+"""What are a trained DRN's input-dependent decisions worth? (BENCHMARKS.md, "Routes that depend on the image")
 
 For every block that a trained model runs on some test images but not all (execution rate in
 (3 %, 97 %), hard routing at the model's threshold), the test accuracy under four gate choices for

@@ -1,4 +1,4 @@
-"""Where does a routed model lose to a static route? (BENCHMARKS.md, "Routes that depend on the image")
+"""Where does a routed model lose to a static route? (BENCHMARKS.md, "Which images a dynamic network loses")
 
 On the held-out test images, for a DRN checkpoint and a static route's checkpoint trained from the
 same start on the same images:

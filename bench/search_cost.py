@@ -1,10 +1,10 @@
-"""Search cost (issue 15): a 3-budget front for at most 3 x one full training, from one backbone.
+"""Search cost (BENCHMARKS.md, "Search cost"): a 3-budget front for at most 3 x one full training, from one backbone.
 
     python bench/search_cost.py prep     # the references: the plain network (the backbone), the DRN from
                                          # scratch at each budget, and fine-tunes of several lengths from it
     python bench/search_cost.py diag     # the search's 70 % trial's main phase, one change at a time
     python bench/search_cost.py goal     # C, then the search, timed side by side on an idle machine
-    python bench/search_cost.py report   # BENCHMARKS.md's tables from bench/results/search_cost/
+    python bench/search_cost.py report   # the tables of BENCHMARKS.md, "Search cost", from bench/results/search_cost/
 
 ResNet-20 on cifar10-5k (DRN_DATA_DIR), batch 128, seed 0; E = the backbone's (scratch) schedule.
 `prep` runs two trainings at a time, one thread each (accuracy only: its times are not used);

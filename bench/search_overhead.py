@@ -1,4 +1,4 @@
-"""Search overhead (issue 8, item 3): the share of a drn-search's wall time that its trials spend
+"""Search overhead (docs/notes/2026-11-26-search-overhead.md, "Search overhead"): the share of a drn-search's wall time that its trials spend
 training. Goal >= 90 % for 8 trials x 2 epochs, 2 concurrent, on CPU.
 
     python bench/search_overhead.py --data-dir ../shared/data/cifar10-5k

@@ -1,12 +1,13 @@
-"""Training overhead of routing (issue 8, item 2; issue 17, item 1): the routed training step -- the
+"""Training overhead of routing (BENCHMARKS.md, "Training overhead of routing", "CPU speed: no regression"):
+the routed training step -- the
 trainer's own step (`drn.step`: M = 2 augmented views as one batch, straight-through routing, the
 full Eq. 9 loss, SGD) -- per image-view, vs the plain ResNet of the same depth: the same stem, blocks
 and head without routers (`PlainResNet`), trained by the same kind of step (the same augmentation
 on tensors, CE, the same SGD) on as many images per step as the routed step has views. Both sides
 get the same treatment: eager, or --compile (torch.compile of the forward + loss and of the
 optimizer's update; mode reduce-overhead on CUDA: CUDA graphs), channels_last as the trainer
-chooses it (on CUDA), fused SGD on CUDA when eager. Goals: <= 1.10x on CPU (issue 8), <= 1.2x on
-a GPU at batch 128 (issue 17).
+chooses it (on CUDA), fused SGD on CUDA when eager. Goals: <= 1.10x on CPU (BENCHMARKS.md,
+"Training overhead of routing"), <= 1.2x on a GPU at batch 128 (BENCHMARKS.md, "GPU speed").
 
     PYTHONPATH=. python bench/train_overhead.py                                 # CPU: ResNet-20/56/110, batch 128
     PYTHONPATH=. python bench/train_overhead.py --device cuda --compile --batches 128 512
@@ -193,7 +194,7 @@ def main() -> None:
                    help="both sides under torch.compile: inductor (reduce-overhead on CUDA: CUDA graphs) or cudagraphs "
                         "(CUDA: the eager kernels captured); the warm-up steps compile")
     p.add_argument("--train-routing", choices=("straight", "soft"), default="straight",
-                   help="the routed step's routing (the trainer's default: straight; issue 8 measured soft)")
+                   help="the routed step's routing (the trainer's default: straight; BENCHMARKS.md, \"Training overhead of routing\", measured soft)")
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                    help="both sides' activations NHWC (auto: on CUDA, as the trainer)")
     args = parse_common(p, "train_overhead")

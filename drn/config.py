@@ -76,8 +76,8 @@ class TrainConfig:
                                   # target, max(2, 10 % of epochs), measured to lift accuracy; else 0)
     finetune_lr: float | None = None  # the finetune restarts at this lr and decays to 0 along a half cosine
                                   # (None: lr). The route settles late in a short schedule, when the main
-                                  # lr has decayed: the restart trains it (BENCHMARKS.md, "Why the DRN loses
-                                  # to RandomK at 30 %")
+                                  # lr has decayed: the restart trains it (docs/notes/2026-12-01-static-routes.md, "Why the DRN loses
+                                  # to RandomK at 30 %: the route is right, its training is short")
     finetune_rates: str = "hold"  # hold: each router's execution rate on training images stays where the main
                                   # schedule left it while the finetune trains the blocks it reads (its
                                   # last-layer bias follows; controller.RateHold); free: frozen routers only
@@ -89,7 +89,8 @@ class TrainConfig:
                                   # resnet50 unless zero_init_residual, else 0)
     zero_init_residual: bool | None = None  # each residual branch's last BN starts at 0 (None: on for the plain
                                   # network of resnet56 and deeper and resnet50; off for drn and the static
-                                  # routes, which train as the DRN does: +2 to +7 points, BENCHMARKS.md)
+                                  # routes, which train as the DRN does: +2 to +7 points, BENCHMARKS.md, "ResNet-56 at
+                                  # 50 %: the DRN's lead from scratch was the statics' recipe and its second view")
     drop_path: float = 0.0        # stochastic depth for full and static routes: block l of L skipped for a
                                   # whole training batch with probability drop_path * l / L (Huang et al.)
     momentum: float = 0.9
@@ -102,12 +103,14 @@ class TrainConfig:
     gamma: float = 0.5
     mu: float | None = None       # the cost weight: its start value with a target (the loop adapts it), fixed
                                   # without one. None: 0.05, or WARM_MU x the loop's mu scale (1 on ResNet-20)
-                                  # when the routers start on the budget from --init (BENCHMARKS.md, "The 70 % miss, found")
+                                  # when the routers start on the budget from --init (BENCHMARKS.md, "The 70 % miss,
+                                  # found: the loop started too low for trained blocks (fix: μ starts at 1 from a backbone)")
     budget_ramp: float = 0.3      # the loop's setpoint moves from the start cost to the target over this
                                   # share of --epochs (controller.py)
     mu_ki: float | None = None    # the controller's integral gain on asinh(mu / mu_scale), per epoch (controller.py;
                                   # None: 8 when the routers start on the budget, 16 when they do so from
-                                  # --init (BENCHMARKS.md, "The 70 % miss: the loop was too slow"), 2 when they start open)
+                                  # --init (docs/notes/2026-12-03-search-cost.md, "The 70 % miss: the loop was too slow for trained
+                                  # blocks (fix: ki 16 from a backbone)"), 2 when they start open)
     mu_kp: float | None = None    # the controller's proportional gain on asinh(mu / mu_scale), per unit relative
                                   # error (controller.py; None: 4 when the routers start undecided -- they
                                   # integrate mu, and an integral loop on them cycles (BENCHMARKS.md, "A damped
@@ -115,7 +118,8 @@ class TrainConfig:
     mu_integral: str = "reset"    # reset: the loop's integral sums every error and returns to 0 when the routes
                                   # cross over the target while mu < 0 still pulls them up; always: it never
                                   # resets; hold: it holds while the routes are on course to the setpoint
-                                  # within an epoch (conditional integration; controller.py, BENCHMARKS.md)
+                                  # within an epoch (conditional integration; controller.py; docs/notes/2026-12-02-landing.md,
+                                  # "A held integral for the wind-up")
     mu_max_error: float = 0.5     # the loop's relative error is clipped to +- this (controller.py)
     mu_scale: float | None = None # the loop changes mu linearly below this size, relatively above (controller.py;
                                   # None: 0.05 per nine routers, at least 0.05 -- Eq. 8 splits one share over all blocks)
@@ -130,14 +134,16 @@ class TrainConfig:
     route_transitions: bool = True  # False: the shape-changing blocks run on every image (models.ModelConfig)
     router_open: float | None = None  # p(execute) of an open router at the start, in (0.5, 1) (a closed one:
                                   # 1 - this); None: 0.99 for a warm start on the budget (--init: trained
-                                  # blocks pull closed routers open within an epoch at 0.9, BENCHMARKS.md), else 0.9
+                                  # blocks pull closed routers open within an epoch at 0.9, docs/notes/2026-12-02-static-routes.md,
+                                  # "The start route decides the DRN at this schedule; what it gains over static routes is its second
+                                  # view"), else 0.9
     undecided_pairs: int = 0      # with a start on the budget: this many pairs of blocks (an open and a closed one of
                                   # a stage, the deepest stage first) start undecided (p = 0.5) instead: routes that
                                   # vary on about 2 x this many blocks at the start route's expected cost
     router_start: str = "auto"    # with a target: the blocks of a static route (baselines.py) closest to the
                                   # target start open (router_open), the others closed (1 - router_open), so
-                                  # training starts on the budget (BENCHMARKS.md, "Routers that start on the
-                                  # budget"). auto: DistributedK's
+                                  # training starts on the budget (docs/notes/2026-12-01-landing.md, "Routers that start on
+                                  # the budget"). auto: DistributedK's
                                   # route, or DeepK's where DistributedK's runs the deepest stage on one block
                                   # (30 % on ResNet-20); deepk, distributedk: that route; greedy (with --init):
                                   # the route the trained blocks lose least by on val (warmstart.greedy_route);
@@ -149,8 +155,8 @@ class TrainConfig:
                                   # consistency test: views that differ, so that Eq. 5 has something to act on)
     train_routing: str = "straight"  # straight: Eq. 11's 0/1 decisions forward, Eq. 3's gradient backward
                                   # (models.py), so training runs the routes testing will (lands closer, and
-                                  # level with soft in accuracy over 18 runs, BENCHMARKS.md, "Straight-through
-                                  # routing in training");
+                                  # level with soft in accuracy over 18 runs, BENCHMARKS.md, "Training routing, views
+                                  # that differ, and the warm rows on today's plain networks");
                                   # soft: Eq. 4, the paper's
     router_lr: str = "decay"      # decay: the routers' lr follows the blocks' (milestones); constant: the
                                   # routers keep the peak lr until the finetune freezes them, so the budget
@@ -160,18 +166,19 @@ class TrainConfig:
     explore: float = 0.0          # straight-through main epochs: a skipped block still runs on this share of
                                   # the images (drawn per image; the routes, the cost and the loop read the
                                   # routers' decisions). A block that never runs never trains, so its router
-                                  # only ever sees an untrained block (BENCHMARKS.md, "From scratch the
-                                  # routers never leave their start route")
+                                  # only ever sees an untrained block (docs/notes/2026-12-02-static-routes.md, "From scratch
+                                  # the routers never leave their start route: a skipped block never trains")
     routers_first: int = 0        # main epochs at the start in which only the routers train, the blocks frozen:
                                   # the routes settle on the (warm-started) blocks before the blocks adapt to
                                   # them (BlockDrop's order). Measured at 1: on frozen trained blocks the routers
-                                  # open to 77 %, then close in a cliff (BENCHMARKS.md, "Three ways to let
-                                  # the routers judge trained blocks")
+                                  # open to 77 %, then close in a cliff (docs/notes/2026-12-02-static-routes.md, "Three ways
+                                  # to let the routers judge trained blocks, and none that pays at 8 epochs")
     full_pass: float = 0.0        # main epochs: weight of the cross-entropy of a second pass through the full
                                   # network (every block, on one view), so that every block trains on every
                                   # image and a router can judge a block it skips (supernet training; 0: off;
-                                  # measured at 1: BENCHMARKS.md, "Three ways to let the routers judge
-                                  # trained blocks" and "Six more experiments")
+                                  # measured at 1: docs/notes/2026-12-02-static-routes.md, "Three ways to let the routers judge
+                                  # trained blocks, and none that pays at 8 epochs"; BENCHMARKS.md, "Six more experiments: what the loss
+                                  # is not, and what it is")
     distill: float = 0.0          # weight of the distillation loss (Hinton et al.): KL from the --init network's
                                   # outputs (every block, frozen) to this network's, at temperature losses.DISTILL_T,
                                   # on every training step (statics and the finetune too); 0: off
@@ -185,7 +192,7 @@ class TrainConfig:
     rate_routes: str = "executed" # what the rate loss reads: the routes the images ran (executed: straight-through,
                                   # the rate testing will see) or soft r
     router_leak: float = 0.0      # gradient floor of r w.r.t. the router logits (router.soft_route): lets
-                                  # closed routers reopen; 0 = Eq. 3's own gradient (BENCHMARKS.md, "A signed
+                                  # closed routers reopen; 0 = Eq. 3's own gradient (docs/notes/2026-12-01-landing.md, "A signed
                                   # budget loop, and two ways to let routers reopen")
     # budget: FLOPs per image ('2e8') or share of the full network ('40%'), or milliseconds per
     # image on this device at `latency_batch` (then a measured latency table replaces FLOPs in Eq. 8)
@@ -207,8 +214,7 @@ class TrainConfig:
     compile: str = "off"          # the main epochs' step under torch.compile (drn/step.py), the same step to float
                                   # rounding: inductor (fused kernels; on CUDA replayed as CUDA graphs) | cudagraphs
                                   # (CUDA only: the eager kernels captured, seconds to compile) | off. Off by
-                                  # default: its GPU speed is not measured yet (BENCHMARKS.md, "GPU speed — the
-                                  # CPU parts")
+                                  # default: its GPU speed is not measured yet (BENCHMARKS.md, "GPU speed")
     channels_last: str = "auto"   # NHWC activations: auto (on CUDA, where cuDNN converts NCHW around every conv;
                                   # off on CPU) | on | off
     controller_every: int | None = None  # the budget loop reads the batches' hard cost every N steps, one host sync
@@ -380,8 +386,8 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         # settings that existed briefly and were removed, kept readable at the value whose behaviour is
         # the only one left (`--finetune-routers frozen`: the steered finetune collapsed the routes;
-        # `--router-detach`, `--block-grad routed`: no effect on the routes, BENCHMARKS.md "Routes that
-        # depend on the image"; `--cost-price`: no effect on where the routers spend, BENCHMARKS.md "What
+        # `--router-detach`, `--block-grad routed`: no effect on the routes, BENCHMARKS.md "Six more
+        # experiments: what the loss is not, and what it is"; `--cost-price`: no effect on where the routers spend, BENCHMARKS.md "What
         # per-image compute can buy here, and where the routers spend it")
         removed = {"finetune_routers": "frozen", "router_detach": False, "block_grad": "batch", "cost_price": 0.0}
         d = {k: v for k, v in d.items() if not (k in removed and v == removed[k])}

@@ -16,7 +16,8 @@ starting cost down to the target. It acts on u = asinh(mu / mu_scale):
   serves mu = 0.05 and 3; near 0 it is linear, so mu can change sign. A budget is an equality
   here (the user wants the accuracy the target pays for, not less compute): a network whose
   routers close blocks with no cost pressure at all -- as short schedules do, because the
-  shallower network learns faster -- is pulled back up by mu < 0 (BENCHMARKS.md, "A signed budget loop").
+  shallower network learns faster -- is pulled back up by mu < 0 (docs/notes/2026-12-01-landing.md, "A signed
+  budget loop, and two ways to let routers reopen").
 * hard cost, not Eq. 8's soft expectation: the soft/hard gap is what makes fixed-mu methods miss.
 * the ramp and the error clip: a network that starts at 95 % of full and is told "30 %" at once
   sees e = +2.2; a first version without them multiplied mu by ~80 within an epoch, every router
@@ -28,29 +29,31 @@ starting cost down to the target. It acts on u = asinh(mu / mu_scale):
   the routers adapt. Routers that start on the budget (TrainConfig.router_start, the default) see
   errors of a few % from the first step, and ki = 2 was too slow to hold them there: they
   reopened closed blocks to +16-20 % over a 30 % target, so the trainer passes ki = 8 then
-  (BENCHMARKS.md, "Routers that start on the budget"). kp = 1 damps the integral's overshoot without passing much
-  batch-to-batch noise into mu. The benchmark (bench/controller.py,
-  BENCHMARKS.md) measures the result on real training.
+  (docs/notes/2026-12-01-landing.md, "Routers that start on the budget"). kp = 1 damps the integral's overshoot
+  without passing much batch-to-batch noise into mu. The first benchmark (bench/controller.py;
+  docs/notes/2026-11-25-budget-controller.md, "Budget controller: landing on a FLOPs target") measured the
+  result on real training.
 * rho, the val/train correction: the landing is judged on the val images in eval mode (no
   augmentation, BN running statistics), the loop measures training batches (augmented views, BN
   batch statistics). From trained blocks (a warm start) the two differ by 3-7 %, the val routes
   dearer: the loop landed the training batches on the target and val missed by up to +10 %
-  (BENCHMARKS.md, "The routers' start, exact, and a loop that steers val"). After every main epoch
+  (docs/notes/2026-12-01-landing.md, "The routers' start, exact, and a loop that steers val"). After every main epoch
   the trainer reports the val cost beside what training batches cost at that moment
   (`observe_val`; `Trainer.batch_cost_now` runs a fixed
   sample of augmented training images in train mode, BN statistics untouched). Not the loop's EMA:
   when routes move fast -- a warm start's routers opened within epoch 1 -- the EMA lags them, and
   the lag read as a val/train bias clipped rho to 1.25 where the true ratio was 1.04, which drove mu
-  from 0.07 to 3 in the next epoch and closed the network to 21 % of a 30 % target (BENCHMARKS.md,
-  "Warm starts at 30 %: the loop read a lag as a bias"). rho is their ratio, averaged over epochs (EMA 0.5, clipped to
+  from 0.07 to 3 in the next epoch and closed the network to 21 % of a 30 % target
+  (docs/notes/2026-12-02-landing.md, "Warm starts at 30 %: the loop read a lag as a bias"). rho is their
+  ratio, averaged over epochs (EMA 0.5, clipped to
   [0.8, 1.25]), and the loop steers rho * cost, its estimate of the val cost. Val carries no labels
   here: the loop reads the FLOPs the val routes take, as the trim does.
 * the scale grows with depth (the trainer passes mu_scale = 0.05 * max(1, blocks / 9), and the clips
   100 and -20 times it): Eq. 8 is one share split over all blocks, so a router's pull is ~ mu /
   blocks. With ResNet-20's scale on ResNet-56 (27 blocks) the loop needed 3x the mu, reached
   -0.12 of it in 6 epochs and left val 7 % under a 50 % target; scaled, each router of any depth
-  feels what a ResNet-20 router feels at the same u (BENCHMARKS.md, "ResNet-56 lands: the loop's
-  scale grows with depth").
+  feels what a ResNet-20 router feels at the same u (docs/notes/2026-12-01-landing.md, "ResNet-56
+  lands: the loop's scale grows with depth").
 * conditional integration (TrainConfig.mu_integral = hold; not the default):
   the integral holds while the routes are on course -- the error, run on at its rate over the
   last quarter epoch, crosses 0 within one epoch. The routers integrate mu themselves (their
@@ -60,13 +63,14 @@ starting cost down to the target. It acts on u = asinh(mu / mu_scale):
   only slowly. A first rule held whenever |error| shrank at all: it landed those starts at
   -2.5 / -4.1 % (plain: -6.1 / -10.2 %), but on a flat cost half the noisy steps "shrink", the
   integral wound at half speed, and a scratch run stuck at 62 % missed its 70 % target by -11 %
-  (BENCHMARKS.md, "A held integral for the wind-up"); the horizon keeps the hold to real approaches.
+  (docs/notes/2026-12-02-landing.md, "A held integral for the wind-up"); the horizon keeps the hold to real approaches.
 * reset at the crossing (TrainConfig.mu_integral = reset, the default): the
   integral goes back to 0 when the routes stand more than 1 % over the target while mu < 0 still
   pulls them up. Routers that closed under a high target early need a strongly negative mu to
   reopen (bounding it at -0.2 or halving ki left ResNet-20 at 70 % 11-13 % short); they crossed the
   target only after the lr had decayed, and the wound-up integral, which unwinds at ki x error per
-  epoch in asinh space, kept them opening to +5.3 % (BENCHMARKS.md, "The loop's integral resets at the crossing").
+  epoch in asinh space, kept them opening to +5.3 % (BENCHMARKS.md, "The loop's integral resets at the crossing:
+  ResNet-20 lands 18 of 18, ResNet-56 6 of 6").
 * anti-windup: the integral is clamped so that it never pushes mu past a clip.
 * the start value: 0.05 (the paper's), but WARM_MU x mu_scale (1 on ResNet-20) when the routers
   start on the budget over trained blocks (--init). A trained block's router moves only at mu ~1-3
@@ -74,7 +78,7 @@ starting cost down to the target. It acts on u = asinh(mu / mu_scale):
   fourth epoch of a 5-epoch fine-tune, after the lr had decayed at 60 %, and at 70 % on ResNet-20
   the route stayed a block over the target (+9.6 %) for some loss weights under any mu up to the
   clip. Started at 1 it lands 70 % within 2 main epochs at the same weights (BENCHMARKS.md, "The 70 % miss,
-  found").
+  found: the loop started too low for trained blocks (fix: μ starts at 1 from a backbone)").
 * no target: mu stays at its initial value.
 
 The loop should land the routers on the target at Eq. 11's threshold 0.5 by itself; the trim
@@ -178,7 +182,7 @@ class RateHold:
     ResNet-56 at 50 % two undecided blocks ran on 38 / 84 % of the val images when the main phase
     ended (threshold 0.5) and on 27 / 70 % after two finetune epochs, at the lower trimmed threshold
     0.400; the model fell from -2.4 % to -6.2 % of its target at 0.5 (BENCHMARKS.md, "The finetune
-    holds the routers' rates"). The hold re-centres each undecided router on the moving features:
+    holds the routers' rates: ResNet-56 lands 3 of 3"). The hold re-centres each undecided router on the moving features:
     after every finetune step its logit gap d = R_0 - R_1 moves (Router.shift_, the last layer's
     bias) by `gain` times the distance between the threshold's gap and the batch's (1 - ref)
     quantile of d, the gap above which a share ref of the images runs the block. The router's

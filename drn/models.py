@@ -78,8 +78,8 @@ class SoftBlend(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         h, sc, w = ctx.saved_tensors
-        if torch.compiler.is_compiling():   # relu' as a float: inductor's C++ code stores a bool mask 14x
-            g_res = g * w * torch.sign(h)   # slower than a float one (h >= 0: sign(h) = (h > 0); BENCHMARKS.md)
+        if torch.compiler.is_compiling():   # relu' as a float: inductor's C++ code stores a bool mask 14x slower
+            g_res = g * w * torch.sign(h)   # than a float one (h >= 0: sign(h) = (h > 0); BENCHMARKS.md, "CPU speed: no regression")
         else:
             g_res = torch.ops.aten.threshold_backward(g * w, h, 0)    # relu' = (h > 0)
         g_sc = torch.addcmul(g_res, g, 1 - w)

@@ -13,8 +13,8 @@ def soft_route(logits: torch.Tensor, beta: float, leak: float = 0.0) -> torch.Te
     gap d = R_0 - R_1 gets a floor of `leak`. Eq. 3 saturates twice: dr/dd = 2 beta r(1-r) p(1-p)
     with p = sigmoid(d), which vanishes as |d| grows. So a router that has closed cannot reopen,
     and an open one needs a large cost weight before it moves: hysteresis, which makes the mu loop
-    close too many blocks at once and then leaves them closed (BENCHMARKS.md, "A signed budget loop,
-    and two ways to let routers reopen")."""
+    close too many blocks at once and then leaves them closed (docs/notes/2026-12-01-landing.md, "A signed budget
+    loop, and two ways to let routers reopen")."""
     r = F.softmax(beta * F.softmax(logits, dim=-1), dim=-1)[..., 0]
     if leak and torch.is_grad_enabled():
         d = logits[..., 0] - logits[..., 1]
@@ -51,7 +51,7 @@ class Router(nn.Module):
     The spread is fixed (the norm's weight is a buffer, not trained): the straight-through gate
     chatters where a block's benefit meets its price, and a trained spread and bias slide to 0
     together there, giving every image r = 0.5 (BENCHMARKS.md, "Why the dynamic recipe misses its
-    landing")."""
+    landing: a router on the threshold, and a loop that cycles")."""
 
     # p(execute) = softmax(logits)[0] at the start (TrainConfig.router_open, router_start)
     OPEN = 0.9

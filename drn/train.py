@@ -144,8 +144,8 @@ class Trainer:
                                        mu_min=-20 * mu_scale if cfg.mu_min is None else cfg.mu_min,
                                        ramp_steps=round(cfg.budget_ramp * cfg.epochs) * steps,
                                        hold=cfg.mu_integral == "hold", reset=cfg.mu_integral == "reset")
-        # the finetune's rate hold (BENCHMARKS.md, "The finetune holds the routers' rates"); None: frozen
-        # routers only
+        # the finetune's rate hold (BENCHMARKS.md, "The finetune holds the routers' rates: ResNet-56 lands 3
+        # of 3"); None: frozen routers only
         self.hold = RateHold() if (cfg.finetune_rates == "hold" and self.target is not None
                                    and not self.static and cfg.finetune_epochs > 0) else None
         self.calibration: dict | None = None
@@ -191,7 +191,8 @@ class Trainer:
         """The cost weight's start value. From --init with the routers on the budget the loop starts at
         WARM_MU x mu_scale (1 on ResNet-20), not 0.05: a trained block's router moves only once mu is ~1-3,
         and from 0.05 the loop gets there after a short main phase's lr has decayed, which leaves the
-        route where it started (BENCHMARKS.md, "The 70 % miss, found")."""
+        route where it started (BENCHMARKS.md, "The 70 % miss, found: the loop started too low for trained
+        blocks (fix: μ starts at 1 from a backbone)")."""
         cfg = self.cfg
         if cfg.mu is not None:
             return cfg.mu
@@ -204,8 +205,8 @@ class Trainer:
         (router_open), the others close (1 - router_open). greedy (a warm start): the route that the
         trained blocks lose least by on val (warmstart.greedy_route). deepk / distributedk: that
         static route whose cost is closest to the target; auto: DistributedK's, or DeepK's where
-        DistributedK's runs the deepest stage on a single block (BENCHMARKS.md, "The start route decides
-        the DRN at this schedule"). When the route misses the target by more
+        DistributedK's runs the deepest stage on a single block (docs/notes/2026-12-02-static-routes.md, "The start
+        route decides the DRN at this schedule; what it gains over static routes is its second view"). When the route misses the target by more
         than 2.5 %, one more block starts undecided (p = 0.5, about half the images: the next
         static route's, or the last block greedy dropped): its router is where Eq. 3 is
         steepest, so the budget loop can steer it to the target without a saturated router's cliff.

@@ -325,9 +325,12 @@ def make_tuner(cfg: SearchConfig, resume: bool, p: Prepared):
             restored._tune_config.search_alg.storage = cfg.study_storage
         return tuner
     searcher = OptunaSearcher(p.space, cfg.targets, cfg.name, cfg.study_storage, cfg.tolerance,
-                              cfg.total_epochs, cfg.cost_key, cfg.seed, dataset=cfg.dataset)
-    # auto = asha: one ASHA per target, a trial competes only with its own budget's trials
-    scheduler = (PerTargetASHA(cfg.targets, time_attr="training_iteration", max_t=cfg.total_epochs,
+                              cfg.total_epochs, cfg.cost_key, cfg.seed, dataset=cfg.dataset,
+                              num_samples=cfg.num_samples)
+    # auto = asha: one ASHA per target, a trial competes only with its own budget's trials, the feasible
+    # ones first, and stops only when it trails by more than the val split's noise (search/scheduler.py)
+    scheduler = (PerTargetASHA(cfg.targets, tolerance=cfg.tolerance, cost_key=cfg.cost_key,
+                               time_attr="training_iteration", max_t=cfg.total_epochs,
                                grace_period=cfg.grace_period or max(1, cfg.total_epochs // 4),
                                reduction_factor=cfg.reduction_factor)
                  if cfg.scheduler in ("asha", "auto") else FIFOScheduler())

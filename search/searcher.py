@@ -14,7 +14,8 @@ it has several (`study_names`). Each new trial goes to the target whose study ho
 trials, so the budgets stay balanced whatever the scheduler prunes. Ties (`dearest_first`): in the
 first round the dearest budget first -- its trials run longest, and started first they end with the
 cheaper ones, not after them (longest-first scheduling: on 2 slots a 30/50/70 % front ends ~20 %
-sooner, BENCHMARKS.md, "The 70 % miss, found") -- after that the cheapest first.
+sooner, BENCHMARKS.md, "The 70 % miss, found: the loop started too low for trained blocks (fix: μ starts
+at 1 from a backbone)") -- after that the cheapest first.
 
 Optuna numbers trials per study; the search numbers them once across its studies, at ask time
 (the count of trials in all the studies before it), kept as the user attr `search_trial` and handed
@@ -23,7 +24,9 @@ progress lines use this number. The studies live in one RDB (sqlite by default),
 search and its restored searcher keep asking the same studies and counting on.
 
 The first trial of each study runs the paper's values (`paper_trial`), enqueued: TPE starts from the
-published setting. Each study's TPE is seeded anew from the trials the study holds whenever this
+published setting. Its random start-up is sized to the trials a study gets (`startup_trials`): Optuna's
+10 would have kept every study of the default search (20 trials over three budgets, 7 each) random to
+its end. Each study's TPE is seeded anew from the trials the study holds whenever this
 searcher (re)connects to it, and lies about running trials (constant liar) so that concurrent
 trials spread out.
 """
@@ -86,6 +89,12 @@ def paper_trial(space: Space, dataset: str | None) -> dict:
     return {p.name: values[p.name] for p in space.params if p.name in values and _holds(p, values[p.name])}
 
 
+def startup_trials(per_study: int | None) -> int:
+    """TPE's random start-up for a study of `per_study` trials: a third of them, at least 2 (the paper's
+    values and one random draw give TPE a good and a bad group), at most Optuna's 10; None: 10."""
+    return 10 if per_study is None else max(2, min(10, per_study // 3))
+
+
 def dearest_first(targets: list[str]) -> list[str]:
     """The targets by cost, dearest first, where they share a kind (all % or all absolute); else as given."""
     parsed = [parse_target(t) for t in targets]
@@ -95,14 +104,18 @@ def dearest_first(targets: list[str]) -> list[str]:
 
 
 class OptunaSearcher(Searcher):
-    dataset: str | None = None   # for a searcher unpickled from a search started before it had one
+    # for a searcher unpickled from a search started before these existed
+    dataset: str | None = None
+    num_samples: int | None = None
 
     def __init__(self, space: Space, targets: list[str], study_name: str, storage: str, tolerance: float,
-                 total_epochs: int, cost_key: str = "flops", seed: int = 0, dataset: str | None = None):
+                 total_epochs: int, cost_key: str = "flops", seed: int = 0, dataset: str | None = None,
+                 num_samples: int | None = None):
         super().__init__(metric="accuracy", mode="max")
         self.space, self.targets, self.study_name, self.storage = space, list(targets), study_name, storage
         self.tolerance, self.total_epochs, self.cost_key, self.seed = tolerance, total_epochs, cost_key, seed
         self.dataset = dataset   # whose paper values the first trials run
+        self.num_samples = num_samples   # the search's trials in all: sizes each study's start-up
         self.live: dict[str, tuple[str, int]] = {}   # Tune trial id -> (target, its study's trial number)
         self._studies: dict[str, optuna.Study] | None = None
 
@@ -128,7 +141,9 @@ class OptunaSearcher(Searcher):
         # search unpickles this searcher) would ask the first trials' parameters again
         seed = int(np.random.SeedSequence([self.seed % 2**32, index, n_trials]).generate_state(1)[0])
         # constant liar: running trials count as bad ones, so concurrent trials do not crowd one region
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=10, multivariate=True, constant_liar=True)
+        per_study = None if self.num_samples is None else -(-self.num_samples // len(self.targets))
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(per_study), multivariate=True,
+                                          constant_liar=True)
 
     def _frozen(self, target: str, number: int) -> optuna.trial.FrozenTrial:
         return self.studies[target].get_trials(deepcopy=False)[number]

@@ -39,7 +39,7 @@ def test_trials_fine_tune_a_backbone_by_default(tmp_path):
     assert (cfg.epochs, cfg.finetune_epochs) == (17, 167)
     assert cfg.total_epochs == cfg.epochs + cfg.finetune_epochs < cfg.backbone_epochs
     short = SearchConfig(target_flops=["50%"], backbone_epochs=30)
-    assert (short.epochs, short.finetune_epochs) == (2, 20)          # what BENCHMARKS.md measured
+    assert (short.epochs, short.finetune_epochs) == (2, 20)          # BENCHMARKS.md, "The trial's schedule from a backbone"
     scratch = SearchConfig(target_flops=["50%"], backbone="none")  # from scratch: the paper's schedule
     assert scratch.epochs == SCRATCH_EPOCHS and scratch.total_epochs == 250 + 25
     assert SearchConfig(target_flops=["50%"], epochs=3, finetune_epochs=0).total_epochs == 3

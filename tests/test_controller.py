@@ -260,7 +260,8 @@ def test_latency_table_is_positive_and_stable():
     assert a.unit == "ms" and len(a.block) == model.num_blocks
     assert all(v > 0 for v in a.block) and a.fixed > 0 and a.router > 0
     # stated spread: two tables' totals agree within a factor of 4. On the 2-core CI VM ten tables
-    # spread 1.99x max/min (CV 23 %, bench/latency_spread.py, BENCHMARKS.md): its neighbours load it
+    # spread 1.99x max/min (CV 23 %, bench/latency_spread.py, BENCHMARKS.md, "Latency cost table:
+    # spread across measurements"): its neighbours load it
     assert max(a.full, b.full) / min(a.full, b.full) < 4
 
 
@@ -337,7 +338,7 @@ def test_held_integral_still_winds_on_a_plateau():
     """Routes stuck below the target (saturated routers: the cost is flat, only batch noise moves
     it) are not on course: the held integral must wind as fast as the plain one. A first rule held
     whenever |error| shrank since the last quarter epoch -- on a flat cost that is half the noisy
-    steps, and the loop missed a 70 % target by -11 % (BENCHMARKS.md, issue 14)."""
+    steps, and the loop missed a 70 % target by -11 % (docs/notes/2026-12-02-landing.md, "A held integral for the wind-up")."""
     rng = np.random.default_rng(0)
     mus = {}
     for hold in (False, True):

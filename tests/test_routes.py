@@ -160,7 +160,7 @@ def test_unrouted_transitions_run_on_every_image_and_the_other_blocks_stay_route
 def test_a_normalised_routers_spread_is_fixed_and_its_bias_trains():
     """The spread is a buffer: a trained spread and bias slide to 0 together where the straight-through
     gate chatters, and every image then gets r = 0.5 (BENCHMARKS.md, "Why the dynamic recipe misses
-    its landing"). Checkpoints keep the key."""
+    its landing: a router on the threshold, and a loop that cycles"). Checkpoints keep the key."""
     torch.manual_seed(0)
     model = build_model("resnet8", num_classes=10, input_size=16, router_norm=True)
     names = {n for n, _ in model.named_parameters()}

@@ -494,3 +494,62 @@ def test_resume_with_a_cloud_storage_looks_in_the_local_results_dir(tmp_path, mo
     assert main(["--resume", "nope", "--storage", "s3://bucket/drn"]) == 2
     err = capsys.readouterr().err
     assert f"no search named 'nope' under {tmp_path / 'drn-results'}" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("num_samples", [None, SearchConfig.__dataclass_fields__["num_samples"].default])
+def test_every_study_of_the_default_search_leaves_random_sampling(tmp_path, monkeypatch, num_samples):
+    """The default search (20 trials over three budgets: 7 per study): with Optuna's 10 start-up trials
+    no study ever reached TPE; sized to the trials a study gets, each runs 4 or more TPE trials."""
+    from search.searcher import startup_trials
+    modelled = []
+    sample = optuna.samplers.TPESampler.sample_relative
+
+    def spy(self, study, trial, search_space):
+        params = sample(self, study, trial, search_space)
+        if params:                    # {} during the random start-up
+            modelled.append(study.study_name)
+        return params
+    monkeypatch.setattr(optuna.samplers.TPESampler, "sample_relative", spy)
+    targets = ["30%", "50%", "70%"]
+    s = OptunaSearcher(load_space(SPACES_DIR / "default.yaml"), targets, "m", f"sqlite:///{tmp_path / 'o.db'}",
+                       0.5, 2, num_samples=num_samples)
+    for i in range(20):
+        c = s.suggest(str(i))
+        s.on_trial_complete(str(i), _final(0.3 + 0.01 * (i % 5), float(c["target"][:-1]),
+                                           target=float(c["target"][:-1]), epoch=2))
+    per_study = {f"m@{t}": modelled.count(f"m@{t}") for t in targets}
+    if num_samples is None:
+        assert per_study == {f"m@{t}": 0 for t in targets} and startup_trials(None) == 10
+    else:
+        assert startup_trials(7) == 2 and all(n >= 4 for n in per_study.values()), per_study
+
+
+def test_asha_ranks_feasible_trials_first_and_does_not_stop_on_noise():
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from search.scheduler import PerTargetASHA
+    STOP, GO = TrialScheduler.STOP, TrialScheduler.CONTINUE
+
+    def run(tolerance, steps, images):
+        sched = PerTargetASHA(["A"], tolerance=tolerance, time_attr="training_iteration", max_t=4, grace_period=1,
+                              reduction_factor=2)
+        assert sched.set_search_properties("accuracy", "max")
+        out = {}
+        for tid, acc, flops in steps:
+            t = SimpleNamespace(trial_id=tid, config={"target": "A"})
+            sched.on_trial_add(None, t)
+            out[tid] = sched.on_trial_result(None, t, {"training_iteration": 1, "accuracy": acc, "flops": flops,
+                                                       "target_cost": 100.0, "images": images})
+        return [out[tid] for tid, _, _ in steps]
+
+    # off-budget trials (12 % over) that buy accuracy with compute, then on-budget ones, then another off one
+    steps = [("x1", 0.80, 112.0), ("x2", 0.78, 112.0), ("f1", 0.60, 101.0), ("f2", 0.62, 99.0),
+             ("f3", 0.61, 100.0), ("x3", 0.85, 88.0)]
+    assert run(None, steps, 10_000) == [GO, STOP, STOP, STOP, STOP, GO]       # accuracy alone: only x1, x3 go on
+    assert run(0.02, steps, 10_000) == [GO, STOP, GO, GO, GO, STOP]           # every feasible trial goes on
+    # on 407 val images (noise 2.5 points) a trial 1.5 points under the cut goes on, one 10 under stops
+    close = [("a", 0.60, 100.0), ("b", 0.62, 100.0), ("c", 0.595, 100.0), ("d", 0.50, 100.0)]
+    assert run(None, close, 407) == [GO, GO, STOP, STOP]
+    assert run(0.02, close, 407) == [GO, GO, GO, STOP]

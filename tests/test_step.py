@@ -1,5 +1,6 @@
-"""The training step without host syncs (issue 17): compiled = eager to float rounding, the budget
-loop's batched readings, channels_last, the flags."""
+"""The training step without host syncs (docs/notes/2026-12-03-gpu-speed-cpu-parts.md, "What was built: a
+training step without host syncs, a static-shape hard forward"): compiled = eager to float rounding, the
+budget loop's batched readings, channels_last, the flags."""
 import copy
 import math
 

@@ -166,7 +166,8 @@ def test_config_rejects_bad_values(bad):
 def test_a_static_route_starts_from_the_weights_of_its_drn_twin(tiny_data, tmp_path, routing):
     """Scratch against scratch from the same start: choosing k for the target must not draw from the
     run's RNG, or the static network of seed s starts from other weights than the DRN of seed s (it
-    did, and one such draw was worth 1.5 test points at 30 %, BENCHMARKS.md issue 14)."""
+    did, and one such draw was worth 1.5 test points at 30 %, docs/notes/2026-12-02-static-routes.md, "The scratch gap
+    at 30 % was the static runs' start")."""
     drn = Trainer(tiny_cfg(tiny_data, tmp_path / "d", target_flops="60%"), log=lambda s: None)
     static = Trainer(tiny_cfg(tiny_data, tmp_path / "s", target_flops="60%", routing=routing), log=lambda s: None)
     a, b = drn.model.state_dict(), static.model.state_dict()
@@ -305,7 +306,7 @@ def test_no_choice_reads_the_test_split(tiny_data, tmp_path):
 
 @pytest.mark.parametrize("routing", ["drn", "firstk", "randomk", "distributedk", "deepk"])
 def test_deep_plain_networks_start_as_their_shortcuts_and_routes_train_as_the_drn(routing):
-    """Measured (BENCHMARKS.md): zero-init residuals without warm-up train the plain ResNet-110 best in
+    """Measured (BENCHMARKS.md, "Learning-rate warm-up and zero-init residuals"): zero-init residuals without warm-up train the plain ResNet-110 best in
     10 epochs; the routed network keeps its BN init and the warm-up, and so do the static routes,
     which score 2-7 points higher that way on ResNet-56 at 50 % (9 of 9 seed and method pairs)."""
     plain = TrainConfig(arch="resnet110", routing="full")
