@@ -104,8 +104,9 @@ ABLATIONS = {"soft": ["--train-routing", "soft"], "nocons": ["--lam", "0"], "nod
 
 # routes that depend on the image: routers that start undecided (p = 0.5), gates drawn from Bernoulli(r) in
 # training (straight-through) and ConvNet-AIG's per-block rate loss at weight w; in every cell, both starts
-# (with the loop's kp 1, the default for every start when these rows ran; undecided routers now get kp 4)
-UNDECIDED = ["--router-start", "undecided", "--mu-kp", "1"]
+# (with the loop's kp 1 and the routers' lr decayed, the defaults for every start when these rows ran;
+# undecided routers now get kp 4 and a constant router lr)
+UNDECIDED = ["--router-start", "undecided", "--mu-kp", "1", "--router-lr", "decay"]
 # the in-place recipe (normktfpip) that the landing experiments vary
 INPLACE = [*UNDECIDED, "--router-norm", "--no-route-transitions", "--full-pass", "1", "--distill", "1", "--distill-from", "full"]
 LONG = ["--epochs", "18", "--finetune-epochs", "4"]   # 2.75 times the schedule

@@ -26,6 +26,8 @@ def _fmt(name: str, v) -> str:
             return "2 with --router-start open, 16 with --init, else 8"
         if name == "mu_kp":
             return "4 with --router-start undecided, else 1"
+        if name == "router_lr":
+            return "constant with --router-start undecided, else decay"
         if name == "mu":
             return "0.05; with a target from --init, 20 x the loop's --mu-scale: 1 on resnet20"
         if name == "views":

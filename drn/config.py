@@ -158,11 +158,13 @@ class TrainConfig:
                                   # level with soft in accuracy over 18 runs, BENCHMARKS.md, "Training routing, views
                                   # that differ, and the warm rows on today's plain networks");
                                   # soft: Eq. 4, the paper's
-    router_lr: str = "decay"      # decay: the routers' lr follows the blocks' (milestones); constant: the
+    router_lr: str | None = None  # decay: the routers' lr follows the blocks' (milestones); constant: the
                                   # routers keep the peak lr until the finetune freezes them, so the budget
                                   # loop can still move them after the blocks' lr has decayed; frozen: 0, the
                                   # routers keep their random start (a control: routes that depend on the
-                                  # image but are not learned)
+                                  # image but are not learned). None: constant when the routers start
+                                  # undecided (their routes stayed wherever the lr fall caught them: BENCHMARKS.md,
+                                  # "A damped loop for routes that depend on the image"), else decay
     explore: float = 0.0          # straight-through main epochs: a skipped block still runs on this share of
                                   # the images (drawn per image; the routes, the cost and the loop read the
                                   # routers' decisions). A block that never runs never trains, so its router
@@ -243,6 +245,8 @@ class TrainConfig:
             self.mu_ki = 2.0 if self.router_start == "open" else 16.0 if self.init is not None else 8.0
         if self.mu_kp is None:
             self.mu_kp = 4.0 if self.router_start == "undecided" else 1.0
+        if self.router_lr is None:
+            self.router_lr = "constant" if self.router_start == "undecided" else "decay"
         if self.views is None:
             self.views = 2 if self.routing == "drn" else 1
         if self.router_open is None:

@@ -18,6 +18,8 @@ import pickle
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.schedulers.async_hyperband import _Bracket
 
+from .searcher import _finite, budget_violation
+
 
 class _NoisyBracket(_Bracket):
     """ASHA's bracket with the rung's cut lowered by `margin` (ray is pinned: the bracket is private)."""
@@ -34,8 +36,7 @@ def asha_score(result: dict, cost_key: str, tolerance: float | None) -> float:
     if tolerance is None:
         return acc
     cost, target = result.get(cost_key), result.get("target_cost")
-    on = (isinstance(cost, (int, float)) and isinstance(target, (int, float)) and target > 0
-          and math.isfinite(cost) and abs(cost / target - 1) <= tolerance)
+    on = _finite(cost) and _finite(target) and target > 0 and budget_violation(cost, target, tolerance) <= 0
     return acc if on else acc - 1.0
 
 

@@ -274,6 +274,17 @@ def test_constant_router_lr_skips_the_milestones_only(tiny_data, tmp_path):
         TrainConfig(router_lr="cosine")
 
 
+def test_undecided_routers_get_the_damped_loop_and_keep_their_lr_by_default():
+    """Undecided routers integrate mu: kp 4 and a constant router lr land them (BENCHMARKS.md, "A damped
+    loop for routes that depend on the image"); routers that start on a route keep kp 1 and the decay."""
+    undecided = TrainConfig(arch="resnet20", target_flops="50%", router_start="undecided")
+    on_route = TrainConfig(arch="resnet20", target_flops="50%")
+    assert (undecided.mu_kp, undecided.router_lr) == (4.0, "constant")
+    assert (on_route.mu_kp, on_route.router_lr) == (1.0, "decay")
+    assert TrainConfig(router_start="undecided", mu_kp=1.0, router_lr="decay").router_lr == "decay"
+    assert TrainConfig.from_dict(undecided.to_dict()) == undecided          # a checkpoint's config
+
+
 def test_no_choice_reads_the_test_split(tiny_data, tmp_path):
     """Train twice, once with the test split replaced by noise with other labels: every per-epoch
     figure the controller, the trim, ASHA, TPE or the Pareto flags read, the threshold and the
