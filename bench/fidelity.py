@@ -174,6 +174,9 @@ ROUTE_RECIPES = {"default": [],
                  # and with the routers at their peak lr to the finetune: the damped loop keeps its hold on
                  # the routes after the blocks' milestones
                  "normktfpipfskp4rc": [*INPLACE, "--mu-kp", "4", "--router-lr", "constant"],
+                 # the same in a search trial's split of the schedule (defaultft6: 2 main epochs, 6 finetune)
+                 "normktfpipfskp4rcft6": [*INPLACE, "--mu-kp", "4", "--router-lr", "constant", "--epochs", "2",
+                                          "--finetune-epochs", "6"],
                  # the paper's consistency experiment (Table 3) on a dynamic recipe: Eq. 5 off
                  "normktfpipnocons": [*INPLACE, "--lam", "0"]}
 
@@ -288,7 +291,7 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                             "--distill", "1", *init, *s]
                     for name in ("default", "norm", "normp1", "normktfp", "defaultkd", "normktfpkd", "normktfpip",
                                  "normktfpipnocons", "normktfpipki4", "normktfpiprc", "normktfpipg0", "normktfpipfs", "normktfpipfsrc", "normktfpipfshold",
-                                 "normktfpipfskp4", "normktfpipfskp4rc"):
+                                 "normktfpipfskp4", "normktfpipfskp4rc", "normktfpipfskp4rcft6", "defaultft6"):
                         runs[f"{arch}-warmlong-drn-{t}-{name}-s{seed}"] = [
                             "--arch", arch, "--target-flops", f"{t}%", *ROUTE_RECIPES[name], *init, *s]
                 for name, flags in ABLATIONS.items():
