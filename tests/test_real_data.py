@@ -34,3 +34,24 @@ def test_normalised_routers_route_real_images_per_image_and_land_the_budget(real
     assert m["test_effective_paths"] >= 4 and m["test_dynamic_share"] >= 0.3, m
     assert abs(m["flops"] / m["target"] - 1) <= 0.02 and 0.4 <= m["threshold"] <= 0.6, m
     assert m["accuracy"] > 0.2   # chance: 10 %
+
+
+def test_the_readmes_python_snippet_runs_as_written(real_data, tmp_path, monkeypatch):
+    """The README's Python section, run as a reader would paste it (one epoch instead of five, the data
+    folder DRN_DATA_DIR names, `images_0_to_1` a batch of real val images)."""
+    import re
+    from pathlib import Path
+
+    import torch
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = re.search(r"## Python\s+```python\n(.*?)```", readme, re.S).group(1)
+    assert 'data_dir="../shared/data/cifar10-5k"' in code and "epochs=5" in code
+    code = code.replace('"../shared/data/cifar10-5k"', repr(str(real_data))).replace("epochs=5", "epochs=1")
+    monkeypatch.chdir(tmp_path)
+    from drn.data import load_dataset
+    scope = {"images_0_to_1": load_dataset("imagefolder", real_data).val.images[:8].float() / 255}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["gates"].shape == (8, 9) and scope["gates"].dtype == torch.bool
+    assert scope["logits"].shape == (8, 10) and torch.isfinite(scope["logits"]).all()
+    assert 0 < scope["final"]["accuracy"] <= 1
