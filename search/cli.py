@@ -227,6 +227,9 @@ def tune_settings(cfg: SearchConfig) -> None:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
     # waiting trials are what the autoscaler adds nodes for: up to --max-concurrent at once
     os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max_pending_trials(cfg.num_samples, cfg.max_concurrent)))
+    # Tune's console output engine prints an experiment banner and a TensorBoard hint even at verbose 0;
+    # the search reports its own progress lines (search/progress.py)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
 @dataclasses.dataclass

@@ -8,6 +8,7 @@ var would override the experiment inside workers. Children nest by the `mlflow.p
 """
 import dataclasses
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -24,6 +25,9 @@ from drn.config import UsageError
 
 from .plots import pareto_plot
 from .registry import CHECKPOINT_ARTIFACT, fetch_checkpoint, register_front, slug, using_tracking_uri   # noqa: F401 (public here too)
+
+# MLflow announces each new sqlite store's schema set-up at INFO: two lines of noise per search
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 RDB_SCHEMES = ("postgresql", "mysql", "mssql", "databricks")
 # child-run tag -> trials-table column; the UI filter `tags.pareto = 'true'` shows the front(s)

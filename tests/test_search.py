@@ -73,6 +73,8 @@ def test_a_real_search_ends_every_trial_and_writes_parquet(search):
         assert 0 <= r["accuracy"] <= 1 and r["flops"] > 0 and Path(r["checkpoint"]).is_file()
     assert any(r["pareto_flops"] for r in table if r["state"] == "COMPLETE")
     assert "Pareto front of target 50%, val accuracy vs FLOPs" in proc.stdout and "4 trials:" in proc.stdout
+    out = proc.stdout + proc.stderr   # the search's own lines, not Tune's banner or MLflow's schema set-up
+    assert "Configuration for experiment" not in out and "tensorboard" not in out and "INFO mlflow" not in out
     assert "epoch 2/2" in proc.stderr                                     # progress while it ran
     json.loads((results / "search.json").read_text())                    # its settings, for --resume
     # the default MLflow store: sqlite in the results dir, by an absolute URI
