@@ -177,6 +177,17 @@ ROUTE_RECIPES = {"default": [],
                  # the same in a search trial's split of the schedule (defaultft6: 2 main epochs, 6 finetune)
                  "normktfpipfskp4rcft6": [*INPLACE, "--mu-kp", "4", "--router-lr", "constant", "--epochs", "2",
                                           "--finetune-epochs", "6"],
+                 # the budget loop carried into the finetune on the routers' biases (--finetune-rates budget):
+                 # the default and the dynamic recipe, at 6 + 2 and in a search trial's splits (2 + 6 from a
+                 # 30-epoch backbone, 1 + 7 from a 10-epoch one) (BENCHMARKS.md, "The finetune steers to the budget")
+                 "defaultbud": ["--finetune-rates", "budget"],
+                 "defaultft6bud": ["--finetune-rates", "budget", "--epochs", "2", "--finetune-epochs", "6"],
+                 "defaultft7": ["--epochs", "1", "--finetune-epochs", "7"],
+                 "defaultft7bud": ["--finetune-rates", "budget", "--epochs", "1", "--finetune-epochs", "7"],
+                 "normktfpipfskp4rcbud": [*INPLACE, "--mu-kp", "4", "--router-lr", "constant", "--finetune-rates",
+                                          "budget"],
+                 "normktfpipfskp4rcft6bud": [*INPLACE, "--mu-kp", "4", "--router-lr", "constant", "--epochs", "2",
+                                             "--finetune-epochs", "6", "--finetune-rates", "budget"],
                  # the paper's consistency experiment (Table 3) on a dynamic recipe: Eq. 5 off
                  "normktfpipnocons": [*INPLACE, "--lam", "0"]}
 
@@ -291,7 +302,9 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                             "--distill", "1", *init, *s]
                     for name in ("default", "norm", "normp1", "normktfp", "defaultkd", "normktfpkd", "normktfpip",
                                  "normktfpipnocons", "normktfpipki4", "normktfpiprc", "normktfpipg0", "normktfpipfs", "normktfpipfsrc", "normktfpipfshold",
-                                 "normktfpipfskp4", "normktfpipfskp4rc", "normktfpipfskp4rcft6", "defaultft6"):
+                                 "normktfpipfskp4", "normktfpipfskp4rc", "normktfpipfskp4rcft6", "defaultft6",
+                                 "defaultbud", "defaultft6bud", "defaultft7", "defaultft7bud", "normktfpipfskp4rcbud",
+                                 "normktfpipfskp4rcft6bud"):
                         runs[f"{arch}-warmlong-drn-{t}-{name}-s{seed}"] = [
                             "--arch", arch, "--target-flops", f"{t}%", *ROUTE_RECIPES[name], *init, *s]
                 for name, flags in ABLATIONS.items():

@@ -65,6 +65,8 @@ TRAIN_FLAGS = {
     "--finetune-rates": ("finetune_rates", str, "hold: while the finetune trains the blocks, each router's last-layer "
                                                 "bias follows so that its execution rate on training images stays "
                                                 "where the main schedule left it (the features it reads move); "
+                                                "budget: the same, and after each epoch the held rates move to "
+                                                "meet the target on the val images; "
                                                 "free: the routers stay frozen as they are"),
     "--lr": ("lr", float, "initial learning rate (x lr-decay at 60%% and 80%% of --epochs)"),
     "--warmup-epochs": ("warmup_epochs", float, "epochs of linear lr warm-up from 0"),

@@ -80,7 +80,9 @@ class TrainConfig:
                                   # to RandomK at 30 %: the route is right, its training is short")
     finetune_rates: str = "hold"  # hold: each router's execution rate on training images stays where the main
                                   # schedule left it while the finetune trains the blocks it reads (its
-                                  # last-layer bias follows; controller.RateHold); free: frozen routers only
+                                  # last-layer bias follows; controller.RateHold); budget: the same, and the
+                                  # held rates move after each epoch so that the val cost meets the target
+                                  # (RateHold.steer), at the routers' threshold; free: frozen routers only
     batch_size: int = 128         # samples per step; each contributes `views` augmented copies
     views: int | None = None      # M of Eq. 5: augmented copies per sample in the main epochs (None: 2 for drn,
                                   # 1 for full and the static routes, which train on cross-entropy alone)
@@ -329,8 +331,8 @@ class TrainConfig:
                              "pass is the teacher")
         if self.mu_integral not in ("always", "hold", "reset"):
             raise UsageError(f"mu integral must be always, hold or reset, got {self.mu_integral!r}")
-        if self.finetune_rates not in ("hold", "free"):
-            raise UsageError(f"finetune rates must be hold or free, got {self.finetune_rates!r}")
+        if self.finetune_rates not in ("budget", "hold", "free"):
+            raise UsageError(f"finetune rates must be budget, hold or free, got {self.finetune_rates!r}")
         if self.router_lr not in ("decay", "constant", "frozen"):
             raise UsageError(f"router lr must be decay, constant or frozen, got {self.router_lr!r}")
         if self.consistency_routes not in ("soft", "executed"):

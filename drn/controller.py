@@ -194,17 +194,42 @@ class RateHold:
     gain: float = 0.1                  # share of the gap to the on-rate centre closed per step
     edge: float = 0.02
     shift: list[float] | None = None   # the total shift of each router's logit gap so far (reported)
+    held: list[bool] | None = None     # the blocks undecided at the start: the only ones held or steered
 
     def start(self, rates) -> None:
         self.ref = [float(r) for r in rates]
         self.shift = [0.0] * len(self.ref)
+        self.held = [self.edge < r < 1 - self.edge for r in self.ref]
+
+    def steer(self, cost: float, target: float, block_cost) -> None:
+        """The budget loop, carried into the finetune: move the held rates so that the measured cost
+        (the val images' hard cost, once per epoch) meets the target. A short main phase ends before
+        the mu loop has landed (BENCHMARKS.md, "The finetune steers to the budget"); the finetune's
+        epochs finish the landing on the routers' own biases, at the routers' threshold. The cost gap
+        is shared by the held blocks in proportion to r (1 - r) of their rates, so a block near 0 or 1
+        moves least; each rate stays inside (edge, 1 - edge)."""
+        self._sync()
+        w = [r * (1 - r) * c if h else 0.0 for r, c, h in zip(self.ref, block_cost, self.held)]
+        if sum(w) <= 0:
+            return
+        step = (target - cost) / sum(w)   # sum_b dr_b c_b = target - cost, dr_b = step r_b (1 - r_b)
+        self.ref = [min(1 - self.edge, max(self.edge, r + step * r * (1 - r))) if h else r
+                    for r, h in zip(self.ref, self.held)]
+
+    def _sync(self) -> None:
+        """Bring the device-side totals back to `shift`, so that the next update rebuilds from the fields."""
+        if getattr(self, "_total", None) is not None:
+            self.shift = self._total.tolist()
+        self._dev = None
 
     def update(self, d: torch.Tensor, d_t: float) -> torch.Tensor:
         """d (B, n): this batch's logit gaps (router.logit_gap of r); d_t: the gap at the threshold
         the routes run at. Returns each router's shift (n,) on d's device, 0 for a decided block."""
         if getattr(self, "_dev", None) != (d.device, d.dtype):
             ref = torch.tensor(self.ref, device=d.device, dtype=d.dtype)
-            self._held = (ref > self.edge) & (ref < 1 - self.edge)
+            if self.held is None:   # a state saved before `held` was kept
+                self.held = [self.edge < r < 1 - self.edge for r in self.ref]
+            self._held = torch.tensor(self.held, device=d.device)
             self._pos = (1 - ref) * (d.shape[0] - 1)
             self._total = torch.tensor(self.shift, device=d.device, dtype=d.dtype)
             self._dev, self._batch = (d.device, d.dtype), d.shape[0]
@@ -219,11 +244,10 @@ class RateHold:
         return delta
 
     def state_dict(self) -> dict:
-        if getattr(self, "_total", None) is not None:
-            self.shift = self._total.tolist()
+        self._sync()
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
             setattr(self, k, v)
-        self._dev = None
+        self._dev, self._total = None, None

@@ -146,8 +146,9 @@ class Trainer:
                                        hold=cfg.mu_integral == "hold", reset=cfg.mu_integral == "reset")
         # the finetune's rate hold (BENCHMARKS.md, "The finetune holds the routers' rates: ResNet-56 lands 3
         # of 3"); None: frozen routers only
-        self.hold = RateHold() if (cfg.finetune_rates == "hold" and self.target is not None
+        self.hold = RateHold() if (cfg.finetune_rates in ("hold", "budget") and self.target is not None
                                    and not self.static and cfg.finetune_epochs > 0) else None
+        self.steer_finetune = self.hold is not None and cfg.finetune_rates == "budget"
         self.calibration: dict | None = None
         self.weights = LossWeights(cfg.lam, cfg.alpha, cfg.gamma, cfg.d_c, cfg.d_d, cfg.rate_weight)
         # the rate loss's target: every block at the budget's share of the routable cost, or in a band
@@ -277,6 +278,11 @@ class Trainer:
         return k_for_budget(cfg.routing, stages, list(table.block), fixed, target, cfg.seed), None
 
     @property
+    def cost_key(self) -> str:
+        """The evaluation metric the budget is in."""
+        return "latency_ms" if self.budget.unit == "ms" else "flops"
+
+    @property
     def checkpoint_path(self) -> Path:
         return Path(self.cfg.out) / CHECKPOINT
 
@@ -322,6 +328,8 @@ class Trainer:
         hold = self.hold if finetune and self.hold is not None else None
         if hold is not None and hold.ref is None:   # the rates the main schedule left, at the finetune's threshold
             hold.start(self.batch_gates_now(1024, routing="hard").float().mean(0).tolist())
+            if self.steer_finetune and self.history:   # the main phase's last val cost, at this threshold
+                hold.steer(self.history[-1][self.cost_key], self.target, self.budget.block)
         d_t = logit_gap(self.model.threshold.detach().float(), self.model.cfg.beta).item()
         for i, s in enumerate(range(0, n_img - L + 1, L)):  # drop the last partial batch
             lr = cfg.lr_at(self.epoch, (i + 1) / steps)
@@ -396,13 +404,15 @@ class Trainer:
         while self.epoch < cfg.total_epochs:
             t0 = time.perf_counter()
             finetune = self.epoch >= cfg.epochs
-            if finetune and trimming and self.calibration is None:
+            if finetune and trimming and self.calibration is None and not self.steer_finetune:
                 # land first, then finetune the blocks under the routes the landed model runs
                 self.calibrate()
             metrics = self.train_epoch(finetune)
             metrics.update(self.evaluate(self.val_split))
+            if finetune and self.steer_finetune:
+                self.hold.steer(metrics[self.cost_key], self.target, self.budget.block)
             if not finetune and not self.static:   # the loop learns how val's routes differ from training's
-                self.controller.observe_val(metrics["latency_ms" if self.budget.unit == "ms" else "flops"],
+                self.controller.observe_val(metrics[self.cost_key],
                                             self.batch_cost_now())
             self.epoch += 1
             metrics.update(epoch=self.epoch, phase="finetune" if finetune else "train", mu=self.controller.mu,

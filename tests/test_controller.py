@@ -381,6 +381,41 @@ def test_rate_hold_brings_a_router_back_to_its_rate_when_the_features_it_reads_d
     assert shift[1] == 0.0 and shift[0] != 0.0
 
 
+def test_the_finetune_steers_the_held_routers_onto_the_budget():
+    """Real routers on features that drift, the cost measured once per epoch on other images:
+    the hold alone keeps the rates where the main phase left them (over 5 % under the target), the
+    steer moves the held rates until the cost lands, leaving a decided router alone."""
+    torch.manual_seed(0)
+    beta, d_t = 5.0, 0.0                                # threshold 0.5: gap 0
+    gap = lambda r, z: logit_gap(soft_route(r(z), beta), beta)
+    block_cost, fixed = [3.0, 2.0, 4.0], 1.0
+    def run(steer: bool) -> tuple[float, float]:
+        torch.manual_seed(1)
+        with torch.no_grad():
+            routers = [Router(16, 8) for _ in range(3)]
+            for r, q in zip(routers[:2], (0.6, 0.5)):   # undecided: 40 % and 50 % of the images
+                torch.nn.init.normal_(r.fc2.weight, std=0.5)
+                r.shift_(d_t - gap(r, torch.randn(20_000, 16, 1, 1)).quantile(q).item())
+            routers[2].open_(0.999)                     # decided: every image
+            rates = lambda z: torch.stack([(gap(r, z) > d_t) for r in routers], 1).float().mean(0)
+            cost = lambda z: fixed + sum(c * x for c, x in zip(block_cost, rates(z).tolist()))
+            val = torch.randn(4000, 16, 1, 1) * 1.2 + 0.3   # the features moved: the blocks train
+            target = cost(torch.randn(20_000, 16, 1, 1)) * 1.08
+            hold = RateHold()
+            hold.start(rates(torch.randn(1024, 16, 1, 1) * 1.2 + 0.3).tolist())
+            for epoch in range(5):
+                for step in range(40):
+                    d = torch.stack([gap(r, torch.randn(64, 16, 1, 1) * 1.2 + 0.3) for r in routers], 1)
+                    for r, delta in zip(routers, hold.update(d, d_t)):
+                        r.shift_(delta)
+                if steer:
+                    hold.steer(cost(val), target, block_cost)
+            return cost(val) / target - 1, rates(val)[2].item()
+    (held, open_h), (steered, open_s) = run(False), run(True)
+    assert held < -0.05 and abs(steered) < 0.01
+    assert open_h == open_s == 1.0
+
+
 def test_finetune_holds_undecided_routers_by_their_bias_only(tiny_data, tmp_path):
     """The hold's wiring in the trainer: the rates are taken at the finetune's start, at the threshold
     the finetune runs; an undecided router moves only its last-layer bias, by the reported shift, as
@@ -414,6 +449,43 @@ def test_finetune_holds_undecided_routers_by_their_bias_only(tiny_data, tmp_path
                             batch_size=8, target_flops="60%", calibrate=False, finetune_rates="free"),
                    log=lambda s: None)
     assert free.hold is None and "router_shift" not in free.train_epoch(finetune=True)
+
+
+@pytest.mark.parametrize("rates", ["hold", "budget"])
+def test_the_budget_finetune_runs_at_the_routers_threshold_and_steers_after_each_epoch(tiny_data, tmp_path, rates):
+    """hold trims the threshold before the finetune and keeps the rates; budget finetunes at the
+    routers' own threshold and, after the epoch, moves the held rates toward the target by the val
+    cost's error."""
+    cfg = tiny_cfg(tiny_data, tmp_path / rates, arch="resnet20", epochs=1, finetune_epochs=1, batch_size=8,
+                   target_flops="60%", finetune_rates=rates)
+    trainer = Trainer(cfg, log=lambda s: None)
+    trainer.epoch = cfg.epochs                           # straight to the finetune
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for b in trainer.model.blocks[:2]:               # two routers that split the images
+            torch.nn.init.normal_(b.router.fc2.weight, std=2.0)
+            b.router.fc2.bias.zero_()
+    trims, steps = [], []
+    calibrate, train_epoch = trainer.calibrate, trainer.train_epoch
+    trainer.calibrate = lambda save=True: trims.append(trainer.model.threshold.item()) or calibrate(save)
+    def epoch(finetune):
+        steps.append((trainer.model.threshold.item(), list(trainer.hold.ref or [])))
+        out = train_epoch(finetune)
+        steps.append((trainer.model.threshold.item(), list(trainer.hold.ref)))
+        return out
+    trainer.train_epoch = epoch
+    last = trainer.run()
+    (_, _), (thr, ref) = steps
+    held = [i for i, h in enumerate(trainer.hold.held) if h]
+    assert held
+    error = last["target"] - last["uncalibrated_flops"]   # the val cost at 0.5 the steer read
+    if rates == "hold":   # trimmed first, then held where it started
+        assert len(trims) == 2 and trainer.hold.ref == ref
+    else:                 # no trim before the finetune; the held rates move the way the val cost misses
+        assert len(trims) == 1 and thr == 0.5
+        moved = [a - b for a, b in zip(trainer.hold.ref, ref)]
+        assert all(m == 0 for i, m in enumerate(moved) if i not in held)
+        assert all(m * error > 0 for i, m in enumerate(moved) if i in held)
 
 
 def test_reset_lets_mu_return_at_once_when_the_routes_cross_over_the_target():
