@@ -6,199 +6,178 @@ import os
 import sys
 from pathlib import Path
 
-from .config import TrainConfig, UsageError
+from typing import NamedTuple
+
+from .config import ROUTER_STARTS, TrainConfig, UsageError
 
 EXIT_USAGE = 2
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + error; we print one line
+class OneLineParser(argparse.ArgumentParser):
+    """Bad input is one line on stderr and exit 2 (argparse prints the usage first)."""
+    def error(self, message):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.HelpFormatter(prog, max_help_position=30)
+
+
 def _fmt(name: str, v) -> str:
+    """A flag's default as --help shows it: TrainConfig's value, or what None derives to."""
+    derived = {"finetune_epochs": "10%% of --epochs, >= 2",
+               "finetune_lr": "--lr", "mu_ki": "16 from --init, 2 open, else 8",
+               "mu_kp": "4 undecided, else 1", "router_lr": "constant undecided, else decay",
+               "mu": "0.05; 1 from --init",
+               "views": "2 for drn, else 1", "router_open": "0.99 from --init, else 0.9",
+               "controller_every": "1 on CPU, 8 on CUDA", "mu_scale": "0.05 per 9 routers",
+               "mu_min": "-20 x --mu-scale",
+               "warmup_epochs": "2 for resnet56+", "zero_init_residual": "on for full resnet56+",
+               "k": "closest to the target",
+               "lam": "0.2; 0.4 tinyimagenet", "alpha": "0.2; 0.4 tinyimagenet"}
     if v is None:
-        if name == "finetune_epochs":
-            return "with a target, max(2, 10%% of --epochs); else 0"
-        if name == "finetune_lr":
-            return "--lr"
-        if name == "mu_ki":
-            return "2 with --router-start open, 16 with --init, else 8"
-        if name == "mu_kp":
-            return "4 with --router-start undecided, else 1"
-        if name == "router_lr":
-            return "constant with --router-start undecided, else decay"
-        if name == "mu":
-            return "0.05; with a target from --init, 20 x the loop's --mu-scale: 1 on resnet20"
-        if name == "views":
-            return "2 for drn, 1 for full and the static routes"
-        if name == "router_open":
-            return "0.99 for --init on the budget, else 0.9"
-        if name == "controller_every":
-            return "1 on CPU, 8 on CUDA"
-        if name == "warmup_epochs":
-            return "2 for resnet56 and deeper and resnet50 unless --zero-init-residual, else 0"
-        return "0.2, or 0.4 on tinyimagenet (the paper's)" if name in ("lam", "alpha") else "none"
-    return str(v)
+        return derived.get(name, "none")
+    return str(v).replace(os.path.expanduser("~"), "~", 1).replace("%", "%%")
 
 
-# flag -> (TrainConfig field, type, help). Defaults come from TrainConfig, so help cannot drift.
-TRAIN_FLAGS = {
-    "--arch": ("arch", str, "resnet8/14/20/32/44/56/74/110 (CIFAR, basic blocks) or resnet50 (bottlenecks)"),
-    "--dataset": ("dataset", str, "cifar10, cifar100, svhn, tinyimagenet or imagefolder (DIR/train, DIR/val)"),
-    "--data-dir": ("data_dir", str, "where the dataset is (torchvision sets are downloaded there if missing)"),
-    "--out": ("out", str, "output folder: checkpoint.pt is rewritten after every epoch"),
-    "--val-fraction": ("val_fraction", float, "share of the training images held out as val, in (0, 0.5]: the "
-                                              "controller, the threshold trim and every choice read val; the "
-                                              "dataset's test split is only reported"),
-    "--val-seed": ("val_seed", int, "seed of the val carve (stratified by class)"),
-    "--init": ("init", str, "warm start from a trained plain network: a `drn-train --routing full` checkpoint of "
-                            "the same arch, data and val split (or, for resnet50, a torchvision state_dict); "
-                            "the routers start as --router-start says"),
-    "--epochs": ("epochs", int, "epochs of the main (soft-routing) schedule"),
-    "--finetune-epochs": ("finetune_epochs", int, "extra epochs with frozen routers and hard routing"),
-    "--batch-size": ("batch_size", int, "samples per step (each gives --views augmented copies)"),
-    "--views": ("views", int, "M of Eq. 5: augmented copies per sample in the main epochs; a static route or "
-                              "full trains on every copy too (2 gives it the DRN's images per step)"),
-    "--finetune-lr": ("finetune_lr", float, "the finetune epochs restart at this lr and decay to 0 along a "
-                                            "half cosine"),
-    "--finetune-rates": ("finetune_rates", str, "hold: while the finetune trains the blocks, each router's last-layer "
-                                                "bias follows so that its execution rate on training images stays "
-                                                "where the main schedule left it (the features it reads move); "
-                                                "budget: the same, and after each epoch the held rates move to "
-                                                "meet the target on the val images; "
-                                                "free: the routers stay frozen as they are"),
-    "--lr": ("lr", float, "initial learning rate (x lr-decay at 60%% and 80%% of --epochs)"),
-    "--warmup-epochs": ("warmup_epochs", float, "epochs of linear lr warm-up from 0"),
-    "--drop-path": ("drop_path", float, "stochastic depth for --routing full and the static routes: block l of L "
-                                        "is skipped for a whole training batch with probability drop-path * l / L"),
-    "--momentum": ("momentum", float, "SGD momentum"),
-    "--weight-decay": ("weight_decay", float, "SGD weight decay"),
-    "--lam": ("lam", float, "lambda, weight of the consistency loss (Eq. 5)"),
-    "--alpha": ("alpha", float, "alpha, weight of the diversity loss (Eq. 6)"),
-    "--gamma": ("gamma", float, "gamma, weight of the regularisation loss (Eq. 10)"),
-    "--mu": ("mu", float, "mu, weight of the cost loss (Eq. 8); the start value when --target-flops is set"),
-    "--budget-ramp": ("budget_ramp", float, "share of --epochs over which the loop's setpoint moves from the "
-                                            "start cost to the target"),
-    "--mu-ki": ("mu_ki", float, "integral gain of the budget loop on asinh(mu / mu_scale), per epoch of error"),
-    "--mu-kp": ("mu_kp", float, "proportional gain of the budget loop on asinh(mu / mu_scale), per unit of "
-                                "relative error"),
-    "--mu-min": ("mu_min", float, "the budget controller's floor for mu; < 0 lets it reward compute "
-                                  "to reach a target from below (default -20 x the loop's mu scale)"),
-    "--mu-integral": ("mu_integral", str, "reset: the budget loop's integral sums every error and "
-                                          "returns to 0 when the routes cross over the target while mu < 0 "
-                                          "still pulls them up; always: it never resets; hold: it holds while "
-                                          "the routes are on course to the target within an epoch"),
-    "--mu-max-error": ("mu_max_error", float, "the budget loop clips its relative error to +- this: the most "
-                                              "one epoch can move mu is exp(mu-ki x this)"),
-    "--mu-scale": ("mu_scale", float, "the budget loop changes mu linearly below this size, relatively "
-                                      "above (default 0.05 per nine routers, at least 0.05)"),
-    "--d-c": ("d_c", float, "consistency margin d_c"),
-    "--d-d": ("d_d", float, "diversity margin d_d"),
-    "--beta": ("beta", float, "beta of Eq. 3 (larger: soft routing closer to hard)"),
-    "--router-hidden": ("router_hidden", int, "hidden width of each router"),
-    "--router-open": ("router_open", float, "p(execute) of an open router at the start, in (0.5, 1); a closed one "
-                                          "starts at 1 - this"),
-    "--undecided-pairs": ("undecided_pairs", int, "with a start on the budget: N pairs of blocks (an open and a "
-                                                  "closed one of a stage, the deepest stage first) start undecided "
-                                                  "(p = 0.5), so that about 2N blocks route image by image"),
-    "--router-start": ("router_start", str, "open: every router at --router-open; undecided: every router at "
-                                            "p = 0.5 (with --train-routing stochastic, each block on a random half "
-                                            "of the images at first); auto, deepk, distributedk (with "
-                                            "a target): a static route closest to the target open (auto: "
-                                            "DistributedK's, or DeepK's where DistributedK's runs the deepest stage "
-                                            "on one block), the other "
-                                            "routers closed at 1 - --router-open, so training starts on the budget; greedy "
-                                            "(with --init): the route the trained blocks lose least by on val"),
-    "--consistency-routes": ("consistency_routes", str, "what Eq. 5 and 10 compare between two views of an "
-                                                        "image: soft (r, Eq. 3) or executed (the 0/1 routes the "
-                                                        "views ran in straight-through training)"),
-    "--view-augment": ("view_augment", str, "the views of Eq. 5: same (each view a crop + h-flip) or perturb "
-                                            "(views 2..M also one of crop, h-flip, v-flip, +-15 deg rotation: "
-                                            "views that differ, for Eq. 5 to act on)"),
-    "--train-routing": ("train_routing", str, "soft: Eq. 4 in training (the paper); straight: each image runs its "
-                                              "hard route (Eq. 11) forward, Eq. 3's gradient flows back (straight-through); "
-                                              "stochastic: straight-through with each gate drawn from Bernoulli(r)"),
-    "--router-lr": ("router_lr", str, "decay: the routers' lr steps down with the blocks'; constant: the routers "
-                                      "keep the peak lr until the finetune, so the budget loop can still move them; "
-                                      "frozen: 0, the routers keep their random start (a control)"),
-    "--explore": ("explore", float, "straight-through training: a block its router skips still runs on this share "
-                                    "of the images, so that every block trains (the routes and the cost read "
-                                    "the routers' decisions; 0: off)"),
-    "--routers-first": ("routers_first", int, "main epochs at the start in which only the routers train (the blocks "
-                                              "frozen), so the routes settle before the blocks adapt to them; for "
-                                              "warm starts (0: off)"),
-    "--full-pass": ("full_pass", float, "weight of a second cross-entropy per training step, of the full network "
-                                        "(every block) on one view: every block trains on every image, so a router "
-                                        "can judge a block it skips (supernet training; 0: off)"),
-    "--distill": ("distill", float, "weight of a distillation loss from the --init network (every block, frozen): "
-                                    "KL of its softened outputs to this network's, on every step (0: off)"),
-    "--distill-from": ("distill_from", str, "the distillation's teacher: init (the --init network, frozen) or full "
-                                            "(this network's own full pass of --full-pass, in the main epochs)"),
-    "--rate-weight": ("rate_weight", float, "weight of the per-block execution-rate loss (ConvNet-AIG's): with a "
-                                            "target, every block is asked to run on the budget's share of the "
-                                            "images, so the routers must tell images apart (0: off)"),
-    "--rate-band": ("rate_band", float, "0: the rate loss asks every block to run on the budget's share of the "
-                                        "images; b > 0: on a share in [b, 1 - b] only"),
-    "--rate-routes": ("rate_routes", str, "what the rate loss reads: executed (the 0/1 routes the images ran, "
-                                          "straight-through) or soft (r)"),
-    "--router-leak": ("router_leak", float, "gradient floor of the routing variable w.r.t. its router's logits "
-                                            "in training, in [0, 0.1]: lets closed routers reopen (0: Eq. 3 as is)"),
-    "--target-flops": ("target_flops", str, "FLOPs budget per image, absolute (2e8) or share of full (40%%); "
-                                            "mu is then adapted to land there"),
-    "--target-latency-ms": ("target_latency_ms", str, "latency budget, ms per image at --latency-batch on this "
-                                                      "device (or %% of full); per-block times replace FLOPs in Eq. 8"),
-    "--latency-batch": ("latency_batch", int, "batch size at which block latencies are measured"),
-    "--routing": ("routing", str, "drn (routers); full (the plain network, every block: the warm start of --init); "
-                                  "or a static baseline: firstk, randomk, distributedk (the paper's Table 4a), deepk "
-                                  "(every image runs the same k blocks; no routers, cross-entropy)"),
-    "--k": ("k", int, "blocks a static baseline runs (default: the k closest to --target-flops)"),
-    "--seed": ("seed", int, "random seed (initialisation, shuffling, augmentation; randomk's blocks)"),
-    "--device": ("device", str, "auto, cpu, cuda or cuda:N"),
-    "--eval-batch-size": ("eval_batch_size", int, "batch size of the per-epoch evaluation"),
-    "--compile": ("compile", str, "the main epochs' training step under torch.compile, the same step to float "
-                                  "rounding: inductor (fused kernels, CUDA graphs on CUDA; the first steps compile, "
-                                  "about a minute), cudagraphs (CUDA only: the eager kernels captured) or off"),
-    "--channels-last": ("channels_last", str, "NHWC activations: auto (on CUDA, off on CPU), on or off"),
-    "--controller-every": ("controller_every", int, "the budget loop reads the batches' hard cost every N steps "
-                                                    "(one host sync per N)"),
+class Flag(NamedTuple):
+    field: str                  # the TrainConfig field it sets
+    type: type
+    help: str                   # one or two lines; the default is appended
+    choices: tuple | None = None
+    metavar: str | None = None
+
+
+# drn-train's flags by purpose. Defaults come from TrainConfig, so the help cannot drift from them.
+TRAIN_FLAGS: dict[str, dict[str, Flag]] = {
+    "data": {
+        "--dataset": Flag("dataset", str, "cifar10/100, svhn, tinyimagenet or imagefolder (DIR/train, "
+                          "DIR/test)", metavar="NAME"),
+        "--data-dir": Flag("data_dir", str, "dataset folder (torchvision sets download there)", metavar="DIR"),
+        "--val-fraction": Flag("val_fraction", float, "training images held out as val: every choice reads "
+                               "val, test is only reported"),
+        "--val-seed": Flag("val_seed", int, "seed of the (stratified) val carve"),
+    },
+    "model and routing": {
+        "--arch": Flag("arch", str, "resnet8/14/20/32/44/56/74/110 or resnet50", metavar="NAME"),
+        "--routing": Flag("routing", str, "drn, full (every block), or a static route: firstk, randomk, "
+                          "distributedk, deepk", ("drn", "full", "firstk", "randomk", "distributedk", "deepk"),
+                          "NAME"),
+        "--k": Flag("k", int, "blocks a static route runs"),
+        "--init": Flag("init", str, "warm start: a --routing full checkpoint", metavar="PATH"),
+        "--router-start": Flag("router_start", str, "auto, deepk, distributedk (a static route at the budget), "
+                               "open, undecided (p=0.5), greedy", ROUTER_STARTS, "NAME"),
+        "--router-open": Flag("router_open", float, "an open router's start p"),
+        "--undecided-pairs": Flag("undecided_pairs", int, "N block pairs start at p=0.5"),
+        "--router-hidden": Flag("router_hidden", int, "hidden width of each router"),
+        "--beta": Flag("beta", float, "beta of Eq. 3 (larger: nearer hard routing)"),
+        "--router-leak": Flag("router_leak", float, "gradient floor of Eq. 3, in [0, 0.1]"),
+        "--train-routing": Flag("train_routing", str, "soft (Eq. 4), straight (hard forward, Eq. 3 back) or "
+                                "stochastic", ("soft", "straight", "stochastic"), "MODE"),
+        "--drop-path": Flag("drop_path", float, "stochastic depth of full and static routes"),
+    },
+    "budget": {
+        "--target-flops": Flag("target_flops", str, "FLOPs per image, 2e8 or 40%% of full", metavar="T"),
+        "--target-latency-ms": Flag("target_latency_ms", str, "ms per image here (or %% of full)", metavar="T"),
+        "--latency-batch": Flag("latency_batch", int, "batch the latencies are timed at"),
+        "--mu": Flag("mu", float, "weight of Eq. 8; with a target, the loop's start"),
+        "--mu-kp": Flag("mu_kp", float, "the loop's proportional gain"),
+        "--mu-ki": Flag("mu_ki", float, "its integral gain, per epoch"),
+        "--mu-min": Flag("mu_min", float, "its floor for mu"),
+        "--mu-max-error": Flag("mu_max_error", float, "its relative error's clip"),
+        "--mu-scale": Flag("mu_scale", float, "mu moves linearly below X"),
+        "--mu-integral": Flag("mu_integral", str, "its integral: reset, always or hold", ("reset", "always", "hold"),
+                              "MODE"),
+        "--budget-ramp": Flag("budget_ramp", float, "share of --epochs of the setpoint's ramp"),
+        "--controller-every": Flag("controller_every", int, "the loop reads the cost every N steps"),
+        "--finetune-rates": Flag("finetune_rates", str, "the finetune's router biases: hold the rates, land "
+                                 "on val (budget), or free", ("hold", "budget", "free"), "MODE"),
+    },
+    "schedule": {
+        "--epochs": Flag("epochs", int, "main epochs: the routers learn"),
+        "--finetune-epochs": Flag("finetune_epochs", int, "then epochs on frozen routes"),
+        "--batch-size": Flag("batch_size", int, "samples per step"),
+        "--views": Flag("views", int, "M of Eq. 5: copies of each sample"),
+        "--lr": Flag("lr", float, "lr, x 0.1 at 60 and 80 %% of --epochs"),
+        "--finetune-lr": Flag("finetune_lr", float, "the finetune's lr (cosine to 0)"),
+        "--warmup-epochs": Flag("warmup_epochs", float, "linear lr warm-up"),
+        "--momentum": Flag("momentum", float, "SGD momentum"),
+        "--weight-decay": Flag("weight_decay", float, "SGD weight decay"),
+        "--router-lr": Flag("router_lr", str, "the routers' lr: decay, constant or frozen",
+                            ("decay", "constant", "frozen"), "MODE"),
+        "--seed": Flag("seed", int, "seed of init, order, augmentation"),
+    },
+    "loss weights": {
+        "--lam": Flag("lam", float, "lambda: consistency (Eq. 5)"),
+        "--alpha": Flag("alpha", float, "alpha: diversity (Eq. 6)"),
+        "--gamma": Flag("gamma", float, "gamma: regularisation (Eq. 10)"),
+        "--d-c": Flag("d_c", float, "consistency margin d_c"),
+        "--d-d": Flag("d_d", float, "diversity margin d_d"),
+        "--consistency-routes": Flag("consistency_routes", str, "Eq. 5, 10 compare soft or executed",
+                                     ("soft", "executed"), "MODE"),
+        "--view-augment": Flag("view_augment", str, "views of Eq. 5: same or perturb", ("same", "perturb"),
+                               "MODE"),
+        "--rate-weight": Flag("rate_weight", float, "ConvNet-AIG's per-block rate loss"),
+        "--rate-band": Flag("rate_band", float, "b > 0: rates in [b, 1 - b] only"),
+        "--rate-routes": Flag("rate_routes", str, "the rate loss reads executed or soft",
+                              ("executed", "soft"), "MODE"),
+        "--full-pass": Flag("full_pass", float, "loss of a full-network pass"),
+        "--distill": Flag("distill", float, "distillation from --distill-from"),
+        "--distill-from": Flag("distill_from", str, "init network or full pass", ("init", "full"), "FROM"),
+    },
+    "runtime": {
+        "--device": Flag("device", str, "auto, cpu, cuda or cuda:N", metavar="DEV"),
+        "--compile": Flag("compile", str, "torch.compile: inductor, cudagraphs, off",
+                          ("inductor", "cudagraphs", "off"), "MODE"),
+        "--channels-last": Flag("channels_last", str, "NHWC: auto (CUDA), on, off", ("auto", "on", "off"),
+                                "MODE"),
+        "--eval-batch-size": Flag("eval_batch_size", int, "batch of the evaluations"),
+    },
+    "output": {
+        "--out": Flag("out", str, "run folder (checkpoint.pt every epoch)", metavar="DIR"),
+    },
 }
+# on/off flags: (the form that changes the default, field, help); the other form is accepted too
+TRAIN_SWITCHES = {
+    "model and routing": [("--router-norm", "router_norm", "normalise each router's logit gap"),
+                          ("--no-route-transitions", "route_transitions", "run each stage's first block always"),
+                          ("--zero-init-residual", "zero_init_residual", "residual branches start at 0 (on for "
+                                                                         "full resnet56+; --no-: off)")],
+    "budget": [("--no-calibrate", "calibrate", "keep the threshold at 0.5 (no trim on val)")],
+    "runtime": [("--no-amp", "amp", "no bfloat16 autocast on CUDA")],
+}
+_METAVAR = {int: "N", float: "X", str: "S"}
 
 
 def _train_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig.__dataclass_fields__
-    p = _Parser(prog="drn-train", description="Train a dynamic-routing ResNet (soft routing with "
-                "consistency, diversity, cost and regularisation losses; hard routing at test time).")
-    for flag, (name, typ, help_) in TRAIN_FLAGS.items():
-        f = defaults[name]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        p.add_argument(flag, dest=name, type=typ, default=argparse.SUPPRESS,
-                       help=f"{help_} (default: {_fmt(name, default)})")
-    p.add_argument("--zero-init-residual", dest="zero_init_residual", action=argparse.BooleanOptionalAction,
-                   default=argparse.SUPPRESS, help="start each residual branch's last BN at 0, so every block "
-                   "starts as its shortcut (default: on for --routing full of resnet56 and deeper and resnet50, off "
-                   "for drn and the static routes)")
-    p.add_argument("--router-norm", dest="router_norm", action=argparse.BooleanOptionalAction,
-                   default=argparse.SUPPRESS, help="batch-normalise each router's logit gap to a fixed spread, so that it "
-                   "is decided image by image throughout and its bias sets its execution rate (default: off)")
-    p.add_argument("--route-transitions", dest="route_transitions", action=argparse.BooleanOptionalAction,
-                   default=argparse.SUPPRESS, help="route the blocks that change the shape (the first of each "
-                   "stage after the stem); --no-route-transitions runs them on every image (default: routed)")
-    p.add_argument("--no-amp", dest="amp", action="store_false", default=argparse.SUPPRESS,
-                   help="disable bfloat16 autocast on CUDA (default: on for CUDA, off on CPU)")
-    p.add_argument("--no-calibrate", dest="calibrate", action="store_false", default=argparse.SUPPRESS,
-                   help="with a target, keep the routing threshold at 0.5 instead of calibrating it on the "
-                        "training images after training (default: calibrate)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its checkpoint.pt, with the config stored there")
-    p.add_argument("--cost-only", action="store_true",
-                   help="print the cost table of --arch for --dataset's input size and exit")
-    p.add_argument("--json", action="store_true", help="end stdout with one JSON line of the final metrics")
+    default = lambda name: (defaults[name].default_factory() if defaults[name].default_factory is not
+                            dataclasses.MISSING else defaults[name].default)
+    p = OneLineParser(prog="drn-train", usage="drn-train [options]", formatter_class=formatter,
+                      description="Train a dynamic-routing ResNet (the paper's losses, a budget loop on mu; hard "
+                                  "routes at test time).")
+    for title, flags in TRAIN_FLAGS.items():
+        g = p.add_argument_group(title)
+        for flag, f in flags.items():
+            metavar = f.metavar or ("|".join(f.choices) if f.choices else _METAVAR[f.type])
+            g.add_argument(flag, dest=f.field, type=f.type, choices=f.choices, metavar=metavar,
+                           default=argparse.SUPPRESS, help=f"{f.help} ({_fmt(f.field, default(f.field))})")
+        for flag, name, help_ in TRAIN_SWITCHES.get(title, []):
+            off = flag.startswith("--no-")
+            other = "--" + flag[5:] if off else "--no-" + flag[2:]
+            g.add_argument(flag, dest=name, action="store_false" if off else "store_true", default=argparse.SUPPRESS,
+                           help=help_)
+            g.add_argument(other, dest=name, action="store_true" if off else "store_false",
+                           default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        if title == "output":
+            g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+            g.add_argument("--cost-only", action="store_true", help="print --arch's cost table and exit")
+            g.add_argument("--json", action="store_true", help="end stdout with the final metrics as JSON")
     return p
 
 
 def _eval_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="drn-eval", description="Evaluate a trained dynamic-routing ResNet with hard routing "
+    p = OneLineParser(prog="drn-eval", description="Evaluate a trained dynamic-routing ResNet with hard routing "
                 "(Eq. 11): accuracy, FLOPs, routing length K, distinct paths, same-path ratio, speed.")
     p.add_argument("checkpoint", help="a checkpoint.pt written by drn-train, or an MLflow URI of a drn-search "
                    "trial's model, as the MLflow UI shows it: models:/m-<id> (a logged model), "

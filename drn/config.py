@@ -167,16 +167,6 @@ class TrainConfig:
                                   # image but are not learned). None: constant when the routers start
                                   # undecided (their routes stayed wherever the lr fall caught them: BENCHMARKS.md,
                                   # "A damped loop for routes that depend on the image"), else decay
-    explore: float = 0.0          # straight-through main epochs: a skipped block still runs on this share of
-                                  # the images (drawn per image; the routes, the cost and the loop read the
-                                  # routers' decisions). A block that never runs never trains, so its router
-                                  # only ever sees an untrained block (docs/notes/2026-12-02-static-routes.md, "From scratch
-                                  # the routers never leave their start route: a skipped block never trains")
-    routers_first: int = 0        # main epochs at the start in which only the routers train, the blocks frozen:
-                                  # the routes settle on the (warm-started) blocks before the blocks adapt to
-                                  # them (BlockDrop's order). Measured at 1: on frozen trained blocks the routers
-                                  # open to 77 %, then close in a cliff (docs/notes/2026-12-02-static-routes.md, "Three ways
-                                  # to let the routers judge trained blocks, and none that pays at 8 epochs")
     full_pass: float = 0.0        # main epochs: weight of the cross-entropy of a second pass through the full
                                   # network (every block, on one view), so that every block trains on every
                                   # image and a router can judge a block it skips (supernet training; 0: off;
@@ -287,8 +277,6 @@ class TrainConfig:
             (0 <= self.drop_path < 1, f"drop path must be in [0, 1), got {self.drop_path}"),
             (self.router_hidden >= 1, f"router hidden width must be >= 1, got {self.router_hidden}"),
             (0.5 < self.router_open < 1, f"router open must be in (0.5, 1), got {self.router_open}"),
-            (0 <= self.explore <= 0.5, f"explore must be in [0, 0.5], got {self.explore}"),
-            (0 <= self.routers_first < self.epochs, f"routers first must be in [0, epochs), got {self.routers_first}"),
             (0 <= self.full_pass <= 10, f"full pass must be in [0, 10], got {self.full_pass}"),
             (0 <= self.distill <= 10, f"distill must be in [0, 10], got {self.distill}"),
             (0 <= self.rate_weight <= 100, f"rate weight must be in [0, 100], got {self.rate_weight}"),
@@ -394,8 +382,11 @@ class TrainConfig:
         # the only one left (`--finetune-routers frozen`: the steered finetune collapsed the routes;
         # `--router-detach`, `--block-grad routed`: no effect on the routes, BENCHMARKS.md "Six more
         # experiments: what the loss is not, and what it is"; `--cost-price`: no effect on where the routers spend, BENCHMARKS.md "What
-        # per-image compute can buy here, and where the routers spend it")
-        removed = {"finetune_routers": "frozen", "router_detach": False, "block_grad": "batch", "cost_price": 0.0}
+        # per-image compute can buy here, and where the routers spend it"); `--explore`, `--routers-first`: no
+        # gain, docs/notes/2026-12-02-static-routes.md, "Three ways to let the routers judge trained blocks, and
+        # none that pays at 8 epochs")
+        removed = {"finetune_routers": "frozen", "router_detach": False, "block_grad": "batch", "cost_price": 0.0,
+                   "explore": 0.0, "routers_first": 0}
         d = {k: v for k, v in d.items() if not (k in removed and v == removed[k])}
         return build_checked(cls, d, "config")
 

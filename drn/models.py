@@ -340,11 +340,10 @@ class RoutedResNet(nn.Module):
     def router_parameters(self):
         return [p for b in self.blocks for p in b.router.parameters()]
 
-    def forward_features(self, x, routing: str = "soft", threshold=None, gates=None, explore: float = 0.0):
+    def forward_features(self, x, routing: str = "soft", threshold=None, gates=None):
         """x (B, 3, H, W) in [0, 1] -> features (B, C, h, w), r (B, n), gates (B, n).
         threshold: execute iff r >= threshold (default: the model's own, 0.5 unless calibrated).
-        explore (straight only): each skipped block also runs on this share of the images, drawn
-        per image; the returned gates stay the routers' decisions. capacity: the returned gates are
+        capacity: the returned gates are
         those that ran (the routers' decisions are r >= threshold)."""
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
@@ -377,8 +376,7 @@ class RoutedResNet(nn.Module):
             if routing == "soft":
                 x = block.soft(x, r)
             elif routing in ("straight", "stochastic"):
-                run = g | (torch.rand(g.shape, device=g.device) < explore) if explore > 0 else g
-                x = block.soft(x, straight_through(run, r))
+                x = block.soft(x, straight_through(g, r))
             elif routing == "mask":
                 x = block.mask(x, g)
             elif routing == "capacity":   # the routed images first, by r (forced gates: r's order among them)
@@ -425,8 +423,8 @@ class RoutedResNet(nn.Module):
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
-    def forward(self, x, routing: str = "soft", threshold=None, gates=None, explore: float = 0.0) -> RoutedOutput:
-        feats, r, g = self.forward_features(x, routing, threshold, gates, explore)
+    def forward(self, x, routing: str = "soft", threshold=None, gates=None) -> RoutedOutput:
+        feats, r, g = self.forward_features(x, routing, threshold, gates)
         return RoutedOutput(self.forward_head(feats), r, g)
 
 

@@ -58,7 +58,7 @@ def frozen_bn_stats(model):
 
 def main_loss(model, xs: torch.Tensor, labels: torch.Tensor, views: int, cost_norm: torch.Tensor, mu,
               weights: LossWeights, *, amp: bool = True, routing: str = "soft", consistency_routes: str = "soft",
-              explore: float = 0.0, full_pass: float = 0.0, rate_target: torch.Tensor | None = None,
+              full_pass: float = 0.0, rate_target: torch.Tensor | None = None,
               rate_routes: str = "executed", teacher=None, distill: float = 0.0, inplace: float = 0.0):
     """The main epochs' forward and Eq. 9: xs (L*M, C, H, W) the views, sample-major; labels (L,);
     rate_target (n,): the blocks' target execution rates (losses.rate_loss), or None; rate_routes: whose
@@ -69,7 +69,7 @@ def main_loss(model, xs: torch.Tensor, labels: torch.Tensor, views: int, cost_no
     L, dev = labels.shape[0], xs.device
     y = labels.repeat_interleave(views)
     with autocast(dev, amp):
-        out = model(xs, routing=routing, explore=explore)
+        out = model(xs, routing=routing)
         r, run, rate_run = out.r.float(), None, None
         ran = routing in ("straight", "stochastic")   # a view ran its 0/1 route g; r's gradient (straight-through)
         if consistency_routes == "executed":
@@ -92,15 +92,14 @@ def main_loss(model, xs: torch.Tensor, labels: torch.Tensor, views: int, cost_no
 
 def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, *,
                views: int, finetune: bool, cost_norm: torch.Tensor, mu: float, weights: LossWeights,
-               amp: bool = True, routing: str = "soft", consistency_routes: str = "soft", explore: float = 0.0,
+               amp: bool = True, routing: str = "soft", consistency_routes: str = "soft",
                full_pass: float = 0.0, view_augment: str = "same", channels_last: bool = False,
                rate_target: torch.Tensor | None = None, rate_routes: str = "executed", teacher=None,
                distill: float = 0.0, inplace: float = 0.0):
     """One optimisation step on a batch of L uint8 images (L, C, H, W) and labels (L,): M = `views`
     augmented views of each, forward under `routing` (soft, Eq. 4, or straight-through), Eq. 9 (or
     CE under hard routing when finetuning or for a static route), Eq. 5 and 10 on r or on the routes the views ran
-    (`consistency_routes`), backward, SGD; explore: the share of images on which a skipped block runs
-    anyway (straight-through main epochs); full_pass: the weight of a second cross-entropy, of the
+    (`consistency_routes`), backward, SGD; full_pass: the weight of a second cross-entropy, of the
     full network (every block) on the first view of each image, so that every block trains on every
     image whatever the routes (BN running statistics are left to the routed pass); teacher, distill:
     the distillation loss's frozen network and weight, in every phase; inplace: main_loss's. Returns the loss
@@ -119,7 +118,7 @@ def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, gen
     else:
         xs = make_views(x, views, generator, view_augment).contiguous(memory_format=fmt)
         loss, parts, out, y = main_loss(model, xs, labels, views, cost_norm, mu, weights, amp=amp, routing=routing,
-                                        consistency_routes=consistency_routes, explore=explore, full_pass=full_pass,
+                                        consistency_routes=consistency_routes, full_pass=full_pass,
                                         rate_target=rate_target, rate_routes=rate_routes, teacher=teacher,
                                         distill=distill, inplace=inplace)
     optimizer.zero_grad(set_to_none=True)
@@ -144,7 +143,7 @@ class CompiledStep:
     computation as train_step(finetune=False), to float rounding (tests/test_step.py)."""
 
     def __init__(self, model, optimizer, *, weights: LossWeights, amp: bool = True, routing: str = "soft",
-                 consistency_routes: str = "soft", explore: float = 0.0, full_pass: float = 0.0,
+                 consistency_routes: str = "soft", full_pass: float = 0.0,
                  view_augment: str = "same", channels_last: bool = False, backend: str = "inductor",
                  mode: str | None = None, rate_target: torch.Tensor | None = None, rate_routes: str = "executed",
                  teacher=None, distill: float = 0.0, inplace: float = 0.0):
@@ -158,7 +157,7 @@ class CompiledStep:
         self.graphs = backend == "cudagraphs" or (cuda and mode == "reduce-overhead")
         compile_ = lambda fn: torch.compile(fn, backend=backend, mode=mode)
         self.kw = dict(weights=weights, amp=amp, routing=routing, consistency_routes=consistency_routes,
-                       explore=explore, full_pass=full_pass, rate_target=rate_target, rate_routes=rate_routes,
+                       full_pass=full_pass, rate_target=rate_target, rate_routes=rate_routes,
                        teacher=teacher, distill=distill, inplace=inplace)
         for g in optimizer.param_groups:   # tensors, so that a new lr is an input, not a recompile
             g["lr"] = torch.tensor(float(g["lr"]))

@@ -302,11 +302,6 @@ class Trainer:
         model.train()
         for p in model.router_parameters():
             p.requires_grad_(not finetune)
-        routers_only = not finetune and not self.static and self.epoch < cfg.routers_first
-        for g in self.optimizer.param_groups:   # routers first: the blocks wait for the routes to settle
-            if not g["router"]:
-                for p in g["params"]:
-                    p.requires_grad_(not routers_only)
         images, labels = self.train_split
         n_img, L = labels.shape[0], min(cfg.batch_size, labels.shape[0])
         cost_norm = self.budget.normalized(dev)
@@ -316,7 +311,7 @@ class Trainer:
         if not finetune and not self.static and cfg.compile != "off" and self.compiled is None and not self.compile_failed:
             self.compiled = CompiledStep(model, self.optimizer, weights=self.weights, amp=cfg.amp,
                                          routing=cfg.train_routing, consistency_routes=cfg.consistency_routes,
-                                         explore=cfg.explore, full_pass=cfg.full_pass, view_augment=cfg.view_augment,
+                                         full_pass=cfg.full_pass, view_augment=cfg.view_augment,
                                          channels_last=self.channels_last, backend=cfg.compile,
                                          rate_target=self.rate_target, rate_routes=cfg.rate_routes,
                                          teacher=self.teacher, distill=cfg.distill, inplace=self.inplace)
@@ -347,7 +342,7 @@ class Trainer:
                                                  cost_norm=cost_norm,
                                                  mu=self.controller.mu, weights=self.weights, amp=cfg.amp,
                                                  routing=cfg.train_routing,
-                                                 consistency_routes=cfg.consistency_routes, explore=cfg.explore,
+                                                 consistency_routes=cfg.consistency_routes,
                                                  full_pass=cfg.full_pass, view_augment=cfg.view_augment,
                                                  channels_last=self.channels_last, rate_target=self.rate_target,
                                                  rate_routes=cfg.rate_routes, teacher=self.teacher,

@@ -11,81 +11,110 @@ import socket
 import sys
 import time
 
-from drn.cli import EXIT_USAGE, _Parser
+from drn.cli import EXIT_USAGE, OneLineParser, formatter
 from drn.config import UsageError, resolve_target
 
 from . import state, tracking
 from .config import SMOKE, SearchConfig
 
-# flag -> (SearchConfig field, type, nargs, help). Defaults are read from SearchConfig.
+# drn-search's flags by purpose: flag -> (SearchConfig field, type, nargs, help). Defaults are read from
+# SearchConfig.
 FLAGS = {
-    "--target-flops": ("target_flops", str, "+", "FLOPs budget(s) per image: absolute (2e8) or share of the full "
-                       "network (40%%); several values search a front, one target per trial"),
-    "--target-latency-ms": ("target_latency_ms", str, "+", "latency budget(s), ms per image on the trial's "
-                            "device (or %% of full), instead of FLOPs"),
-    "--tolerance": ("tolerance", float, None, "a trial is feasible when |cost/target - 1| <= this"),
-    "--arch": ("arch", str, None, "resnet8/14/20/32/44/56/74/110 or resnet50"),
-    "--dataset": ("dataset", str, None, "cifar10, cifar100, svhn, tinyimagenet, imagefolder or synthetic"),
-    "--data-dir": ("data_dir", str, None, "where the dataset is (torchvision sets are downloaded there)"),
-    "--space": ("space", str, None, "search space YAML, or a name in spaces/ (default, wide)"),
-    "--num-samples": ("num_samples", int, None, "trials in all (a resumed search counts the earlier ones)"),
-    "--max-concurrent": ("max_concurrent", int, None, "trials at once (default: as many as resources fit)"),
-    "--epochs": ("epochs", int, None, "epochs of each trial's main phase, in which the routers find their routes "
-                 "(default: 1/15 of --backbone-epochs, or 250 from scratch with --backbone none)"),
-    "--finetune-epochs": ("finetune_epochs", int, None, "frozen-route epochs per trial after the main phase "
-                          "(default: 2/3 of --backbone-epochs, or drn-train's max(2, 10%% of --epochs) with "
-                          "--backbone none)"),
-    "--batch-size": ("batch_size", int, None, "samples per step"),
-    "--val-fraction": ("val_fraction", float, None, "share of the training images held out as val, in (0, 0.5]: "
-                       "ASHA, TPE, the Pareto flags and the best trial read val; the test split is only reported"),
-    "--cpus-per-trial": ("cpus_per_trial", float, None, "CPUs per trial (default: 1 without GPUs, else the "
-                         "CPUs per GPU, at most 4)"),
-    "--gpus-per-trial": ("gpus_per_trial", float, None, "GPUs per trial, fractions share one (default: 1 when "
-                         "Ray sees GPUs, else 0)"),
-    "--address": ("address", str, None, "an existing Ray cluster: 'auto', host:port or ray://host:port "
-                  "(default: start a local one)"),
-    "--storage": ("storage", str, None, "results dir or cloud URI (s3://...) for trials and checkpoints"),
-    "--name": ("name", str, None, "search name: the folder under --storage (default: drn-<arch>-<time>)"),
-    "--seed": ("seed", int, None, "seed of the sampler and of every trial's training"),
-    "--routing": ("routing", str, None, "drn, or a static baseline trained at each target: "
-                  "firstk, randomk, distributedk (Table 4a), deepk"),
-    "--scheduler": ("scheduler", str, None, "asha (early stopping; each target's trials compared only with "
-                    "each other), fifo (none), or auto (asha)"),
-    "--grace-period": ("grace_period", int, None, "ASHA: epochs before a trial may be stopped (default: "
-                       "a quarter of the epochs)"),
-    "--reduction-factor": ("reduction_factor", int, None, "ASHA: keep the best 1/N at each rung"),
-    "--max-failures": ("max_failures", int, None, "retries of a crashed trial from its last checkpoint"),
-    "--optuna-storage": ("optuna_storage", str, None, "Optuna RDB URL (default: sqlite in the results dir)"),
-    "--backbone": ("backbone", str, None, "auto (the plain --arch trained once and cached under --storage), "
-                   "PATH (a `drn-train --routing full` checkpoint of --arch on --dataset) or none (every trial "
-                   "trains from scratch): every trial fine-tunes it"),
-    "--backbone-epochs": ("backbone_epochs", int, None, "--backbone auto: epochs of the plain network "
-                          "(default: drn-train's 250, the paper's schedule)"),
-    "--mlflow-uri": ("mlflow_uri", str, None, "MLflow tracking URI, e.g. a server http://127.0.0.1:5000 "
-                     "(default: $MLFLOW_TRACKING_URI, else sqlite:///<results dir>/mlflow.db)"),
-    "--compile": ("compile", str, None, "each trial's main-epoch training step under torch.compile: inductor (CUDA "
-                  "graphs on GPUs), cudagraphs (GPUs only) or off; the same step to float rounding"),
-    "--experiment-name": ("experiment_name", str, None, "MLflow experiment of the search (default: --name)"),
+    "budget": {
+        "--target-flops": ("target_flops", str, "+", "FLOPs budget(s) per image: absolute (2e8) or share of the full "
+                           "network (40%%); several values search a front, one target per trial"),
+        "--target-latency-ms": ("target_latency_ms", str, "+", "latency budget(s), ms per image on the trial's "
+                                "device (or %% of full), instead of FLOPs"),
+        "--tolerance": ("tolerance", float, None, "a trial is feasible when |cost/target - 1| <= this"),
+    },
+    "data": {
+        "--dataset": ("dataset", str, None, "cifar10, cifar100, svhn, tinyimagenet, imagefolder or synthetic"),
+        "--data-dir": ("data_dir", str, None, "where the dataset is (torchvision sets are downloaded there)"),
+        "--val-fraction": ("val_fraction", float, None, "share of the training images held out as val, in (0, 0.5]: "
+                           "ASHA, TPE, the Pareto flags and the best trial read val; the test split is only reported"),
+    },
+    "model": {
+        "--arch": ("arch", str, None, "resnet8/14/20/32/44/56/74/110 or resnet50"),
+        "--routing": ("routing", str, None, "drn, or a static baseline trained at each target: "
+                      "firstk, randomk, distributedk (Table 4a), deepk"),
+        "--backbone": ("backbone", str, None, "auto (the plain --arch trained once and cached under --storage), "
+                       "PATH (a `drn-train --routing full` checkpoint of --arch on --dataset) or none (every trial "
+                       "trains from scratch): every trial fine-tunes it"),
+        "--backbone-epochs": ("backbone_epochs", int, None, "--backbone auto: epochs of the plain network "
+                              "(default: drn-train's 250, the paper's schedule)"),
+    },
+    "search": {
+        "--space": ("space", str, None, "search space YAML, or a name in spaces/ (default, wide)"),
+        "--num-samples": ("num_samples", int, None, "trials in all (a resumed search counts the earlier ones)"),
+        "--scheduler": ("scheduler", str, None, "asha (early stopping; each target's trials compared only with "
+                        "each other), fifo (none), or auto (asha)"),
+        "--grace-period": ("grace_period", int, None, "ASHA: epochs before a trial may be stopped (default: "
+                           "a quarter of the epochs)"),
+        "--reduction-factor": ("reduction_factor", int, None, "ASHA: keep the best 1/N at each rung"),
+        "--seed": ("seed", int, None, "seed of the sampler and of every trial's training"),
+    },
+    "trial schedule": {
+        "--epochs": ("epochs", int, None, "epochs of each trial's main phase, in which the routers find their routes "
+                     "(default: 1/15 of --backbone-epochs, or 250 from scratch with --backbone none)"),
+        "--finetune-epochs": ("finetune_epochs", int, None, "frozen-route epochs per trial after the main phase "
+                              "(default: 2/3 of --backbone-epochs, or drn-train's max(2, 10%% of --epochs) with "
+                              "--backbone none)"),
+        "--batch-size": ("batch_size", int, None, "samples per step"),
+        "--compile": ("compile", str, None, "each trial's main-epoch training step under torch.compile: inductor (CUDA "
+                      "graphs on GPUs), cudagraphs (GPUs only) or off; the same step to float rounding"),
+    },
+    "cluster": {
+        "--address": ("address", str, None, "an existing Ray cluster: 'auto', host:port or ray://host:port "
+                      "(default: start a local one)"),
+        "--cpus-per-trial": ("cpus_per_trial", float, None, "CPUs per trial (default: 1 without GPUs, else the "
+                             "CPUs per GPU, at most 4)"),
+        "--gpus-per-trial": ("gpus_per_trial", float, None, "GPUs per trial, fractions share one (default: 1 when "
+                             "Ray sees GPUs, else 0)"),
+        "--max-concurrent": ("max_concurrent", int, None, "trials at once (default: as many as resources fit)"),
+        "--max-failures": ("max_failures", int, None, "retries of a crashed trial from its last checkpoint"),
+    },
+    "output": {
+        "--storage": ("storage", str, None, "results dir or cloud URI (s3://...) for trials and checkpoints"),
+        "--name": ("name", str, None, "search name: the folder under --storage (default: drn-<arch>-<time>)"),
+        "--mlflow-uri": ("mlflow_uri", str, None, "MLflow tracking URI, e.g. a server http://127.0.0.1:5000 "
+                         "(default: $MLFLOW_TRACKING_URI, else sqlite:///<results dir>/mlflow.db)"),
+        "--experiment-name": ("experiment_name", str, None, "MLflow experiment of the search (default: --name)"),
+        "--optuna-storage": ("optuna_storage", str, None, "Optuna RDB URL (default: sqlite in the results dir)"),
+    },
 }
+
+
+METAVARS = {int: "N", float: "X", str: "S", "--target-flops": "T", "--target-latency-ms": "T",
+            "--dataset": "NAME", "--data-dir": "DIR", "--arch": "NAME", "--routing": "NAME",
+            "--backbone": "auto|PATH|none", "--space": "YAML", "--scheduler": "MODE", "--compile": "MODE",
+            "--address": "ADDR", "--storage": "DIR|URI", "--name": "NAME", "--mlflow-uri": "URI",
+            "--experiment-name": "NAME", "--optuna-storage": "URL"}
 
 
 def _parser() -> argparse.ArgumentParser:
     fields = {f.name: f for f in dataclasses.fields(SearchConfig)}
-    p = _Parser(prog="drn-search", description="Search the margins and loss weights of dynamic-routing ResNets "
+    p = OneLineParser(prog="drn-search", usage="drn-search [options]", formatter_class=formatter, description="Search the margins and loss weights of dynamic-routing ResNets "
                 "(Optuna, trials run by Ray Tune) for the best val accuracy at a compute budget.")
-    for flag, (name, typ, nargs, help_) in FLAGS.items():
-        f = fields[name]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        shown = "none" if default in (None, [], "") else default
-        if name == "space":
-            shown = "spaces/default.yaml"
-        p.add_argument(flag, dest=name, type=typ, nargs=nargs, default=argparse.SUPPRESS,
-                       help=help_ if "(default:" in help_ else f"{help_} (default: {shown})")
-    p.add_argument("--resume", metavar="NAME", help="continue the interrupted search NAME under --storage "
-                   "with its own settings: finished trials are kept, unfinished ones go on from their last epoch")
-    p.add_argument("--smoke-test", dest="smoke_test", action="store_true", default=argparse.SUPPRESS,
-                   help="a tiny search that finishes in minutes on a laptop CPU: " +
-                        ", ".join(f"{k}={v}" for k, v in SMOKE.items()).replace("%", "%%") + " (flags given still win)")
+    for title, flags in FLAGS.items():
+        g = p.add_argument_group(title)
+        for flag, (name, typ, nargs, help_) in flags.items():
+            f = fields[name]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            shown = "none" if default in (None, [], "") else default
+            if name == "space":
+                shown = "spaces/default.yaml"
+            elif name == "data_dir":
+                shown = str(shown).replace(os.path.expanduser("~"), "~", 1)
+            g.add_argument(flag, dest=name, type=typ, nargs=nargs, default=argparse.SUPPRESS, metavar=METAVARS.get(flag, METAVARS[typ]),
+                           help=help_ if "(default:" in help_ else f"{help_} (default: {shown})")
+        if title == "output":
+            g.add_argument("--resume", metavar="NAME", help="continue the interrupted search NAME under --storage "
+                           "with its own settings: finished trials are kept, unfinished ones go on from their last "
+                           "epoch")
+            g.add_argument("--smoke-test", dest="smoke_test", action="store_true", default=argparse.SUPPRESS,
+                           help="a tiny search that finishes in minutes on a laptop CPU: " +
+                                ", ".join(f"{k}={v}" for k, v in SMOKE.items()).replace("%", "%%") +
+                                " (flags given still win)")
     return p
 
 

@@ -1,9 +1,12 @@
 """The console scripts as a user runs them: outputs, and every bad input -> one line, exit 2."""
 import json
+import os
+import re
+import subprocess
 
 import pytest
 
-from conftest import run_cli
+from conftest import cli_command, run_cli
 
 
 def _train_args(data, out, *extra):
@@ -60,12 +63,31 @@ def test_cost_only_resnet110():
     assert len(cost["flops_blocks"]) == cost["num_blocks"] == 54
 
 
-def test_help_names_every_flag_with_its_default():
-    proc = run_cli("drn-train", "--help")
+def test_help_groups_every_flag_with_its_default_in_a_screenful(monkeypatch):
+    """drn-train --help on an 80-column terminal: at most 120 lines, the flags under their purpose,
+    each with its default; enums are refused by argparse with one line."""
+    monkeypatch.setenv("COLUMNS", "80")
+    from drn.cli import TRAIN_FLAGS
+    proc = subprocess.run([*cli_command("drn-train"), "--help"], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "80"})
     assert proc.returncode == 0
-    for flag in ("--target-flops", "--finetune-epochs", "--resume", "--cost-only", "--views", "--d-c"):
-        assert flag in proc.stdout
-    assert "(default: 0.05; with a target from --init, 20 x the loop's" in " ".join(proc.stdout.split())  # mu
+    lines = proc.stdout.splitlines()
+    assert len(lines) <= 120 and max(map(len, lines)) <= 80
+    assert [t for t in TRAIN_FLAGS if f"{t}:" not in lines] == []
+    helps, flag = {}, None   # each flag's help, from its line to the next flag or heading
+    for line in lines:
+        m = re.match(r"  (--[a-z-]+)", line)
+        flag = m.group(1) if m else None if not line.startswith("   ") else flag
+        if flag:
+            helps[flag] = helps.get(flag, "") + " " + (line[m.end():] if m else line).strip()
+    for flags in TRAIN_FLAGS.values():
+        for flag in flags:
+            assert re.search(r"\([^()]+\)$", helps[flag]), flag   # ends with its default
+    text = " ".join(proc.stdout.split())
+    assert "--mu X weight of Eq. 8; with a target, the loop's start (0.05; 1 from --init)" in text
+    assert "--resume" in text and "--cost-only" in text and "--no-calibrate" in text
+    bad = run_cli("drn-train", "--router-lr", "zero")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "constant" in bad.stderr
 
 
 def test_existing_run_is_not_overwritten(trained, tiny_data):

@@ -546,26 +546,6 @@ def test_straight_routing_runs_the_hard_route_forward_and_trains_the_routers(arc
     assert model.blocks[1].router.fc2.weight.grad.abs().sum() > 0
 
 
-def test_explore_trains_a_block_its_router_skips_and_returns_the_decisions():
-    """A skipped block never trains under straight-through routing (its router then only ever sees
-    an untrained block); `explore` runs it on a share of the images, while the gates returned -- what
-    the cost and the budget loop read -- stay the routers' decisions."""
-    torch.manual_seed(3)
-    model = make("resnet20")
-    model.train()
-    with torch.no_grad():
-        model.blocks[1].router.open_(0.1)                         # skipped by every image
-    x = torch.rand(64, 3, 32, 32)
-    for explore, trains in ((0.0, False), (0.25, True)):
-        model.zero_grad(set_to_none=True)
-        out = model(x, routing="straight", explore=explore)
-        assert not out.gates[:, 1].any()
-        out.logits.square().sum().backward()
-        assert (model.blocks[1].residual[0].weight.grad.abs().sum() > 0) == trains
-    with torch.no_grad():                                         # the explored images ran the block
-        assert not torch.equal(model(x, routing="straight", explore=0.25).logits, model(x, routing="straight").logits)
-
-
 def test_a_full_pass_trains_the_blocks_the_routers_skip_and_leaves_the_running_statistics():
     """`train_step(full_pass=w)` adds the cross-entropy of the full network (supernet training): a
     block that every router skips trains on every image, while BN's running statistics -- what

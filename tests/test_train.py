@@ -199,21 +199,6 @@ def test_config_rejects_a_bad_route(bad):
         TrainConfig(arch="resnet20", **bad)
 
 
-def test_routers_first_trains_only_the_routers_then_everything(tiny_data, tmp_path):
-    t = Trainer(tiny_cfg(tiny_data, tmp_path / "rf", target_flops="60%", routers_first=1), log=lambda s: None)
-    start = {k: v.clone() for k, v in t.model.state_dict().items() if v.is_floating_point()}
-    moved = lambda: {k for k, v in t.model.state_dict().items() if k in start and not torch.equal(v, start[k])}
-    t.train_epoch(False)
-    t.epoch = 1
-    first = moved()
-    assert any(".router." in k for k in first)
-    assert not any(".router." not in k and "running" not in k for k in first)   # BN statistics may follow the routes
-    t.train_epoch(False)
-    assert any(k.endswith("conv1.weight") or ".residual.0.weight" in k for k in moved())
-    with pytest.raises(UsageError, match="routers first"):
-        tiny_cfg(tiny_data, tmp_path / "x", routers_first=2)
-
-
 def test_config_from_dict_rejects_unknown_keys():
     with pytest.raises(UsageError, match="unknown config keys: nope"):
         TrainConfig.from_dict({"nope": 1})
@@ -224,7 +209,8 @@ def test_config_from_dict_reads_a_removed_setting_only_at_the_behaviour_left():
     assert TrainConfig.from_dict(d) == TrainConfig(arch="resnet20")
     with pytest.raises(UsageError, match="finetune_routers"):
         TrainConfig.from_dict({**d, "finetune_routers": "steer"})
-    gone = {**TrainConfig(arch="resnet20").to_dict(), "router_detach": False, "block_grad": "batch", "cost_price": 0.0}
+    gone = {**TrainConfig(arch="resnet20").to_dict(), "router_detach": False, "block_grad": "batch", "cost_price": 0.0,
+            "explore": 0.0, "routers_first": 0}
     assert TrainConfig.from_dict(gone) == TrainConfig(arch="resnet20")
     with pytest.raises(UsageError, match="block_grad"):
         TrainConfig.from_dict({**gone, "block_grad": "routed"})
