@@ -173,6 +173,21 @@ class MuController:
             setattr(self, k, v)
 
 
+def controller_for(cfg, target: float | None, num_blocks: int, steps_per_epoch: int, warm: bool) -> MuController:
+    """The budget loop of a run (cfg: a TrainConfig). Eq. 8 splits one share over the blocks, so a
+    router's pull is ~ mu / blocks: the loop's range grows with depth, so that a router of ResNet-56
+    feels what one of ResNet-20 does (never below ResNet-20's 0.05: the loop was measured there and
+    deeper). warm: the routers start on the budget over trained blocks (--init), and mu starts at
+    WARM_MU x mu_scale, not 0.05 (the start value above)."""
+    mu_scale = cfg.mu_scale or 0.05 * max(1.0, num_blocks / 9)
+    mu = cfg.mu if cfg.mu is not None else WARM_MU * mu_scale if warm else 0.05
+    return MuController(target=target, mu=mu, kp=cfg.mu_kp, ki=cfg.mu_ki, steps_per_epoch=steps_per_epoch,
+                        mu_scale=mu_scale, mu_max=100 * mu_scale, max_error=cfg.mu_max_error,
+                        mu_min=-20 * mu_scale if cfg.mu_min is None else cfg.mu_min,
+                        ramp_steps=round(cfg.budget_ramp * cfg.epochs) * steps_per_epoch,
+                        hold=cfg.mu_integral == "hold", reset=cfg.mu_integral == "reset")
+
+
 @dataclass
 class RateHold:
     """The finetune's rate hold: each router keeps the execution rate the main schedule left it at.

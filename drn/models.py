@@ -340,6 +340,14 @@ class RoutedResNet(nn.Module):
     def router_parameters(self):
         return [p for b in self.blocks for p in b.router.parameters()]
 
+    def param_groups(self) -> list[dict]:
+        """The optimizer's groups: the network, then the routers (their lr can follow another schedule,
+        TrainConfig.router_lr); a static route has no routers, so no second group."""
+        routers = {id(p) for p in self.router_parameters()}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in routers], "router": False},
+                  {"params": self.router_parameters(), "router": True}]
+        return [g for g in groups if g["params"]]
+
     def forward_features(self, x, routing: str = "soft", threshold=None, gates=None):
         """x (B, 3, H, W) in [0, 1] -> features (B, C, h, w), r (B, n), gates (B, n).
         threshold: execute iff r >= threshold (default: the model's own, 0.5 unless calibrated).

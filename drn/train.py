@@ -18,7 +18,7 @@ from .baselines import k_for_budget, randomk_at_budget, static_route
 from .calibrate import TRIM, trim_threshold
 from .checkpoint import load_checkpoint, model_for, model_from_checkpoint, save_checkpoint
 from .config import TrainConfig, UsageError, resolve_target
-from .controller import WARM_MU, MuController, RateHold
+from .controller import RateHold, controller_for
 from .cost import CostTable, measure_cost_table, measure_latency_table
 from .data import Dataset, load_dataset, random_crop_flip
 from .evaluate import CAPACITY_FACTOR, capacity_from_rates, evaluate, threshold_curve
@@ -70,41 +70,84 @@ def _regrouped(state: dict, optimizer: torch.optim.Optimizer, params: list) -> d
     return {"state": moved, "param_groups": groups}
 
 
+def _resumed(cfg: TrainConfig) -> dict:
+    if not (Path(cfg.out) / CHECKPOINT).exists():
+        raise UsageError(f"nothing to resume: {Path(cfg.out) / CHECKPOINT} does not exist")
+    return load_checkpoint(Path(cfg.out) / CHECKPOINT)
+
+
+def _data(cfg: TrainConfig, data: Dataset | None, ckpt: dict | None) -> Dataset:
+    """The run's images (given, or loaded with a resumed run's own val carve)."""
+    data = data if data is not None else load_dataset(
+        cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.val_seed, None if ckpt is None else ckpt["val_index"])
+    if ckpt is not None and tuple(ckpt["val_index"]) != data.val_index:
+        raise UsageError("the data's val split is not the one this run was trained with")
+    return data
+
+
 class Trainer:
     """Holds the state of one training run; `run()` trains to the end (or until stopped)."""
 
     def __init__(self, cfg: TrainConfig, data: Dataset | None = None, resume: bool = False,
                  log: Callable[[str], None] | None = None, init_checkpoint: dict | None = None):
         """`init_checkpoint`: the checkpoint at cfg.init, already loaded (drn-search's backbone)."""
-        if resume and not (Path(cfg.out) / CHECKPOINT).exists():
-            raise UsageError(f"nothing to resume: {Path(cfg.out) / CHECKPOINT} does not exist")
-        ckpt = load_checkpoint(Path(cfg.out) / CHECKPOINT) if resume else None
-        if ckpt is not None:
-            cfg = TrainConfig.from_dict(ckpt["config"])
-        self.cfg = cfg
+        ckpt = _resumed(cfg) if resume else None
+        self.cfg = cfg = cfg if ckpt is None else TrainConfig.from_dict(ckpt["config"])
         self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self.device = select_device(cfg.device)
-        self.data = data if data is not None else load_dataset(
-            cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.val_seed, None if ckpt is None else ckpt["val_index"])
-        if ckpt is not None and tuple(ckpt["val_index"]) != self.data.val_index:
-            raise UsageError("the data's val split is not the one this run was trained with")
+        self.data = _data(cfg, data, ckpt)
         torch.manual_seed(cfg.seed)
+        self.model = self._build(ckpt, init_checkpoint)
+        cfg, cuda = self.cfg, self.device.type == "cuda"   # a static route's k is settled in _build
+        self.static = cfg.routing != "drn"
+        self.teacher = self._teacher(init_checkpoint) if cfg.distill > 0 and cfg.distill_from == "init" else None
+        self._place(cuda)
+        self.cost = measure_cost_table(self.model)
+        self.budget = self._budget_table(ckpt)
+        # a static baseline is trained at its k: the target only chose k, it is not steered to
+        self.target = resolve_target(cfg.target, self.budget.full, self.budget.fixed,
+                                     "FLOPs" if self.budget.unit == "flops" else "ms")
+        if ckpt is None:
+            self._start_routers()
+        n = self.data.train.labels.shape[0]
+        self.controller = controller_for(cfg, self.target, self.cost.num_blocks, max(1, n // min(cfg.batch_size, n)),
+                                         warm=self._warm_mu())
+        # the finetune's rate hold (BENCHMARKS.md, "The finetune holds the routers' rates: ResNet-56 lands 3
+        # of 3"); None: frozen routers only. budget: it also lands the held rates on the target
+        held = cfg.finetune_rates != "free" and self.target is not None and not self.static and cfg.finetune_epochs > 0
+        self.hold, self.steer_finetune = RateHold() if held else None, held and cfg.finetune_rates == "budget"
+        self.step_options = self._step_options()
+        # fused on CUDA: one kernel per update instead of one per parameter (a compiled step fuses its own)
+        self.optimizer = torch.optim.SGD(self.model.param_groups(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay, fused=cuda and cfg.compile == "off")
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.epoch, self.history, self.calibration = 0, [], None   # completed epochs, their metrics, the trim
+        self.test_metrics: dict | None = None
+        if ckpt is not None:
+            self._restore(ckpt, cuda)
+        self.train_split, self.val_split = (d._replace(images=d.images.to(self.device), labels=d.labels.to(self.device))
+                                            for d in (self.data.train, self.data.val))
+
+    def _build(self, ckpt: dict | None, init_checkpoint: dict | None):
+        """The model: the checkpoint's, or a new one (a static baseline's k from the FLOPs target; the
+        normalisation from the training images; the --init weights)."""
         self.init_info = None if ckpt is None else ckpt.get("init_info")
         if ckpt is not None:
-            self.model, _ = model_from_checkpoint(ckpt)
-        else:
-            if cfg.routing not in ("drn", "full") and cfg.k is None:   # a static baseline at the FLOPs target
-                k, route = self._k_for_target(cfg)
-                cfg = self.cfg = dataclasses.replace(cfg, k=k, route=route)
-            self.model = model_for(cfg, self.data.num_classes, self.data.input_size)
-            self.model.set_normalization(*self.data.channel_stats())
-            if cfg.init is not None:
-                self.init_info = warm_start(self.model, cfg.init, cfg.dataset, self.data.val_index, init_checkpoint)
-        self.static = cfg.routing != "drn"
+            return model_from_checkpoint(ckpt)[0]
+        cfg = self.cfg
+        if cfg.routing not in ("drn", "full") and cfg.k is None:   # a static baseline at the FLOPs target
+            k, route = self._k_for_target(cfg)
+            cfg = self.cfg = dataclasses.replace(cfg, k=k, route=route)
+        model = model_for(cfg, self.data.num_classes, self.data.input_size)
+        model.set_normalization(*self.data.channel_stats())
+        if cfg.init is not None:
+            self.init_info = warm_start(model, cfg.init, cfg.dataset, self.data.val_index, init_checkpoint)
+        return model
+
+    def _place(self, cuda: bool) -> None:
+        """The model on the device, in its memory format; how the step runs there."""
+        cfg = self.cfg
         self.model.to(self.device)
-        self.teacher = self._teacher(init_checkpoint) if cfg.distill > 0 and cfg.distill_from == "init" else None
-        self.inplace = cfg.distill if cfg.distill_from == "full" else 0.0
-        cuda = self.device.type == "cuda"
         if cfg.compile == "cudagraphs" and not cuda:
             raise UsageError(f"--compile cudagraphs needs a CUDA device, and this run is on {self.device}")
         self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
@@ -114,72 +157,60 @@ class Trainer:
         self.controller_every = cfg.controller_every or (8 if cuda else 1)
         self.compiled: CompiledStep | None = None   # the main epochs' step under torch.compile, made on first use
         self.compile_failed = False   # it did not compile here: the run goes on eager
-        self.cost: CostTable = measure_cost_table(self.model)
-        # the budget's cost table: FLOPs, or per-block latency measured once on this device (kept
-        # in the checkpoint, so a resumed run optimises the same Eq. 8 weights)
+
+    def _budget_table(self, ckpt: dict | None) -> CostTable:
+        """The budget's cost table: FLOPs, or per-block latency measured once on this device (kept in
+        the checkpoint, so a resumed run optimises the same Eq. 8 weights)."""
         if ckpt is not None and ckpt.get("budget_table"):
-            self.budget = CostTable(**{**ckpt["budget_table"], "block": tuple(ckpt["budget_table"]["block"])})
-        elif cfg.target_latency_ms is not None:
-            self.budget = measure_latency_table(self.model, cfg.latency_batch)
-        else:
-            self.budget = self.cost
-        unit = "FLOPs" if self.budget.unit == "flops" else "ms"
-        # a static baseline is trained at its k: the target only chose k, it is not steered to
-        self.target = resolve_target(cfg.target, self.budget.full, self.budget.fixed, unit)
-        if ckpt is None and cfg.router_start == "undecided" and not self.static:
+            return CostTable(**{**ckpt["budget_table"], "block": tuple(ckpt["budget_table"]["block"])})
+        if self.cfg.target_latency_ms is not None:
+            return measure_latency_table(self.model, self.cfg.latency_batch)
+        return self.cost
+
+    def _start_routers(self) -> None:
+        cfg = self.cfg
+        if cfg.router_start == "undecided" and not self.static:
             for block in self.model.blocks:
                 block.router.open_(0.5)
             self.log("routers start undecided (p = 0.5)")
-        elif ckpt is None and cfg.router_start != "open" and self.target is not None and not self.static:
+        elif cfg.router_start != "open" and self.target is not None and not self.static:
             route, undecided = self._start_on_budget()
             self.log(f"routers start on the budget: blocks {[i for i, on in enumerate(route) if on and i not in undecided]}"
                      f" open, {undecided} undecided (p = 0.5), the others closed")
-        steps = max(1, self.data.train.labels.shape[0] // min(cfg.batch_size, self.data.train.labels.shape[0]))
-        # Eq. 8 splits one share over the blocks, so a router's pull is ~ mu / blocks: the loop's range
-        # grows with depth, so that a router of ResNet-56 feels what one of ResNet-20 does (never below
-        # ResNet-20's 0.05: the loop was measured there and deeper)
-        mu_scale = cfg.mu_scale or 0.05 * max(1.0, self.cost.num_blocks / 9)
-        self.controller = MuController(target=self.target, mu=self._start_mu(mu_scale), kp=cfg.mu_kp, ki=cfg.mu_ki, steps_per_epoch=steps,
-                                       mu_scale=mu_scale, mu_max=100 * mu_scale, max_error=cfg.mu_max_error,
-                                       mu_min=-20 * mu_scale if cfg.mu_min is None else cfg.mu_min,
-                                       ramp_steps=round(cfg.budget_ramp * cfg.epochs) * steps,
-                                       hold=cfg.mu_integral == "hold", reset=cfg.mu_integral == "reset")
-        # the finetune's rate hold (BENCHMARKS.md, "The finetune holds the routers' rates: ResNet-56 lands 3
-        # of 3"); None: frozen routers only
-        self.hold = RateHold() if (cfg.finetune_rates in ("hold", "budget") and self.target is not None
-                                   and not self.static and cfg.finetune_epochs > 0) else None
-        self.steer_finetune = self.hold is not None and cfg.finetune_rates == "budget"
-        self.calibration: dict | None = None
-        self.weights = LossWeights(cfg.lam, cfg.alpha, cfg.gamma, cfg.d_c, cfg.d_d, cfg.rate_weight)
-        # the rate loss's target: every block at the budget's share of the routable cost, or in a band
-        self.rate_target = None
+
+    def _warm_mu(self) -> bool:
+        """Whether the loop starts at the warm mu: from --init with the routers on the budget
+        (controller.controller_for)."""
+        cfg = self.cfg
+        return (cfg.init is not None and self.target is not None and not self.static
+                and cfg.router_start not in ("open", "undecided"))
+
+    def _step_options(self) -> dict:
+        """What every main step is run with, eager or compiled (step.train_step, step.CompiledStep)."""
+        cfg = self.cfg
+        rate_target = None   # the rate loss's: every block at the budget's share of the routable cost, or in a band
         if self.target is not None and not self.static and cfg.rate_weight > 0:
             share = min(1.0, max(0.0, (self.target - self.budget.fixed) / sum(self.budget.block)))
             lo, hi = (cfg.rate_band, 1 - cfg.rate_band) if cfg.rate_band > 0 else (share, share)
-            self.rate_target = torch.tensor([lo, hi], device=self.device).view(2, 1).expand(2, self.cost.num_blocks)
-        routers = {id(p) for p in self.model.router_parameters()}
-        groups = [{"params": [p for p in self.model.parameters() if id(p) not in routers], "router": False},
-                  {"params": self.model.router_parameters(), "router": True}]
-        # fused on CUDA: one kernel per update instead of one per parameter (a compiled step fuses its own)
-        self.optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay, fused=cuda and cfg.compile == "off")
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        self.epoch = 0          # completed epochs
-        self.history: list[dict] = []
-        if ckpt is not None:
-            self.optimizer.load_state_dict(_regrouped(ckpt["optimizer"], self.optimizer, list(self.model.parameters())))
-            for g in self.optimizer.param_groups:   # this device's implementation, not the saving run's
-                g["lr"], g["fused"], g["foreach"] = float(g["lr"]), cuda and cfg.compile == "off", None
-            self.controller.load_state_dict(ckpt["controller"])
-            self.generator.set_state(ckpt["rng"]["data"].to("cpu"))
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            self.epoch, self.history = ckpt["epoch"], ckpt["history"]
-            self.calibration = ckpt.get("calibration")
-            if self.hold is not None and ckpt.get("rate_hold"):
-                self.hold.load_state_dict(ckpt["rate_hold"])
-        on_device = lambda split: split._replace(images=split.images.to(self.device), labels=split.labels.to(self.device))
-        self.train_split, self.val_split = on_device(self.data.train), on_device(self.data.val)
-        self.test_metrics: dict | None = None if ckpt is None else ckpt.get("test")
+            rate_target = torch.tensor([lo, hi], device=self.device).view(2, 1).expand(2, self.cost.num_blocks)
+        return dict(weights=LossWeights(cfg.lam, cfg.alpha, cfg.gamma, cfg.d_c, cfg.d_d, cfg.rate_weight),
+                    amp=cfg.amp, routing=cfg.train_routing, consistency_routes=cfg.consistency_routes,
+                    full_pass=cfg.full_pass, view_augment=cfg.view_augment, channels_last=self.channels_last,
+                    rate_target=rate_target, rate_routes=cfg.rate_routes, teacher=self.teacher,
+                    distill=cfg.distill, inplace=cfg.distill if cfg.distill_from == "full" else 0.0)
+
+    def _restore(self, ckpt: dict, cuda: bool) -> None:
+        """Where the checkpoint's run stopped: optimizer, loop, hold, random state, history."""
+        self.optimizer.load_state_dict(_regrouped(ckpt["optimizer"], self.optimizer, list(self.model.parameters())))
+        for g in self.optimizer.param_groups:   # this device's implementation, not the saving run's
+            g["lr"], g["fused"], g["foreach"] = float(g["lr"]), cuda and self.cfg.compile == "off", None
+        self.controller.load_state_dict(ckpt["controller"])
+        self.generator.set_state(ckpt["rng"]["data"].to("cpu"))
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        self.epoch, self.history = ckpt["epoch"], ckpt["history"]
+        self.calibration, self.test_metrics = ckpt.get("calibration"), ckpt.get("test")
+        if self.hold is not None and ckpt.get("rate_hold"):
+            self.hold.load_state_dict(ckpt["rate_hold"])
 
     @torch.no_grad()
     def _teacher(self, ckpt: dict | None):
@@ -187,19 +218,6 @@ class Trainer:
         plain network), frozen, in eval mode (its running BN statistics)."""
         teacher, _ = model_from_checkpoint(ckpt if ckpt is not None else load_checkpoint(self.cfg.init))
         return teacher.to(self.device).eval().requires_grad_(False)
-
-    def _start_mu(self, mu_scale: float) -> float:
-        """The cost weight's start value. From --init with the routers on the budget the loop starts at
-        WARM_MU x mu_scale (1 on ResNet-20), not 0.05: a trained block's router moves only once mu is ~1-3,
-        and from 0.05 the loop gets there after a short main phase's lr has decayed, which leaves the
-        route where it started (BENCHMARKS.md, "The 70 % miss, found: the loop started too low for trained
-        blocks (fix: μ starts at 1 from a backbone)")."""
-        cfg = self.cfg
-        if cfg.mu is not None:
-            return cfg.mu
-        warm = (cfg.init is not None and self.target is not None and not self.static
-                and cfg.router_start not in ("open", "undecided"))
-        return WARM_MU * mu_scale if warm else 0.05
 
     def _start_on_budget(self) -> tuple[tuple[bool, ...], list[int]]:
         """Start the routers on the budget rather than at the full network: a route's routers open
@@ -298,59 +316,37 @@ class Trainer:
                 "rate_hold": None if self.hold is None else self.hold.state_dict()}
 
     def train_epoch(self, finetune: bool) -> dict:
+        """One epoch over the training images: the main phase (routers learn, the loop steers mu) or the
+        finetune (routers frozen, hard routes, the rate hold). Returns the epoch's training metrics."""
         cfg, model, dev = self.cfg, self.model, self.device
         model.train()
         for p in model.router_parameters():
             p.requires_grad_(not finetune)
         images, labels = self.train_split
         n_img, L = labels.shape[0], min(cfg.batch_size, labels.shape[0])
-        cost_norm = self.budget.normalized(dev)
-        block_cost = self.budget.block_tensor(dev)
+        cost_norm, block_cost = self.budget.normalized(dev), self.budget.block_tensor(dev)
         steering = self.target is not None and not finetune and not self.static
         pending: list[torch.Tensor] = []   # batch costs the loop has not read yet (one host sync per controller_every)
-        if not finetune and not self.static and cfg.compile != "off" and self.compiled is None and not self.compile_failed:
-            self.compiled = CompiledStep(model, self.optimizer, weights=self.weights, amp=cfg.amp,
-                                         routing=cfg.train_routing, consistency_routes=cfg.consistency_routes,
-                                         full_pass=cfg.full_pass, view_augment=cfg.view_augment,
-                                         channels_last=self.channels_last, backend=cfg.compile,
-                                         rate_target=self.rate_target, rate_routes=cfg.rate_routes,
-                                         teacher=self.teacher, distill=cfg.distill, inplace=self.inplace)
-        sums = torch.zeros(len(PARTS) + 2, device=dev)  # loss, the parts, correct
-        gate_sum = torch.zeros(self.cost.num_blocks, device=dev)
-        seen = 0
+        compiled = not finetune and self._compiled()
+        names = ["loss", *PARTS, "correct"]
+        sums, gate_sum, seen = torch.zeros(len(names), device=dev), torch.zeros(self.cost.num_blocks, device=dev), 0
         perm = torch.randperm(n_img, generator=self.generator, device=dev)
         steps = max(1, n_img // L)
-        hold = self.hold if finetune and self.hold is not None else None
-        if hold is not None and hold.ref is None:   # the rates the main schedule left, at the finetune's threshold
-            hold.start(self.batch_gates_now(1024, routing="hard").float().mean(0).tolist())
-            if self.steer_finetune and self.history:   # the main phase's last val cost, at this threshold
-                hold.steer(self.history[-1][self.cost_key], self.target, self.budget.block)
-        d_t = logit_gap(self.model.threshold.detach().float(), self.model.cfg.beta).item()
+        hold, d_t = self._hold_for(finetune)
         for i, s in enumerate(range(0, n_img - L + 1, L)):  # drop the last partial batch
             lr = cfg.lr_at(self.epoch, (i + 1) / steps)
             for group in self.optimizer.param_groups:
                 set_lr(group, cfg.lr_at(self.epoch, (i + 1) / steps, router=True) if group["router"] else lr)
             idx = perm[s:s + L]
-            out = None
-            if self.compiled is not None and not finetune:
-                out = self._compiled_step(images[idx], labels[idx], cost_norm)
-            if out is not None:
-                loss, parts, out, y = out
-            else:   # a static baseline trains like the finetune: its route, cross-entropy, no routing losses
-                loss, parts, out, y = train_step(model, self.optimizer, images[idx], labels[idx], self.generator,
-                                                 views=1 if finetune else cfg.views, finetune=finetune or self.static,
-                                                 cost_norm=cost_norm,
-                                                 mu=self.controller.mu, weights=self.weights, amp=cfg.amp,
-                                                 routing=cfg.train_routing,
-                                                 consistency_routes=cfg.consistency_routes,
-                                                 full_pass=cfg.full_pass, view_augment=cfg.view_augment,
-                                                 channels_last=self.channels_last, rate_target=self.rate_target,
-                                                 rate_routes=cfg.rate_routes, teacher=self.teacher,
-                                                 distill=cfg.distill, inplace=self.inplace)
+            out = self._compiled_step(images[idx], labels[idx], cost_norm) if compiled and self.compiled else None
+            if out is None:   # a static baseline trains like the finetune: its route, cross-entropy, no routing losses
+                out = train_step(model, self.optimizer, images[idx], labels[idx], self.generator,
+                                 views=1 if finetune else cfg.views, finetune=finetune or self.static,
+                                 cost_norm=cost_norm, mu=self.controller.mu, **self.step_options)
+            loss, parts, out, y = out
             gates = out.gates.float()
             if hold is not None:   # a decided block's shift is 0
-                shifts = hold.update(logit_gap(out.r.detach().float(), model.cfg.beta), d_t)
-                for block, delta in zip(model.blocks, shifts):
+                for block, delta in zip(model.blocks, hold.update(logit_gap(out.r.detach().float(), model.cfg.beta), d_t)):
                     block.router.shift_(delta)
             if steering:
                 pending.append((self.budget.fixed + gates @ block_cost).mean())
@@ -360,13 +356,31 @@ class Trainer:
             gate_sum += gates.sum(0)
             seen += y.shape[0]
         self._steer(pending)
-        v = sums.tolist()
-        if not math.isfinite(v[0]):
+        v = dict(zip(names, sums.tolist()))
+        if not math.isfinite(v["loss"]):
             raise FloatingPointError(f"loss is not finite in epoch {self.epoch + 1} (diverged); lower --lr")
         held = {} if hold is None else {"router_shift": hold.state_dict()["shift"]}
-        return {**held, "lr": lr, "loss": v[0] / steps, **{f"loss_{k}": x / steps for k, x in zip(PARTS, v[1:])},
-                "train_accuracy": v[-1] / max(seen, 1),
+        return {**held, "lr": lr, **{("loss" if k == "loss" else f"loss_{k}"): v[k] / steps for k in ["loss", *PARTS]},
+                "train_accuracy": v["correct"] / max(seen, 1),
                 "train_cost_hard": self.budget.route_cost(gate_sum / max(seen, 1)).item()}
+
+    def _compiled(self) -> bool:
+        """Whether the main step runs compiled (made on first use; a compile failure falls back to eager)."""
+        if self.static or self.cfg.compile == "off" or self.compile_failed:
+            return False
+        if self.compiled is None:
+            self.compiled = CompiledStep(self.model, self.optimizer, backend=self.cfg.compile, **self.step_options)
+        return True
+
+    def _hold_for(self, finetune: bool) -> tuple[RateHold | None, float]:
+        """The rate hold of a finetune epoch (started at the finetune's first step, on the rates the main
+        phase left at the finetune's threshold) and that threshold's logit gap."""
+        hold = self.hold if finetune else None
+        if hold is not None and hold.ref is None:
+            hold.start(self.batch_gates_now(1024, routing="hard").float().mean(0).tolist())
+            if self.steer_finetune and self.history:   # the main phase's last val cost, at this threshold
+                hold.steer(self.history[-1][self.cost_key], self.target, self.budget.block)
+        return hold, logit_gap(self.model.threshold.detach().float(), self.model.cfg.beta).item()
 
     def _compiled_step(self, images, labels, cost_norm):
         """The compiled main step; None (and eager from now on, with a log line) when it does not
