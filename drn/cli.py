@@ -8,7 +8,7 @@ from pathlib import Path
 
 from typing import NamedTuple
 
-from .config import ROUTER_STARTS, TrainConfig, UsageError
+from .config import MODES, TrainConfig, UsageError
 
 EXIT_USAGE = 2
 
@@ -44,8 +44,7 @@ class Flag(NamedTuple):
     field: str                  # the TrainConfig field it sets
     type: type
     help: str                   # one or two lines; the default is appended
-    choices: tuple | None = None
-    metavar: str | None = None
+    metavar: str | None = None  # (a mode's choices: config.MODES)
 
 
 # drn-train's flags by purpose. Defaults come from TrainConfig, so the help cannot drift from them.
@@ -61,19 +60,18 @@ TRAIN_FLAGS: dict[str, dict[str, Flag]] = {
     "model and routing": {
         "--arch": Flag("arch", str, "resnet8/14/20/32/44/56/74/110 or resnet50", metavar="NAME"),
         "--routing": Flag("routing", str, "drn, full (every block), or a static route: firstk, randomk, "
-                          "distributedk, deepk", ("drn", "full", "firstk", "randomk", "distributedk", "deepk"),
-                          "NAME"),
+                          "distributedk, deepk", metavar="NAME"),
         "--k": Flag("k", int, "blocks a static route runs"),
         "--init": Flag("init", str, "warm start: a --routing full checkpoint", metavar="PATH"),
         "--router-start": Flag("router_start", str, "auto, deepk, distributedk (a static route at the budget), "
-                               "open, undecided (p=0.5), greedy", ROUTER_STARTS, "NAME"),
+                               "open, undecided (p=0.5), greedy", metavar="NAME"),
         "--router-open": Flag("router_open", float, "an open router's start p"),
         "--undecided-pairs": Flag("undecided_pairs", int, "N block pairs start at p=0.5"),
         "--router-hidden": Flag("router_hidden", int, "hidden width of each router"),
         "--beta": Flag("beta", float, "beta of Eq. 3 (larger: nearer hard routing)"),
         "--router-leak": Flag("router_leak", float, "gradient floor of Eq. 3, in [0, 0.1]"),
         "--train-routing": Flag("train_routing", str, "soft (Eq. 4), straight (hard forward, Eq. 3 back) or "
-                                "stochastic", ("soft", "straight", "stochastic"), "MODE"),
+                                "stochastic", metavar="MODE"),
         "--drop-path": Flag("drop_path", float, "stochastic depth of full and static routes"),
     },
     "budget": {
@@ -86,12 +84,11 @@ TRAIN_FLAGS: dict[str, dict[str, Flag]] = {
         "--mu-min": Flag("mu_min", float, "its floor for mu"),
         "--mu-max-error": Flag("mu_max_error", float, "its relative error's clip"),
         "--mu-scale": Flag("mu_scale", float, "mu moves linearly below X"),
-        "--mu-integral": Flag("mu_integral", str, "its integral: reset, always or hold", ("reset", "always", "hold"),
-                              "MODE"),
+        "--mu-integral": Flag("mu_integral", str, "its integral: reset, always or hold", metavar="MODE"),
         "--budget-ramp": Flag("budget_ramp", float, "share of --epochs of the setpoint's ramp"),
         "--controller-every": Flag("controller_every", int, "the loop reads the cost every N steps"),
         "--finetune-rates": Flag("finetune_rates", str, "the finetune's router biases: hold the rates, land "
-                                 "on val (budget), or free", ("hold", "budget", "free"), "MODE"),
+                                 "on val (budget), or free", metavar="MODE"),
     },
     "schedule": {
         "--epochs": Flag("epochs", int, "main epochs: the routers learn"),
@@ -103,8 +100,7 @@ TRAIN_FLAGS: dict[str, dict[str, Flag]] = {
         "--warmup-epochs": Flag("warmup_epochs", float, "linear lr warm-up"),
         "--momentum": Flag("momentum", float, "SGD momentum"),
         "--weight-decay": Flag("weight_decay", float, "SGD weight decay"),
-        "--router-lr": Flag("router_lr", str, "the routers' lr: decay, constant or frozen",
-                            ("decay", "constant", "frozen"), "MODE"),
+        "--router-lr": Flag("router_lr", str, "the routers' lr: decay, constant or frozen", metavar="MODE"),
         "--seed": Flag("seed", int, "seed of init, order, augmentation"),
     },
     "loss weights": {
@@ -113,24 +109,19 @@ TRAIN_FLAGS: dict[str, dict[str, Flag]] = {
         "--gamma": Flag("gamma", float, "gamma: regularisation (Eq. 10)"),
         "--d-c": Flag("d_c", float, "consistency margin d_c"),
         "--d-d": Flag("d_d", float, "diversity margin d_d"),
-        "--consistency-routes": Flag("consistency_routes", str, "Eq. 5, 10 compare soft or executed",
-                                     ("soft", "executed"), "MODE"),
-        "--view-augment": Flag("view_augment", str, "views of Eq. 5: same or perturb", ("same", "perturb"),
-                               "MODE"),
+        "--consistency-routes": Flag("consistency_routes", str, "Eq. 5, 10 compare soft or executed", metavar="MODE"),
+        "--view-augment": Flag("view_augment", str, "views of Eq. 5: same or perturb", metavar="MODE"),
         "--rate-weight": Flag("rate_weight", float, "ConvNet-AIG's per-block rate loss"),
         "--rate-band": Flag("rate_band", float, "b > 0: rates in [b, 1 - b] only"),
-        "--rate-routes": Flag("rate_routes", str, "the rate loss reads executed or soft",
-                              ("executed", "soft"), "MODE"),
+        "--rate-routes": Flag("rate_routes", str, "the rate loss reads executed or soft", metavar="MODE"),
         "--full-pass": Flag("full_pass", float, "loss of a full-network pass"),
         "--distill": Flag("distill", float, "distillation from --distill-from"),
-        "--distill-from": Flag("distill_from", str, "init network or full pass", ("init", "full"), "FROM"),
+        "--distill-from": Flag("distill_from", str, "init network or full pass", metavar="FROM"),
     },
     "runtime": {
         "--device": Flag("device", str, "auto, cpu, cuda or cuda:N", metavar="DEV"),
-        "--compile": Flag("compile", str, "torch.compile: inductor, cudagraphs, off",
-                          ("inductor", "cudagraphs", "off"), "MODE"),
-        "--channels-last": Flag("channels_last", str, "NHWC: auto (CUDA), on, off", ("auto", "on", "off"),
-                                "MODE"),
+        "--compile": Flag("compile", str, "torch.compile: inductor, cudagraphs, off", metavar="MODE"),
+        "--channels-last": Flag("channels_last", str, "NHWC: auto (CUDA), on, off", metavar="MODE"),
         "--eval-batch-size": Flag("eval_batch_size", int, "batch of the evaluations"),
     },
     "output": {
@@ -159,8 +150,8 @@ def _train_parser() -> argparse.ArgumentParser:
     for title, flags in TRAIN_FLAGS.items():
         g = p.add_argument_group(title)
         for flag, f in flags.items():
-            metavar = f.metavar or ("|".join(f.choices) if f.choices else _METAVAR[f.type])
-            g.add_argument(flag, dest=f.field, type=f.type, choices=f.choices, metavar=metavar,
+            metavar = f.metavar or _METAVAR[f.type]
+            g.add_argument(flag, dest=f.field, type=f.type, choices=MODES.get(f.field), metavar=metavar,
                            default=argparse.SUPPRESS, help=f"{f.help} ({_fmt(f.field, default(f.field))})")
         for flag, name, help_ in TRAIN_SWITCHES.get(title, []):
             off = flag.startswith("--no-")

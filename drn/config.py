@@ -53,6 +53,13 @@ def build_checked(cls, d: dict, what: str):
 
 
 ROUTER_STARTS = ("auto", "open", "undecided", "deepk", "distributedk", "greedy")
+# the settings that take one of a few modes (the first is what the help lists first)
+MODES = {"router_start": ROUTER_STARTS, "train_routing": ("soft", "straight", "stochastic"),
+         "consistency_routes": ("soft", "executed"), "view_augment": ("same", "perturb"),
+         "router_lr": ("decay", "constant", "frozen"), "mu_integral": ("reset", "always", "hold"),
+         "finetune_rates": ("hold", "budget", "free"), "distill_from": ("init", "full"),
+         "rate_routes": ("executed", "soft"), "compile": ("off", "inductor", "cudagraphs"),
+         "channels_last": ("auto", "on", "off")}
 
 
 def default_data_dir() -> str:
@@ -217,15 +224,32 @@ class TrainConfig:
     eval_batch_size: int = 500
 
     def __post_init__(self):
+        from .baselines import STATIC
         from .data import DATASETS
         from .models import ARCHS
-        if self.arch not in ARCHS:
-            raise UsageError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
-        if self.dataset not in DATASETS:
-            raise UsageError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        for name, known in (("arch", ARCHS), ("dataset", DATASETS), ("routing", ("drn", "full", *STATIC))):
+            if getattr(self, name) not in known:
+                raise UsageError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(known)}")
+        self._derive()
+        for name, modes in MODES.items():
+            if getattr(self, name) not in modes:
+                raise UsageError(f"{name.replace('_', ' ')} must be {', '.join(modes[:-1])} or {modes[-1]}, "
+                                 f"got {getattr(self, name)!r}")
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UsageError(f"{f.name.replace('_', ' ')} must be a finite number, got {v}")
+        for ok, msg in self._checks(sum(ARCHS[self.arch].stages)):
+            if not ok:
+                raise UsageError(msg)
+        parse_target(self.target_flops)
+        parse_target(self.target_latency_ms)
+
+    def _derive(self) -> None:
+        """The defaults that depend on other settings (None in the fields above), and absolute paths."""
         default_w = 0.4 if self.dataset == "tinyimagenet" else 0.2
+        routed_target = self.routing == "drn" and self.target is not None
         if self.finetune_epochs is None:
-            routed_target = self.routing == "drn" and (self.target_flops or self.target_latency_ms) is not None
             self.finetune_epochs = max(2, round(0.1 * self.epochs)) if routed_target else 0
         deep = self.arch == "resnet50" or int(self.arch[6:]) >= 56
         if self.zero_init_residual is None:
@@ -242,16 +266,22 @@ class TrainConfig:
         if self.views is None:
             self.views = 2 if self.routing == "drn" else 1
         if self.router_open is None:
-            on_budget = self.router_start not in ("open", "undecided") and (self.target_flops or self.target_latency_ms) is not None
+            on_budget = self.router_start not in ("open", "undecided") and self.target is not None
             self.router_open = 0.99 if on_budget and self.init is not None else 0.9
         self.lam = default_w if self.lam is None else self.lam
         self.alpha = default_w if self.alpha is None else self.alpha
         self.milestones = tuple(self.milestones)
+        self.route = None if self.route is None else tuple(self.route)
         self.data_dir = os.path.abspath(os.path.expanduser(self.data_dir))
         self.out = os.path.abspath(os.path.expanduser(self.out))
         if self.init is not None:
             self.init = os.path.abspath(os.path.expanduser(self.init))
-        checks = [
+
+    def _checks(self, blocks: int) -> list[tuple[bool, str]]:
+        """(holds, what to say when it does not), in the order they are reported; blocks: the arch's."""
+        drn, static, mu = self.routing == "drn", self.routing not in ("drn", "full"), self.mu
+        route = self.route
+        return [
             (0 < self.val_fraction <= 0.5, f"val fraction must be in (0, 0.5], got {self.val_fraction}"),
             (self.warmup_epochs >= 0, f"warm-up epochs must be >= 0, got {self.warmup_epochs}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
@@ -264,13 +294,13 @@ class TrainConfig:
             (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
             (all(0 < m <= 1 for m in self.milestones), f"milestones are fractions in (0, 1], got {self.milestones}"),
             (0 < self.lr_decay <= 1, f"lr decay must be in (0, 1], got {self.lr_decay}"),
-            (min(self.lam, self.alpha, self.gamma, 0.0 if self.mu is None else self.mu) >= 0, "loss weights must be >= 0"),
+            (min(self.lam, self.alpha, self.gamma, 0.0 if mu is None else mu) >= 0, "loss weights must be >= 0"),
             (0 <= self.budget_ramp <= 1, f"budget ramp must be in [0, 1], got {self.budget_ramp}"),
             (0 < self.mu_ki <= 50, f"mu integral gain must be in (0, 50], got {self.mu_ki}"),
             (0 <= self.mu_kp <= 20, f"mu proportional gain must be in [0, 20], got {self.mu_kp}"),
             (0 < self.mu_max_error <= 2, f"mu max error must be in (0, 2], got {self.mu_max_error}"),
             (self.mu_scale is None or 0 < self.mu_scale <= 10, f"mu scale must be in (0, 10], got {self.mu_scale}"),
-            (self.mu_min is None or -50 <= self.mu_min <= (0.05 if self.mu is None else self.mu),
+            (self.mu_min is None or -50 <= self.mu_min <= (0.05 if mu is None else mu),
              f"mu floor must be in [-50, mu], got {self.mu_min}"),
             (self.d_c >= 0 and self.d_d >= 0, "margins d_c and d_d must be >= 0"),
             (self.beta > 0, f"beta must be > 0, got {self.beta}"),
@@ -283,85 +313,42 @@ class TrainConfig:
             (0 <= self.rate_band < 0.5, f"rate band must be in [0, 0.5), got {self.rate_band}"),
             (0 <= self.router_leak <= 0.1, f"router leak must be in [0, 0.1], got {self.router_leak}"),
             (self.eval_batch_size >= 1, f"eval batch size must be >= 1, got {self.eval_batch_size}"),
+            (self.latency_batch >= 1, f"latency batch must be >= 1, got {self.latency_batch}"),
             (self.controller_every is None or 1 <= self.controller_every <= 1000,
              f"controller every must be in [1, 1000] steps, got {self.controller_every}"),
-            (self.compile in ("off", "inductor", "cudagraphs"),
-             f"compile must be off, inductor or cudagraphs, got {self.compile!r}"),
             (self.compile != "cudagraphs" or self.device != "cpu", "compile cudagraphs needs a CUDA device"),
-            (self.channels_last in ("auto", "on", "off"), f"channels last must be auto, on or off, got {self.channels_last!r}"),
-            (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            (self.device in ("auto", "cpu") or self.device.startswith("cuda"),
              f"device must be auto, cpu or cuda[:N], got {self.device!r}"),
+            (self.target_flops is None or self.target_latency_ms is None,
+             "give a FLOPs target or a latency target, not both"),
+            (self.undecided_pairs >= 0, f"undecided pairs must be >= 0, got {self.undecided_pairs}"),
+            (not self.undecided_pairs or self.router_start not in ("open", "undecided"),
+             f"undecided pairs need a start on the budget, not router start {self.router_start}"),
+            (self.router_start != "greedy" or self.init is not None or not drn,
+             "router start greedy measures trained blocks: it needs --init (a warm start)"),
+            (self.distill == 0 or self.distill_from != "init" or self.init is not None,
+             "distill needs --init: the trained network to distill from (or --distill-from full)"),
+            (self.distill == 0 or self.distill_from != "full" or (self.full_pass > 0 and drn),
+             "distill from full needs a routed network (--routing drn) with --full-pass > 0: the full pass is the "
+             "teacher"),
+            (self.view_augment != "perturb" or (self.views >= 2 and drn),
+             "view augment perturb varies the views Eq. 5 compares: it needs --views 2 or more and a drn"),
+            (self.routing != "full" or (self.target is None and self.k is None),
+             "routing full trains the plain network (every block): it takes no target and no --k"),
+            (not static or self.target_latency_ms is None,
+             f"routing {self.routing} takes --k or --target-flops, not a latency target"),
+            (not static or self.k is not None or self.target_flops is not None,
+             f"routing {self.routing} needs --k (blocks to run) or --target-flops"),
+            (not drn or not self.drop_path,
+             "--drop-path is for full and static routes: a routed network's routers choose what to skip"),
+            (not drn or self.k is None, "--k is for the static routings (firstk, randomk, distributedk), not drn"),
+            (route is None or (static and route and list(route) == sorted(set(route))
+                               and all(isinstance(i, int) and 0 <= i < blocks for i in route)
+                               and self.k in (None, len(route))),
+             f"route must be ascending distinct blocks in [0, {blocks}) of a static routing, with k its length; "
+             f"got {route} (routing {self.routing}, k {self.k})"),
+            (self.k is None or self.k >= 1, f"k must be >= 1, got {self.k}"),
         ]
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, float) and not math.isfinite(v):
-                raise UsageError(f"{f.name.replace('_', ' ')} must be a finite number, got {v}")
-        for ok, msg in checks:
-            if not ok:
-                raise UsageError(msg)
-        if self.target_flops is not None and self.target_latency_ms is not None:
-            raise UsageError("give a FLOPs target or a latency target, not both")
-        if self.router_start not in ROUTER_STARTS:
-            raise UsageError(f"router start must be {', '.join(ROUTER_STARTS[:-1])} or {ROUTER_STARTS[-1]}, "
-                             f"got {self.router_start!r}")
-        if self.undecided_pairs < 0:
-            raise UsageError(f"undecided pairs must be >= 0, got {self.undecided_pairs}")
-        if self.undecided_pairs and self.router_start in ("open", "undecided"):
-            raise UsageError(f"undecided pairs need a start on the budget, not router start {self.router_start}")
-        if self.router_start == "greedy" and self.init is None and self.routing == "drn":
-            raise UsageError("router start greedy measures trained blocks: it needs --init (a warm start)")
-        if self.distill_from not in ("init", "full"):
-            raise UsageError(f"distill from must be init or full, got {self.distill_from!r}")
-        if self.distill > 0 and self.distill_from == "init" and self.init is None:
-            raise UsageError("distill needs --init: the trained network to distill from (or --distill-from full)")
-        if self.distill > 0 and self.distill_from == "full" and (self.full_pass == 0 or self.routing != "drn"):
-            raise UsageError("distill from full needs a routed network (--routing drn) with --full-pass > 0: the full "
-                             "pass is the teacher")
-        if self.mu_integral not in ("always", "hold", "reset"):
-            raise UsageError(f"mu integral must be always, hold or reset, got {self.mu_integral!r}")
-        if self.finetune_rates not in ("budget", "hold", "free"):
-            raise UsageError(f"finetune rates must be budget, hold or free, got {self.finetune_rates!r}")
-        if self.router_lr not in ("decay", "constant", "frozen"):
-            raise UsageError(f"router lr must be decay, constant or frozen, got {self.router_lr!r}")
-        if self.consistency_routes not in ("soft", "executed"):
-            raise UsageError(f"consistency routes must be soft or executed, got {self.consistency_routes!r}")
-        if self.rate_routes not in ("soft", "executed"):
-            raise UsageError(f"rate routes must be soft or executed, got {self.rate_routes!r}")
-        if self.view_augment not in ("same", "perturb"):
-            raise UsageError(f"view augment must be same or perturb, got {self.view_augment!r}")
-        if self.view_augment == "perturb" and (self.views < 2 or self.routing != "drn"):
-            raise UsageError("view augment perturb varies the views Eq. 5 compares: it needs --views 2 or more and a drn")
-        if self.train_routing not in ("soft", "straight", "stochastic"):
-            raise UsageError(f"train routing must be soft, straight or stochastic, got {self.train_routing!r}")
-        from .baselines import STATIC
-        if self.routing not in ("drn", "full", *STATIC):
-            raise UsageError(f"unknown routing {self.routing!r}; choose drn, full, {', '.join(STATIC)}")
-        if self.routing == "full":
-            if self.target is not None or self.k is not None:
-                raise UsageError("routing full trains the plain network (every block): it takes no target and no --k")
-        elif self.routing != "drn":
-            if self.target_latency_ms is not None:
-                raise UsageError(f"routing {self.routing} takes --k or --target-flops, not a latency target")
-            if self.k is None and self.target_flops is None:
-                raise UsageError(f"routing {self.routing} needs --k (blocks to run) or --target-flops")
-        elif self.drop_path:
-            raise UsageError("--drop-path is for full and static routes: a routed network's routers choose what to skip")
-        elif self.k is not None:
-            raise UsageError("--k is for the static routings (firstk, randomk, distributedk), not drn")
-        if self.route is not None:
-            self.route = tuple(self.route)
-            n = sum(ARCHS[self.arch].stages)
-            if self.routing not in STATIC or not self.route or list(self.route) != sorted(set(self.route)) \
-                    or not all(isinstance(i, int) and 0 <= i < n for i in self.route) \
-                    or (self.k is not None and self.k != len(self.route)):
-                raise UsageError(f"route must be ascending distinct blocks in [0, {n}) of a static routing, with k "
-                                 f"its length; got {self.route} (routing {self.routing}, k {self.k})")
-        if self.k is not None and self.k < 1:
-            raise UsageError(f"k must be >= 1, got {self.k}")
-        if self.latency_batch < 1:
-            raise UsageError(f"latency batch must be >= 1, got {self.latency_batch}")
-        parse_target(self.target_flops)
-        parse_target(self.target_latency_ms)
 
     @property
     def target(self) -> str | None:
