@@ -17,11 +17,9 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
-from landing import _train, parse_variant_args   # the sibling runner's drn-train call and `--` flags
+from _common import ROOT, parse_variant_args, run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "depth"
 RUNS = ROOT / "bench" / "runs" / "depth"
 EPOCHS = 10
@@ -41,7 +39,7 @@ def run(args) -> int:
             if (out / "checkpoint.pt").exists():
                 flags.append("--resume")
             t0 = time.time()
-            proc = _train(flags)
+            proc = run_cli("train_main", flags)
             if proc.returncode != 0:
                 print(f"{name}: drn-train failed: {proc.stderr[-800:]}", file=sys.stderr)
                 return 1

@@ -70,12 +70,12 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _common import ROOT, run_cli
+
 RESULTS = ROOT / "bench" / "results" / "fidelity"
 RUNS_DIR = ROOT / "bench" / "runs" / "fidelity"
 SEEDS = (0, 1, 2)
@@ -318,12 +318,6 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
 WARM_KI = ["--mu-ki", "8", "--mu", "0.05"]
 
 
-def _cli(entry: str, args: list[str]) -> subprocess.CompletedProcess:
-    code = f"import sys; from drn.cli import {entry}; sys.exit({entry}(sys.argv[1:]))"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
-
-
 def _claim(name: str) -> bool:
     """Take the run for this process: a lock file with our pid; a dead owner's lock is taken over."""
     lock = RUNS_DIR / f"{name}.lock"
@@ -428,7 +422,7 @@ def _one(name: str, flags: list[str], args, i: int, n: int) -> int:
               "--finetune-epochs", str(FINETUNE), "--batch-size", str(BATCH), "--device", "cpu", "--json"]
     t0 = time.time()
     resume = ["--resume"] if (out / "checkpoint.pt").exists() else []
-    proc = _cli("train_main", [*common, *flags, "--out", str(out), *resume])
+    proc = run_cli("train_main", [*common, *flags, "--out", str(out), *resume])
     if proc.returncode != 0:
         print(f"{name}: drn-train failed: {proc.stderr[-800:]}", file=sys.stderr)
         return 1
@@ -444,7 +438,7 @@ def _one(name: str, flags: list[str], args, i: int, n: int) -> int:
     if _depends(flags) is not None:   # the start it is paired on (see _stale)
         record["init_id"] = _weights_id(_depends(flags))
     for routing in ("hard", "sample") if "--routing" not in flags else ("hard",):
-        ev = _cli("eval_main", [str(out / "checkpoint.pt"), "--routing", routing, "--split", "test", "--device",
+        ev = run_cli("eval_main", [str(out / "checkpoint.pt"), "--routing", routing, "--split", "test", "--device",
                                 "cpu", "--json"])
         if ev.returncode != 0:
             print(f"{name}: drn-eval failed: {ev.stderr[-800:]}", file=sys.stderr)

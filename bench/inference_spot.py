@@ -5,22 +5,15 @@ image), batch 256, CPU inference mode: gathered execution vs mask-multiply vs th
 
     python bench/inference_spot.py
 """
-import statistics
-import time
 
 import torch
 
+from _common import median_seconds
 from drn.models import build_model
 
 
 def median_time(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(fn, 1, repeats, lambda: None)
 
 
 def main() -> None:

@@ -14,21 +14,14 @@ resumes from its checkpoint.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _common import ROOT, history, parse_variant_args, run_cli
+
 RESULTS = ROOT / "bench" / "results" / "landing"
 RUNS = ROOT / "bench" / "runs" / "landing"
 SCHEDULE = ["--epochs", "6", "--finetune-epochs", "2", "--batch-size", "64"]   # the fidelity benchmark's
-
-
-def _train(args: list[str]) -> subprocess.CompletedProcess:
-    code = "import sys; from drn.cli import train_main; sys.exit(train_main(sys.argv[1:]))"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
 
 
 def run(args) -> int:
@@ -47,13 +40,13 @@ def run(args) -> int:
                 if (out / "checkpoint.pt").exists():
                     flags.append("--resume")
                 t0 = time.time()
-                proc = _train(flags)
+                proc = run_cli("train_main", flags)
                 if proc.returncode != 0:
                     print(f"{name}: drn-train failed: {proc.stderr[-800:]}", file=sys.stderr)
                     return 1
                 m = json.loads(proc.stdout.strip().splitlines()[-1])
                 hist = [{k: h.get(k) for k in ("epoch", "phase", "flops", "train_cost_hard", "mu", "mu_rho", "accuracy")}
-                        for h in _history(out)]
+                        for h in history(out)]
                 rec = {"name": name, "variant": args.variant, "arch": arch, "target_pct": t, "seed": seed,
                        "flags": args.flags, "seconds": time.time() - t0, "final": m, "history": hist}
                 (RESULTS / f"{name}.json").write_text(json.dumps(rec, indent=1))
@@ -66,11 +59,6 @@ def run(args) -> int:
                       f"threshold {m['threshold']:.3f}, val {m['val_accuracy']:.2%}, test {m['test_accuracy']:.2%} "
                       f"| {rec['seconds']:.0f}s", flush=True)
     return 0
-
-
-def _history(out: Path) -> list[dict]:
-    import torch
-    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["history"]
 
 
 def report(args) -> int:
@@ -105,16 +93,6 @@ def main() -> int:
                  "filled in, e.g. -- --init {runs}/full-{arch}-s{seed}/checkpoint.pt")
     args = parse_variant_args(ap)
     return run(args) if args.what == "run" else report(args)
-
-
-def parse_variant_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
-    """Parse argv up to `--`; what follows it becomes `args.flags` (extra drn-train flags)."""
-    argv = sys.argv[1:]
-    cut = argv.index("--") if "--" in argv else len(argv)
-    args = ap.parse_args(argv[:cut])
-    args.flags = argv[cut + 1:]
-    args.data_dir = str(Path(args.data_dir).absolute())
-    return args
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import drn.controller as controller  # noqa: E402
-from drn.cli import _train_parser  # noqa: E402
+from drn.cli import train_parser  # noqa: E402
 from drn.config import TrainConfig  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
 
     controller.MuController.update, controller.MuController.observe_val = traced_update, traced_observe
     from drn.train import Trainer
-    args = vars(_train_parser().parse_args(flags))
+    args = vars(train_parser().parse_args(flags))
     for k in ("resume", "cost_only", "json"):
         args.pop(k)
     cfg = TrainConfig(**args)

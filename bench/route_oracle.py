@@ -95,7 +95,7 @@ def one_seed(a, seed: int) -> dict:
     path = lambda p: p.format(seed=seed)
     small, data = load(path(a.small), a.data_dir)
     large, _ = load(path(a.large), a.data_dir, data)
-    (pv, _, sv), (pt, okt, st) = predict(small, data.val), predict(small, data.test)
+    (pv, _, sv), (pt, okt, _) = predict(small, data.val), predict(small, data.test)
     _, oklt, lt = predict(large, data.test)
     s, l = sv.mean().item(), lt.mean().item()
     if not s < a.target < l:

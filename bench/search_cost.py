@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _common import ROOT, run_cli
+
 RESULTS = ROOT / "bench" / "results" / "search_cost"
 RUNS = ROOT / "bench" / "runs" / "search_cost"
 E = 30                      # epochs of the backbone = the scratch DRN's schedule
@@ -32,12 +33,6 @@ BATCH = 128
 TARGETS = (30, 50, 70)      # % of the full network's FLOPs
 FINETUNES = (3, 6, 10)      # candidate trial lengths (epochs before the frozen-router finetune), at 30 %
 FINETUNE_LRS = (0.02, 0.05)  # candidate peak lrs of a fine-tune (drn-train's default: 0.1), at 30 %
-
-
-def _cli(entry: str, args: list[str], threads: int = 1) -> subprocess.CompletedProcess:
-    code = f"import sys; from drn.cli import {entry}; sys.exit({entry}(sys.argv[1:]))"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
 
 
 def plan(data_dir: str) -> dict[str, list[str]]:
@@ -81,11 +76,11 @@ def _one(name: str, flags: list[str]) -> str:
     out = RUNS / name
     t0 = time.time()
     resume = ["--resume"] if (out / "checkpoint.pt").exists() else []
-    proc = _cli("train_main", [*flags, "--out", str(out), *resume])
+    proc = run_cli("train_main", [*flags, "--out", str(out), *resume])
     if proc.returncode != 0:
         return f"{name}: drn-train failed: {proc.stderr[-800:]}"
     m = json.loads(proc.stdout.strip().splitlines()[-1])
-    ev = _cli("eval_main", [str(out / "checkpoint.pt"), "--split", "test", "--device", "cpu", "--json"])
+    ev = run_cli("eval_main", [str(out / "checkpoint.pt"), "--split", "test", "--device", "cpu", "--json"])
     if ev.returncode != 0:
         return f"{name}: drn-eval failed: {ev.stderr[-800:]}"
     rec = {"name": name, "flags": flags, "train": m, "test": json.loads(ev.stdout.strip().splitlines()[-1]),
@@ -155,7 +150,7 @@ def diag(args) -> int:
         name, flags = kv
         out = RUNS / f"diag-{name}"
         shutil.rmtree(out, ignore_errors=True)
-        proc = _cli("train_main", [*flags, "--out", str(out)])
+        proc = run_cli("train_main", [*flags, "--out", str(out)])
         if proc.returncode != 0:
             return f"{name}: drn-train failed: {proc.stderr[-800:]}"
         rec = diag_record(name, flags, out / "checkpoint.pt")
@@ -180,7 +175,7 @@ def goal(args) -> int:
               "--seed", "0"]
     threads = str(os.cpu_count() or 1)
     t0 = time.perf_counter()   # C: drn-train on every core, as a user runs it
-    proc = _cli("train_main", [*common, "--routing", "full", "--epochs", str(E), "--device", "cpu", "--json",
+    proc = run_cli("train_main", [*common, "--routing", "full", "--epochs", str(E), "--device", "cpu", "--json",
                                "--out", str(work / "full")], threads=int(threads))
     c = time.perf_counter() - t0
     if proc.returncode != 0:

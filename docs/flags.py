@@ -6,8 +6,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from drn.cli import _train_parser  # noqa: E402
-from search.cli import _parser as _search_parser  # noqa: E402
+from drn.cli import train_parser  # noqa: E402
+from search.cli import parser as search_parser  # noqa: E402
 
 # (flag, the tools that take it); the help shown is the first tool's
 COMMON = [("--target-flops", ("drn-search", "drn-train")), ("--arch", ("drn-search", "drn-train")),
@@ -34,7 +34,7 @@ def helps(parser: argparse.ArgumentParser) -> dict[str, tuple[str, str]]:
 
 
 def table() -> str:
-    tools = {"drn-train": helps(_train_parser()), "drn-search": helps(_search_parser())}
+    tools = {"drn-train": helps(train_parser()), "drn-search": helps(search_parser())}
     rows = [START, "| flag | in | what it does |", "|---|---|---|"]
     for flag, where in COMMON:
         usage, help_ = tools[where[0]][flag]

@@ -140,7 +140,7 @@ TRAIN_SWITCHES = {
 _METAVAR = {int: "N", float: "X", str: "S"}
 
 
-def _train_parser() -> argparse.ArgumentParser:
+def train_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig.__dataclass_fields__
     default = lambda name: (defaults[name].default_factory() if defaults[name].default_factory is not
                             dataclasses.MISSING else defaults[name].default)
@@ -167,7 +167,7 @@ def _train_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _eval_parser() -> argparse.ArgumentParser:
+def eval_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="drn-eval", description="Evaluate a trained dynamic-routing ResNet with hard routing "
                 "(Eq. 11): accuracy, FLOPs, routing length K, distinct paths, same-path ratio, speed.")
     p.add_argument("checkpoint", help="a checkpoint.pt written by drn-train, or an MLflow URI of a drn-search "
@@ -265,7 +265,7 @@ def _cost_only(cfg: TrainConfig) -> dict:
 
 
 def train_main(argv=None) -> int:
-    args = vars(_train_parser().parse_args(argv))
+    args = vars(train_parser().parse_args(argv))
     resume, cost_only, as_json = args.pop("resume"), args.pop("cost_only"), args.pop("json")
 
     def go():
@@ -285,61 +285,19 @@ def train_main(argv=None) -> int:
 
 def eval_main(argv=None, fetch=None) -> int:
     """drn-eval. fetch(uri, tracking_uri) -> local checkpoint path, for MLflow URIs (search.evaluate)."""
-    args = _eval_parser().parse_args(argv)
+    args = eval_parser().parse_args(argv)
 
     def go():
         import torch
-        from .checkpoint import load_checkpoint, model_from_checkpoint
         from .cost import measure_cost_table
-        from .data import load_source, split_source
-        from .evaluate import CAPACITY_FACTOR, evaluate, val_capacity
+        from .evaluate import evaluate, val_capacity
         from .train import select_device
-        sweep = args.sweep_threshold
-        if sweep is not None and not sweep:
-            sweep = [round(0.1 * i, 1) for i in range(1, 10)]
-        for t in ([args.threshold] if args.threshold is not None else []) + (sweep or []):
-            if not 0 < t < 1:
-                raise UsageError(f"threshold must be in (0, 1), got {t}")
-        if args.batch_size < 1:
-            raise UsageError(f"batch size must be >= 1, got {args.batch_size}")
-        capacity = args.hard_forward == "capacity"
-        if args.capacity_factor is not None and not capacity:
-            raise UsageError("--capacity-factor is for --hard-forward capacity")
-        factor = CAPACITY_FACTOR if args.capacity_factor is None else args.capacity_factor
-        if not 0 < factor < float("inf"):
-            raise UsageError(f"capacity factor must be finite and > 0, got {args.capacity_factor}")
-        if args.routes_png is not None:
-            png = Path(args.routes_png)
-            if png.suffix.lower() != ".png":
-                raise UsageError(f"--routes-png {png}: the file name must end in .png")
-            if not png.parent.is_dir():
-                raise UsageError(f"--routes-png {png}: folder {png.parent} does not exist")
-            if sweep:
-                raise UsageError("--routes-png draws the routes at one threshold: not with --sweep-threshold")
-        if capacity and (args.routing != "hard" or sweep):
-            raise UsageError("--hard-forward capacity runs --routing hard at one threshold (no --sweep-threshold)")
-        if args.checkpoint.startswith(("runs:/", "models:/")):
-            # drn knows nothing of MLflow: the caller (search.evaluate) fetches the checkpoint artifact
-            if fetch is None:
-                raise UsageError(f"{args.checkpoint}: this drn-eval reads checkpoint files only")
-            uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
-            if not uri:
-                raise UsageError(f"{args.checkpoint}: give --mlflow-uri (or set MLFLOW_TRACKING_URI)")
-            args.checkpoint = str(fetch(args.checkpoint, uri))
-        ckpt = load_checkpoint(args.checkpoint)
-        model, cfg = model_from_checkpoint(ckpt)
-        dataset = args.dataset or cfg.dataset
-        src = load_source(dataset, args.data_dir or cfg.data_dir)
-        classes, size = len(src.classes), src.train.images.shape[-1]
-        if (classes, size) != (ckpt["num_classes"], ckpt["input_size"]):
-            raise UsageError(f"the data has {classes} classes of {size}px images, the model "
-                             f"was trained on {ckpt['num_classes']} classes of {ckpt['input_size']}px")
-        # the run's own val carve; on another dataset, the same fraction and seed
-        carve = lambda: split_source(src, cfg.val_fraction, cfg.val_seed, ckpt["val_index"] if dataset == cfg.dataset else None)
-        split = src.test if args.split == "test" else getattr(carve(), args.split)
+        sweep, factor = _check_eval_args(args)
+        ckpt, model, split, carve = _eval_split(args, fetch)
         model.to(select_device(args.device))
         torch.set_grad_enabled(False)
         cost = measure_cost_table(model)
+        capacity = args.hard_forward == "capacity"
         if capacity:
             val_capacity(model, carve().val, factor, args.batch_size, args.threshold)
         if sweep:
@@ -354,16 +312,7 @@ def eval_main(argv=None, fetch=None) -> int:
         if capacity:
             metrics.update(hard_forward="capacity", capacity_factor=factor)
         if args.routes_png is not None:
-            from .evaluate import route_split
-            from .routemap import routes_png
-            images = split.images.to(model.mean.device)
-            if args.routing == "sample":
-                torch.manual_seed(args.seed)
-            preds, gates, _ = route_split(model, images, args.batch_size, "capacity" if capacity else args.routing,
-                                          args.threshold)
-            routes_png(args.routes_png, split.images, split.labels, preds, gates, ckpt.get("history"),
-                       title=f"{cfg.arch}, {args.split} split")
-            metrics.update(routes_png=str(Path(args.routes_png).absolute()))
+            metrics.update(routes_png=_routes_png(args, model, split, ckpt))
         metrics.update(checkpoint=str(Path(args.checkpoint).absolute()), split=args.split, routing=args.routing,
                        threshold=model.threshold.item() if args.threshold is None else args.threshold,
                        epoch=ckpt["epoch"])
@@ -371,3 +320,76 @@ def eval_main(argv=None, fetch=None) -> int:
         return 0
 
     return _run(go, "drn-eval")
+
+
+def _check_eval_args(args) -> tuple[list[float] | None, float]:
+    """drn-eval's flags that argparse cannot check alone; returns the thresholds of a sweep and the
+    capacity factor."""
+    from .evaluate import CAPACITY_FACTOR
+    sweep = args.sweep_threshold
+    if sweep is not None and not sweep:
+        sweep = [round(0.1 * i, 1) for i in range(1, 10)]
+    for t in ([args.threshold] if args.threshold is not None else []) + (sweep or []):
+        if not 0 < t < 1:
+            raise UsageError(f"threshold must be in (0, 1), got {t}")
+    if args.batch_size < 1:
+        raise UsageError(f"batch size must be >= 1, got {args.batch_size}")
+    capacity = args.hard_forward == "capacity"
+    if args.capacity_factor is not None and not capacity:
+        raise UsageError("--capacity-factor is for --hard-forward capacity")
+    factor = CAPACITY_FACTOR if args.capacity_factor is None else args.capacity_factor
+    if not 0 < factor < float("inf"):
+        raise UsageError(f"capacity factor must be finite and > 0, got {args.capacity_factor}")
+    if args.routes_png is not None:
+        png = Path(args.routes_png)
+        if png.suffix.lower() != ".png":
+            raise UsageError(f"--routes-png {png}: the file name must end in .png")
+        if not png.parent.is_dir():
+            raise UsageError(f"--routes-png {png}: folder {png.parent} does not exist")
+        if sweep:
+            raise UsageError("--routes-png draws the routes at one threshold: not with --sweep-threshold")
+    if capacity and (args.routing != "hard" or sweep):
+        raise UsageError("--hard-forward capacity runs --routing hard at one threshold (no --sweep-threshold)")
+    return sweep, factor
+
+
+def _eval_split(args, fetch):
+    """The checkpoint (fetched first for an MLflow URI), its model, the split to evaluate and the
+    run's own val carve (a function: carved only when needed)."""
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .data import load_source, split_source
+    if args.checkpoint.startswith(("runs:/", "models:/")):
+        # drn knows nothing of MLflow: the caller (search.evaluate) fetches the checkpoint artifact
+        if fetch is None:
+            raise UsageError(f"{args.checkpoint}: this drn-eval reads checkpoint files only")
+        uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            raise UsageError(f"{args.checkpoint}: give --mlflow-uri (or set MLFLOW_TRACKING_URI)")
+        args.checkpoint = str(fetch(args.checkpoint, uri))
+    ckpt = load_checkpoint(args.checkpoint)
+    model, cfg = model_from_checkpoint(ckpt)
+    dataset = args.dataset or cfg.dataset
+    src = load_source(dataset, args.data_dir or cfg.data_dir)
+    classes, size = len(src.classes), src.train.images.shape[-1]
+    if (classes, size) != (ckpt["num_classes"], ckpt["input_size"]):
+        raise UsageError(f"the data has {classes} classes of {size}px images, the model "
+                         f"was trained on {ckpt['num_classes']} classes of {ckpt['input_size']}px")
+    # the run's own val carve; on another dataset, the same fraction and seed
+    carve = lambda: split_source(src, cfg.val_fraction, cfg.val_seed, ckpt["val_index"] if dataset == cfg.dataset else None)
+    split = src.test if args.split == "test" else getattr(carve(), args.split)
+    return ckpt, model, split, carve
+
+
+def _routes_png(args, model, split, ckpt) -> str:
+    """--routes-png: the split's images grouped by route (routemap.routes_png); returns the file."""
+    import torch
+    from .evaluate import route_split
+    from .routemap import routes_png
+    images = split.images.to(model.mean.device)
+    if args.routing == "sample":
+        torch.manual_seed(args.seed)
+    preds, gates, _ = route_split(model, images, args.batch_size,
+                                  "capacity" if args.hard_forward == "capacity" else args.routing, args.threshold)
+    routes_png(args.routes_png, split.images, split.labels, preds, gates, ckpt.get("history"),
+               title=f"{ckpt['config']['arch']}, {args.split} split")
+    return str(Path(args.routes_png).absolute())

@@ -44,6 +44,11 @@ def resolve_target(spec: str | float | None, full: float, fixed: float, unit: st
     return cost
 
 
+def is_number(v) -> bool:
+    """A real, finite number (a bool is not one): what a metric or a numeric setting must be."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def build_checked(cls, d: dict, what: str):
     """cls(**d) for a dataclass, with unknown keys as a UsageError rather than a TypeError."""
     unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
@@ -237,7 +242,7 @@ class TrainConfig:
                                  f"got {getattr(self, name)!r}")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, float) and not math.isfinite(v):
+            if isinstance(v, float) and not is_number(v):
                 raise UsageError(f"{f.name.replace('_', ' ')} must be a finite number, got {v}")
         for ok, msg in self._checks(sum(ARCHS[self.arch].stages)):
             if not ok:

@@ -5,9 +5,7 @@ written. Everything else of a search lives in <storage>/<name>/ (see README, "Re
 """
 import argparse
 import dataclasses
-import logging
 import os
-import socket
 import sys
 import time
 
@@ -16,6 +14,7 @@ from drn.config import UsageError, resolve_target
 
 from . import state, tracking
 from .config import SMOKE, SearchConfig
+from .tuner import connect, make_tuner, resources, tune_settings
 
 # drn-search's flags by purpose: flag -> (SearchConfig field, type, nargs, help). Defaults are read from
 # SearchConfig.
@@ -91,7 +90,7 @@ METAVARS = {int: "N", float: "X", str: "S", "--target-flops": "T", "--target-lat
             "--experiment-name": "NAME", "--optuna-storage": "URL"}
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     fields = {f.name: f for f in dataclasses.fields(SearchConfig)}
     p = OneLineParser(prog="drn-search", usage="drn-search [options]", formatter_class=formatter, description="Search the margins and loss weights of dynamic-routing ResNets "
                 "(Optuna, trials run by Ray Tune) for the best val accuracy at a compute budget.")
@@ -162,105 +161,6 @@ def load_backbone(cfg: SearchConfig, data) -> dict | None:
     return ckpt
 
 
-def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """ray.init retries an unreachable host:port for ever: try a TCP connection first."""
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, sep, port = hostport.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise UsageError(f"--address {address!r}: give 'auto', host:port or ray://host:port")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-    except OSError as e:
-        raise UsageError(f"cannot reach Ray at {address}: {e.strerror or e}") from None
-
-
-def connect(cfg: SearchConfig) -> dict:
-    """Start or join Ray; return its resources. An unreachable address is a usage error."""
-    import ray
-    if cfg.address not in (None, "auto"):
-        check_reachable(cfg.address)
-    # "token authentication is enabled": it stays on (README, "Run on a cluster"); not news per run
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    runtime_env = trial_runtime_env(os.environ)
-    kwargs = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True,
-                  runtime_env=runtime_env)
-    try:
-        if cfg.address is None:
-            ray.init(include_dashboard=False, **kwargs)
-        else:
-            ray.init(address=cfg.address, **kwargs)
-    except (ConnectionError, ValueError, RuntimeError) as e:
-        why = redacted(str(e).splitlines()[0] if str(e) else type(e).__name__, runtime_env)
-        raise UsageError(f"cannot reach Ray at {cfg.address}: {why}") from None
-    return ray.cluster_resources()
-
-
-MLFLOW_LOGIN = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-
-
-def trial_runtime_env(environ) -> dict | None:
-    """The driver's MLflow login (a server with basic auth) for the trials: Ray starts their workers
-    on other nodes without the driver's environment. Only the variables set here; a Ray job whose
-    own runtime env already has one passes it on itself (Ray refuses the same key twice)."""
-    import json
-    job = json.loads(environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "null") or {}
-    given = (job.get("runtime_env") or {}).get("env_vars") or {}
-    env_vars = {k: environ[k] for k in MLFLOW_LOGIN if environ.get(k) and k not in given}
-    return {"env_vars": env_vars} if env_vars else None
-
-
-def redacted(text: str, runtime_env: dict | None) -> str:
-    """`text` without the values of `runtime_env`'s variables (Ray's errors may quote the env)."""
-    for value in (runtime_env or {}).get("env_vars", {}).values():
-        text = text.replace(value, "***")
-    return text
-
-
-def max_pending_trials(num_samples: int, max_concurrent: int | None) -> int:
-    """Trials Tune keeps waiting for resources at once (TUNE_MAX_PENDING_TRIALS_PG): the autoscaler
-    starts a node for each, so a cluster grows by up to --max-concurrent nodes at once. Without it,
-    one (Tune's own default for a searcher like ours): each waiting trial is an Optuna suggestion
-    made before the running trials report, so none is asked further ahead than it may run."""
-    return max(1, min(num_samples, max_concurrent or 1))
-
-
-def resources(cfg: SearchConfig, cluster: dict) -> tuple[float, float]:
-    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
-    g = cfg.gpus_per_trial if cfg.gpus_per_trial is not None else (1.0 if gpus >= 1 else 0.0)
-    if g > 0 and gpus == 0:
-        raise UsageError(f"--gpus-per-trial {g:g} asked for, but the Ray cluster has no GPUs "
-                         f"(it has {cpus:g} CPUs); use --gpus-per-trial 0")
-    if g > gpus:
-        raise UsageError(f"--gpus-per-trial {g:g} is more than the cluster's {gpus:g} GPUs")
-    if cfg.compile == "cudagraphs" and g == 0:
-        raise UsageError("--compile cudagraphs needs GPUs, and the trials get none; use --compile inductor or off")
-    c = cfg.cpus_per_trial if cfg.cpus_per_trial is not None else (
-        1.0 if g == 0 else max(1.0, min(4.0, cpus // max(gpus / g, 1))))
-    if c > cpus:
-        raise UsageError(f"--cpus-per-trial {c:g} is more than the cluster's {cpus:g} CPUs")
-    return c, g
-
-
-def _trial_dirname(trial) -> str:
-    return f"trial-{trial.config.get('optuna_trial', 'x')}-{trial.trial_id}"
-
-
-def tune_settings(cfg: SearchConfig) -> None:
-    """Tune's environment for a search (set before Ray Tune is imported; a user's own values win)."""
-    # Tune's warning that per-epoch checkpoints snapshot its state often: that is the intent here
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # a trial's error is one line from Progress (with the path of its traceback), not Tune's traceback
-    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
-    # the experiment state (which trials ended, their checkpoints) saved every 2 s, not Tune's
-    # adaptive >= 10 s: a killed driver loses at most 2 s of it, so --resume re-runs nothing finished
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    # waiting trials are what the autoscaler adds nodes for: up to --max-concurrent at once
-    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max_pending_trials(cfg.num_samples, cfg.max_concurrent)))
-    # Tune's console output engine prints an experiment banner and a TensorBoard hint even at verbose 0;
-    # the search reports its own progress lines (search/progress.py)
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-
-
 @dataclasses.dataclass
 class Prepared:
     """What a search has checked and set up before its first trial."""
@@ -319,65 +219,6 @@ def prepare(cfg: SearchConfig, resume: bool) -> Prepared:
     return Prepared(space, data, backbone, init, backbone_info, track, cpus, gpus, state_copy)
 
 
-def make_tuner(cfg: SearchConfig, resume: bool, p: Prepared):
-    """A new Tuner (our searcher, one ASHA per target), or the interrupted one restored."""
-    from ray import tune
-    from ray.tune.schedulers import FIFOScheduler
-
-    from .progress import Progress
-    from .scheduler import PerTargetASHA
-    from .searcher import OptunaSearcher
-    from .trainable import run_trial
-
-    base = {**cfg.train_config(cfg.targets[0], device="cuda" if p.gpus > 0 else "cpu", init=p.init).to_dict(),
-            "target_key": cfg.target_key, "threads": max(1, int(p.cpus)), "tracking": dataclasses.asdict(p.track)}
-    for k in ("target_flops", "target_latency_ms", "out"):
-        base.pop(k)
-    # the images and the backbone go into Ray's object store once; each trial reads them from there
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, data=p.data, backbone=p.backbone),
-                                    {"cpu": p.cpus, "gpu": p.gpus})
-    progress = Progress(cfg.study_storage, cfg.name, [q.name for q in p.space.params], cfg.tolerance,
-                        str(cfg.results_dir / "trials.parquet"), cfg.num_samples, cfg.total_epochs, cfg.cost_key,
-                        dataclasses.asdict(p.track), cfg.targets, cfg.max_failures, p.state_copy)
-    if resume:
-        experiment = cfg.storage.rstrip("/") + "/" + cfg.name
-        if not tune.Tuner.can_restore(experiment):
-            raise UsageError(f"nothing to resume in {experiment}: the search never started its first trial")
-        # errored trials stay ERROR (Optuna was told FAIL): only the interrupted ones go on
-        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=False,
-                                   restart_errored=False)
-        # Tuner.restore takes no callbacks nor searcher (ray-project/ray#41364): it unpickles the first
-        # driver's, with the paths of that head's results dir (./drn-results of where it ran). Ours replace
-        # them: this run's Progress, and the study this run's results dir holds (an --optuna-storage RDB
-        # is the same URL). Under Ray Client the driver is an actor that unpickled them itself
-        restored = tuner._local_tuner   # private, but ray is pinned (2.60) and tests/test_search_state.py runs it
-        if restored is not None:
-            run_config = restored.get_run_config()
-            run_config.callbacks = [progress if isinstance(c, Progress) else c for c in run_config.callbacks]
-            restored._tune_config.search_alg.storage = cfg.study_storage
-        return tuner
-    searcher = OptunaSearcher(p.space, cfg.targets, cfg.name, cfg.study_storage, cfg.tolerance,
-                              cfg.total_epochs, cfg.cost_key, cfg.seed, dataset=cfg.dataset,
-                              num_samples=cfg.num_samples)
-    # auto = asha: one ASHA per target, a trial competes only with its own budget's trials, the feasible
-    # ones first, and stops only when it trails by more than the val split's noise (search/scheduler.py)
-    scheduler = (PerTargetASHA(cfg.targets, tolerance=cfg.tolerance, cost_key=cfg.cost_key,
-                               time_attr="training_iteration", max_t=cfg.total_epochs,
-                               grace_period=cfg.grace_period or max(1, cfg.total_epochs // 4),
-                               reduction_factor=cfg.reduction_factor)
-                 if cfg.scheduler in ("asha", "auto") else FIFOScheduler())
-    return tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric="accuracy", mode="max",
-                                    num_samples=cfg.num_samples,
-                                    max_concurrent_trials=cfg.max_concurrent,
-                                    trial_dirname_creator=_trial_dirname),
-        run_config=tune.RunConfig(
-            name=cfg.name, storage_path=cfg.storage, verbose=0, callbacks=[progress],
-            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-
-
 def finish(cfg: SearchConfig, p: Prepared, grid) -> list[dict]:
     """The trials table (Parquet, the cloud copy), MLflow's tags and registry, and the summary."""
     from .results import summary, trial_rows, write_parquet
@@ -422,7 +263,7 @@ def run_search(cfg: SearchConfig, resume: bool = False) -> tuple[list[dict], boo
 
 
 def main(argv=None) -> int:
-    args = vars(_parser().parse_args(argv))
+    args = vars(parser().parse_args(argv))
     resume = args.pop("resume")
     try:
         if resume:

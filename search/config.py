@@ -2,14 +2,14 @@
 a validated, typed configuration. Bad input raises UsageError (one line, exit 2)."""
 import dataclasses
 import json
-import math
 import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
-from drn.config import TrainConfig, UsageError, build_checked, default_data_dir, parse_target
+from drn.config import TrainConfig, UsageError, build_checked, default_data_dir, is_number, parse_target
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
 # what --smoke-test sets, where the command line leaves it unset
@@ -33,6 +33,16 @@ def results_root(storage: str) -> Path:
 
 def is_uri(s: str) -> bool:
     return re.match(r"^[a-z][a-z0-9+.-]*://", s) is not None
+
+
+def local_store(uri: str) -> Path | None:
+    """The file or folder of a local MLflow store -- a sqlite file, a file: URI (file:///abs, file:rel,
+    file://host/abs) or a bare path -- else None (a server, a database elsewhere)."""
+    if uri.startswith("sqlite:"):
+        return Path(unquote(uri.split("sqlite:///", 1)[-1]))
+    if uri.startswith("file:"):
+        return Path(unquote(urlsplit(uri).path))
+    return None if ":" in uri or uri.startswith("databricks") else Path(uri)   # databricks: MLflow's hosted store
 
 
 @dataclass
@@ -89,7 +99,24 @@ class SearchConfig:
             parse_target(t)
         if len(set(self.targets)) != len(self.targets):
             raise UsageError(f"targets repeat: {' '.join(self.targets)}")
-        checks = [
+        for name in ("tolerance", "cpus_per_trial", "gpus_per_trial"):
+            v = getattr(self, name)
+            if v is not None and not is_number(v):
+                raise UsageError(f"{name.replace('_', '-')} must be a finite number, got {v}")
+        for ok, msg in self._checks():
+            if not ok:
+                raise UsageError(msg)
+        self.name = self.name or f"drn-{self.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            raise UsageError(f"name {self.name!r}: use letters, digits, '.', '_' and '-'")
+        self._paths()
+        self._schedule()
+        self.train_config(self.targets[0], device="auto")   # the shared training settings are valid too
+        from .space import check_routing, load_space
+        check_routing(load_space(self.space), self.routing)
+
+    def _checks(self) -> list[tuple[bool, str]]:
+        return [
             (0 < self.tolerance < 1, f"tolerance must be in (0, 1), got {self.tolerance}"),
             (self.num_samples >= 1, f"num-samples must be >= 1, got {self.num_samples}"),
             (self.max_concurrent is None or self.max_concurrent >= 1,
@@ -105,29 +132,27 @@ class SearchConfig:
             (self.reduction_factor >= 2, f"reduction factor must be >= 2, got {self.reduction_factor}"),
             (self.max_failures >= 0, f"max-failures must be >= 0, got {self.max_failures}"),
         ]
-        for ok, msg in checks:
-            if not ok:
-                raise UsageError(msg)
-        for name in ("tolerance", "cpus_per_trial", "gpus_per_trial"):
-            v = getattr(self, name)
-            if v is not None and not math.isfinite(v):
-                raise UsageError(f"{name.replace('_', '-')} must be a finite number, got {v}")
-        self.name = self.name or f"drn-{self.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
-            raise UsageError(f"name {self.name!r}: use letters, digits, '.', '_' and '-'")
+
+    def _paths(self) -> None:
+        """Absolute paths (Ray runs the trials in other folders); a bare space name is spaces/<name>.yaml."""
         space = Path(self.space)
-        if not space.suffix and not space.exists():   # a bare name: spaces/<name>.yaml
+        if not space.suffix and not space.exists():
             space = SPACES_DIR / f"{self.space}.yaml"
         self.space = str(space.expanduser().absolute())
         self.data_dir = os.path.abspath(os.path.expanduser(self.data_dir))
+        if not is_uri(self.storage):
+            self.storage = os.path.abspath(os.path.expanduser(self.storage))
         if self.backbone not in ("none", "auto"):
             self.backbone = os.path.abspath(os.path.expanduser(self.backbone))
             if not os.path.isfile(self.backbone):
                 raise UsageError(f"--backbone {self.backbone} does not exist (give a `drn-train --routing full` "
                                  f"checkpoint.pt, or none)")
-            if self.backbone_epochs is None:   # the trials' schedule follows the given network's
-                from drn.checkpoint import load_checkpoint
-                self.backbone_epochs = int(load_checkpoint(self.backbone).get("epoch") or SCRATCH_EPOCHS)
+
+    def _schedule(self) -> None:
+        """The backbone's epochs, and each trial's as shares of them (or drn-train's from scratch)."""
+        if self.backbone_epochs is None and self.backbone not in ("none", "auto"):
+            from drn.checkpoint import load_checkpoint   # the trials' schedule follows the given network's
+            self.backbone_epochs = int(load_checkpoint(self.backbone).get("epoch") or SCRATCH_EPOCHS)
         if self.backbone_epochs is None:
             self.backbone_epochs = SCRATCH_EPOCHS
         if self.backbone_epochs < 1:
@@ -139,11 +164,6 @@ class SearchConfig:
                 self.finetune_epochs = round(TRIAL_FINETUNE_SHARE * self.backbone_epochs)
         elif self.epochs is None:
             self.epochs = SCRATCH_EPOCHS
-        if not is_uri(self.storage):
-            self.storage = os.path.abspath(os.path.expanduser(self.storage))
-        self.train_config(self.targets[0], device="auto")   # the shared training settings are valid too
-        from .space import check_routing, load_space
-        check_routing(load_space(self.space), self.routing)
 
     @property
     def targets(self) -> list[str]:

@@ -6,12 +6,13 @@ the drn checkpoint of the trial that logged it (what drn-eval loads).
 
 Called from Tracking.update on the driver after every trial that ends, and once at the end."""
 import contextlib
-import math
 import os
 import re
 from pathlib import Path
 
-from drn.config import UsageError
+from drn.config import UsageError, is_number
+
+from .config import local_store
 
 CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"   # a trial run's drn checkpoint (tracking.log_final)
 # the figures a version carries as tags and in its description (val: what every choice reads)
@@ -102,19 +103,19 @@ def _register_front(track, rows: list[dict], runs: dict | None) -> list[dict]:
 def version_tags(row: dict, params: dict) -> dict[str, str]:
     tags = {"optuna_trial": str(row["trial"]), "target": str(row["target"]),
             "feasible": _flag(row.get("feasible")), "front": _flag(row.get("pareto_flops"))}
-    tags.update({tag: f"{row[col]:.6g}" for col, tag, _ in FIGURES if _number(row.get(col))})
+    tags.update({tag: f"{row[col]:.6g}" for col, tag, _ in FIGURES if is_number(row.get(col))})
     tags.update({f"hp_{k}": str(v) for k, v in params.items()})
     return tags
 
 
 def describe(row: dict, params: dict, search: str) -> str:
-    figures = ", ".join(f"{label} {_fmt(col, row[col])}" for col, _, label in FIGURES if _number(row.get(col)))
+    figures = ", ".join(f"{label} {_fmt(col, row[col])}" for col, _, label in FIGURES if is_number(row.get(col)))
     if row.get("feasible"):
         feasible = "feasible (its cost on val within the tolerance of the target)"
     else:
         err = row.get("rel_error")
         feasible = "not feasible (cost off the target beyond the tolerance" + (
-            f": {err:+.1%})" if _number(err) else ")")
+            f": {err:+.1%})" if is_number(err) else ")")
     front = (f"On the accuracy-vs-FLOPs front of target {row['target']}." if row.get("pareto_flops") else
              f"Off the accuracy-vs-FLOPs front of target {row['target']}: another trial of the target dominates it.")
     hp = ", ".join(f"{k}={v}" for k, v in sorted(params.items()))
@@ -148,10 +149,6 @@ def _flag(v) -> str:
     return "true" if v else "false"
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _fmt(col: str, v: float) -> str:
     return f"{v:.2%}" if "accuracy" in col else f"{v:.4g}"
 
@@ -165,7 +162,7 @@ def fetch_checkpoint(uri: str, tracking_uri: str | None = None) -> Path:
     import mlflow
     from mlflow import MlflowClient
     tracking_uri = tracking_uri or mlflow.get_tracking_uri()
-    store = _local_store(tracking_uri)
+    store = local_store(tracking_uri)
     if store is not None and not store.exists():   # MLflow would create an empty store there
         raise UsageError(f"{uri}: no MLflow store at {store}; give --mlflow-uri (or $MLFLOW_TRACKING_URI)")
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -211,12 +208,3 @@ def _logged_model_run(model, uri: str) -> str:
     return model.source_run_id
 
 
-def _local_store(tracking_uri: str) -> Path | None:
-    """The file or folder of a local tracking store (sqlite file, ./mlruns folder), else None."""
-    if tracking_uri.startswith("sqlite:///"):
-        return Path(tracking_uri[len("sqlite:///"):])
-    if tracking_uri.startswith("file:"):
-        return Path(tracking_uri[len("file:"):].removeprefix("//"))
-    if "://" not in tracking_uri and ":" not in tracking_uri:
-        return Path(tracking_uri)
-    return None

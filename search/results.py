@@ -1,12 +1,13 @@
 """The search's results: one row per Optuna trial of its studies (one per target, see searcher.py)
 -> <results>/<name>/trials.parquet, the Pareto flags, and the summary printed at the end."""
-import math
 import os
 from pathlib import Path
 
 import optuna
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from drn.config import is_number
 
 from .pareto import pareto_front
 from .searcher import search_trial
@@ -55,7 +56,7 @@ def front_candidates(rows: list[dict]) -> list[dict]:
     finite val accuracy and FLOPs, feasible or not. An infeasible trial that no other trial of its
     target dominates stays on the front, its `feasible` flag false: the front shows the trade-off
     the search found; the pick per budget is best_feasible."""
-    return [r for r in rows if r["state"] == "COMPLETE" and _finite(r["accuracy"]) and _finite(r["flops"])]
+    return [r for r in rows if r["state"] == "COMPLETE" and is_number(r["accuracy"]) and is_number(r["flops"])]
 
 
 def best_feasible(rows: list[dict], target: str) -> dict | None:
@@ -88,8 +89,8 @@ def summary(rows: list[dict], targets: list[str], cost_key: str = "flops", model
         if b is None:
             lines.append(f"  {target:>10}  none feasible yet")
             continue
-        test = f"{b['test_accuracy']:>8.2%}" if _finite(b.get("test_accuracy")) else f"{'-':>8}"
-        paths = f"{b['effective_paths']:>5.1f}" if _finite(b.get("effective_paths")) else f"{'-':>5}"
+        test = f"{b['test_accuracy']:>8.2%}" if is_number(b.get("test_accuracy")) else f"{'-':>8}"
+        paths = f"{b['effective_paths']:>5.1f}" if is_number(b.get("effective_paths")) else f"{'-':>5}"
         lines.append(f"  {target:>10}  {b['trial']:>5}  {b['accuracy']:>7.2%}  {test}  {b[cost_key]:>9.4g}  "
                      f"{b['rel_error']:>+7.2%}  {b['k']:>5.1f}  {paths}")
     for target in targets:
@@ -133,5 +134,3 @@ def _short(v) -> str:
         return str(v)
 
 
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

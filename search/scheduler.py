@@ -18,7 +18,9 @@ import pickle
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.schedulers.async_hyperband import _Bracket
 
-from .searcher import _finite, budget_violation
+from drn.config import is_number
+
+from .searcher import budget_violation
 
 
 class _NoisyBracket(_Bracket):
@@ -36,7 +38,7 @@ def asha_score(result: dict, cost_key: str, tolerance: float | None) -> float:
     if tolerance is None:
         return acc
     cost, target = result.get(cost_key), result.get("target_cost")
-    on = _finite(cost) and _finite(target) and target > 0 and budget_violation(cost, target, tolerance) <= 0
+    on = is_number(cost) and is_number(target) and target > 0 and budget_violation(cost, target, tolerance) <= 0
     return acc if on else acc - 1.0
 
 

@@ -31,13 +31,12 @@ searcher (re)connects to it, and lies about running trials (constant liar) so th
 trials spread out.
 """
 import json
-import math
 
 import numpy as np
 import optuna
 from ray.tune.search import Searcher
 
-from drn.config import TrainConfig, parse_target
+from drn.config import TrainConfig, is_number, parse_target
 
 from .space import Param, Space
 
@@ -176,7 +175,7 @@ class OptunaSearcher(Searcher):
             self._trial(target, number).report(result["accuracy"], step=int(result["epoch"]))
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self.live and _finite(result.get("accuracy")):
+        if trial_id in self.live and is_number(result.get("accuracy")):
             target, number = self.live[trial_id]
             if self._frozen(target, number).state not in TERMINAL:   # a restored driver replays
                 self._report(target, number, result)
@@ -189,10 +188,10 @@ class OptunaSearcher(Searcher):
         result = result or {}
         from .results import METRICS
         for k in (*METRICS, "checkpoint_epoch"):
-            if _finite(result.get(k)):
+            if is_number(result.get(k)):
                 trial.set_user_attr(k, float(result[k]))
         cost = result.get(self.cost_key)
-        if error or result.get("diverged") or not (_finite(result.get("accuracy")) and _finite(cost)):
+        if error or result.get("diverged") or not (is_number(result.get("accuracy")) and is_number(cost)):
             trial.set_user_attr("reason", result.get("error", "trial raised an error") if error or
                                 result.get("diverged") else "no final metrics")
             study.tell(number, state=optuna.trial.TrialState.FAIL)
@@ -225,5 +224,3 @@ class OptunaSearcher(Searcher):
                     study.tell(t.number, state=optuna.trial.TrialState.FAIL)
 
 
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -9,14 +9,13 @@
 Keys are TrainConfig fields (the hyper-parameters below). Errors name the file and line.
 """
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 import yaml
 
-from drn.config import TrainConfig, UsageError
+from drn.config import TrainConfig, UsageError, is_number
 
 # TrainConfig fields a space may sample or fix (the rest belong to the search's command line)
 SEARCHABLE = ("d_c", "d_d", "lam", "alpha", "gamma", "mu", "beta", "lr", "momentum", "weight_decay",
@@ -57,17 +56,13 @@ class Space:
         return {"path": self.path, "params": [dataclasses.asdict(p) for p in self.params], "fixed": self.fixed}
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _check_value(name: str, value, where: str) -> None:
     """A value the trainer would reject is an error now, not in trial 37."""
     field = {f.name: f for f in dataclasses.fields(TrainConfig)}[name]
     want_int = field.type in (int, "int")
     if want_int and not (isinstance(value, int) and not isinstance(value, bool)):
         raise UsageError(f"{where}: {name} takes whole numbers, got {value!r}")
-    if not want_int and not _number(value):
+    if not want_int and not is_number(value):
         raise UsageError(f"{where}: {name} takes a number, got {value!r}")
     # drop_path is valid only on a static route: check it on one
     context = dict(routing="firstk", k=1) if name in STATIC_ONLY else {}
@@ -127,7 +122,7 @@ def load_space(path: str | Path) -> Space:
         for v in (low, high):
             if kind == "int" and not (isinstance(v, int) and not isinstance(v, bool)):
                 raise UsageError(f"{where}: {name}: an int range takes whole numbers, got {v!r}")
-            _check_value(name, float(v) if kind == "float" and _number(v) else v, where)
+            _check_value(name, float(v) if kind == "float" and is_number(v) else v, where)
         if low >= high:
             raise UsageError(f"{where}: {name}: low ({low}) must be below high ({high})")
         if log and low <= 0:

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from drn.config import UsageError
 
 from .cloud import fetch, publish
-from .config import is_uri
+from .config import is_uri, local_store
 
 STATE_DIR = "drn-state"
 FILES = ("search.json", "mlflow.json", "trials.parquet")
@@ -100,7 +100,7 @@ def fetch_state(storage: str, name: str, results_dir: Path, accept=lambda fetche
 
 def _check_mlflow_here(uri: str, name: str) -> None:
     """A local MLflow store stayed on the old head (it is not copied: its artifacts can be large)."""
-    store = _local_store(uri)
+    store = local_store(uri)
     if store is not None and not store.exists():
         raise UsageError(f"search {name!r} logs to the MLflow store {uri}, which is not on this head (a local "
                          f"store stays on the head that ran the search); resume it there, or run searches that "
@@ -112,7 +112,7 @@ def follow_mlflow(results_dir: Path) -> None:
     another head, another --storage): mlflow.json then names the store here. Any other store stays."""
     record, here = results_dir / "mlflow.json", results_dir / "mlflow.db"
     track = json.loads(record.read_text())
-    store = _local_store(track["uri"]) if track["uri"].startswith("sqlite:") else None
+    store = local_store(track["uri"]) if track["uri"].startswith("sqlite:") else None
     # <the results dir where the search started>/mlflow.db, and this results dir holds it now
     if store is not None and store.parts[-2:] == here.parts[-2:] and store != here and here.is_file():
         record.write_text(json.dumps({**track, "uri": f"sqlite:///{here}"}))
@@ -167,15 +167,6 @@ def cluster_machines() -> int:
     return len({n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")})
 
 
-def _local_store(uri: str) -> Path | None:
-    """The file or folder of a local MLflow store (sqlite file, file: folder, bare path), else None."""
-    if uri.startswith("sqlite:"):
-        return Path(uri.split("sqlite:///", 1)[-1])
-    if uri.startswith("file:"):
-        return Path(urlsplit(uri).path)
-    return None if "://" in uri or ":" in uri else Path(uri)
-
-
 def check_shared(address: str | None, storage: str, mlflow_uri: str, machines: int) -> None:
     """Trials on other machines write their checkpoints to --storage and their runs to `mlflow_uri`
     (the search's, resolved): both must be reachable from every machine of a cluster (a local Ray is
@@ -186,7 +177,7 @@ def check_shared(address: str | None, storage: str, mlflow_uri: str, machines: i
     if not is_uri(storage) or storage.startswith("file:"):
         local.append(f"--storage {storage}")
         fixes.append("a cloud --storage (s3://BUCKET/PATH, gs://...)")
-    if _local_store(mlflow_uri) is not None or urlsplit(mlflow_uri).hostname in LOOPBACK:
+    if local_store(mlflow_uri) is not None or urlsplit(mlflow_uri).hostname in LOOPBACK:
         local.append(f"MLflow store {mlflow_uri}")
         fixes.append("an MLflow server at an address they reach (--mlflow-uri http://HEAD-IP:5000)")
     if local:

@@ -15,7 +15,7 @@ import ray
 import torch
 from ray import tune
 
-from drn.config import TrainConfig
+from drn.config import TrainConfig, is_number
 from drn.train import CHECKPOINT, Trainer
 
 from .tracking import Tracking, TrialRun
@@ -69,7 +69,7 @@ def run_trial(config: dict, base: dict, data, backbone: dict | None = None) -> N
         if mlflow_run is not None:
             final = trainer.epoch >= cfg.total_epochs   # finished: the model, before Tune hears the end
             t0 = time.perf_counter()
-            mlflow_run.report({k: v for k, v in m.items() if math.isfinite(v)}, int(trainer.epoch),
+            mlflow_run.report({k: v for k, v in m.items() if is_number(v)}, int(trainer.epoch),
                               trainer if final else None)
             if final:
                 m["export_seconds"] = time.perf_counter() - t0

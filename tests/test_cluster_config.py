@@ -372,7 +372,7 @@ def test_the_shipped_auth_config_refuses_strangers_and_lets_the_login_in(tmp_pat
 
 
 def test_trials_get_the_drivers_mlflow_login_only_when_it_is_set():
-    from search.cli import trial_runtime_env
+    from search.tuner import trial_runtime_env
     login = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "pw-1234567890"}
     assert trial_runtime_env({**login, "HOME": "/home/ray", "AWS_SECRET_ACCESS_KEY": "x"}) == {"env_vars": login}
     assert trial_runtime_env({"HOME": "/home/ray"}) is None
@@ -387,7 +387,7 @@ def test_trials_get_the_drivers_mlflow_login_only_when_it_is_set():
 
 
 def test_ray_errors_never_show_the_password():
-    from search.cli import redacted
+    from search.tuner import redacted
     env = {"env_vars": {"MLFLOW_TRACKING_PASSWORD": "pw-1234567890"}}
     assert redacted("conflict in {'MLFLOW_TRACKING_PASSWORD': 'pw-1234567890'}", env) == \
         "conflict in {'MLFLOW_TRACKING_PASSWORD': '***'}"
@@ -396,7 +396,7 @@ def test_ray_errors_never_show_the_password():
 
 def test_connect_hands_the_login_to_ray_workers(monkeypatch):
     """A real local Ray: a task (as a trial would) runs with the driver's login in its runtime env."""
-    from search.cli import connect
+    from search.tuner import connect
     from search.config import SearchConfig
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw-1234567890")
@@ -420,7 +420,7 @@ def test_connect_hands_the_login_to_ray_workers(monkeypatch):
     (1, None, 1),
 ])
 def test_pending_trials_follow_max_concurrent(num_samples, max_concurrent, pending):
-    from search.cli import max_pending_trials
+    from search.tuner import max_pending_trials
     assert max_pending_trials(num_samples, max_concurrent) == pending
 
 
@@ -429,7 +429,7 @@ def test_tune_reads_the_pending_trials_we_set(monkeypatch):
     run_search sets raises that."""
     from ray.tune.execution.tune_controller import _get_max_pending_trials
     from ray.tune.search import SearchGenerator, Searcher
-    from search.cli import max_pending_trials
+    from search.tuner import max_pending_trials
     searcher = SearchGenerator(Searcher(metric="accuracy", mode="max"))
     monkeypatch.delenv("TUNE_MAX_PENDING_TRIALS_PG", raising=False)
     assert _get_max_pending_trials(searcher) == 1

@@ -1,7 +1,9 @@
 """drn-search's parts without a Ray cluster: spaces, the Pareto function, the Optuna searcher, the
 per-target ASHA scheduler."""
 import json
+import math
 import pickle
+from pathlib import Path
 
 import optuna
 import pytest
@@ -553,3 +555,20 @@ def test_asha_ranks_feasible_trials_first_and_does_not_stop_on_noise():
     close = [("a", 0.60, 100.0), ("b", 0.62, 100.0), ("c", 0.595, 100.0), ("d", 0.50, 100.0)]
     assert run(None, close, 407) == [GO, GO, STOP, STOP]
     assert run(0.02, close, 407) == [GO, GO, GO, STOP]
+
+
+@pytest.mark.parametrize("uri,path", [("sqlite:////abs/mlflow.db", "/abs/mlflow.db"), ("sqlite:///rel/m.db", "rel/m.db"),
+                                      ("file:///abs/mlruns", "/abs/mlruns"), ("file:rel/mlruns", "rel/mlruns"),
+                                      ("file://host/abs/mlruns", "/abs/mlruns"), ("file:///a%20b/mlruns", "/a b/mlruns"),
+                                      ("mlruns", "mlruns"), ("http://127.0.0.1:5000", None),
+                                      ("postgresql://db/mlflow", None), ("databricks", None)])
+def test_local_store_reads_every_form_of_a_local_mlflow_store(uri, path):
+    """One helper decides where a local MLflow store is, for the registry and the cluster checks alike."""
+    from search.config import local_store
+    assert local_store(uri) == (None if path is None else Path(path))
+
+
+def test_one_number_predicate_for_metrics_and_settings():
+    from drn.config import is_number
+    assert [is_number(v) for v in (1, 0.5, -3.0, True, math.nan, math.inf, "1", None)] == \
+        [True, True, True, False, False, False, False, False]

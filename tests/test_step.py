@@ -145,7 +145,7 @@ def test_bad_step_flags_are_one_line_and_exit_2(tmp_path, capsys, args, msg):
 
 def test_a_search_passes_compile_to_its_trials_and_refuses_cudagraphs_without_gpus():
     from drn.config import UsageError
-    from search.cli import resources
+    from search.tuner import resources
     from search.config import SearchConfig
     cfg = SearchConfig.from_flags({"target_flops": ["50%"], "arch": "resnet8", "dataset": "synthetic",
                                    "compile": "cudagraphs"})
