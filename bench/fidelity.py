@@ -190,6 +190,9 @@ ROUTE_RECIPES = {"default": [],
                                              "--finetune-epochs", "6", "--finetune-rates", "budget"],
                  # the paper's consistency experiment (Table 3) on a dynamic recipe: Eq. 5 off
                  "normktfpipnocons": [*INPLACE, "--lam", "0"]}
+# the recipes that name no finetune ran with the rates held (the default until the finetune steered to the
+# budget, 2026-12-07): pinned as they ran
+ROUTE_RECIPES = {k: v if "--finetune-rates" in v else [*v, "--finetune-rates", "hold"] for k, v in ROUTE_RECIPES.items()}
 
 
 @functools.lru_cache(maxsize=None)

@@ -87,8 +87,8 @@ TRAIN_FLAGS: dict[str, dict[str, Flag]] = {
         "--mu-integral": Flag("mu_integral", str, "its integral: reset, always or hold", metavar="MODE"),
         "--budget-ramp": Flag("budget_ramp", float, "share of --epochs of the setpoint's ramp"),
         "--controller-every": Flag("controller_every", int, "the loop reads the cost every N steps"),
-        "--finetune-rates": Flag("finetune_rates", str, "the finetune's router biases: hold the rates, land "
-                                 "on val (budget), or free", metavar="MODE"),
+        "--finetune-rates": Flag("finetune_rates", str, "the finetune's router biases: land on val "
+                                 "(budget), hold the rates, or free", metavar="MODE"),
     },
     "schedule": {
         "--epochs": Flag("epochs", int, "main epochs: the routers learn"),

@@ -62,7 +62,7 @@ ROUTER_STARTS = ("auto", "open", "undecided", "deepk", "distributedk", "greedy")
 MODES = {"router_start": ROUTER_STARTS, "train_routing": ("soft", "straight", "stochastic"),
          "consistency_routes": ("soft", "executed"), "view_augment": ("same", "perturb"),
          "router_lr": ("decay", "constant", "frozen"), "mu_integral": ("reset", "always", "hold"),
-         "finetune_rates": ("hold", "budget", "free"), "distill_from": ("init", "full"),
+         "finetune_rates": ("budget", "hold", "free"), "distill_from": ("init", "full"),
          "rate_routes": ("executed", "soft"), "compile": ("off", "inductor", "cudagraphs"),
          "channels_last": ("auto", "on", "off")}
 
@@ -90,11 +90,14 @@ class TrainConfig:
                                   # (None: lr). The route settles late in a short schedule, when the main
                                   # lr has decayed: the restart trains it (docs/notes/2026-12-01-static-routes.md, "Why the DRN loses
                                   # to RandomK at 30 %: the route is right, its training is short")
-    finetune_rates: str = "hold"  # hold: each router's execution rate on training images stays where the main
-                                  # schedule left it while the finetune trains the blocks it reads (its
-                                  # last-layer bias follows; controller.RateHold); budget: the same, and the
-                                  # held rates move after each epoch so that the val cost meets the target
-                                  # (RateHold.steer), at the routers' threshold; free: frozen routers only
+    finetune_rates: str = "budget"  # budget: the budget loop goes on through the finetune on the routers'
+                                  # biases: each undecided router's rate on training images is held while the
+                                  # finetune trains the blocks it reads (controller.RateHold), and the held
+                                  # rates move after each epoch so that the val cost at the routers' own
+                                  # threshold meets the target (RateHold.steer): a short main phase ends before
+                                  # the loop has landed (BENCHMARKS.md, "The finetune steers to the budget");
+                                  # hold: the rates stay where the main phase left them, at a threshold
+                                  # trimmed first; free: frozen routers only
     batch_size: int = 128         # samples per step; each contributes `views` augmented copies
     views: int | None = None      # M of Eq. 5: augmented copies per sample in the main epochs (None: 2 for drn,
                                   # 1 for full and the static routes, which train on cross-entropy alone)
