@@ -1,8 +1,7 @@
 """Real-browser check of the MLflow walk-through: start `mlflow server` on 127.0.0.1, run a tiny
-drn-search against it, and take headless-Chromium screenshots of (1) the experiment page filtered
-to the Pareto front, (2) the front compared in charts, (3) the parent run's Pareto plot, (4) the
-experiment's Models tab (each trial's logged model with its linked metrics) and (5) the registered
-version the alias best-70pct points at; then `drn-eval` that alias's URI. Writes docs/img/*.png.
+drn-search against it, and take headless-Chromium screenshots of (1) the link the search prints (its
+fronts' runs), (2) the parent run's Pareto plot, (3) the registered model's versions and aliases and
+(4) the version the alias best-70pct points at; then `drn-eval` that alias's URI. Writes docs/img/*.png.
 
     apt-get install chromium        # Debian's package: /usr/bin/chromium
     python docs/mlflow_screenshots.py [--chromium /usr/bin/chromium]
@@ -60,19 +59,15 @@ def main() -> int:
         client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name("demo")
         parent = client.search_runs([exp.experiment_id], filter_string="tags.role = 'search'")[0]
-        flt = urllib.parse.quote("tags.pareto = 'true'")
         (HERE / "img").mkdir(exist_ok=True)
-        # the UI nests child runs under their (collapsed) parent only when sorted by start time:
-        # sorting by accuracy lists the front's runs flat
-        order = "&orderByKey=" + urllib.parse.quote("metrics.`accuracy`") + "&orderByAsc=false"
-        runs = f"{uri}/#/experiments/{exp.experiment_id}/runs?searchFilter={flt}{order}"
-        shot(args.chromium, runs, HERE / "img" / "mlflow-front.png")
-        shot(args.chromium, runs + "&compareRunsMode=CHART", HERE / "img" / "mlflow-front-charts.png")
+        from search.tracking import front_url
+        # the link the search prints: its view saved on the experiment, opened in a fresh browser
+        shot(args.chromium, front_url(uri, exp.experiment_id), HERE / "img" / "mlflow-front.png", (1900, 700))
         shot(args.chromium, f"{uri}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}/artifacts/pareto.png",
              HERE / "img" / "mlflow-pareto-plot.png")
-        shot(args.chromium, f"{uri}/#/experiments/{exp.experiment_id}/models", HERE / "img" / "mlflow-models.png")
         from search.registry import alias, model_name
         name, best = model_name("demo"), alias("70%")
+        shot(args.chromium, f"{uri}/#/models/{name}", HERE / "img" / "mlflow-versions.png", (1900, 1250))
         version = client.get_model_version_by_alias(name, best)
         shot(args.chromium, f"{uri}/#/models/{name}/versions/{version.version}", HERE / "img" / "mlflow-alias.png")
         print(f"models:/{name}@{best} -> version {version.version}")

@@ -237,9 +237,11 @@ def finish(cfg: SearchConfig, p: Prepared, grid) -> list[dict]:
     if p.backbone_info is not None:
         from .backbone import summary_line
         print("\n" + summary_line(p.backbone_info))
-    uri = p.track.uri
-    print(f"\nMLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1   "
-          f"(filter: tags.pareto = 'true')" if uri.startswith("sqlite:") else f"\nMLflow: {uri}")
+    uri, url = p.track.uri, tracking.front_url(p.track.uri, p.track.experiment_id)
+    if uri.startswith(("http://", "https://")):
+        print(f"\nMLflow, the fronts' runs: {url}")
+    else:
+        print(f"\nMLflow: mlflow ui --backend-store-uri {uri} --host 127.0.0.1, then the fronts' runs: {url}")
     return rows
 
 

@@ -103,8 +103,8 @@ def _register_front(track, rows: list[dict], runs: dict | None) -> list[dict]:
 def version_tags(row: dict, params: dict) -> dict[str, str]:
     tags = {"optuna_trial": str(row["trial"]), "target": str(row["target"]),
             "feasible": _flag(row.get("feasible")), "front": _flag(row.get("pareto_flops"))}
-    tags.update({tag: f"{row[col]:.6g}" for col, tag, _ in FIGURES if is_number(row.get(col))})
-    tags.update({f"hp_{k}": str(v) for k, v in params.items()})
+    tags.update({tag: f"{row[col]:.3g}" for col, tag, _ in FIGURES if is_number(row.get(col))})
+    tags.update({f"hp_{k}": f"{v:.3g}" if is_number(v) else str(v) for k, v in params.items()})
     return tags
 
 

@@ -28,6 +28,9 @@ from .registry import CHECKPOINT_ARTIFACT, fetch_checkpoint, register_front, slu
 
 # MLflow announces each new sqlite store's schema set-up at INFO: two lines of noise per search
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+# and prints two links per finished run on a server, to the run and to the experiment's GenAI overview:
+# the search prints one link, to its fronts (front_url), at its end
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 RDB_SCHEMES = ("postgresql", "mysql", "mssql", "databricks")
 # child-run tag -> trials-table column; the UI filter `tags.pareto = 'true'` shows the front(s)
@@ -38,6 +41,26 @@ PARETO_TAGS = {"pareto": "pareto_flops",      # accuracy vs FLOPs, among the tri
 MODEL_METRICS = ("accuracy", "test_accuracy", "flops", "test_flops", "k", "test_k", "latency_ms", "test_latency_ms")
 # what the MLflow 3 UI reads to open an experiment on its runs, not on the GenAI overview
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# a view of the runs page saved on the experiment (the UI's "share view": the tag
+# mlflow.sharedViewState.<key>, opened by ?viewStateShareKey=<key>): the fronts' runs, flat, best val
+# accuracy first, with what a person picks by in columns. A fresh browser opens an experiment on the
+# GenAI overview whatever its tags say; this link opens the runs
+FRONT_VIEW = "front"
+
+
+def front_view(cost_key: str) -> dict:
+    return {"searchFilter": "tags.pareto = 'true'", "orderByKey": "metrics.`accuracy`", "orderByAsc": False,
+            "selectedColumns": ["tags.`target`", "metrics.`accuracy`", "metrics.`test_accuracy`",
+                                f"metrics.`{cost_key}`", "metrics.`k`", "metrics.`effective_paths`",
+                                "tags.`feasible`"],
+            "runsExpanded": {}, "groupBy": None}
+
+
+def front_url(uri: str, experiment_id: str) -> str:
+    """The runs page of the search's fronts (FRONT_VIEW): on the server at `uri`, or on the
+    `mlflow ui` a local store is opened with (127.0.0.1:5000)."""
+    base = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={FRONT_VIEW}"
 
 
 def resolve_uri(uri: str | None, results_dir: Path, given_by: str = "--mlflow-uri") -> str:
@@ -89,7 +112,7 @@ class Tracking:
             f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and tags.optuna_trial = '{trial}'"))
         if found:
             return found[0].info.run_id
-        run = client.create_run(self.experiment_id, run_name=f"trial-{trial}", tags={
+        run = client.create_run(self.experiment_id, run_name=f"t{trial}-{slug(target)}", tags={
             "mlflow.parentRunId": self.parent_run_id, "optuna_trial": str(trial), "target": str(target),
             "state": "RUNNING", "search": self.search, "feasible": "false", **{tag: "false" for tag in PARETO_TAGS}})
         for k, v in params.items():
@@ -280,7 +303,8 @@ def create(cfg, results_dir: Path, uri: str, artifacts: str | None) -> Tracking:
     from mlflow import MlflowClient
     client = MlflowClient(tracking_uri=uri)
     exp_id = client.create_experiment(experiment_name(cfg), artifact_location=artifacts,
-                                      tags={**EXPERIMENT_KIND, "search": cfg.name})
+                                      tags={**EXPERIMENT_KIND, "search": cfg.name,
+                                            f"mlflow.sharedViewState.{FRONT_VIEW}": json.dumps(front_view(cfg.cost_key))})
     parent = client.create_run(exp_id, run_name=cfg.name, tags={"role": "search", "search": cfg.name,
                                                                  "git_commit": git_commit(), "drn_version": version()})
     rid = parent.info.run_id

@@ -246,8 +246,22 @@ def test_a_restarted_trial_logs_each_epoch_once(trial):
 
 
 def test_the_experiment_opens_on_its_runs_and_children_say_whether_they_are_feasible(trial):
+    """A fresh browser opens an experiment on the GenAI overview whatever its kind tag says: the
+    summary links the runs page with a view saved on the experiment (the UI's shared view) that
+    lists the fronts' runs flat, best val first, with what a person picks by as columns; each run
+    is named for its trial and target."""
+    from search.tracking import FRONT_VIEW, front_url
     exp = trial.client.get_experiment(trial.track.experiment_id)
     assert exp.name == "s" and exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(exp.tags[f"mlflow.sharedViewState.{FRONT_VIEW}"])
+    assert view["searchFilter"] == "tags.pareto = 'true'" and view["orderByKey"] == "metrics.`accuracy`"
+    assert not view["orderByAsc"] and view["runsExpanded"] == {}
+    shown = {c.split("`")[1] for c in view["selectedColumns"]}
+    assert {"target", "accuracy", "test_accuracy", "flops", "k"} <= shown <= {*trial.run.data.metrics, *trial.run.data.tags}
+    assert trial.run.info.run_name == f"t{trial.number}-50pct"
+    assert front_url(trial.track.uri, exp.experiment_id) == \
+        f"{trial.track.uri}/#/experiments/{exp.experiment_id}/runs?viewStateShareKey={FRONT_VIEW}"
+    assert front_url("sqlite:////x/mlflow.db", "3") == "http://127.0.0.1:5000/#/experiments/3/runs?viewStateShareKey=front"
     row = trial.rows[0]
     assert row["feasible"] and trial.run.data.tags["feasible"] == "true"
     assert trial.run.data.tags["pareto"] == "true" and trial.run.data.tags["state"] == "COMPLETE"
@@ -307,8 +321,8 @@ def test_registry_describes_versions_moves_the_alias_and_marks_those_off_the_fro
             v = versions[str(row["trial"])]
             assert v.tags["front"] == ("true" if row["pareto_flops"] else "false")
             assert v.tags["feasible"] == ("true" if row["feasible"] else "false")
-            assert v.tags["val_accuracy"] == f"{row['accuracy']:.6g}" and v.tags["target"] == "50%"
-            assert v.tags["hp_d_c"] == str(row["d_c"]) and f"d_c={row['d_c']}" in v.description
+            assert v.tags["val_accuracy"] == f"{row['accuracy']:.3g}" and v.tags["target"] == "50%"
+            assert v.tags["hp_d_c"] == f"{row['d_c']:.3g}" and f"d_c={row['d_c']}" in v.description
             assert f"val accuracy {row['accuracy']:.2%}" in v.description
             assert f"test accuracy {row['test_accuracy']:.2%}" in v.description
         seen.append(models)
