@@ -11,14 +11,11 @@ per-epoch val accuracy is kept, so where a deep network falls behind shows.
 Resumable: a run whose JSON is in bench/results/depth/ is not run again; an interrupted one
 resumes from its checkpoint.
 """
-import argparse
 import json
-import os
 import statistics
 import sys
-import time
 
-from _common import ROOT, parse_variant_args, run_cli
+from _common import ROOT, parse_variant_args, train_run, variant_parser
 
 RESULTS = ROOT / "bench" / "results" / "depth"
 RUNS = ROOT / "bench" / "runs" / "depth"
@@ -32,23 +29,12 @@ def run(args) -> int:
             name = f"{args.variant}-{arch}-s{seed}"
             if (RESULTS / f"{name}.json").exists():
                 continue
-            out = RUNS / name
             flags = ["--arch", arch, "--routing", "full", "--dataset", "imagefolder", "--data-dir", args.data_dir,
-                     "--epochs", str(EPOCHS), "--seed", str(seed), "--device", "cpu", "--json", *args.flags,
-                     "--out", str(out)]
-            if (out / "checkpoint.pt").exists():
-                flags.append("--resume")
-            t0 = time.time()
-            proc = run_cli("train_main", flags)
-            if proc.returncode != 0:
-                print(f"{name}: drn-train failed: {proc.stderr[-800:]}", file=sys.stderr)
+                     "--epochs", str(EPOCHS), "--seed", str(seed), *args.flags]
+            done = train_run(name, RUNS / name, flags, ("epoch", "lr", "loss_cls", "train_accuracy", "accuracy"))
+            if done is None:
                 return 1
-            import torch
-            hist = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["history"]
-            rec = {"name": name, "variant": args.variant, "arch": arch, "seed": seed, "flags": args.flags,
-                   "seconds": time.time() - t0, "final": json.loads(proc.stdout.strip().splitlines()[-1]),
-                   "history": [{k: h.get(k) for k in ("epoch", "lr", "loss_cls", "train_accuracy", "accuracy")}
-                               for h in hist]}
+            rec = {"name": name, "variant": args.variant, "arch": arch, "seed": seed, "flags": args.flags, **done}
             (RESULTS / f"{name}.json").write_text(json.dumps(rec, indent=1))
             m = rec["final"]
             print(f"{name}: val {m['val_accuracy']:.2%}, test {m['test_accuracy']:.2%} | {rec['seconds']:.0f}s",
@@ -74,13 +60,7 @@ def report(args) -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("run", "report"))
-    ap.add_argument("--data-dir", default=os.environ.get("DRN_DATA_DIR", str(ROOT.parent / "shared/data/cifar10-5k")))
-    ap.add_argument("--arch", nargs="+", default=["resnet20", "resnet110"])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--variant", default="default", help="a name for the flags that follow --")
-    args = parse_variant_args(ap)
+    args = parse_variant_args(variant_parser(__doc__, ["resnet20", "resnet110"]))
     return run(args) if args.what == "run" else report(args)
 
 

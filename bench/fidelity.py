@@ -63,7 +63,6 @@ The plan, for each arch and seed (seeds 0 of everything first):
     resnet20-warmlong-{method}2v-{t}-kd-s{seed}, resnet20-warmlong-drn-{t}-{recipe}kd-s{seed}
                                              the same with distillation from that network (--distill 1)
 """
-import argparse
 import functools
 import hashlib
 import json
@@ -74,7 +73,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import ROOT, run_cli
+from _common import ROOT, run_cli, runner_parser
 
 RESULTS = ROOT / "bench" / "results" / "fidelity"
 RUNS_DIR = ROOT / "bench" / "runs" / "fidelity"
@@ -764,10 +763,7 @@ def report(args) -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("run", "report", "routes", "compute"))
-    ap.add_argument("--data-dir", default=os.environ.get("DRN_DATA_DIR", str(ROOT.parent / "shared/data/cifar10-5k")))
-    ap.add_argument("--arch", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    ap = runner_parser(__doc__, ("run", "report", "routes", "compute"), list(TARGETS), list(TARGETS))
     ap.add_argument("--only", nargs="+", help="run only the runs whose name contains one of these")
     ap.add_argument("--dry-run", action="store_true", help="list what is left to run")
     args = ap.parse_args()

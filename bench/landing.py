@@ -11,13 +11,10 @@ trim that may follow (inside [0.4, 0.6]) and the test accuracy are recorded besi
 Resumable: a run whose JSON is in bench/results/landing/ is not run again; an interrupted one
 resumes from its checkpoint.
 """
-import argparse
 import json
-import os
 import sys
-import time
 
-from _common import ROOT, history, parse_variant_args, run_cli
+from _common import ROOT, parse_variant_args, train_run, variant_parser
 
 RESULTS = ROOT / "bench" / "results" / "landing"
 RUNS = ROOT / "bench" / "runs" / "landing"
@@ -32,23 +29,16 @@ def run(args) -> int:
                 name = f"{args.variant}-{arch}-{t:g}-s{seed}"
                 if (RESULTS / f"{name}.json").exists():
                     continue
-                out = RUNS / name
                 flags = ["--arch", arch, "--dataset", "imagefolder", "--data-dir", args.data_dir, *SCHEDULE,
-                         "--target-flops", f"{t:g}%", "--seed", str(seed), "--device", "cpu", "--json",
-                         *args.flags, "--out", str(out)]
+                         "--target-flops", f"{t:g}%", "--seed", str(seed), *args.flags]
                 flags = [f.format(arch=arch, seed=seed, runs=RUNS) if "{" in f else f for f in flags]
-                if (out / "checkpoint.pt").exists():
-                    flags.append("--resume")
-                t0 = time.time()
-                proc = run_cli("train_main", flags)
-                if proc.returncode != 0:
-                    print(f"{name}: drn-train failed: {proc.stderr[-800:]}", file=sys.stderr)
+                done = train_run(name, RUNS / name, flags,
+                                 ("epoch", "phase", "flops", "train_cost_hard", "mu", "mu_rho", "accuracy"))
+                if done is None:
                     return 1
-                m = json.loads(proc.stdout.strip().splitlines()[-1])
-                hist = [{k: h.get(k) for k in ("epoch", "phase", "flops", "train_cost_hard", "mu", "mu_rho", "accuracy")}
-                        for h in history(out)]
+                m = done["final"]
                 rec = {"name": name, "variant": args.variant, "arch": arch, "target_pct": t, "seed": seed,
-                       "flags": args.flags, "seconds": time.time() - t0, "final": m, "history": hist}
+                       "flags": args.flags, **done}
                 (RESULTS / f"{name}.json").write_text(json.dumps(rec, indent=1))
                 if "uncalibrated_flops" not in m:   # a static route (--routing ...): nothing lands
                     print(f"{name}: static, {m['val_flops'] / m['flops_full']:.1%} of full, val {m['val_accuracy']:.2%}, "
@@ -82,13 +72,8 @@ def report(args) -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("run", "report"))
-    ap.add_argument("--data-dir", default=os.environ.get("DRN_DATA_DIR", str(ROOT.parent / "shared/data/cifar10-5k")))
-    ap.add_argument("--arch", nargs="+", default=["resnet20"])
+    ap = variant_parser(__doc__, ["resnet20"])
     ap.add_argument("--targets", type=float, nargs="+", default=[30, 50, 70])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--variant", default="default", help="a name for the flags that follow --")
     ap.epilog = ("extra drn-train flags go after --; {arch}, {seed} and {runs} (the runs folder) in a value are "
                  "filled in, e.g. -- --init {runs}/full-{arch}-s{seed}/checkpoint.pt")
     args = parse_variant_args(ap)

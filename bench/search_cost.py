@@ -13,7 +13,6 @@ ResNet-20 on cifar10-5k (DRN_DATA_DIR), batch 128, seed 0; E = the backbone's (s
 and trial schedule) on a fresh storage, and reads where its time went from each trial's result.json
 and the driver's progress lines.
 """
-import argparse
 import json
 import os
 import platform
@@ -24,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, run_cli
+from _common import ROOT, run_cli, runner_parser
 
 RESULTS = ROOT / "bench" / "results" / "search_cost"
 RUNS = ROOT / "bench" / "runs" / "search_cost"
@@ -307,9 +306,7 @@ def _goal_report(path: Path) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("prep", "diag", "goal", "report"))
-    ap.add_argument("--data-dir", default=os.environ.get("DRN_DATA_DIR", str(ROOT.parent / "shared/data/cifar10-5k")))
+    ap = runner_parser(__doc__, ("prep", "diag", "goal", "report"))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--trials", type=int, default=4, help="goal: --num-samples")
     ap.add_argument("--concurrent", type=int, default=None, help="goal: trial slots (default: one per core)")
