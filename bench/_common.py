@@ -37,6 +37,13 @@ def runner_parser(doc: str, commands: tuple[str, ...], archs: list[str] | None =
     return ap
 
 
+def run_command(ap: argparse.ArgumentParser, commands: dict) -> int:
+    """Parse the command line and run its command (`what`) with the data folder made absolute."""
+    args = ap.parse_args()
+    args.data_dir = str(Path(args.data_dir).absolute())
+    return commands[args.what](args)
+
+
 def variant_parser(doc: str, archs: list[str]) -> argparse.ArgumentParser:
     """run / report of a variant: the default recipe plus the drn-train flags after `--`."""
     ap = runner_parser(doc, ("run", "report"), archs)

@@ -73,7 +73,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import ROOT, run_cli, runner_parser
+from _common import ROOT, run_cli, run_command, runner_parser
 
 RESULTS = ROOT / "bench" / "results" / "fidelity"
 RUNS_DIR = ROOT / "bench" / "runs" / "fidelity"
@@ -685,7 +685,7 @@ def report(args) -> int:
     recipe = {m: {st: _seeds(res, f"resnet56-{st}-{m}-50-drnrecipe") for st in ("scratch", "warm")} for m in PAPER}
     if any(v for d in recipe.values() for v in d.values()):
         lines += ["", "**ResNet-56: the statics on the DRN's recipe.** The main rows' statics start zero-init without "
-                  "warm-up (pinned: the default until the twelfth session), the DRN with the usual BN init and 2 "
+                  "warm-up (pinned: the default before 2026-12-02), the DRN with the usual BN init and 2 "
                   "warm-up epochs. `drnrecipe` runs the statics (and the plain network) on the DRN's, today's "
                   "default for the statics: "
                   f"`{' '.join(RECIPE)}`. Gap = DRN − the best of the three by mean, paired by seed.", "",
@@ -766,9 +766,7 @@ def main() -> int:
     ap = runner_parser(__doc__, ("run", "report", "routes", "compute"), list(TARGETS), list(TARGETS))
     ap.add_argument("--only", nargs="+", help="run only the runs whose name contains one of these")
     ap.add_argument("--dry-run", action="store_true", help="list what is left to run")
-    args = ap.parse_args()
-    args.data_dir = str(Path(args.data_dir).absolute())
-    return {"run": run, "report": report, "routes": routes_report, "compute": compute_report}[args.what](args)
+    return run_command(ap, {"run": run, "report": report, "routes": routes_report, "compute": compute_report})
 
 
 if __name__ == "__main__":

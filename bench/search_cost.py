@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, run_cli, runner_parser
+from _common import ROOT, run_cli, run_command, runner_parser
 
 RESULTS = ROOT / "bench" / "results" / "search_cost"
 RUNS = ROOT / "bench" / "runs" / "search_cost"
@@ -313,9 +313,7 @@ def main() -> int:
     ap.add_argument("--trial-epochs", type=int, help="goal: the trials' --epochs (default: drn-search's)")
     ap.add_argument("--trial-finetune", type=int, help="goal: the trials' --finetune-epochs (default: drn-search's)")
     ap.add_argument("--tag", default="", help="goal: suffix of the result files (goal<tag>.json)")
-    args = ap.parse_args()
-    args.data_dir = str(Path(args.data_dir).absolute())
-    return {"prep": prep, "diag": diag, "goal": goal, "report": report}[args.what](args)
+    return run_command(ap, {"prep": prep, "diag": diag, "goal": goal, "report": report})
 
 
 if __name__ == "__main__":

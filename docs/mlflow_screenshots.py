@@ -67,7 +67,7 @@ def main() -> int:
              HERE / "img" / "mlflow-pareto-plot.png")
         from search.registry import alias, model_name
         name, best = model_name("demo"), alias("70%")
-        shot(args.chromium, f"{uri}/#/models/{name}", HERE / "img" / "mlflow-versions.png", (1900, 1250))
+        shot(args.chromium, f"{uri}/#/models/{name}", HERE / "img" / "mlflow-versions.png", (1900, 1900))
         version = client.get_model_version_by_alias(name, best)
         shot(args.chromium, f"{uri}/#/models/{name}/versions/{version.version}", HERE / "img" / "mlflow-alias.png")
         print(f"models:/{name}@{best} -> version {version.version}")

@@ -104,7 +104,7 @@ def version_tags(row: dict, params: dict) -> dict[str, str]:
     tags = {"optuna_trial": str(row["trial"]), "target": str(row["target"]),
             "feasible": _flag(row.get("feasible")), "front": _flag(row.get("pareto_flops"))}
     tags.update({tag: f"{row[col]:.3g}" for col, tag, _ in FIGURES if is_number(row.get(col))})
-    tags.update({f"hp_{k}": f"{v:.3g}" if is_number(v) else str(v) for k, v in params.items()})
+    tags.update({f"hp_{k}": _short(v) for k, v in params.items()})
     return tags
 
 
@@ -143,6 +143,14 @@ def _move_aliases(client, name: str, best: dict, version_of: dict) -> None:
             client.set_registered_model_alias(name, a, want)
         elif want is None and a in have:
             client.delete_registered_model_alias(name, a)
+
+
+def _short(v) -> str:
+    """A parameter at 3 significant digits (MLflow hands params back as strings); words as they are."""
+    try:
+        return f"{float(v):.3g}"
+    except (TypeError, ValueError):
+        return str(v)
 
 
 def _flag(v) -> str:

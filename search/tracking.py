@@ -28,6 +28,8 @@ from .registry import CHECKPOINT_ARTIFACT, fetch_checkpoint, register_front, slu
 
 # MLflow announces each new sqlite store's schema set-up at INFO: two lines of noise per search
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+# and each model version it registers ("Waiting up to 300 seconds for model version to finish creation")
+logging.getLogger("mlflow.store.model_registry.abstract_store").setLevel(logging.WARNING)
 # and prints two links per finished run on a server, to the run and to the experiment's GenAI overview:
 # the search prints one link, to its fronts (front_url), at its end
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

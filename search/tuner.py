@@ -34,8 +34,8 @@ def connect(cfg: SearchConfig) -> dict:
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True,
                   runtime_env=runtime_env)
     try:
-        if cfg.address is None:
-            ray.init(include_dashboard=False, **kwargs)
+        if cfg.address is None:   # "local": a Ray of its own, not whatever cluster this machine last started
+            ray.init(address="local", include_dashboard=False, **kwargs)
         else:
             ray.init(address=cfg.address, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as e:

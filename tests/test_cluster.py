@@ -268,3 +268,17 @@ def test_a_diverging_trial_fails_and_the_rest_go_on(cluster, tmp_path):
               for c in mlflow_children(cluster.storage / "diverge")}
     assert states == {str(r["trial"]): ("FAIL", "FAILED") if r["state"] == "FAIL" else ("COMPLETE", "FINISHED")
                       for r in table}
+
+
+def test_without_address_a_search_starts_its_own_ray_not_the_cluster_this_machine_runs(cluster, tmp_path):
+    """`ray start` leaves its address where ray.init() with no address would join it: drn-search
+    without --address asks for a Ray of its own ("local"), so the cluster's nodes stay out of it."""
+    code = ("import json, ray; from search.config import SearchConfig; from search.tuner import connect; "
+            "r = connect(SearchConfig(target_flops=['50%'])); "
+            "print(json.dumps({'gcs': ray.get_runtime_context().gcs_address, 'head': r.get('head', 0)})); "
+            "ray.shutdown()")
+    proc = subprocess.run([sys.executable, "-c", code], env=cluster.env, capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["gcs"] != cluster.address and got["head"] == 0

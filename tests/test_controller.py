@@ -416,19 +416,24 @@ def test_the_finetune_steers_the_held_routers_onto_the_budget():
     assert open_h == open_s == 1.0
 
 
+def _at_the_finetune(tiny_data, out, **kw) -> Trainer:
+    """A ResNet-20 trainer at 60 % about to start its finetune, with two routers that split the images."""
+    cfg = tiny_cfg(tiny_data, out, arch="resnet20", epochs=1, finetune_epochs=1, batch_size=8, target_flops="60%", **kw)
+    trainer = Trainer(cfg, log=lambda s: None)
+    trainer.epoch = cfg.epochs
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for b in trainer.model.blocks[:2]:
+            torch.nn.init.normal_(b.router.fc2.weight, std=2.0)
+            b.router.fc2.bias.zero_()
+    return trainer
+
+
 def test_finetune_holds_undecided_routers_by_their_bias_only(tiny_data, tmp_path):
     """The hold's wiring in the trainer: the rates are taken at the finetune's start, at the threshold
     the finetune runs; an undecided router moves only its last-layer bias, by the reported shift, as
     a gap (+s/2, -s/2); decided routers and every router weight stay frozen."""
-    cfg = tiny_cfg(tiny_data, tmp_path / "hold", arch="resnet20", epochs=1, finetune_epochs=1, batch_size=8,
-                   target_flops="60%", calibrate=False)
-    trainer = Trainer(cfg, log=lambda s: None)
-    trainer.epoch = cfg.epochs                           # straight to the finetune
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for b in trainer.model.blocks[:2]:               # two routers that split the images
-            torch.nn.init.normal_(b.router.fc2.weight, std=2.0)
-            b.router.fc2.bias.zero_()
+    trainer = _at_the_finetune(tiny_data, tmp_path / "hold", calibrate=False)
     snap = {k: v.clone() for k, v in trainer.model.state_dict().items() if ".router." in k}
     metrics = trainer.train_epoch(finetune=True)
     hold, after = trainer.hold, trainer.model.state_dict()
@@ -456,15 +461,7 @@ def test_the_budget_finetune_runs_at_the_routers_threshold_and_steers_after_each
     """hold trims the threshold before the finetune and keeps the rates; budget finetunes at the
     routers' own threshold and, after the epoch, moves the held rates toward the target by the val
     cost's error."""
-    cfg = tiny_cfg(tiny_data, tmp_path / rates, arch="resnet20", epochs=1, finetune_epochs=1, batch_size=8,
-                   target_flops="60%", finetune_rates=rates)
-    trainer = Trainer(cfg, log=lambda s: None)
-    trainer.epoch = cfg.epochs                           # straight to the finetune
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for b in trainer.model.blocks[:2]:               # two routers that split the images
-            torch.nn.init.normal_(b.router.fc2.weight, std=2.0)
-            b.router.fc2.bias.zero_()
+    trainer = _at_the_finetune(tiny_data, tmp_path / rates, finetune_rates=rates)
     trims, steps = [], []
     calibrate, train_epoch = trainer.calibrate, trainer.train_epoch
     trainer.calibrate = lambda save=True: trims.append(trainer.model.threshold.item()) or calibrate(save)
