@@ -212,9 +212,11 @@ def test_short_real_training_trims_on_val_inside_the_window(budget_run, tiny_dat
     assert reloaded.model.threshold.item() == final["threshold"]
 
 
-def test_finetune_runs_under_the_trimmed_routes_then_trims_again(tiny_data, tmp_path):
+def test_a_held_finetune_runs_under_the_trimmed_routes_then_trims_again(tiny_data, tmp_path):
+    """--finetune-rates hold (budget, the default, finetunes at the routers' threshold: its test is
+    test_the_budget_finetune_runs_at_the_routers_threshold_and_steers_after_each_epoch)."""
     cfg = tiny_cfg(tiny_data, tmp_path / "ft", arch="resnet20", epochs=2, finetune_epochs=1, batch_size=4,
-                   target_flops="50%")
+                   target_flops="50%", finetune_rates="hold")
     events = []
     trainer = Trainer(cfg, log=lambda s: events.append(s.split()[0]))
     train_epoch, calibrate = trainer.train_epoch, trainer.calibrate
