@@ -183,6 +183,8 @@ ROUTE_RECIPES = {"default": [],
                  "defaultft6bud": ["--finetune-rates", "budget", "--epochs", "2", "--finetune-epochs", "6"],
                  "defaultft7": ["--epochs", "1", "--finetune-epochs", "7"],
                  "defaultft7bud": ["--finetune-rates", "budget", "--epochs", "1", "--finetune-epochs", "7"],
+                 # and with a decided router enlisted when the held ones cannot close the gap (RateHold.steer)
+                 "defaultft7e": ["--finetune-rates", "budget", "--epochs", "1", "--finetune-epochs", "7"],
                  "normktfpipfskp4rcbud": [*INPLACE, "--mu-kp", "4", "--router-lr", "constant", "--finetune-rates",
                                           "budget"],
                  "normktfpipfskp4rcft6bud": [*INPLACE, "--mu-kp", "4", "--router-lr", "constant", "--epochs", "2",
@@ -305,7 +307,7 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                     for name in ("default", "norm", "normp1", "normktfp", "defaultkd", "normktfpkd", "normktfpip",
                                  "normktfpipnocons", "normktfpipki4", "normktfpiprc", "normktfpipg0", "normktfpipfs", "normktfpipfsrc", "normktfpipfshold",
                                  "normktfpipfskp4", "normktfpipfskp4rc", "normktfpipfskp4rcft6", "defaultft6",
-                                 "defaultbud", "defaultft6bud", "defaultft7", "defaultft7bud", "normktfpipfskp4rcbud",
+                                 "defaultbud", "defaultft6bud", "defaultft7", "defaultft7bud", "defaultft7e", "normktfpipfskp4rcbud",
                                  "normktfpipfskp4rcft6bud"):
                         runs[f"{arch}-warmlong-drn-{t}-{name}-s{seed}"] = [
                             "--arch", arch, "--target-flops", f"{t}%", *ROUTE_RECIPES[name], *init, *s]

@@ -222,17 +222,43 @@ class RateHold:
         the mu loop has landed (BENCHMARKS.md, "The finetune steers to the budget"); the finetune's
         epochs finish the landing on the routers' own biases, at the routers' threshold. The cost gap
         is shared by the held blocks in proportion to r (1 - r) of their rates, so a block near 0 or 1
-        moves least; each rate stays inside (edge, 1 - edge)."""
+        moves least; each rate stays inside [edge, 1 - edge]. When the held blocks cannot close the gap
+        (a main phase that left every router decided), the decided block that can, the cheapest such,
+        is held too: its router opens (or closes) on the images it scores highest (lowest)."""
         self._sync()
-        w = [r * (1 - r) * c if h else 0.0 for r, c, h in zip(self.ref, block_cost, self.held)]
-        if sum(w) <= 0:
-            return
-        step = (target - cost) / sum(w)   # sum_b dr_b c_b = target - cost, dr_b = step r_b (1 - r_b)
-        self.ref = [min(1 - self.edge, max(self.edge, r + step * r * (1 - r))) if h else r
-                    for r, h in zip(self.ref, self.held)]
+        need = self._share(target - cost, block_cost)
+        while abs(need) > 1e-3 * target:
+            side = [i for i, (r, h) in enumerate(zip(self.ref, self.held))
+                    if not h and (r <= self.edge if need > 0 else r >= 1 - self.edge)]
+            if not side:
+                return
+            fits = [i for i in side if block_cost[i] * (1 - 2 * self.edge) >= abs(need)]
+            i = min(fits, key=lambda j: block_cost[j]) if fits else max(side, key=lambda j: block_cost[j])
+            self.held[i] = True
+            self.ref[i] = min(1 - self.edge, max(self.edge, self.ref[i]))
+            need = self._share(need, block_cost)
+
+    def _share(self, need: float, block_cost) -> float:
+        """Move the held rates by a cost of `need` (sum_b dr_b c_b, dr_b = step r_b (1 - r_b)), refilling
+        what the blocks that reach an edge leave; returns the part no held rate could take."""
+        for _ in range(len(self.ref)):
+            free = [i for i, (r, h) in enumerate(zip(self.ref, self.held))
+                    if h and (r < 1 - self.edge if need > 0 else r > self.edge)]
+            w = sum(self.ref[i] * (1 - self.ref[i]) * block_cost[i] for i in free)
+            if not free or w <= 0 or need == 0:
+                break
+            step = need / w
+            for i in free:
+                r = self.ref[i]
+                new = min(1 - self.edge, max(self.edge, r + step * r * (1 - r)))
+                need -= (new - r) * block_cost[i]
+                self.ref[i] = new
+        return need
 
     def _sync(self) -> None:
         """Bring the device-side totals back to `shift`, so that the next update rebuilds from the fields."""
+        if self.held is None and self.ref is not None:   # a state saved before `held` was kept
+            self.held = [self.edge < r < 1 - self.edge for r in self.ref]
         if getattr(self, "_total", None) is not None:
             self.shift = self._total.tolist()
         self._dev = None
@@ -242,8 +268,7 @@ class RateHold:
         the routes run at. Returns each router's shift (n,) on d's device, 0 for a decided block."""
         if getattr(self, "_dev", None) != (d.device, d.dtype):
             ref = torch.tensor(self.ref, device=d.device, dtype=d.dtype)
-            if self.held is None:   # a state saved before `held` was kept
-                self.held = [self.edge < r < 1 - self.edge for r in self.ref]
+            self._sync()
             self._held = torch.tensor(self.held, device=d.device)
             self._pos = (1 - ref) * (d.shape[0] - 1)
             self._total = torch.tensor(self.shift, device=d.device, dtype=d.dtype)

@@ -418,6 +418,36 @@ def test_the_finetune_steers_the_held_routers_onto_the_budget():
     assert open_h == open_s == 1.0
 
 
+def test_the_steer_enlists_a_decided_router_when_none_is_left_undecided():
+    """A main phase that ended with every router decided, 8 % under the target: the held blocks (none)
+    cannot close the gap, so the cheapest closed block that can is held too and its real router opens
+    on the images it scores highest until the cost lands; the others stay as they were."""
+    torch.manual_seed(0)
+    beta, d_t = 5.0, 0.0
+    gap = lambda r, z: logit_gap(soft_route(r(z), beta), beta)
+    block_cost, fixed = [3.0, 2.0, 4.0, 5.0], 1.0
+    with torch.no_grad():
+        routers = [Router(16, 8) for _ in range(4)]
+        for r, p in zip(routers, (0.9999, 0.0001, 0.0001, 0.9999)):
+            r.open_(p)                                  # decided, yet scoring the images differently
+            torch.nn.init.normal_(r.fc2.weight, std=0.5)
+        rates = lambda z: torch.stack([(gap(r, z) > d_t) for r in routers], 1).float().mean(0)
+        cost = lambda z: fixed + sum(c * x for c, x in zip(block_cost, rates(z).tolist()))
+        val = torch.randn(4000, 16, 1, 1)
+        target = cost(val) * 1.08
+        hold = RateHold()
+        hold.start(rates(torch.randn(1024, 16, 1, 1)).tolist())
+        assert not any(hold.held)
+        for epoch in range(4):
+            hold.steer(cost(val), target, block_cost)
+            for step in range(40):
+                d = torch.stack([gap(r, torch.randn(64, 16, 1, 1)) for r in routers], 1)
+                for r, delta in zip(routers, hold.update(d, d_t)):
+                    r.shift_(delta)
+    assert hold.held == [False, True, False, False]      # 2 is the cheapest that covers 0.08 x target
+    assert abs(cost(val) / target - 1) < 0.01 and rates(val)[[0, 3]].tolist() == [1.0, 1.0]
+
+
 def _at_the_finetune(tiny_data, out, **kw) -> Trainer:
     """A ResNet-20 trainer at 60 % about to start its finetune, with two routers that split the images."""
     cfg = tiny_cfg(tiny_data, out, arch="resnet20", epochs=1, finetune_epochs=1, batch_size=8, target_flops="60%", **kw)
