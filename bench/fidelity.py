@@ -185,6 +185,7 @@ ROUTE_RECIPES = {"default": [],
                  "defaultft7bud": ["--finetune-rates", "budget", "--epochs", "1", "--finetune-epochs", "7"],
                  # and with a decided router enlisted when the held ones cannot close the gap (RateHold.steer)
                  "defaultft7e": ["--finetune-rates", "budget", "--epochs", "1", "--finetune-epochs", "7"],
+                 "defaulte": ["--finetune-rates", "budget"],
                  "normktfpipfskp4rcbud": [*INPLACE, "--mu-kp", "4", "--router-lr", "constant", "--finetune-rates",
                                           "budget"],
                  "normktfpipfskp4rcft6bud": [*INPLACE, "--mu-kp", "4", "--router-lr", "constant", "--epochs", "2",
