@@ -90,6 +90,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 WARM_MU = 20.0   # x mu_scale: the loop's start mu over trained blocks (1 on ResNet-20; see above)
+ENLIST = 0.01    # RateHold.steer enlists a decided router only for a gap over 1 % of the target: a route
+                 # that lands within it keeps every decided block as it is
 
 
 @dataclass
@@ -224,10 +226,11 @@ class RateHold:
         is shared by the held blocks in proportion to r (1 - r) of their rates, so a block near 0 or 1
         moves least; each rate stays inside [edge, 1 - edge]. When the held blocks cannot close the gap
         (a main phase that left every router decided), the decided block that can, the cheapest such,
-        is held too: its router opens (or closes) on the images it scores highest (lowest)."""
+        is held too (for a gap over ENLIST of the target): its router opens (or closes) on the images it
+        scores highest (lowest)."""
         self._sync()
         need = self._share(target - cost, block_cost)
-        while abs(need) > 1e-3 * target:
+        while abs(need) > ENLIST * target:
             side = [i for i, (r, h) in enumerate(zip(self.ref, self.held))
                     if not h and (r <= self.edge if need > 0 else r >= 1 - self.edge)]
             if not side:
