@@ -192,6 +192,15 @@ ROUTE_RECIPES = {"default": [],
                                              "--finetune-epochs", "6", "--finetune-rates", "budget"],
                  # the paper's consistency experiment (Table 3) on a dynamic recipe: Eq. 5 off
                  "normktfpipnocons": [*INPLACE, "--lam", "0"]}
+# one-at-a-time sweeps of what a search trial could sample, in a search trial's split from a backbone (the
+# defaultft6bud recipe: 2 main + 6 finetune epochs from the 18 + 4 network): the space's four (each at its
+# range's ends, spaces/default.yaml) and the recipe's candidates (beta of Eq. 3, the per-block rate loss,
+# the lr) (BENCHMARKS.md, "What moves a trial's model")
+SWEEP_BASE = ["--epochs", "2", "--finetune-epochs", "6", "--finetune-rates", "budget"]
+SWEEP = {"dc005": ["--d-c", "0.05"], "dc05": ["--d-c", "0.5"], "dd02": ["--d-d", "0.2"], "dd10": ["--d-d", "1.0"],
+         "lam005": ["--lam", "0.05"], "lam08": ["--lam", "0.8"], "al005": ["--alpha", "0.05"],
+         "al08": ["--alpha", "0.8"], "beta2": ["--beta", "2.5"], "beta10": ["--beta", "10"],
+         "rate1": ["--rate-weight", "1"], "lr005": ["--lr", "0.05"], "lr02": ["--lr", "0.2"]}
 # the recipes that name no finetune ran with the rates held (the default until the finetune steered to the
 # budget, 2026-12-07): pinned as they ran
 ROUTE_RECIPES = {k: v if "--finetune-rates" in v else [*v, "--finetune-rates", "hold"] for k, v in ROUTE_RECIPES.items()}
@@ -312,6 +321,9 @@ def plan(archs: list[str]) -> dict[str, list[str]]:
                                  "normktfpipfskp4rcft6bud"):
                         runs[f"{arch}-warmlong-drn-{t}-{name}-s{seed}"] = [
                             "--arch", arch, "--target-flops", f"{t}%", *ROUTE_RECIPES[name], *init, *s]
+                    for name, flags in SWEEP.items():
+                        runs[f"{arch}-warmlong-drn-{t}-sw{name}-s{seed}"] = [
+                            "--arch", arch, "--target-flops", f"{t}%", *SWEEP_BASE, *flags, *init, *s]
                 for name, flags in ABLATIONS.items():
                     runs[f"{arch}-scratch-drn-50-{name}-s{seed}"] = ["--arch", arch, "--target-flops", "50%", *flags,
                                                                      *FREE, *s]
