@@ -9,6 +9,7 @@ loop, the trim) reads val; the tables report test.
     python bench/fidelity.py report           # -> bench/results/fidelity.md (+ plots in docs/img/)
     python bench/fidelity.py routes           # the route recipes against the best static routes
     python bench/fidelity.py compute          # does compute buy accuracy? statics and the whole network
+    python bench/fidelity.py sweep            # one parameter at a time, in a search trial's split
 
 Several `run`s may work side by side (one per core): each claims a run with a lock file, a crashed
 claim is taken over, a finished run (its JSON in bench/results/fidelity/) is never run again and an
@@ -600,6 +601,39 @@ def routes_report(args) -> int:
     return 0
 
 
+def sweep_report(args) -> int:
+    """The one-at-a-time sweeps (SWEEP) against their base (defaultft6bud), paired by seed, per budget:
+    val accuracy (what a search reads), its paired change, and whether that change is beyond the base's
+    seed spread (its val sd over seeds) with one sign in every seed; test, landing and routes beside it."""
+    res = _load()
+    print("| budget | variant | flags | seeds | val acc | val − base, mean [min, max] | moves val? | test − base "
+          "| val FLOPs error at 0.5 | effective paths |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for t in TARGETS["resnet20"]:
+        stem = f"resnet20-warmlong-drn-{t}-{{}}-s{{}}"
+        base = {s: res[stem.format("defaultft6bud", s)]["train"] for s in SEEDS if stem.format("defaultft6bud", s) in res}
+        if not base:
+            continue
+        spread = statistics.stdev(b["val_accuracy"] for b in base.values()) if len(base) > 1 else float("nan")
+        land = lambda rs: ", ".join(f"{100 * (r['uncalibrated_flops'] / r['target'] - 1):+.1f} %" for r in rs)
+        paths = statistics.mean(res[stem.format("defaultft6bud", s)]["eval_hard"].get("effective_paths", 1) for s in base)
+        print(f"| {t} % | base (defaultft6bud) | – | {len(base)} | {_pm(b['val_accuracy'] for b in base.values())} "
+              f"| seed sd {100 * spread:.1f} | – | – | {land(base.values())} | {paths:.1f} |")
+        for name, flags in SWEEP.items():
+            rec = {s: res[stem.format(f"sw{name}", s)] for s in SEEDS if stem.format(f"sw{name}", s) in res}
+            if not rec:
+                continue
+            dv = [rec[s]["train"]["val_accuracy"] - base[s]["val_accuracy"] for s in rec if s in base]
+            dt = [rec[s]["eval_hard"]["accuracy"] - res[stem.format("defaultft6bud", s)]["eval_hard"]["accuracy"]
+                  for s in rec if s in base]
+            moves = (len(dv) == len(SEEDS) and abs(statistics.mean(dv)) > spread
+                     and (all(d > 0 for d in dv) or all(d < 0 for d in dv)))
+            print(f"| {t} % | {name} | `{' '.join(flags)}` | {len(rec)} | {_pm(r['train']['val_accuracy'] for r in rec.values())} "
+                  f"| {_gap(dv)} | {'yes' if moves else 'no'} | {_gap(dt)} | {land(r['train'] for r in rec.values())} | "
+                  f"{statistics.mean(r['eval_hard'].get('effective_paths', 1) for r in rec.values()):.1f} |")
+    return 0
+
+
 def _variant_table(res: dict, suffix: str, label: str) -> list[str]:
     """The DRN run another way (`{arch}-{start}-drn-{t}-{suffix}` records) against the main DRN rows and
     the statics read at the variant's own FLOPs, paired by seed, with its landing at 0.5."""
@@ -778,10 +812,11 @@ def report(args) -> int:
 
 
 def main() -> int:
-    ap = runner_parser(__doc__, ("run", "report", "routes", "compute"), list(TARGETS), list(TARGETS))
+    ap = runner_parser(__doc__, ("run", "report", "routes", "compute", "sweep"), list(TARGETS), list(TARGETS))
     ap.add_argument("--only", nargs="+", help="run only the runs whose name contains one of these")
     ap.add_argument("--dry-run", action="store_true", help="list what is left to run")
-    return run_command(ap, {"run": run, "report": report, "routes": routes_report, "compute": compute_report})
+    return run_command(ap, {"run": run, "report": report, "routes": routes_report, "compute": compute_report,
+                            "sweep": sweep_report})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Checkpoints: written atomically (a crash never leaves half a file), read with
 weights_only=True (no unpickling of arbitrary objects), recognised by a format tag."""
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -12,11 +13,22 @@ FORMAT = "drn-checkpoint"
 VERSION = 2   # 2: val split indices (val_index), test metrics, init_info
 
 
+def temp_beside(path: Path) -> Path:
+    """A temporary name in `path`'s folder that no other writer of `path` uses (two processes saving
+    one file each write their own, and the last rename wins whole)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, "version": VERSION, **state}, tmp)
-    os.replace(tmp, path)
+    tmp = temp_beside(path)
+    try:
+        torch.save({"format": FORMAT, "version": VERSION, **state}, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

@@ -7,11 +7,11 @@ Left: a row per frequent route, most frequent first -- its blocks (filled: execu
 of the split's images that take it, their accuracy, and images that take it, spread over the split. Right: the
 distinct routes and effective paths (2^entropy) on val after each epoch of the training history.
 """
-import os
 from pathlib import Path
 
 import torch
 
+from .checkpoint import temp_beside
 from .evaluate import path_stats
 
 
@@ -78,7 +78,7 @@ def routes_png(path, images: torch.Tensor, labels: torch.Tensor, preds: torch.Te
                  f"distinct routes, {stats['effective_paths']:.1f} effective paths; top {len(rows)} routes shown",
                  fontsize=10)
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_beside(path)
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
         tmp.replace(path)

@@ -6,17 +6,21 @@ split) needs it -- with one trial's resources on GPUs, with every CPU of a node 
 else runs until it is done) -- and keeps it under <storage>/backbones/<arch>-<dataset>-<key>/
 checkpoint.pt; later searches and `--resume` find it there. With a cloud --storage (s3://...) it is
 uploaded there too, so a new head finds it. A cache that cannot be read is trained again, with a
-one-line note.
+one-line note. Each finished epoch is kept beside it (partial.pt, also in the cloud copy): a training
+stopped by Ctrl-C, a crash or a lost node goes on from there at `--resume` (or at the next search that
+needs it). Two searches on one machine that need one backbone train it once: the second waits.
 """
+import contextlib
+import fcntl
 import hashlib
 import json
 import time
 from pathlib import Path
 
-from drn.checkpoint import load_checkpoint, save_checkpoint
+from drn.checkpoint import load_checkpoint, save_checkpoint, temp_beside
 from drn.config import TrainConfig, UsageError
 
-from .cloud import fetch, publish
+from .cloud import fetch, publish, remove
 from .config import SearchConfig, is_uri, results_root
 
 KEY_VERSION = 1   # bump when what a backbone is trained with changes meaning
@@ -65,22 +69,66 @@ def _cached(path: Path, epochs: int, log) -> dict | None:
     return ckpt
 
 
-def _train(tc_dict: dict, data, queue, threads: int) -> dict:
-    """In a Ray task: train the plain network; every epoch's line goes to the driver through `queue`."""
+PARTIAL = "partial.pt"   # beside the cache's checkpoint.pt: the training's last finished epoch
+
+
+def _train(tc_dict: dict, data, queue, threads: int, partial: str) -> dict:
+    """In a Ray task: train the plain network, going on from `partial` (a path, or a cloud URI) where a
+    stopped training left it, and saving each finished epoch there; every epoch's line goes to the
+    driver through `queue`."""
+    import shutil
     import tempfile
 
     import torch
-    from drn.train import Trainer
+    from drn.train import CHECKPOINT, Trainer
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as out:
+        ckpt = Path(out) / CHECKPOINT
+        resume = fetch(partial, ckpt) if is_uri(partial) else Path(partial).is_file() and bool(
+            shutil.copyfile(partial, ckpt))
+        if resume:
+            try:
+                load_checkpoint(ckpt)
+            except UsageError:   # a copy cut short: start again
+                resume = False
         tc = TrainConfig.from_dict({**tc_dict, "out": out})
-        trainer = Trainer(tc, data=data, log=lambda s: queue.put(s))
-        trainer.run()
+        trainer = Trainer(tc, data=data, resume=resume, log=lambda s: queue.put(s))
+        if resume:
+            queue.put(f"going on from epoch {trainer.epoch}, where a stopped training left it")
+
+        def keep(_metrics) -> None:   # the epoch's checkpoint, saved by now, outlives this task
+            if is_uri(partial):
+                publish(partial.rsplit("/", 1)[0], [ckpt], [PARTIAL])
+            else:
+                tmp = temp_beside(Path(partial))
+                shutil.copyfile(ckpt, tmp)
+                tmp.replace(partial)
+        trainer.run(on_epoch=keep)
         return trainer.state()
 
 
+@contextlib.contextmanager
+def cache_lock(folder: Path, log):
+    """One trainer per cached backbone on this machine: a second search that needs the same one waits
+    for the first, then finds it in the cache."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"backbone: another search is training it; waiting for {folder}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def ensure_backbone(cfg: SearchConfig, data, cpus: float, gpus: float, log) -> tuple[Path, dict, str]:
-    """The cached backbone of this search, trained now if it is not cached yet; and which of the two."""
+    """The cached backbone of this search, trained now if it is not cached yet (going on from the epoch
+    where a stopped training left it); and which of the two."""
+    with cache_lock(backbone_path(cfg).parent, log):
+        return _ensure(cfg, data, cpus, gpus, log)
+
+
+def _ensure(cfg: SearchConfig, data, cpus: float, gpus: float, log) -> tuple[Path, dict, str]:
     path, uri = backbone_path(cfg), backbone_uri(cfg)
     if uri is not None and not path.is_file() and fetch(uri, path):
         log(f"backbone: fetched {uri}")
@@ -97,7 +145,8 @@ def ensure_backbone(cfg: SearchConfig, data, cpus: float, gpus: float, log) -> t
         f"(once; cached in {uri or path.parent})")
     queue = Queue()
     task = ray.remote(num_cpus=cpus, num_gpus=gpus)(_train)
-    ref = task.remote(tc.to_dict(), data, queue, max(1, int(cpus)))
+    partial = f"{uri.rsplit('/', 1)[0]}/{PARTIAL}" if uri else str(path.with_name(PARTIAL))
+    ref = task.remote(tc.to_dict(), data, queue, max(1, int(cpus)), partial)
     t0 = time.time()
     while True:
         done, _ = ray.wait([ref], timeout=2.0)
@@ -111,6 +160,9 @@ def ensure_backbone(cfg: SearchConfig, data, cpus: float, gpus: float, log) -> t
     save_checkpoint(path, ckpt)   # atomic: a crash leaves no half-written cache
     if uri is not None:
         publish(uri.rsplit("/", 1)[0], [path])   # path and uri end in the same checkpoint.pt
+    path.with_name(PARTIAL).unlink(missing_ok=True)
+    if uri is not None:
+        remove(partial)
     log(f"backbone: done in {time.time() - t0:.0f}s, val accuracy {ckpt['history'][-1]['accuracy']:.2%}")
     return path, ckpt, "trained"
 

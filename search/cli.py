@@ -5,8 +5,11 @@ written. Everything else of a search lives in <storage>/<name>/ (see README, "Re
 """
 import argparse
 import dataclasses
+import json
 import os
+import signal
 import sys
+import threading
 import time
 
 from drn.cli import EXIT_USAGE, OneLineParser, formatter
@@ -92,7 +95,7 @@ METAVARS = {int: "N", float: "X", str: "S", "--target-flops": "T", "--target-lat
 
 def parser() -> argparse.ArgumentParser:
     fields = {f.name: f for f in dataclasses.fields(SearchConfig)}
-    p = OneLineParser(prog="drn-search", usage="drn-search [options]", formatter_class=formatter, description="Search the margins and loss weights of dynamic-routing ResNets "
+    p = OneLineParser(prog="drn-search", usage=USAGE, formatter_class=formatter, description="Search the margins and loss weights of dynamic-routing ResNets "
                 "(Optuna, trials run by Ray Tune) for the best val accuracy at a compute budget.")
     for title, flags in FLAGS.items():
         g = p.add_argument_group(title)
@@ -107,13 +110,40 @@ def parser() -> argparse.ArgumentParser:
             g.add_argument(flag, dest=name, type=typ, nargs=nargs, default=argparse.SUPPRESS, metavar=METAVARS.get(flag, METAVARS[typ]),
                            help=help_ if "(default:" in help_ else f"{help_} (default: {shown})")
         if title == "output":
-            g.add_argument("--resume", metavar="NAME", help="continue the interrupted search NAME under --storage "
-                           "with its own settings: finished trials are kept, unfinished ones go on from their last "
-                           "epoch")
+            g.add_argument("--resume", metavar="NAME", help="continue the search NAME under --storage with its own "
+                           "settings: finished trials are kept, unfinished ones go on from their last epoch; with "
+                           "--num-samples N, a search extended to N trials (only --address, --storage and "
+                           "--num-samples go with --resume)")
+            g.add_argument("--json", dest="json", action="store_true", default=argparse.SUPPRESS,
+                           help="print the end-of-search summary as one JSON object on stdout (the text goes to "
+                                "stderr)")
+            g.add_argument("--version", action="version", version=f"drn-search {tracking.version()}")
             g.add_argument("--smoke-test", dest="smoke_test", action="store_true", default=argparse.SUPPRESS,
                            help="a tiny search that finishes in minutes on a laptop CPU: " +
                                 ", ".join(f"{k}={v}" for k, v in SMOKE.items()).replace("%", "%%") +
                                 " (flags given still win)")
+    return p
+
+
+# exit codes (README, "Operating a search"): 2 is bad input (drn.cli.EXIT_USAGE)
+EXIT_INFEASIBLE = 3     # the search ended, and some target has no feasible model
+EXIT_FAILED = 4         # the search ended, and some trial failed (its error in the summary)
+EXIT_UPLOAD = 5         # the search ended, but the final copy of its files to a cloud --storage failed
+EXIT_INTERRUPTED = 130  # Ctrl-C: the state is saved, --resume continues it
+EXIT_TERMINATED = 143   # SIGTERM (ray job stop, a scheduler's kill): ends as Ctrl-C does
+USAGE = ("drn-search [options]\n       drn-search --resume NAME [--num-samples N] [--json]\n"
+         "       drn-search status NAME [--storage URI] [--json]")
+RESUME_FLAGS = ("address", "storage", "num_samples", "json")   # what --resume takes: where, how many, how shown
+
+
+def status_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="drn-search status", formatter_class=formatter,
+                      description="A running or finished search, from its files: its driver, trials by state, "
+                                  "what is running, the best feasible trial per target and its model URI.")
+    p.add_argument("name", metavar="NAME", help="the search's name (its folder under --storage)")
+    p.add_argument("--storage", default=SearchConfig.__dataclass_fields__["storage"].default, metavar="DIR|URI",
+                   help="where the search was run (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the status as one JSON object")
     return p
 
 
@@ -161,6 +191,20 @@ def load_backbone(cfg: SearchConfig, data) -> dict | None:
     return ckpt
 
 
+def check_study_free(cfg: SearchConfig) -> None:
+    """A new search's studies in a shared --optuna-storage must be its own: a study of that name whose
+    trials ran is another search's (joining it would mix their trials). A study holding only enqueued
+    trials (parameters given for the first trials) is taken."""
+    if cfg.optuna_storage is None:
+        return
+    import optuna
+    from .searcher import studies_by_target
+    for target, study in studies_by_target(cfg.optuna_storage, cfg.name, cfg.targets).items():
+        if any(t.state != optuna.trial.TrialState.WAITING for t in study.get_trials(deepcopy=False)):
+            raise UsageError(f"--optuna-storage already holds a study {study.study_name!r} with trials (another "
+                             f"search's?); continue it with --resume {cfg.name}, or pick another --name")
+
+
 @dataclasses.dataclass
 class Prepared:
     """What a search has checked and set up before its first trial."""
@@ -173,34 +217,46 @@ class Prepared:
     cpus: float
     gpus: float
     state_copy: str | None        # where our files are kept beside a cloud --storage
+    lock: object = None           # the driver lock (search/monitor.py): held while this process runs the search
 
 
 def prepare(cfg: SearchConfig, resume: bool) -> Prepared:
     """Every check that can fail on bad input (before anything is written), then Ray, MLflow and
     the backbone."""
     from .space import load_space
+    from .monitor import claim
     space = load_space(cfg.space)
     results = cfg.results_dir
     if not resume and results.exists():
         raise UsageError(f"search {cfg.name!r} already exists in {results.parent}; "
                          f"continue it with --resume {cfg.name} or pick another --name")
+    lock = claim(results, cfg.name) if resume else None   # a second driver on one search is refused
     if not resume:
         state.check_new(cfg.storage, cfg.name)
+        check_study_free(cfg)
     data = load_data(cfg)
     check_budget(cfg, data)
     backbone = load_backbone(cfg, data)
     mlflow_target = None if resume else tracking.check(cfg, results)
     cluster = connect(cfg)
+    on_sigterm()   # ray.init installs its own SIGTERM handler in the driver, which aborts with a stack dump
     state.check_shared(cfg.address, cfg.storage, mlflow_target[0] if mlflow_target else tracking.resumed(results).uri,
                        state.cluster_machines())
     cpus, gpus = resources(cfg, cluster)
     _log(f"Ray: {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs; "
          f"each trial {cpus:g} CPU, {gpus:g} GPU")
-    results.mkdir(parents=True, exist_ok=True)
     if not resume:
+        try:   # claimed atomically: of two searches started at once under one name, one goes on
+            results.mkdir(parents=True)
+        except FileExistsError:
+            raise UsageError(f"search {cfg.name!r} was started meanwhile in {results.parent}; pick another "
+                             f"--name") from None
+        lock = claim(results, cfg.name)
         cfg.save(results / "search.json")
         track = tracking.create(cfg, results, *mlflow_target)
     else:
+        if cfg.num_samples != json.loads((results / "search.json").read_text())["num_samples"]:
+            cfg.save(results / "search.json")   # extended (--resume NAME --num-samples N)
         track = tracking.resumed(results)
     _log(f"MLflow: experiment {cfg.experiment_name or cfg.name!r} at {track.uri}")
     state_copy = state.state_uri(cfg.storage, cfg.name)   # a cloud --storage: our files survive the head
@@ -216,78 +272,194 @@ def prepare(cfg: SearchConfig, resume: bool) -> Prepared:
         backbone_info = describe(path, backbone, origin)
         track.log_backbone(backbone_info)
         _log(summary_line(backbone_info) + ": every trial starts from it")
-    return Prepared(space, data, backbone, init, backbone_info, track, cpus, gpus, state_copy)
+    return Prepared(space, data, backbone, init, backbone_info, track, cpus, gpus, state_copy, lock)
 
 
-def finish(cfg: SearchConfig, p: Prepared, grid) -> list[dict]:
-    """The trials table (Parquet, the cloud copy), MLflow's tags and registry, and the summary."""
-    from .results import summary, trial_rows, write_parquet
-    from .searcher import load_studies
+def finish(cfg: SearchConfig, p: Prepared, grid, out=sys.stdout) -> tuple[list[dict], dict]:
+    """The trials table (Parquet, the cloud copy), MLflow's tags, registry and importance plot, and the
+    summary (printed on `out`); returns the trials and the summary object."""
+    from .results import summary, summary_object, trial_rows, write_parquet
+    from .searcher import studies_by_target
     checkpoints = {}
     for r in grid:
         tid = (r.metrics or {}).get("trial_id")
         if tid and r.checkpoint is not None:
             checkpoints[tid] = f"{r.checkpoint.path.rstrip('/')}/checkpoint.pt"
-    studies = load_studies(cfg.study_storage, cfg.name, cfg.targets)
-    rows = trial_rows(studies, [q.name for q in p.space.params], cfg.tolerance, checkpoints)
+    studies = studies_by_target(cfg.study_storage, cfg.name, cfg.targets)
+    names = [q.name for q in p.space.params]
+    rows = trial_rows(list(studies.values()), names, cfg.tolerance, checkpoints)
     write_parquet(rows, cfg.results_dir / "trials.parquet")
-    state.upload(cfg.results_dir, p.state_copy, _log)
-    models = p.track.update(rows, cfg.results_dir / "trials.parquet", cfg.targets, cfg.cost_key)   # and the registry
-    print(summary(rows, cfg.targets, cfg.cost_key, models))
+    copied = state.upload(cfg.results_dir, p.state_copy, _log) if p.state_copy else None
+    models, missing = record_end(cfg, p, rows, studies, names)
+    print(summary(rows, cfg.targets, cfg.cost_key, models), file=out)
+    for line in missing:
+        print(line, file=out)
     if p.backbone_info is not None:
         from .backbone import summary_line
-        print("\n" + summary_line(p.backbone_info))
+        print("\n" + summary_line(p.backbone_info), file=out)
     uri, url = p.track.uri, tracking.front_url(p.track.uri, p.track.experiment_id)
     if uri.startswith(("http://", "https://")):
-        print(f"\nMLflow, the fronts' runs: {url}")
+        print(f"\nMLflow, the fronts' runs: {url}", file=out)
     else:
-        print(f"\nMLflow: mlflow ui --backend-store-uri {uri} --host 127.0.0.1, then the fronts' runs: {url}")
-    return rows
+        print(f"\nMLflow: mlflow ui --backend-store-uri {uri} --host 127.0.0.1, then the fronts' runs: {url}", file=out)
+    return rows, {"name": cfg.name, "results_dir": str(cfg.results_dir), "mlflow_uri": uri, "mlflow_url": url,
+                  "targets": cfg.targets, "state_copied": copied, "mlflow_missing": missing,
+                  **summary_object(rows, cfg.targets, names, models)}
 
 
-def run_search(cfg: SearchConfig, resume: bool = False) -> tuple[list[dict], bool]:
-    """Run (or resume) the search; returns its trials and whether every one of them has ended
-    (False: interrupted, e.g. by Ctrl-C, which Tune turns into an early return of fit())."""
+def record_end(cfg: SearchConfig, p: Prepared, rows: list[dict], studies: dict, names: list[str]):
+    """MLflow at the search's end, best effort (every result is in trials.parquet already): the runs of
+    trials that could not log themselves, from their checkpoints; the tags and the registry; the
+    importance plot. Returns the registered models (None when MLflow failed) and what MLflow lacks."""
+    def first_line(e: Exception) -> str:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    try:
+        missing = p.track.complete(rows, {**p.space.fixed, **dict.fromkeys(names)}, p.data)
+        models = p.track.update(rows, cfg.results_dir / "trials.parquet", cfg.targets, cfg.cost_key)   # and the registry
+    except Exception as e:
+        return None, [f"MLflow at {p.track.uri} did not take the search's end ({first_line(e)}); every result is "
+                      f"in trials.parquet, and `drn-search --resume {cfg.name}` records it once MLflow is back"]
+    try:
+        p.track.log_importance(studies)
+    except Exception as e:   # a figure, not a result: the search's end does not hang on it
+        _log(f"warning: no parameter-importance plot: {first_line(e)}")
+    return models, missing
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What a search ended with (`run_search`; drn-search --json prints `summary` with `exit_code`)."""
+    rows: list[dict]      # one per trial, as in trials.parquet
+    summary: dict         # the summary object: trials by state, best per target with its URIs, fronts
+    complete: bool        # every trial ended (False: interrupted; --resume continues it)
+    exit_code: int        # drn-search's: 0, EXIT_INFEASIBLE, EXIT_FAILED, EXIT_UPLOAD or EXIT_INTERRUPTED
+
+
+def exit_code(rows: list[dict], targets: list[str], complete: bool, copied: bool | None = None) -> int:
+    """0 only when the search ended with a feasible model at every target and no trial failed (and the
+    copy of its files under a cloud --storage, where there is one, was made)."""
+    if not complete:
+        return EXIT_INTERRUPTED
+    if copied is False:
+        return EXIT_UPLOAD
+    if any(r["state"] == "FAIL" for r in rows):
+        return EXIT_FAILED
+    from .results import best_feasible
+    return EXIT_INFEASIBLE if any(best_feasible(rows, t) is None for t in targets) else 0
+
+
+def run_search(cfg: SearchConfig, resume: bool = False, out=sys.stdout) -> Outcome:
+    """Run (or resume) the search, and print its summary on `out`. An interrupt (Ctrl-C, SIGTERM) is an
+    early return of Tune's fit(): the trials so far are summarised and kept for --resume."""
     tune_settings(cfg)
     p = prepare(cfg, resume)
     tuner = make_tuner(cfg, resume, p)
     t0 = time.time()
     grid = tuner.fit()
-    rows = finish(cfg, p, grid)
+    rows, obj = finish(cfg, p, grid, out)
     ended = sum(r["state"] in ("COMPLETE", "PRUNED", "FAIL") for r in rows)
-    if ended < cfg.num_samples:
+    complete = ended >= cfg.num_samples
+    if not complete:
         _log(f"interrupted after {time.time() - t0:.0f}s with {ended}/{cfg.num_samples} trials ended; "
              f"continue with: drn-search --resume {cfg.name} --storage {cfg.storage}")
-        return rows, False
-    _log(f"done in {time.time() - t0:.0f}s; trials: {cfg.results_dir / 'trials.parquet'}; "
-         f"checkpoints under {cfg.storage.rstrip('/')}/{cfg.name}")
-    return rows, True
+    else:
+        _log(f"done in {time.time() - t0:.0f}s; trials: {cfg.results_dir / 'trials.parquet'}; "
+             f"checkpoints under {cfg.storage.rstrip('/')}/{cfg.name}")
+    code = exit_code(rows, cfg.targets, complete, obj["state_copied"])
+    return Outcome(rows, {**obj, "complete": complete, "exit_code": code}, complete, code)
+
+
+def resumed_config(name: str, args: dict) -> SearchConfig:
+    """--resume NAME: the search's saved settings; only where Ray runs, --storage and a larger
+    --num-samples (an extended search) may be given with it: any other flag is refused, not ignored."""
+    flag = {f[0]: k for group in FLAGS.values() for k, f in group.items()} | {"smoke_test": "--smoke-test"}
+    other = [flag.get(k, k) for k in args if k not in RESUME_FLAGS]
+    if other:
+        raise UsageError(f"--resume {name} continues the search with its own settings: {other[0]} cannot change "
+                         f"them (with --resume give only --address, --storage or --num-samples)")
+    cfg = SearchConfig.resumed(name, {k: args[k] for k in ("address", "storage") if k in args})
+    n = args.get("num_samples", cfg.num_samples)
+    if n < cfg.num_samples:
+        raise UsageError(f"--num-samples {n}: search {name!r} has {cfg.num_samples} trials planned already; "
+                         f"a resumed search can grow, not shrink")
+    if n > cfg.num_samples and str(cfg.address).startswith("ray://"):   # Tune's driver is then a remote actor
+        raise UsageError(f"--num-samples cannot extend a search through Ray Client ({cfg.address}): resume it "
+                         f"on the cluster's head (--address auto)")
+    cfg.num_samples = n
+    return cfg
+
+
+def on_sigterm() -> None:
+    """SIGTERM ends the search as Ctrl-C does (see _terminate_as_interrupt); from the main thread only
+    (Python's rule for signal handlers: the Python API may run a search in another thread)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+
+
+def _terminate_as_interrupt(signum, frame) -> None:
+    """SIGTERM ends the search as Ctrl-C does (Tune saves its state and returns, the summary is
+    printed): it is handed on as SIGINT, to Tune's handler while trials run."""
+    global _terminated
+    _terminated = True
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+_terminated = False
+
+
+def status_main(argv: list[str]) -> int:
+    from .monitor import read, text
+    args = status_parser().parse_args(argv)
+    try:
+        s = read(args.name, args.storage)
+    except UsageError as e:
+        print(f"drn-search status: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(s) if args.json else text(s))
+    return 0
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["status"]:
+        return status_main(argv[1:])
     args = vars(parser().parse_args(argv))
-    resume = args.pop("resume")
+    resume, as_json = args.pop("resume"), "json" in args
+    on_sigterm()
+    outcome, cfg = None, None
     try:
-        if resume:
-            # a resumed search keeps its settings; where Ray runs may change
-            cfg = SearchConfig.resumed(resume, {k: args[k] for k in ("address", "storage") if k in args})
-        else:
-            cfg = SearchConfig.from_flags(args)
-        _, complete = run_search(cfg, resume=bool(resume))
+        cfg = resumed_config(resume, args) if resume else SearchConfig.from_flags(
+            {k: v for k, v in args.items() if k != "json"})
+        outcome = run_search(cfg, resume=bool(resume), out=sys.stderr if as_json else sys.stdout)
     except UsageError as e:
         print(f"drn-search: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:   # Ctrl-C before Tune runs (once it runs, Tune stops on it and returns)
-        complete = False
+        pass
     finally:
         if "ray" in sys.modules:
             import ray
             if ray.is_initialized():
                 ray.shutdown()
-    if not complete:
-        print("drn-search: interrupted (trials and checkpoints so far are kept; see --resume)", file=sys.stderr)
-        return 130
-    return 0
+    code = outcome.exit_code if outcome is not None else EXIT_INTERRUPTED
+    if code == EXIT_INTERRUPTED and _terminated:
+        code = EXIT_TERMINATED
+    if as_json and outcome is not None:
+        print(json.dumps({**outcome.summary, "exit_code": code}))
+    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+        why = "terminated (SIGTERM)" if _terminated else "interrupted"
+        how = (f"continue with: drn-search --resume {cfg.name} --storage {cfg.storage}"
+               if cfg is not None and cfg.results_dir.exists() else "see --resume")
+        print(f"drn-search: {why}; what ran so far is kept ({how})", file=sys.stderr)
+    elif code == EXIT_UPLOAD:
+        print("drn-search: the search's files were not copied to --storage (see the line above); a new head "
+              "could not resume it from there", file=sys.stderr)
+    elif code == EXIT_FAILED:
+        print("drn-search: some trials failed (their errors are in the summary)", file=sys.stderr)
+    elif code == EXIT_INFEASIBLE:
+        print("drn-search: no feasible model at some target (see the summary; more --num-samples with --resume, "
+              "or a wider --tolerance)", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

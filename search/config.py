@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import re
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,9 @@ class SearchConfig:
     smoke_test: bool = False
 
     def __post_init__(self):
+        from .secrets import strip_password   # before anything keeps a URI (search/secrets.py)
+        for flag in ("optuna_storage", "mlflow_uri", "address", "storage"):
+            setattr(self, flag, strip_password(f"--{flag.replace('_', '-')}", getattr(self, flag)))
         if self.smoke_test and not self.target_flops and not self.target_latency_ms:
             self.target_flops = list(SMOKE["target_flops"])
         if bool(self.target_flops) == bool(self.target_latency_ms):
@@ -106,7 +110,8 @@ class SearchConfig:
         for ok, msg in self._checks():
             if not ok:
                 raise UsageError(msg)
-        self.name = self.name or f"drn-{self.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+        # the second and 4 random hex digits: two searches started in one second get two names
+        self.name = self.name or f"drn-{self.arch}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
             raise UsageError(f"name {self.name!r}: use letters, digits, '.', '_' and '-'")
         self._paths()

@@ -47,3 +47,37 @@ def pareto_plot(rows: list[dict], targets: list[str], path: Path, cost_key: str 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+MIN_IMPORTANCE_TRIALS = 5   # complete trials a study needs before fANOVA's importances say anything
+
+
+def param_importances(studies: dict) -> dict[str, dict[str, float]]:
+    """Target -> Optuna's fANOVA importance of each sampled parameter for val accuracy (sums to 1), for
+    the studies (target -> optuna.Study) with MIN_IMPORTANCE_TRIALS complete trials or more."""
+    import optuna
+    out = {}
+    for target, study in studies.items():
+        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        # trials that all score the same leave nothing to apportion (fANOVA raises on zero variance)
+        if len(done) >= MIN_IMPORTANCE_TRIALS and any(t.params for t in done) and len({t.value for t in done}) > 1:
+            evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)   # the same figure on every call
+            out[target] = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    return out
+
+
+def importance_plot(importances: dict[str, dict[str, float]], path: Path) -> None:
+    """One bar panel per target: each parameter's share of the val accuracy's variance (fANOVA)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = len(importances)
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), sharex=True, squeeze=False)
+    for ax, (target, imp) in zip(axes[0], importances.items()):
+        names = sorted(imp, key=imp.get)
+        ax.barh(names, [imp[k] for k in names], color="tab:blue")
+        ax.set_title(f"target {target}")
+        ax.set_xlabel("importance for val accuracy (fANOVA)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

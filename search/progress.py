@@ -2,6 +2,7 @@
 search's studies (one per target) each time a trial ends (so a crashed driver leaves an up-to-date
 table; with a cloud --storage, copied there with the search's other files, search/state.py). Trials
 are named by their search-wide number. Holds only plain values: a restored search unpickles it."""
+import functools
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,19 @@ from .results import trial_rows, write_parquet
 from .searcher import load_studies
 from .state import save_after_the_last_upload, upload
 from .tracking import Tracking
+
+
+def never_fatal(hook):
+    """An error in a callback hook aborts Tune's whole run: here it is one line, and the search goes on
+    (what the hook could not do, the next trial's end or the search's end does again)."""
+    @functools.wraps(hook)
+    def safe(self, *args, **kwargs):
+        try:
+            return hook(self, *args, **kwargs)
+        except Exception as e:
+            self._print(f"warning: {hook.__name__} failed ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); the search goes on")
+    return safe
 
 
 class Progress(Callback):
@@ -36,12 +50,14 @@ class Progress(Callback):
     def _print(self, msg: str) -> None:
         print(f"[drn-search {time.time() - self.t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
 
+    @never_fatal
     def on_trial_start(self, iteration, trials, trial, **info):
         c = trial.config
         params = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in c.items()
                            if k not in ("target", "optuna_trial"))
         self._print(f"trial {c.get('optuna_trial')} (target {c.get('target')}) started: {params}")
 
+    @never_fatal
     def on_trial_result(self, iteration, trials, trial, result, **info):
         n = result.get("optuna_trial")
         if result.get("diverged"):
@@ -60,19 +76,26 @@ class Progress(Callback):
         rows = trial_rows(studies, self.space_names, self.tolerance, checkpoint_paths(trials))
         write_parquet(rows, self.parquet)
         if self.tracking is not None:   # states, Pareto tags, the parent's table and plot
-            Tracking(**self.tracking).update(rows, Path(self.parquet), self.targets, self.cost_key)
+            try:
+                Tracking(**self.tracking).update(rows, Path(self.parquet), self.targets, self.cost_key)
+            except Exception as e:   # MLflow away: the next trial's end, or the search's, updates it
+                self._print(f"warning: MLflow did not take the trials' tags ({type(e).__name__}); "
+                            f"they are updated when the next trial ends")
         # a callback pickled before it had a state copy has no attribute
         upload(Path(self.parquet).parent, getattr(self, "state", None), self._print)
         return rows
 
+    @never_fatal
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._ended(trials, trial)
 
+    @never_fatal
     def on_trial_error(self, iteration, trials, trial, **info):
         self._ended(trials, trial)
         self._print(f"trial {trial.config.get('optuna_trial')} raised: {error_line(trial)} "
                     f"(traceback: {trial.error_file})")
 
+    @never_fatal
     def on_trial_recover(self, iteration, trials, trial, **info):
         """A trial's worker died (node lost, OOM, a bug): Tune starts it again from its checkpoint."""
         self._print(f"trial {trial.config.get('optuna_trial')} lost its worker ({error_line(trial)}); "

@@ -7,6 +7,7 @@ import optuna
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from drn.checkpoint import temp_beside
 from drn.config import is_number
 
 from .pareto import pareto_front
@@ -15,7 +16,8 @@ from .searcher import search_trial
 # accuracy, flops, k: on val (what every choice reads); test_*: the held-out split, reported only
 METRICS = ("accuracy", "flops", "k", "latency_ms", "test_accuracy", "test_flops", "test_k", "epoch", "threshold",
            "uncalibrated_flops", "mu", "target_cost", "rel_error", "distinct_paths", "path_entropy",
-           "effective_paths", "dynamic_share", "test_distinct_paths", "test_effective_paths", "test_dynamic_share")
+           "effective_paths", "dynamic_share", "test_distinct_paths", "test_effective_paths", "test_dynamic_share",
+           "mlflow_missing")   # 1: the trial could not log everything to MLflow (the driver logs it at the end)
 
 
 def trial_rows(studies: list[optuna.Study], space_names: list[str], tolerance: float,
@@ -36,6 +38,7 @@ def trial_rows(studies: list[optuna.Study], space_names: list[str], tolerance: f
                            and abs(row["rel_error"]) <= tolerance)
         row["reason"] = a.get("reason")
         row["checkpoint"] = (checkpoints or {}).get(a.get("tune_trial_id"))
+        row["model_uri"] = a.get("model_uri")   # the trial's logged model (models:/m-<id>), when MLflow took it
         rows.append(row)
     done = front_candidates(rows)
     for r in rows:
@@ -69,9 +72,12 @@ def best_feasible(rows: list[dict], target: str) -> dict | None:
 def write_parquet(rows: list[dict], path: str | Path) -> None:
     """Atomic: a crash mid-write leaves the previous file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.Table.from_pylist(rows), tmp)
-    os.replace(tmp, path)
+    tmp = temp_beside(path)
+    try:
+        pq.write_table(pa.Table.from_pylist(rows), tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def summary(rows: list[dict], targets: list[str], cost_key: str = "flops", models: list[dict] | None = None) -> str:
@@ -110,6 +116,38 @@ def summary(rows: list[dict], targets: list[str], cost_key: str = "flops", model
     for r in failed:
         lines.append(f"trial {r['trial']} failed: {r['reason']}")
     return "\n".join(lines)
+
+
+STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
+# what the JSON summary and `drn-search status` give of a target's best trial (test: reported only)
+BEST_KEYS = ("trial", "accuracy", "test_accuracy", "flops", "latency_ms", "rel_error", "k", "effective_paths",
+             "dynamic_share", "model_uri", "checkpoint")
+
+
+def summary_object(rows: list[dict], targets: list[str], space_names: list[str],
+                   models: list[dict] | None = None) -> dict:
+    """The summary as one JSON-able object: trials by state, each target's best feasible trial (by val)
+    with its parameters and model URI (the registry's best-<target> alias where it was registered),
+    its front's trials, the failed trials' reasons, and what is running."""
+    from .registry import alias as alias_of
+    alias = {m["alias"]: m for m in models or [] if m.get("alias")}
+    best = {}
+    for t in targets:
+        b = best_feasible(rows, t)
+        if b is not None:
+            b = {**{k: b.get(k) for k in BEST_KEYS}, "params": {n: b.get(n) for n in space_names}}
+            registered = alias.get(alias_of(t))
+            if registered is not None:   # the registry's version, and the alias that follows the best
+                b["registered_uri"] = registered["uri"]
+                b["alias_uri"] = f"{registered['uri'].rsplit('/', 1)[0]}@{alias_of(t)}"
+        best[t] = b
+    return {"trials": {s.lower(): sum(r["state"] == s for r in rows) for s in STATES},
+            "best": best,
+            "fronts": {t: [r["trial"] for r in sorted((r for r in rows if r["target"] == t and r["pareto_flops"]),
+                                                      key=lambda r: r["flops"])] for t in targets},
+            "failed": [{"trial": r["trial"], "reason": r["reason"]} for r in rows if r["state"] == "FAIL"],
+            "running": [{"trial": r["trial"], "target": r["target"], "epoch": r.get("epoch"),
+                         "accuracy": r.get("accuracy")} for r in rows if r["state"] == "RUNNING"]}
 
 
 def model_lines(models: list[dict]) -> list[str]:

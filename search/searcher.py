@@ -31,15 +31,17 @@ searcher (re)connects to it, and lies about running trials (constant liar) so th
 trials spread out.
 """
 import json
+import warnings
 
 import numpy as np
 import optuna
-from ray.tune.search import Searcher
+from ray.tune.search import SearchGenerator, Searcher
 
 from drn.config import TrainConfig, is_number, parse_target
 
 from .space import Param, Space
 
+OBJECTIVE = "val_accuracy"   # what every study maximises: the trial's accuracy on the carved val split
 TERMINAL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
 
@@ -53,11 +55,17 @@ def study_names(name: str, targets: list[str]) -> dict[str, str]:
     return {t: name for t in targets} if len(targets) <= 1 else {t: f"{name}@{t}" for t in targets}
 
 
-def load_studies(storage: str, name: str, targets: list[str]) -> list[optuna.Study]:
-    """The search's studies that exist in `storage`, in the targets' order."""
+def studies_by_target(storage: str, name: str, targets: list[str]) -> dict[str, optuna.Study]:
+    """Target -> its study, for the search's studies that exist in `storage`, in the targets' order."""
     rdb = optuna.storages.RDBStorage(storage)
     have = set(optuna.get_all_study_names(rdb))
-    return [optuna.load_study(study_name=n, storage=rdb) for n in study_names(name, targets).values() if n in have]
+    return {t: optuna.load_study(study_name=n, storage=rdb) for t, n in study_names(name, targets).items()
+            if n in have}
+
+
+def load_studies(storage: str, name: str, targets: list[str]) -> list[optuna.Study]:
+    """The search's studies that exist in `storage`, in the targets' order."""
+    return list(studies_by_target(storage, name, targets).values())
 
 
 def search_trial(t: optuna.trial.FrozenTrial) -> int:
@@ -133,6 +141,10 @@ class OptunaSearcher(Searcher):
                              for t, name in study_names(self.study_name, self.targets).items()}
             for i, study in enumerate(self._studies.values()):
                 study.sampler = self._sampler(i, len(study.get_trials(deepcopy=False)))
+                if study.metric_names is None:   # optuna-dashboard's name for the objective
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                        study.set_metric_names([OBJECTIVE])
         return self._studies
 
     def _sampler(self, index: int, n_trials: int) -> optuna.samplers.TPESampler:
@@ -190,6 +202,8 @@ class OptunaSearcher(Searcher):
         for k in (*METRICS, "checkpoint_epoch"):
             if is_number(result.get(k)):
                 trial.set_user_attr(k, float(result[k]))
+        if isinstance(result.get("model_uri"), str):
+            trial.set_user_attr("model_uri", result["model_uri"])
         cost = result.get(self.cost_key)
         if error or result.get("diverged") or not (is_number(result.get("accuracy")) and is_number(cost)):
             trial.set_user_attr("reason", result.get("error", "trial raised an error") if error or
@@ -224,3 +238,15 @@ class OptunaSearcher(Searcher):
                     study.tell(t.number, state=optuna.trial.TrialState.FAIL)
 
 
+class Extendable(SearchGenerator):
+    """Tune's generator of trials from a searcher, whose restored trial count (Tune's saved state)
+    grows to `num_samples`: how `--resume NAME --num-samples N` extends a search."""
+
+    def __init__(self, searcher, num_samples: int):
+        super().__init__(searcher)
+        self.num_samples = num_samples
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        if self.num_samples > self._total_samples:
+            self._total_samples, self._finished = self.num_samples, False

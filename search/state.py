@@ -14,6 +14,7 @@ import re
 import shutil
 import sqlite3
 import tempfile
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -49,23 +50,32 @@ def backup_sqlite(db: Path, copy: Path) -> None:
         dst.close()
 
 
-def upload(results_dir: Path, uri: str | None, log) -> bool:
-    """Copy the search's files to its cloud copy `uri` (nothing for None). A failure is one line via
-    `log`, not the search's end: the next trial's end tries again."""
+RETRIES = (1.0, 2.0, 4.0)   # seconds before each new try of a failed copy (a network blip, a throttled bucket)
+
+
+def upload(results_dir: Path, uri: str | None, log, retries=RETRIES) -> bool:
+    """Copy the search's files to its cloud copy `uri` (nothing for None), trying again after each of
+    `retries` seconds. A failure is one line via `log` naming the files not copied, not the search's
+    end: the next trial's end tries again, and the search's end exits non-zero if its copy fails."""
     if uri is None:
         return False
     import pyarrow as pa
-    try:
-        with tempfile.TemporaryDirectory() as d:
-            files = [results_dir / f for f in FILES if (results_dir / f).is_file()]
-            if (results_dir / STUDY).is_file():
-                backup_sqlite(results_dir / STUDY, Path(d) / STUDY)
-                files.append(Path(d) / STUDY)
-            publish(uri, files)
-    except (OSError, sqlite3.Error, pa.ArrowException) as e:
-        log(f"could not copy the search's state to {uri}: {_first_line(e)}")
-        return False
-    return True
+    names = [f for f in (*FILES, STUDY) if (results_dir / f).is_file()]
+    for wait in (*retries, None):
+        try:
+            with tempfile.TemporaryDirectory() as d:
+                files = [results_dir / f for f in FILES if (results_dir / f).is_file()]
+                if (results_dir / STUDY).is_file():
+                    backup_sqlite(results_dir / STUDY, Path(d) / STUDY)
+                    files.append(Path(d) / STUDY)
+                publish(uri, files)
+            return True
+        except (OSError, sqlite3.Error, pa.ArrowException) as e:
+            if wait is None:
+                log(f"could not copy the search's state to {uri} ({', '.join(names)} not copied; they are in "
+                    f"{results_dir}): {_first_line(e)}")
+                return False
+            time.sleep(wait)
 
 
 class Unreadable(UsageError):
@@ -90,7 +100,15 @@ def fetch_state(storage: str, name: str, results_dir: Path, accept=lambda fetche
             raise Unreadable(f"{uri} cannot be read: {_first_line(e)}") from None
         if "mlflow.json" not in fetched:
             raise UsageError(f"{uri} holds no mlflow.json: search {name!r} stopped before it started")
-        _check_mlflow_here(json.loads((tmp / "mlflow.json").read_text())["uri"], name)
+        try:
+            track = json.loads((tmp / "mlflow.json").read_text())
+            keys = {"uri", "experiment_id", "parent_run_id", "search"}
+            if not (isinstance(track, dict) and keys <= set(track) and all(isinstance(track[k], str) for k in keys)):
+                raise ValueError("not the search's MLflow record")
+        except ValueError as e:   # json's errors are ValueErrors too
+            raise UsageError(f"{uri}/mlflow.json is malformed ({str(e).splitlines()[0][:120]}); nothing was "
+                             f"fetched") from None
+        _check_mlflow_here(track["uri"], name)
         accept(tmp)
         results_dir.mkdir(parents=True, exist_ok=True)
         for f in tmp.iterdir():

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from drn.config import UsageError
+from drn.config import UsageError, is_number
 
 from .plots import pareto_plot
+from .secrets import strip_password
 from .registry import CHECKPOINT_ARTIFACT, fetch_checkpoint, register_front, slug, using_tracking_uri   # noqa: F401 (public here too)
 
 # MLflow announces each new sqlite store's schema set-up at INFO: two lines of noise per search
@@ -33,6 +34,11 @@ logging.getLogger("mlflow.store.model_registry.abstract_store").setLevel(logging
 # and prints two links per finished run on a server, to the run and to the experiment's GenAI overview:
 # the search prints one link, to its fronts (front_url), at its end
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# a server that does not answer costs a trial seconds per call, not MLflow's default ~4 minutes of
+# retries per epoch: its logging is best effort (search/trainable.py BestEffort), the driver fills gaps
+for _k, _v in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+               ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+    os.environ.setdefault(_k, _v)
 
 RDB_SCHEMES = ("postgresql", "mysql", "mssql", "databricks")
 # child-run tag -> trials-table column; the UI filter `tags.pareto = 'true'` shows the front(s)
@@ -239,6 +245,55 @@ class Tracking:
                 client.log_artifact(self.parent_run_id, str(Path(d) / "pareto.png"))
         return register_front(self, rows, runs)
 
+    def log_importance(self, studies: dict) -> dict[str, dict[str, float]]:
+        """Optuna's parameter importances (search/plots.py) on the parent run, as `param_importance.png`
+        and `.json`, for the studies (target -> optuna.Study) with enough complete trials."""
+        from .plots import importance_plot, param_importances
+        importances = param_importances(studies)
+        if importances:
+            with tempfile.TemporaryDirectory() as d:
+                importance_plot(importances, Path(d) / "param_importance.png")
+                (Path(d) / "param_importance.json").write_text(json.dumps(importances, indent=1))
+                for f in ("param_importance.png", "param_importance.json"):
+                    self.client().log_artifact(self.parent_run_id, str(Path(d) / f))
+        return importances
+
+    def backfill(self, row: dict, params: dict, data) -> None:
+        """A finished trial's child run completed from its checkpoint (its own record of every epoch):
+        the epochs' metrics MLflow lacks and the model, when the trial could not log them itself."""
+        from types import SimpleNamespace
+        from drn.checkpoint import load_checkpoint, model_from_checkpoint
+        from drn.cost import measure_cost_table
+        ckpt = load_checkpoint(row["checkpoint"])
+        model, cfg = model_from_checkpoint(ckpt)
+        run = TrialRun(self, row["trial"], row["target"], {**params, "seed": cfg.seed})
+        history = ckpt["history"]
+        for i, h in enumerate(history):
+            m = {k: float(v) for k, v in h.items() if is_number(v)}
+            if is_number(h.get("target")) and is_number(h.get("flops")):
+                m["rel_error"] = h["flops"] / h["target"] - 1
+            trainer = SimpleNamespace(model=model, data=data, cfg=cfg, cost=measure_cost_table(model),
+                                      history=history, checkpoint_path=Path(row["checkpoint"]))
+            run.report(m, int(h["epoch"]), trainer if i == len(history) - 1 else None)
+
+    def complete(self, rows: list[dict], params: dict, data) -> list[str]:
+        """Backfill every finished trial whose run lacks its model (the trial said so, or MLflow was
+        lost before it could); returns one line per trial still missing."""
+        runs, lines = self.children(), []
+        for row in rows:
+            run = runs.get(str(row["trial"]))
+            if row["state"] != "COMPLETE" or (not row.get("mlflow_missing") and run is not None
+                                               and run.data.tags.get("model_uri")):
+                continue
+            try:
+                if not row.get("checkpoint"):
+                    raise FileNotFoundError("no checkpoint on this machine")
+                self.backfill(row, {**params, **{k: row[k] for k in params if k in row}}, data)
+            except Exception as e:
+                lines.append(f"MLflow lacks trial {row['trial']}'s final metrics and model: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+        return lines
+
     def register_front(self, rows: list[dict]) -> list[dict]:
         return register_front(self, rows)
 
@@ -253,14 +308,15 @@ class TrialRun:
         self.run_id = track.child_run(trial, target, params)
         self.logged = track.logged_steps(self.run_id)
 
-    def report(self, metrics: dict, step: int, trainer=None) -> None:
+    def report(self, metrics: dict, step: int, trainer=None) -> str | None:
         """One epoch's metrics; with `trainer` (the last epoch) its model first, which the
-        final figures are then linked to (the Models tab shows them)."""
+        final figures are then linked to (the Models tab shows them); returns that model's URI."""
         model_id = self.track.log_final(self.run_id, trainer, self.trial, self.target) if trainer else None
         fresh = {k: v for k, v in metrics.items() if self.logged.get(k, -1) < step}
         if fresh:
             self.track.log_epoch(self.run_id, fresh, step, model_id)
             self.logged.update(dict.fromkeys(fresh, step))
+        return f"models:/{model_id}" if model_id else None
 
 
 def check(cfg, results_dir: Path) -> tuple[str, str | None]:
@@ -270,7 +326,9 @@ def check(cfg, results_dir: Path) -> tuple[str, str | None]:
     import mlflow
     from mlflow import MlflowClient
     name = experiment_name(cfg)
-    env = os.environ.get("MLFLOW_TRACKING_URI") or None
+    env = strip_password("$MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI") or None)
+    if env is not None:   # the trials of a local Ray inherit this process's environment
+        os.environ["MLFLOW_TRACKING_URI"] = env
     uri = resolve_uri(cfg.mlflow_uri or env, results_dir,
                       "--mlflow-uri" if cfg.mlflow_uri else "$MLFLOW_TRACKING_URI")
     local = uri.startswith(("sqlite:", "file:"))

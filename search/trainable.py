@@ -7,6 +7,7 @@ error for Tune's retry logic, and the searcher marks it FAIL.
 """
 import math
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +28,32 @@ META = ("target", "optuna_trial")
 def scalar_metrics(m: dict) -> dict:
     return {k: float(v) for k, v in m.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class BestEffort:
+    """A trial's MLflow logging that never fails the trial: an MLflow that does not answer costs the
+    trial its log lines, not its training. `missing` says something was not logged; the driver logs
+    it at the search's end from the trial's checkpoint (tracking.Tracking.backfill)."""
+
+    def __init__(self, track: Tracking, trial: int, target: str, params: dict):
+        self.args, self.run, self.missing = (track, trial, target, params), None, False
+        self._try("its run", lambda: None)   # the run exists from the start, also for a trial that fails
+
+    def _try(self, what: str, log):
+        try:
+            if self.run is None:
+                self.run = TrialRun(*self.args)
+            return log()
+        except Exception as e:   # MLflow's own errors, requests', sqlite's: a log line is not worth a trial
+            if not self.missing:
+                print(f"trial {self.args[1]}: MLflow did not take {what} ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200] if str(e) else ''}); logged from its checkpoint at the end",
+                      file=sys.stderr, flush=True)
+            self.missing = True
+            return None
+
+    def report(self, metrics: dict, step: int, trainer=None) -> str | None:
+        return self._try(f"epoch {step}", lambda: self.run.report(metrics, step, trainer))
 
 
 def run_trial(config: dict, base: dict, data, backbone: dict | None = None) -> None:
@@ -58,7 +85,7 @@ def run_trial(config: dict, base: dict, data, backbone: dict | None = None) -> N
     cost_key = "latency_ms" if target_key == "target_latency_ms" else "flops"
     start_epoch = trainer.epoch   # > 0 when Tune restarted the trial (node lost, driver resumed)
     node = ray.get_runtime_context().get_node_id()
-    mlflow_run = TrialRun(track, config["optuna_trial"], config["target"], {**params, "seed": cfg.seed}) if track else None
+    mlflow = BestEffort(track, config["optuna_trial"], config["target"], {**params, "seed": cfg.seed}) if track else None
     setup = time.perf_counter() - t_entry
 
     def report(m: dict) -> None:
@@ -66,13 +93,16 @@ def run_trial(config: dict, base: dict, data, backbone: dict | None = None) -> N
         m.update(target_cost=trainer.target, optuna_trial=config["optuna_trial"],
                  rel_error=m[cost_key] / trainer.target - 1, done=float(trainer.epoch >= cfg.total_epochs),
                  checkpoint_epoch=trainer.epoch, setup_seconds=setup)
-        if mlflow_run is not None:
+        if mlflow is not None:
             final = trainer.epoch >= cfg.total_epochs   # finished: the model, before Tune hears the end
             t0 = time.perf_counter()
-            mlflow_run.report({k: v for k, v in m.items() if is_number(v)}, int(trainer.epoch),
-                              trainer if final else None)
+            uri = mlflow.report({k: v for k, v in m.items() if is_number(v)}, int(trainer.epoch),
+                                trainer if final else None)
             if final:
                 m["export_seconds"] = time.perf_counter() - t0
+                if uri is not None:
+                    m["model_uri"] = uri   # kept by the study: `drn-search status` names it without MLflow
+                m["mlflow_missing"] = float(mlflow.missing)   # the driver logs it from the checkpoint
         m.update(start_epoch=start_epoch, node_id=node)  # where this attempt ran, and from which epoch
         tune.report(m, checkpoint=tune.Checkpoint.from_directory(str(out)))
 

@@ -30,7 +30,9 @@ def connect(cfg: SearchConfig) -> dict:
         check_reachable(cfg.address)
     # "token authentication is enabled": it stays on (README, "Run on a cluster"); not news per run
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    runtime_env = trial_runtime_env(os.environ)
+    # a local Ray's workers inherit this process's environment: the MLflow login stays out of Ray's
+    # runtime env (which Ray logs and shows); a cluster's workers on other nodes need it there
+    runtime_env = trial_runtime_env(os.environ) if cfg.address is not None else None
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True,
                   runtime_env=runtime_env)
     try:
@@ -118,7 +120,9 @@ def make_tuner(cfg: SearchConfig, resume: bool, p):
 
     from .progress import Progress
     from .scheduler import PerTargetASHA
-    from .searcher import OptunaSearcher
+    from ray.tune.search import ConcurrencyLimiter
+
+    from .searcher import Extendable, OptunaSearcher
     from .trainable import run_trial
 
     base = {**cfg.train_config(cfg.targets[0], device="cuda" if p.gpus > 0 else "cpu", init=p.init).to_dict(),
@@ -131,10 +135,9 @@ def make_tuner(cfg: SearchConfig, resume: bool, p):
     progress = Progress(cfg.study_storage, cfg.name, [q.name for q in p.space.params], cfg.tolerance,
                         str(cfg.results_dir / "trials.parquet"), cfg.num_samples, cfg.total_epochs, cfg.cost_key,
                         dataclasses.asdict(p.track), cfg.targets, cfg.max_failures, p.state_copy)
-    if resume:
-        experiment = cfg.storage.rstrip("/") + "/" + cfg.name
-        if not tune.Tuner.can_restore(experiment):
-            raise UsageError(f"nothing to resume in {experiment}: the search never started its first trial")
+    experiment = cfg.storage.rstrip("/") + "/" + cfg.name
+    # a search stopped before its first trial (in the backbone's training, say) starts its Tuner now
+    if resume and tune.Tuner.can_restore(experiment):
         # errored trials stay ERROR (Optuna was told FAIL): only the interrupted ones go on
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
@@ -146,7 +149,14 @@ def make_tuner(cfg: SearchConfig, resume: bool, p):
         if restored is not None:
             run_config = restored.get_run_config()
             run_config.callbacks = [progress if isinstance(c, Progress) else c for c in run_config.callbacks]
-            restored._tune_config.search_alg.storage = cfg.study_storage
+            tc = restored._tune_config
+            tc.search_alg.storage, tc.search_alg.num_samples = cfg.study_storage, cfg.num_samples
+            # Tune restores the trial count it was given with its saved state: a search extended with
+            # --num-samples runs its new trials through a generator that takes the larger count
+            limited = (ConcurrencyLimiter(tc.search_alg, tc.max_concurrent_trials) if tc.max_concurrent_trials
+                       else tc.search_alg)
+            tc.search_alg, tc.num_samples = Extendable(limited, cfg.num_samples), cfg.num_samples
+            tc.max_concurrent_trials = None   # the limiter is inside the generator
         return tuner
     searcher = OptunaSearcher(p.space, cfg.targets, cfg.name, cfg.study_storage, cfg.tolerance,
                               cfg.total_epochs, cfg.cost_key, cfg.seed, dataset=cfg.dataset,

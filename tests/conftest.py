@@ -92,33 +92,43 @@ def interrupt_search(args: list[str], after: str, cwd=None, pause: float = 0.0) 
     return proc.returncode, "".join(seen) + err
 
 
-@contextlib.contextmanager
-def mlflow_server(folder: Path):
-    """A real `mlflow server` on 127.0.0.1 (its store, artifacts and log in `folder`); yields its URI."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def start_mlflow(folder: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:`port` (its store, artifacts and log in `folder`), answering."""
     uri = f"http://127.0.0.1:{port}"
-    log = open(folder / "server.log", "w")
+    log = open(folder / "server.log", "a")
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                              "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
                              "--artifacts-destination", str(folder / "artifacts")],
                             cwd=folder, stdout=subprocess.DEVNULL, stderr=log)
+    log.close()
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=2)
+            return proc
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("mlflow server did not start: " + (folder / "server.log").read_text()[-2000:])
+            time.sleep(0.5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path):
+    """A real `mlflow server` on 127.0.0.1 (its store, artifacts and log in `folder`); yields its URI."""
+    port = free_port()
+    proc = start_mlflow(folder, port)
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(uri + "/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    pytest.fail("mlflow server did not start: " + (folder / "server.log").read_text()[-2000:])
-                time.sleep(0.5)
-        yield uri
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-        log.close()
 
 
 def enqueued_study(db: Path, name: str, trials: list[dict]) -> str:

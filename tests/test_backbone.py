@@ -88,12 +88,12 @@ def test_resume_finds_the_backbone_again(tmp_path):
             "--finetune-epochs", "0", "--batch-size", "64", "--num-samples", "1", "--storage", str(tmp_path),
             "--backbone-epochs", "1")                  # --backbone auto: the default
     first = run_cli("drn-search", *args, "--name", "r")
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode in (0, 3), first.stderr[-3000:]   # 3: ended without a feasible model
     assert "backbone: training the plain resnet8 for 1 epochs" in first.stderr
     assert json.loads((tmp_path / "r" / "search.json").read_text())["backbone"] == "auto"
     cached = list((tmp_path / "backbones").glob("resnet8-synthetic-*/checkpoint.pt"))
     assert len(cached) == 1
     again = run_cli("drn-search", "--resume", "r", "--storage", str(tmp_path))
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == first.returncode, again.stderr[-3000:]
     assert f"backbone: reusing {cached[0]}" in again.stderr and "training the plain" not in again.stderr
     assert f"backbone (cached): {cached[0]}, 1 epochs" in again.stdout

@@ -119,6 +119,10 @@ def search_cases(data: Path, tmp: Path) -> dict[str, tuple]:
     not_yaml.write_text("d_c: [0.1, 0.2\n")
     base = ("drn-search", "--target-flops", "50%", "--arch", "resnet8", "--dataset", "imagefolder",
             "--data-dir", str(data), "--epochs", "2", "--batch-size", "12", "--storage", storage, "--name", "b")
+    import optuna                                   # another search's study "b", with a trial that ran
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    taken = f"sqlite:///{tmp / 'shared-optuna.db'}"
+    optuna.create_study(study_name="b", storage=taken, direction="maximize").optimize(lambda t: 0.5, n_trials=1)
     return {
         "search: no trials": (*base, "--num-samples", "0"),
         "search: unknown space key": (*base, "--space", str(bad_key)),
@@ -146,6 +150,12 @@ def search_cases(data: Path, tmp: Path) -> dict[str, tuple]:
         "search: backbone corrupt file": (*base, "--backbone", str(tmp / "corrupt.pt")),
         "search: backbone epochs zero": (*base, "--backbone", "auto", "--backbone-epochs", "0"),
         "search: resume of an unknown name": ("drn-search", "--resume", "nope", "--storage", storage),
+        "search: another setting with --resume": ("drn-search", "--resume", "nope", "--storage", storage,
+                                                  "--epochs", "3"),
+        "search: status of an unknown name": ("drn-search", "status", "nope", "--storage", storage),
+        "search: status without a name": ("drn-search", "status"),
+        "search: an RDB study of the name that ran trials": (*base, "--optuna-storage", taken),
+        "search: a password in --optuna-storage sqlite": (*base, "--optuna-storage", "sqlite://u:pw-x@/o.db"),
         "eval: model URI, no store given": ("drn-eval", "models:/some-model/1"),
         "eval: unknown MLflow model": ("drn-eval", "models:/no-such-model/1", "--mlflow-uri",
                                        f"sqlite:///{tmp / 'mlflow' / 'm.db'}"),

@@ -1,4 +1,5 @@
 """The measuring helpers of bench/ that BENCHMARKS.md's conclusions rest on."""
+import pytest
 import torch
 
 from bench.route_oracle import auc, probe_auc
@@ -19,3 +20,12 @@ def test_probe_finds_a_linear_signal_and_not_noise():
     assert probe_auc(z, signal) > 0.95
     noise = torch.rand(600, generator=g) < 0.3
     assert abs(probe_auc(z, noise) - 0.5) < 0.08
+
+
+@pytest.mark.slow
+def test_a_sqlite_mlflow_server_holds_eight_writers_losing_nothing():
+    """cluster.yaml's MLflow store (a server on sqlite), eight processes logging at once (a trial per GPU
+    worker): no call fails, and every value logged is read back (bench/mlflow_load.py runs it a minute)."""
+    from bench.mlflow_load import load
+    result = load(writers=8, seconds=10)
+    assert result["calls"] > 80 and result["errors"] == 0 and result["lost"] == 0, result

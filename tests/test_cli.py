@@ -145,3 +145,11 @@ def test_eval_routes_png_bad_path_is_one_line_and_writes_nothing(trained, tmp_pa
     ev = run_cli("drn-eval", str(out / "checkpoint.pt"), "--device", "cpu", "--routes-png", str(tmp_path / name))
     assert ev.returncode == 2 and why in ev.stderr and len(ev.stderr.strip().splitlines()) == 1
     assert "Traceback" not in ev.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_search_version_and_status_help():
+    from importlib.metadata import version
+    proc = run_cli("drn-search", "--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"drn-search {version('drn-search')}"
+    usage = run_cli("drn-search", "status", "--help")
+    assert usage.returncode == 0 and "drn-search status" in usage.stdout and "--json" in usage.stdout

@@ -178,7 +178,7 @@ def test_trials_run_on_both_nodes_and_a_lost_node_costs_one_restart_from_its_che
     [victim] = wait_for(on_node2, 300, "a trial reporting from the second node", proc)
     cluster.kill_node2()
     out, err = proc.communicate(timeout=900)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode in (0, 3), err[-3000:]   # 3: ended without a feasible model (tiny data)
 
     table = pq.read_table(experiment / "trials.parquet").to_pylist()
     assert sorted(r["trial"] for r in table) == [0, 1] and {r["state"] for r in table} == {"COMPLETE"}
@@ -256,7 +256,7 @@ def test_a_diverging_trial_fails_and_the_rest_go_on(cluster, tmp_path):
     study = enqueued_study(tmp_path / "o.db", "diverge", [{"lr": 0.05}, {"lr": 1.0e+6}, {"lr": 0.05}])
     proc = cluster.search("diverge", "--num-samples", "3", "--epochs", "2", "--space", str(space),
                           "--optuna-storage", study)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 4, proc.stderr[-3000:]           # ended, with a failed trial
     table = pq.read_table(cluster.storage / "diverge" / "trials.parquet").to_pylist()
     assert {r["trial"]: r["lr"] for r in table} == {0: 0.05, 1: 1.0e+6, 2: 0.05}
     for r in table:

@@ -193,6 +193,7 @@ def test_the_image_has_rays_version_and_pyprojects_torch_pair_for_cuda_12():
 def test_nodes_boot_the_image_and_install_only_this_checkout(raw, cfg):
     docker = cfg["docker"]
     assert docker["image"] and docker["container_name"]
+    assert re.search(r"/drn-search@sha256:\w+$", docker["image"]), "the image is not pinned by its digest"
     remote = checkout_mount(raw)
     for role in ("head_setup_commands", "worker_setup_commands"):
         installs = [t for t in commands_with(cfg[role], "pip", "install")]
@@ -285,11 +286,19 @@ def test_head_policy_lets_the_autoscaler_start_workers_with_their_profile(cfg):
 
 def test_worker_policy_is_the_bucket_and_the_image_only(cfg):
     worker, b = policy("iam-worker.json"), bucket(cfg)
-    for p in (worker, policy("iam-head.json")):
-        assert allowed(p, "s3:PutObject", f"arn:aws:s3:::{b}/drn/x/checkpoint.pt")
+    trial = f"arn:aws:s3:::{b}/drn/NAME/trial-3-a1b2c3d4/checkpoint_000002/checkpoint.pt"
+    backbone = f"arn:aws:s3:::{b}/drn/backbones/resnet20-cifar10-0123456789abcdef/partial.pt"
+    for p in (worker, policy("iam-head.json")):   # what a trial and the backbone's task write, on any node
+        assert allowed(p, "s3:PutObject", trial) and allowed(p, "s3:PutObject", backbone)
+        assert allowed(p, "s3:GetObject", f"arn:aws:s3:::{b}/drn/NAME/drn-state/search.json")
         assert allowed(p, "s3:ListBucket", f"arn:aws:s3:::{b}")
         assert allowed(p, "ecr:BatchGetImage", "arn:aws:ecr:us-west-2:ACCOUNT_ID:repository/drn-search")
     assert not allowed(worker, "s3:GetObject", "arn:aws:s3:::another-bucket/x")
+    for key in ("drn-state/search.json", "drn-state/mlflow.json", "drn-state/optuna.db", "tuner.pkl",
+                "experiment_state-2026-12-07_12-00-00.json", "searcher-state-2026-12-07_12-00-00.pkl"):
+        what = f"arn:aws:s3:::{b}/drn/NAME/{key}"   # what the head reads back at --resume: only the head writes it
+        assert allowed(policy("iam-head.json"), "s3:PutObject", what)
+        assert not allowed(worker, "s3:PutObject", what) and not allowed(worker, "s3:DeleteObject", what), key
     services = {a.split(":")[0] for s in worker for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
     assert services == {"s3", "ecr"}
     trust = policy("iam-trust.json")
@@ -394,8 +403,10 @@ def test_ray_errors_never_show_the_password():
     assert redacted("no env", None) == "no env"
 
 
-def test_connect_hands_the_login_to_ray_workers(monkeypatch):
-    """A real local Ray: a task (as a trial would) runs with the driver's login in its runtime env."""
+def test_a_local_ray_hands_the_login_to_workers_outside_its_runtime_env(monkeypatch):
+    """A real local Ray: a task (as a trial would) has the driver's login in its environment, and Ray's
+    runtime env (which Ray logs and shows) does not hold it."""
+    import os
     from search.tuner import connect
     from search.config import SearchConfig
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
@@ -404,9 +415,9 @@ def test_connect_hands_the_login_to_ray_workers(monkeypatch):
     try:
         @ray.remote(num_cpus=0)
         def trial_env():
-            return ray.get_runtime_context().runtime_env.get("env_vars")
-        assert ray.get(trial_env.remote()) == {"MLFLOW_TRACKING_USERNAME": "admin",
-                                               "MLFLOW_TRACKING_PASSWORD": "pw-1234567890"}
+            return os.environ.get("MLFLOW_TRACKING_PASSWORD"), ray.get_runtime_context().runtime_env.get("env_vars")
+        password, runtime = ray.get(trial_env.remote())
+        assert password == "pw-1234567890" and not runtime
     finally:
         ray.shutdown()
 

@@ -465,7 +465,8 @@ def test_resume_leaves_errored_trials_failed_and_continues_interrupted_ones(tmp_
     assert re.search(r"trial 0 raised: .*not above the network's fixed cost", first), first[-3000:]
 
     resumed = run_cli("drn-search", "--resume", "e", "--storage", str(tmp_path))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 4, resumed.stderr[-3000:]      # ended, with a failed trial
+    assert "some trials failed" in resumed.stderr
     assert "trial 0 (target 1e-7) started" not in resumed.stderr and "trial 0 raised" not in resumed.stderr
     assert "2/2 trials ended" in resumed.stderr
     assert re.search(r"trial 1 \(target 90%\) epoch [23]/3.*\(restarted from its epoch [12] checkpoint\)",
@@ -572,3 +573,53 @@ def test_one_number_predicate_for_metrics_and_settings():
     from drn.config import is_number
     assert [is_number(v) for v in (1, 0.5, -3.0, True, math.nan, math.inf, "1", None)] == \
         [True, True, True, False, False, False, False, False]
+
+
+# ----------------------------------------------------------------------------- exit codes, summary, importance
+
+def _row(trial, target, state="COMPLETE", feasible=True, acc=0.5, flops=10.0, **kw):
+    return {"trial": trial, "target": target, "state": state, "feasible": feasible, "accuracy": acc, "flops": flops,
+            "rel_error": 0.0, "k": 2.0, "reason": "boom" if state == "FAIL" else None, "pareto_flops": state == "COMPLETE",
+            "d_c": 0.2, **kw}
+
+
+def test_exit_code_is_0_only_with_a_feasible_model_at_every_target_and_no_failure():
+    from search.cli import EXIT_FAILED, EXIT_INFEASIBLE, EXIT_INTERRUPTED, EXIT_UPLOAD, exit_code
+    ok = [_row(0, "30%"), _row(1, "50%")]
+    assert exit_code(ok, ["30%", "50%"], True) == 0
+    assert exit_code(ok, ["30%", "50%"], False) == EXIT_INTERRUPTED == 130
+    assert exit_code([_row(0, "30%"), _row(1, "50%", feasible=False)], ["30%", "50%"], True) == EXIT_INFEASIBLE == 3
+    assert exit_code([*ok, _row(2, "50%", state="FAIL", feasible=False)], ["30%", "50%"], True) == EXIT_FAILED == 4
+    assert exit_code(ok, ["30%", "50%"], True, copied=False) == EXIT_UPLOAD == 5   # a cloud copy that failed
+    assert exit_code(ok, ["30%", "50%"], True, copied=True) == 0
+    assert len({0, EXIT_INFEASIBLE, EXIT_FAILED, EXIT_UPLOAD, EXIT_INTERRUPTED, 2}) == 6
+
+
+def test_the_summary_object_names_each_targets_best_by_val_and_its_uris():
+    from search.results import summary_object
+    rows = [_row(0, "50%", acc=0.6, model_uri="models:/m-a", test_accuracy=0.1),
+            _row(1, "50%", acc=0.7, model_uri="models:/m-b", test_accuracy=0.0),
+            _row(2, "50%", acc=0.9, feasible=False), _row(3, "70%", state="FAIL", feasible=False)]
+    models = [{"uri": "models:/drn-s/2", "alias": "best-50pct", "trial": 1}]
+    s = summary_object(rows, ["50%", "70%"], ["d_c"], models)
+    json.dumps(s)                                            # one JSON object
+    assert s["best"]["50%"]["trial"] == 1 and s["best"]["50%"]["model_uri"] == "models:/m-b"   # val, not test
+    assert s["best"]["50%"]["alias_uri"] == "models:/drn-s@best-50pct" and s["best"]["50%"]["params"] == {"d_c": 0.2}
+    assert s["best"]["70%"] is None and s["failed"] == [{"trial": 3, "reason": "boom"}]
+    assert s["trials"] == {"complete": 3, "pruned": 0, "fail": 1, "running": 0}
+
+
+def test_parameter_importance_needs_enough_complete_trials_that_differ(tmp_path):
+    from search.plots import MIN_IMPORTANCE_TRIALS, importance_plot, param_importances
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: t.suggest_float("d_c", 0, 1) + 0.01 * t.suggest_float("lam", 0, 1),
+                   n_trials=MIN_IMPORTANCE_TRIALS + 5)
+    flat = optuna.create_study(direction="maximize")
+    flat.optimize(lambda t: 0.5 + 0 * t.suggest_float("d_c", 0, 1), n_trials=MIN_IMPORTANCE_TRIALS)
+    few = optuna.create_study(direction="maximize")
+    few.optimize(lambda t: t.suggest_float("d_c", 0, 1), n_trials=MIN_IMPORTANCE_TRIALS - 1)
+    imp = param_importances({"50%": study, "30%": flat, "70%": few})
+    assert list(imp) == ["50%"] and imp["50%"]["d_c"] > 0.8 > imp["50%"]["lam"]   # what moves the value
+    importance_plot(imp, tmp_path / "imp.png")
+    assert (tmp_path / "imp.png").read_bytes()[:4] == b"\x89PNG"
