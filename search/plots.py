@@ -39,7 +39,8 @@ def pareto_plot(rows: list[dict], targets: list[str], path: Path, cost_key: str 
             for t in sorted({r["target_cost"] for r in rows if r.get("target_cost")}):
                 ax.axvline(t, color="0.4", ls="--", lw=0.8)
         ax.set_xlabel(f"{label} (hard routing, val)")
-        ax.legend(fontsize=8, loc="lower right")
+        if ax.get_legend_handles_labels()[0]:   # no finished trial yet: nothing to name
+            ax.legend(fontsize=8, loc="lower right")
     axes[0].set_ylabel("val accuracy (%)")
     axes[0].set_title("accuracy vs FLOPs" + ("; dashed: targets" if cost_key == "flops" else "")
                       + f" ({', '.join(targets)})")

@@ -32,6 +32,7 @@ trials spread out.
 """
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -229,13 +230,60 @@ class OptunaSearcher(Searcher):
         # an int: a one-study state written before the studies were per target
         self.live = {k: (v[0], int(v[1])) if isinstance(v, list) else (self.targets[0], int(v))
                      for k, v in state["live"].items()}
-        # asked but never handed to Tune before the driver stopped: Tune will ask anew
+        self.reconcile(tune_trials(Path(checkpoint_path).parent))
+
+    def reconcile(self, tune: dict[str, tuple[str, dict, dict]]) -> None:
+        """The studies made to agree with Tune's own record of its trials (`tune_trials`), which a
+        restored driver trusts: a study copied before some trials ended (a lost head, a stale copy) is
+        told how they ended instead of failing them, and a trial the copy never saw is added."""
+        seen = set()
         for target, study in self.studies.items():
-            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-                if (target, t.number) not in self.live.values():
+            for t in study.get_trials(deepcopy=False):
+                tid = t.user_attrs.get("tune_trial_id")
+                seen.add(tid)
+                if t.state != optuna.trial.TrialState.RUNNING or (target, t.number) in self.live.values():
+                    continue
+                status, last, _ = tune.get(tid, (None, {}, {}))
+                if status in ("TERMINATED", "ERROR"):   # it ended after the copy was made
+                    self.live[tid] = (target, t.number)
+                    self.on_trial_complete(tid, last, error=status == "ERROR")
+                elif status in ("RUNNING", "PENDING", "PAUSED"):   # Tune goes on with it: follow it
+                    self.live[tid] = (target, t.number)
+                else:   # asked but never handed to Tune before the driver stopped: Tune will ask anew
                     self._trial(target, t.number).set_user_attr(
                         "reason", "lost when the driver stopped before it started")
                     study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        for tid, (status, last, config) in tune.items():   # ended, but asked after the copy was made
+            if tid not in seen and status in ("TERMINATED", "ERROR") and config.get("target") in self.studies:
+                self._add_ended(tid, status, last, config)
+
+    def _add_ended(self, tid: str, status: str, last: dict, config: dict) -> None:
+        target = config["target"]
+        study = self.studies[target]
+        dists = {k: d for k, d in self.space.distributions().items() if k in config}
+        study.enqueue_trial({k: config[k] for k in dists})   # the parameters Tune ran: the ask takes them
+        trial = study.ask(dists)
+        trial.set_user_attr("search_trial", int(config.get("optuna_trial", trial.number)))
+        trial.set_user_attr("target", target)
+        trial.set_user_attr("tune_trial_id", tid)
+        self.live[tid] = (target, trial.number)
+        if is_number(last.get("accuracy")) and is_number(last.get("epoch")):
+            self._report(target, trial.number, last)
+        self.on_trial_complete(tid, last, error=status == "ERROR")
+
+
+def tune_trials(folder: Path) -> dict[str, tuple[str, dict, dict]]:
+    """Tune trial id -> (status, last result, config), from the newest experiment state Tune saved in
+    `folder` (beside the searcher's own state, where a restored driver reads both)."""
+    files = sorted(folder.glob("experiment_state-*.json"))
+    if not files:
+        return {}
+    out = {}
+    for state, meta in json.loads(files[-1].read_text()).get("trial_data", []):
+        st = json.loads(state) if isinstance(state, str) else state
+        md = json.loads(meta) if isinstance(meta, str) else meta
+        out[st["trial_id"]] = (st.get("status"), md.get("last_result") or {}, st.get("config") or {})
+    return out
 
 
 class Extendable(SearchGenerator):

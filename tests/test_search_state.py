@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import interrupt_search, mlflow_server, run_cli
+from conftest import cli_command, interrupt_search, mlflow_server, run_cli
 from drn.config import TrainConfig, UsageError
 from search import tracking
 from search.cli import main
@@ -288,3 +289,43 @@ def test_a_malformed_fetched_mlflow_json_is_one_line_and_fetches_nothing(tmp_pat
 def test_default_names_differ_for_searches_started_in_one_second():
     names = {SearchConfig(target_flops=["50%"], arch="resnet8").name for _ in range(20)}
     assert len(names) == 20 and all(re.fullmatch(r"drn-resnet8-\d{8}-\d{6}-[0-9a-f]{4}", n) for n in names)
+
+
+@pytest.mark.slow
+def test_a_resume_from_a_stale_copy_keeps_the_trials_that_ended_after_it(tiny_data, tmp_path):
+    """The copy of the study under --storage was made while trial 0 ran and before trial 1 was asked (a
+    head lost between copies). Tune's own state, newer, says both ended: the resumed search takes their
+    ends from it, trial 0 told as it ended and trial 1 added, instead of failing them."""
+    from search.state import backup_sqlite
+    remote = (tmp_path / "bucket").as_uri()
+    first, second = tmp_path / "a", tmp_path / "b"
+    for d in (first, second, tmp_path / "mlflow"):
+        d.mkdir()
+    args = ["--target-flops", "50%", "--arch", "resnet8", "--dataset", "imagefolder", "--data-dir", str(tiny_data),
+            "--epochs", "2", "--finetune-epochs", "0", "--backbone", "none", "--batch-size", "12",
+            "--scheduler", "fifo", "--num-samples", "2", "--max-concurrent", "1", "--storage", remote,
+            "--name", "stale", "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow' / 'm.db'}"]
+    proc = subprocess.Popen([*cli_command("drn-search"), *args], cwd=first, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:                          # trial 0 runs, trial 1 is not asked yet: the snapshot
+        seen.append(line)
+        if "trial 0 (target 50%) epoch 1/2" in line:
+            backup_sqlite(first / "drn-results" / "stale" / "optuna.db", tmp_path / "stale.db")
+            break
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode in (0, 3), "".join(seen) + err
+    before = {r["trial"]: r for r in pq.read_table(first / "drn-results" / "stale" / "trials.parquet").to_pylist()}
+    assert {r["state"] for r in before.values()} == {"COMPLETE"} and sorted(before) == [0, 1]
+    copy = tmp_path / "bucket" / "stale" / "drn-state"
+    shutil.copyfile(tmp_path / "stale.db", copy / "optuna.db")   # the copy is stale
+    shutil.rmtree(first / "drn-results")              # and the head that had the rest is lost
+
+    resumed = run_cli("drn-search", "--resume", "stale", "--storage", remote, cwd=second)
+    assert resumed.returncode in (0, 3), resumed.stderr[-3000:]
+    after = {r["trial"]: r for r in pq.read_table(second / "drn-results" / "stale" / "trials.parquet").to_pylist()}
+    assert sorted(after) == [0, 1] and {r["state"] for r in after.values()} == {"COMPLETE"}, after
+    for n in (0, 1):                                  # as they ended, from Tune's record
+        assert after[n]["accuracy"] == before[n]["accuracy"] and after[n]["tune_trial_id"] == before[n]["tune_trial_id"]
+        assert after[n]["d_c"] == pytest.approx(before[n]["d_c"]) and after[n]["feasible"] == before[n]["feasible"]
+    assert "trial 0 (target 50%) started" not in resumed.stderr and "lost when the driver" not in resumed.stdout
