@@ -131,6 +131,25 @@ def mlflow_server(folder: Path):
         proc.wait(timeout=30)
 
 
+@contextlib.contextmanager
+def s3_server(bucket: str = "drn-bucket"):
+    """A real S3 API on 127.0.0.1 (moto's server) holding `bucket`; yields the environment a client
+    needs to reach it (pyarrow, boto3 and a local Ray's workers read AWS_ENDPOINT_URL)."""
+    from moto.server import ThreadedMotoServer
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        import boto3
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="test", aws_secret_access_key="test",
+                     region_name="us-east-1").create_bucket(Bucket=bucket)
+        yield env
+    finally:
+        server.stop()
+
+
 def enqueued_study(db: Path, name: str, trials: list[dict]) -> str:
     """An Optuna study NAME in sqlite file `db` whose first trials are `trials` (enqueued: the searcher
     asks them in this order, whatever the seed), for `drn-search --optuna-storage <returned URL>`:

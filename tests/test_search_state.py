@@ -329,3 +329,43 @@ def test_a_resume_from_a_stale_copy_keeps_the_trials_that_ended_after_it(tiny_da
         assert after[n]["accuracy"] == before[n]["accuracy"] and after[n]["tune_trial_id"] == before[n]["tune_trial_id"]
         assert after[n]["d_c"] == pytest.approx(before[n]["d_c"]) and after[n]["feasible"] == before[n]["feasible"]
     assert "trial 0 (target 50%) started" not in resumed.stderr and "lost when the driver" not in resumed.stdout
+
+
+
+@pytest.mark.slow
+def test_a_search_on_s3_keeps_its_state_there_and_a_new_head_resumes_it(tiny_data, tmp_path, monkeypatch):
+    """A real search with --storage s3:// on a real S3 API (moto's server on loopback): Tune's trials and
+    our state copy land in the bucket; a new head with an empty disk finds the search there. A copy
+    into a bucket that does not exist fails after its retries with one line naming the files."""
+    from pyarrow import fs
+    from conftest import s3_server
+    from search.state import upload
+    first, second = tmp_path / "a", tmp_path / "b"
+    for d in (first, second, tmp_path / "mlflow"):
+        d.mkdir()
+    with s3_server() as env:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)                  # the drn-search processes inherit it
+        args = ["--target-flops", "50%", "--arch", "resnet8", "--dataset", "imagefolder", "--data-dir",
+                str(tiny_data), "--epochs", "1", "--finetune-epochs", "0", "--backbone", "none", "--batch-size", "12",
+                "--num-samples", "2", "--max-concurrent", "1", "--storage", "s3://drn-bucket/drn", "--name", "s3",
+                "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow' / 'm.db'}"]
+        ran = run_cli("drn-search", *args, cwd=first)
+        assert ran.returncode in (0, 3), ran.stderr[-3000:]
+        s3, _ = fs.FileSystem.from_uri("s3://drn-bucket/drn")
+        keys = {i.path for i in s3.get_file_info(fs.FileSelector("drn-bucket/drn/s3", recursive=True))}
+        for f in ("search.json", "mlflow.json", "trials.parquet", "optuna.db"):
+            assert f"drn-bucket/drn/s3/drn-state/{f}" in keys, f
+        assert any(k.endswith("/checkpoint.pt") and "/trial-" in k for k in keys)   # Tune's, from the trials
+        before = pq.read_table(first / "drn-results" / "s3" / "trials.parquet").to_pylist()
+
+        again = run_cli("drn-search", "--resume", "s3", "--storage", "s3://drn-bucket/drn", cwd=second)
+        assert again.returncode == ran.returncode, again.stderr[-3000:]
+        after = pq.read_table(second / "drn-results" / "s3" / "trials.parquet").to_pylist()
+        assert [(r["trial"], r["state"], r["accuracy"]) for r in after] == [
+            (r["trial"], r["state"], r["accuracy"]) for r in before]
+
+        notes = []
+        assert not upload(second / "drn-results" / "s3", "s3://no-such-bucket/drn/s3/drn-state", notes.append,
+                          retries=(0.1,))
+        assert len(notes) == 1 and "search.json" in notes[0] and "not copied" in notes[0]
