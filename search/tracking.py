@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import socket
 import subprocess
 import tempfile
@@ -120,9 +121,11 @@ class Tracking:
             f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and tags.optuna_trial = '{trial}'"))
         if found:
             return found[0].info.run_id
+        login = {"logged_in_as": os.environ["MLFLOW_TRACKING_USERNAME"]} if os.environ.get("MLFLOW_TRACKING_USERNAME") else {}
         run = client.create_run(self.experiment_id, run_name=f"t{trial}-{slug(target)}", tags={
             "mlflow.parentRunId": self.parent_run_id, "optuna_trial": str(trial), "target": str(target),
-            "state": "RUNNING", "search": self.search, "feasible": "false", **{tag: "false" for tag in PARETO_TAGS}})
+            "state": "RUNNING", "search": self.search, "feasible": "false", **login,   # the MLflow user, not its password
+            **{tag: "false" for tag in PARETO_TAGS}})
         for k, v in params.items():
             client.log_param(run.info.run_id, k, v)
         return run.info.run_id
@@ -317,6 +320,38 @@ class TrialRun:
             self.track.log_epoch(self.run_id, fresh, step, model_id)
             self.logged.update(dict.fromkeys(fresh, step))
         return f"models:/{model_id}" if model_id else None
+
+
+def trial_login(track: Tracking) -> tuple[str, str] | None:
+    """The MLflow login the trials use, for a server that asks for one (the driver's own login is in
+    MLFLOW_TRACKING_USERNAME / _PASSWORD): a user of this search alone, `drn-<experiment id>`, with
+    edit rights on its experiment and nothing else, and a new random password each time a driver
+    starts (nothing stores it). Where the driver may not create users, its own login. None: no login."""
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if not (user and password and track.uri.startswith(("http://", "https://"))):
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.server.auth.client import AuthServiceClient
+    auth, name, secret = AuthServiceClient(track.uri), f"drn-{track.experiment_id}", secrets.token_urlsafe(24)
+    try:
+        try:
+            auth.create_user(name, secret)
+        except MlflowException as e:
+            if "exists" not in str(e).lower():
+                raise
+            auth.update_user_password(name, secret)   # a resumed search: the user of its first driver
+        auth.grant_user_permission(name, "experiment", track.experiment_id, "EDIT")
+    except (MlflowException, OSError) as e:   # no auth app (404), or a driver that is no admin (403)
+        logging.getLogger(__name__).debug("no per-search MLflow user: %s", e)
+        return user, password
+    return name, secret
+
+
+def use_login(login: tuple[str, str] | None) -> None:
+    """In a trial's process: MLflow's client reads the login from these two variables (Ray neither logs
+    nor shows a worker's own environment, unlike its runtime env)."""
+    if login is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = login
 
 
 def check(cfg, results_dir: Path) -> tuple[str, str | None]:

@@ -19,7 +19,7 @@ from ray import tune
 from drn.config import TrainConfig, is_number
 from drn.train import CHECKPOINT, Trainer
 
-from .tracking import Tracking, TrialRun
+from .tracking import Tracking, TrialRun, use_login
 
 # keys of the trial config that are not TrainConfig fields
 META = ("target", "optuna_trial")
@@ -56,7 +56,8 @@ class BestEffort:
         return self._try(f"epoch {step}", lambda: self.run.report(metrics, step, trainer))
 
 
-def run_trial(config: dict, base: dict, data, backbone: dict | None = None) -> None:
+def run_trial(config: dict, base: dict, data, backbone: dict | None = None,
+              login: tuple[str, str] | None = None) -> None:
     """`base`: TrainConfig fields shared by every trial, plus `target_key` (target_flops or
     target_latency_ms) and `threads`; `config`: what the searcher sampled, plus META; `data`: the
     images (drn.data.Dataset), decoded once by the driver; `backbone`: the checkpoint at base's
@@ -66,6 +67,7 @@ def run_trial(config: dict, base: dict, data, backbone: dict | None = None) -> N
     t_entry = time.perf_counter()
     base = dict(base)
     target_key, threads = base.pop("target_key"), base.pop("threads")
+    use_login(login)   # the search's MLflow user (tracking.trial_login), in this process alone
     track = Tracking(**base.pop("tracking")) if base.get("tracking") else None
     base.pop("tracking", None)
     torch.set_num_threads(max(1, int(threads)))

@@ -30,41 +30,18 @@ def connect(cfg: SearchConfig) -> dict:
         check_reachable(cfg.address)
     # "token authentication is enabled": it stays on (README, "Run on a cluster"); not news per run
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    # a local Ray's workers inherit this process's environment: the MLflow login stays out of Ray's
-    # runtime env (which Ray logs and shows); a cluster's workers on other nodes need it there
-    runtime_env = trial_runtime_env(os.environ) if cfg.address is not None else None
-    kwargs = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True,
-                  runtime_env=runtime_env)
+    # no runtime env: Ray logs and shows it; the trials' MLflow login travels in the object store
+    # (tracking.trial_login, handed to each trial by tune.with_parameters)
+    kwargs = dict(logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
     try:
         if cfg.address is None:   # "local": a Ray of its own, not whatever cluster this machine last started
             ray.init(address="local", include_dashboard=False, **kwargs)
         else:
             ray.init(address=cfg.address, **kwargs)
     except (ConnectionError, ValueError, RuntimeError) as e:
-        why = redacted(str(e).splitlines()[0] if str(e) else type(e).__name__, runtime_env)
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"cannot reach Ray at {cfg.address}: {why}") from None
     return ray.cluster_resources()
-
-
-MLFLOW_LOGIN = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-
-
-def trial_runtime_env(environ) -> dict | None:
-    """The driver's MLflow login (a server with basic auth) for the trials: Ray starts their workers
-    on other nodes without the driver's environment. Only the variables set here; a Ray job whose
-    own runtime env already has one passes it on itself (Ray refuses the same key twice)."""
-    import json
-    job = json.loads(environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "null") or {}
-    given = (job.get("runtime_env") or {}).get("env_vars") or {}
-    env_vars = {k: environ[k] for k in MLFLOW_LOGIN if environ.get(k) and k not in given}
-    return {"env_vars": env_vars} if env_vars else None
-
-
-def redacted(text: str, runtime_env: dict | None) -> str:
-    """`text` without the values of `runtime_env`'s variables (Ray's errors may quote the env)."""
-    for value in (runtime_env or {}).get("env_vars", {}).values():
-        text = text.replace(value, "***")
-    return text
 
 
 def max_pending_trials(num_samples: int, max_concurrent: int | None) -> int:
@@ -123,14 +100,17 @@ def make_tuner(cfg: SearchConfig, resume: bool, p):
     from ray.tune.search import ConcurrencyLimiter
 
     from .searcher import Extendable, OptunaSearcher
+    from .tracking import trial_login
     from .trainable import run_trial
 
     base = {**cfg.train_config(cfg.targets[0], device="cuda" if p.gpus > 0 else "cpu", init=p.init).to_dict(),
             "target_key": cfg.target_key, "threads": max(1, int(p.cpus)), "tracking": dataclasses.asdict(p.track)}
     for k in ("target_flops", "target_latency_ms", "out"):
         base.pop(k)
-    # the images and the backbone go into Ray's object store once; each trial reads them from there
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, data=p.data, backbone=p.backbone),
+    # the images, the backbone and the trials' MLflow login go into Ray's object store once; each trial
+    # reads them from there
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, data=p.data, backbone=p.backbone,
+                                                         login=trial_login(p.track)),
                                     {"cpu": p.cpus, "gpu": p.gpus})
     progress = Progress(cfg.study_storage, cfg.name, [q.name for q in p.space.params], cfg.tolerance,
                         str(cfg.results_dir / "trials.parquet"), cfg.num_samples, cfg.total_epochs, cfg.cost_key,

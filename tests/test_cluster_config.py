@@ -7,6 +7,7 @@ skipped: our node types declare `resources`) -> validate_config (Ray's JSON sche
 checks) -> provider bootstrap_config (IAM, key pair, subnets: AWS calls; not run here).
 """
 import base64
+import contextlib
 import copy
 import fnmatch
 import json
@@ -333,20 +334,22 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_the_shipped_auth_config_refuses_strangers_and_lets_the_login_in(tmp_path, monkeypatch):
-    """cluster/basic_auth.ini under a real `mlflow server --app-name basic-auth`, as the head runs it."""
-    pytest.importorskip("flask_wtf", reason="MLflow's auth app needs mlflow[auth] (the image has it)")
-    from mlflow import MlflowClient
-    user, password, port = "admin", "a-long-test-password", free_port()
+@contextlib.contextmanager
+def auth_server(folder: Path, user: str, password: str):
+    """cluster/basic_auth.ini under a real `mlflow server --app-name basic-auth`, as the head runs it;
+    yields its URI."""
+    port = free_port()
     env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ROOT / "cluster" / "basic_auth.ini"),
            "MLFLOW_AUTH_ADMIN_USERNAME": user, "MLFLOW_AUTH_ADMIN_PASSWORD": password,
            "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret"}
-    log = open(tmp_path / "server.log", "w")
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        env.pop(k, None)
+    log = open(folder / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-                             "--artifacts-destination", str(tmp_path / "artifacts")],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=log)
+                             "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+                             "--artifacts-destination", str(folder / "artifacts")],
+                            cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=log)
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -356,8 +359,20 @@ def test_the_shipped_auth_config_refuses_strangers_and_lets_the_login_in(tmp_pat
                 break
             except OSError:
                 if time.time() > deadline or proc.poll() is not None:
-                    pytest.fail("mlflow server did not start: " + (tmp_path / "server.log").read_text()[-2000:])
+                    pytest.fail("mlflow server did not start: " + (folder / "server.log").read_text()[-2000:])
                 time.sleep(1)
+        yield uri
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def test_the_shipped_auth_config_refuses_strangers_and_lets_the_login_in(tmp_path, monkeypatch):
+    pytest.importorskip("flask_wtf", reason="MLflow's auth app needs mlflow[auth] (the image has it)")
+    from mlflow import MlflowClient
+    user, password = "admin", "a-long-test-password"
+    with auth_server(tmp_path, user, password) as uri:
         with pytest.raises(urllib.error.HTTPError) as anonymous:
             urllib.request.urlopen(uri + "/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
         assert anonymous.value.code == 401
@@ -367,7 +382,7 @@ def test_the_shipped_auth_config_refuses_strangers_and_lets_the_login_in(tmp_pat
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(wrong, timeout=10)
         assert refused.value.code == 401
-        # the client (the driver, a trial) logs in from the two variables alone
+        # the client (the driver) logs in from the two variables alone
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
         client = MlflowClient(uri)
@@ -375,51 +390,44 @@ def test_the_shipped_auth_config_refuses_strangers_and_lets_the_login_in(tmp_pat
         run = client.create_run(exp)
         client.log_metric(run.info.run_id, "accuracy", 0.5)
         assert client.get_run(run.info.run_id).data.metrics == {"accuracy": 0.5}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
-def test_trials_get_the_drivers_mlflow_login_only_when_it_is_set():
-    from search.tuner import trial_runtime_env
-    login = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "pw-1234567890"}
-    assert trial_runtime_env({**login, "HOME": "/home/ray", "AWS_SECRET_ACCESS_KEY": "x"}) == {"env_vars": login}
-    assert trial_runtime_env({"HOME": "/home/ray"}) is None
-    assert trial_runtime_env({"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": ""}) == \
-        {"env_vars": {"MLFLOW_TRACKING_USERNAME": "admin"}}
-    # a Ray job whose runtime env has the password already: Ray passes it on, and refuses it twice
-    job = json.dumps({"runtime_env": {"env_vars": {"MLFLOW_TRACKING_PASSWORD": "pw-1234567890"}}, "metadata": {}})
-    assert trial_runtime_env({**login, "RAY_JOB_CONFIG_JSON_ENV_VAR": job}) == \
-        {"env_vars": {"MLFLOW_TRACKING_USERNAME": "admin"}}
-    assert trial_runtime_env({**login, "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": None})}) == \
-        {"env_vars": login}
-
-
-def test_ray_errors_never_show_the_password():
-    from search.tuner import redacted
-    env = {"env_vars": {"MLFLOW_TRACKING_PASSWORD": "pw-1234567890"}}
-    assert redacted("conflict in {'MLFLOW_TRACKING_PASSWORD': 'pw-1234567890'}", env) == \
-        "conflict in {'MLFLOW_TRACKING_PASSWORD': '***'}"
-    assert redacted("no env", None) == "no env"
-
-
-def test_a_local_ray_hands_the_login_to_workers_outside_its_runtime_env(monkeypatch):
-    """A real local Ray: a task (as a trial would) has the driver's login in its environment, and Ray's
-    runtime env (which Ray logs and shows) does not hold it."""
-    import os
-    from search.tuner import connect
-    from search.config import SearchConfig
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw-1234567890")
-    connect(SearchConfig(target_flops=["50%"]))
-    try:
-        @ray.remote(num_cpus=0)
-        def trial_env():
-            return os.environ.get("MLFLOW_TRACKING_PASSWORD"), ray.get_runtime_context().runtime_env.get("env_vars")
-        password, runtime = ray.get(trial_env.remote())
-        assert password == "pw-1234567890" and not runtime
-    finally:
-        ray.shutdown()
+@pytest.mark.slow
+def test_trials_log_as_a_user_of_their_search_alone_and_the_admin_password_is_stored_nowhere(
+        tmp_path, tiny_data, monkeypatch):
+    """A real search against the basic-auth server, the driver logged in as admin: its trials log as
+    drn-<experiment id>, a user with edit rights on that experiment only; the admin password is in no
+    file of the results, the storage or Ray's session (its runtime env, logs), nor in the output."""
+    pytest.importorskip("flask_wtf", reason="MLflow's auth app needs mlflow[auth] (the image has it)")
+    from mlflow import MlflowClient
+    from mlflow.server.auth.client import AuthServiceClient
+    from conftest import run_cli
+    password = "admin-pw-Planted-91c2"
+    (tmp_path / "server").mkdir()
+    sessions = lambda: set(Path("/tmp/ray").glob("session_2*"))
+    before = sessions()
+    with auth_server(tmp_path / "server", "admin", password) as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        proc = run_cli("drn-search", "--target-flops", "50%", "--arch", "resnet8", "--dataset", "imagefolder",
+                       "--data-dir", str(tiny_data), "--epochs", "1", "--finetune-epochs", "0", "--backbone", "none",
+                       "--batch-size", "12", "--num-samples", "1", "--storage", str(tmp_path / "st"), "--name", "au",
+                       "--mlflow-uri", uri)
+        assert proc.returncode in (0, 3), proc.stderr[-3000:]
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("au").experiment_id
+        [child] = client.search_runs([exp], filter_string="tags.optuna_trial = '0'")
+        assert child.data.metrics.get("accuracy") is not None and child.data.tags.get("model_uri")   # it logged
+        assert child.data.tags["logged_in_as"] == f"drn-{exp}"    # as the search's user, not as admin
+        auth, name = AuthServiceClient(uri), f"drn-{exp}"
+        assert not auth.get_user(name).is_admin
+        other = client.create_experiment("another-search")
+        assert auth.get_user_permission(name, "experiment", exp).permission == "EDIT"
+        assert auth.get_user_permission(name, "experiment", other).permission == "READ"   # the server's default
+    files = [f for root in (tmp_path / "st", *(sessions() - before)) for f in root.rglob("*") if f.is_file()]
+    assert len(files) > 20
+    assert [f for f in files if password.encode() in f.read_bytes()] == []
+    assert password not in proc.stdout + proc.stderr
 
 
 # ----------------------------------------------------------------------------- pending trials
