@@ -623,3 +623,35 @@ def test_parameter_importance_needs_enough_complete_trials_that_differ(tmp_path)
     assert list(imp) == ["50%"] and imp["50%"]["d_c"] > 0.8 > imp["50%"]["lam"]   # what moves the value
     importance_plot(imp, tmp_path / "imp.png")
     assert (tmp_path / "imp.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------------------- passwords
+
+@pytest.mark.parametrize("flag, uri, kept, env", [
+    ("--mlflow-uri", "http://alice:pa%40ss@127.0.0.1:5000", "http://127.0.0.1:5000",
+     {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "pa@ss"}),
+    ("$MLFLOW_TRACKING_URI", "https://bob:pw-2@mlflow.example", "https://mlflow.example",
+     {"MLFLOW_TRACKING_USERNAME": "bob", "MLFLOW_TRACKING_PASSWORD": "pw-2"}),
+    ("--optuna-storage", "postgresql+psycopg2://bob:pw-3@db.example:5432/optuna",
+     "postgresql+psycopg2://bob@db.example:5432/optuna", {"PGPASSWORD": "pw-3"}),
+    ("--optuna-storage", "postgresql://bob@db.example/optuna", "postgresql://bob@db.example/optuna", {}),
+    ("--storage", "s3://bucket/drn", "s3://bucket/drn", {}),
+    ("--mlflow-uri", None, None, {}),
+])
+def test_a_password_leaves_the_uri_for_its_clients_variable(flag, uri, kept, env):
+    from search.secrets import strip_password
+    environ = {}
+    assert strip_password(flag, uri, environ) == kept and environ == env
+
+
+@pytest.mark.parametrize("flag, uri", [("--optuna-storage", "mysql://u:pw-4@h/db"),
+                                       ("--optuna-storage", "sqlite://u:pw-4@/x.db"),
+                                       ("--address", "ray://u:pw-4@head:10001"),
+                                       ("--storage", "s3://key:pw-4@bucket/drn")])
+def test_a_password_no_client_variable_can_carry_is_refused_without_showing_it(flag, uri):
+    from search.secrets import strip_password
+    with pytest.raises(UsageError, match="holds a password") as e:
+        strip_password(flag, uri, {})
+    assert "pw-4" not in str(e.value) and flag in str(e.value)
+    with pytest.raises(UsageError, match="holds a password"):   # where the flags become a config
+        SearchConfig(target_flops=["50%"], **{flag[2:].replace("-", "_"): uri})
