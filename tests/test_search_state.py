@@ -202,18 +202,24 @@ def test_a_failed_copy_is_one_line_and_the_search_goes_on(tmp_path):
     assert "search.json not copied" in notes[0] and time.time() - t0 >= 0.4     # tried again, twice
 
 
+def two_heads(data: Path, tmp_path: Path, name: str, epochs: int) -> tuple[str, Path, Path, list[str]]:
+    """A file:// --storage (a cloud one to the search), the folders two heads run in, and a tiny
+    two-trial search's flags."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    for d in (first, second, tmp_path / "mlflow"):
+        d.mkdir()
+    remote = (tmp_path / "bucket").as_uri()
+    return remote, first, second, [
+        "--target-flops", "50%", "--arch", "resnet8", "--dataset", "imagefolder", "--data-dir", str(data),
+        "--epochs", str(epochs), "--finetune-epochs", "0", "--backbone", "none", "--batch-size", "12",
+        "--scheduler", "fifo", "--num-samples", "2", "--max-concurrent", "1", "--storage", remote, "--name", name]
+
+
 @pytest.mark.slow
 def test_a_search_resumed_from_another_directory_keeps_its_files_there(tiny_data, tmp_path):
     """The restored Tuner unpickles the first driver's searcher and callback: they must use this
     head's ./drn-results, not the one of the directory the search started in."""
-    remote = (tmp_path / "bucket").as_uri()
-    first, second = tmp_path / "a", tmp_path / "b"
-    for d in (first, second, tmp_path / "mlflow"):
-        d.mkdir()
-    args = ["--target-flops", "50%", "--arch", "resnet8", "--dataset", "imagefolder", "--data-dir", str(tiny_data),
-            "--epochs", "1", "--finetune-epochs", "0", "--backbone", "none", "--batch-size", "12",
-            "--scheduler", "fifo", "--num-samples", "2", "--max-concurrent", "1", "--storage", remote,
-            "--name", "moved"]
+    remote, first, second, args = two_heads(tiny_data, tmp_path, "moved", epochs=1)
     with mlflow_server(tmp_path / "mlflow") as mlflow_uri:
         rc, err = interrupt_search([*args, "--mlflow-uri", mlflow_uri], "1/2 trials ended", cwd=first)  # one trial ended
         assert rc == 130, err[-3000:]
@@ -297,14 +303,8 @@ def test_a_resume_from_a_stale_copy_keeps_the_trials_that_ended_after_it(tiny_da
     head lost between copies). Tune's own state, newer, says both ended: the resumed search takes their
     ends from it, trial 0 told as it ended and trial 1 added, instead of failing them."""
     from search.state import backup_sqlite
-    remote = (tmp_path / "bucket").as_uri()
-    first, second = tmp_path / "a", tmp_path / "b"
-    for d in (first, second, tmp_path / "mlflow"):
-        d.mkdir()
-    args = ["--target-flops", "50%", "--arch", "resnet8", "--dataset", "imagefolder", "--data-dir", str(tiny_data),
-            "--epochs", "2", "--finetune-epochs", "0", "--backbone", "none", "--batch-size", "12",
-            "--scheduler", "fifo", "--num-samples", "2", "--max-concurrent", "1", "--storage", remote,
-            "--name", "stale", "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow' / 'm.db'}"]
+    remote, first, second, args = two_heads(tiny_data, tmp_path, "stale", epochs=2)
+    args += ["--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow' / 'm.db'}"]   # a store both heads reach
     proc = subprocess.Popen([*cli_command("drn-search"), *args], cwd=first, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     seen = []
