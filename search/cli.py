@@ -16,7 +16,7 @@ from drn.cli import EXIT_USAGE, OneLineParser, formatter
 from drn.config import UsageError, resolve_target
 
 from . import state, tracking
-from .config import SMOKE, SearchConfig
+from .config import SMOKE, SearchConfig, brief
 from .tuner import connect, make_tuner, resources, tune_settings
 
 # drn-search's flags by purpose: flag -> (SearchConfig field, type, nargs, help). Defaults are read from
@@ -311,18 +311,16 @@ def record_end(cfg: SearchConfig, p: Prepared, rows: list[dict], studies: dict, 
     """MLflow at the search's end, best effort (every result is in trials.parquet already): the runs of
     trials that could not log themselves, from their checkpoints; the tags and the registry; the
     importance plot. Returns the registered models (None when MLflow failed) and what MLflow lacks."""
-    def first_line(e: Exception) -> str:
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     try:
         missing = p.track.complete(rows, {**p.space.fixed, **dict.fromkeys(names)}, p.data)
         models = p.track.update(rows, cfg.results_dir / "trials.parquet", cfg.targets, cfg.cost_key)   # and the registry
     except Exception as e:
-        return None, [f"MLflow at {p.track.uri} did not take the search's end ({first_line(e)}); every result is "
+        return None, [f"MLflow at {p.track.uri} did not take the search's end ({brief(e)}); every result is "
                       f"in trials.parquet, and `drn-search --resume {cfg.name}` records it once MLflow is back"]
     try:
         p.track.log_importance(studies)
     except Exception as e:   # a figure, not a result: the search's end does not hang on it
-        _log(f"warning: no parameter-importance plot: {first_line(e)}")
+        _log(f"warning: no parameter-importance plot: {brief(e)}")
     return models, missing
 
 

@@ -27,6 +27,11 @@ TRIAL_EPOCHS_SHARE = 1 / 15     # 2 of 30, 17 of 250: enough for the routes to l
 TRIAL_FINETUNE_SHARE = 2 / 3    # 20 of 30, 167 of 250
 
 
+def brief(e: Exception) -> str:
+    """An exception as one line of a log: its type and the first line of its message."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
 def results_root(storage: str) -> Path:
     """Where our files of every search under `storage` live: beside Tune's, or ./drn-results for a URI."""
     return Path("drn-results").absolute() if is_uri(storage) else Path(storage).expanduser().absolute()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
+from .config import brief
 from .results import trial_rows, write_parquet
 from .searcher import load_studies
 from .state import save_after_the_last_upload, upload
@@ -23,8 +24,7 @@ def never_fatal(hook):
         try:
             return hook(self, *args, **kwargs)
         except Exception as e:
-            self._print(f"warning: {hook.__name__} failed ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); the search goes on")
+            self._print(f"warning: {hook.__name__} failed ({brief(e)}); the search goes on")
     return safe
 
 

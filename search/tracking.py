@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from drn.config import UsageError, is_number
 
+from .config import brief
 from .plots import pareto_plot
 from .secrets import strip_password
 from .registry import CHECKPOINT_ARTIFACT, fetch_checkpoint, register_front, slug, using_tracking_uri   # noqa: F401 (public here too)
@@ -293,8 +294,7 @@ class Tracking:
                     raise FileNotFoundError("no checkpoint on this machine")
                 self.backfill(row, {**params, **{k: row[k] for k in params if k in row}}, data)
             except Exception as e:
-                lines.append(f"MLflow lacks trial {row['trial']}'s final metrics and model: {type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:200] if str(e) else ''}")
+                lines.append(f"MLflow lacks trial {row['trial']}'s final metrics and model: {brief(e)}")
         return lines
 
     def register_front(self, rows: list[dict]) -> list[dict]:

@@ -19,6 +19,7 @@ from ray import tune
 from drn.config import TrainConfig, is_number
 from drn.train import CHECKPOINT, Trainer
 
+from .config import brief
 from .tracking import Tracking, TrialRun, use_login
 
 # keys of the trial config that are not TrainConfig fields
@@ -46,8 +47,8 @@ class BestEffort:
             return log()
         except Exception as e:   # MLflow's own errors, requests', sqlite's: a log line is not worth a trial
             if not self.missing:
-                print(f"trial {self.args[1]}: MLflow did not take {what} ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0][:200] if str(e) else ''}); logged from its checkpoint at the end",
+                print(f"trial {self.args[1]}: MLflow did not take {what} ({brief(e)}); logged from its checkpoint "
+                      f"at the end",
                       file=sys.stderr, flush=True)
             self.missing = True
             return None
