@@ -160,17 +160,24 @@ def test_resume_after_an_interrupt_keeps_finished_trials_and_counts_none_twice(t
 
 
 def test_sigterm_ends_a_search_as_ctrl_c_does_and_status_shows_it_running(tiny_data, tmp_path):
-    args = search_args(tiny_data, tmp_path, "t", "--num-samples", "3", "--max-concurrent", "1", "--json")
+    # trials long enough that one is still running while `status` starts (a 2-epoch trial can end
+    # in the seconds that takes, leaving none running until the next is asked)
+    args = search_args(tiny_data, tmp_path, "t", "--num-samples", "3", "--max-concurrent", "1", "--json",
+                       "--epochs", "30")
     proc = subprocess.Popen([*cli_command("drn-search"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     seen = []
     for line in proc.stderr:                                 # a trial has reported an epoch
         seen.append(line)
-        if "epoch 1/2" in line:
+        if "epoch 1/30" in line:
             break
-    status = json.loads(run_cli("drn-search", "status", "t", "--storage", str(tmp_path), "--json").stdout)
+    for _ in range(5):
+        status = json.loads(run_cli("drn-search", "status", "t", "--storage", str(tmp_path), "--json").stdout)
+        if status["running"]:
+            break
     assert status["state"] == "running" and status["driver_pid"] == proc.pid, status
-    assert status["running"] and status["asked"] >= 1
+    assert status["running"] and status["asked"] >= 1, status
+    assert status["running"][0]["epoch"] is None or 1 <= status["running"][0]["epoch"] <= 30, status
     second = run_cli("drn-search", "--resume", "t", "--storage", str(tmp_path))   # one driver per search
     assert second.returncode == 2 and "is running already" in second.stderr, second.stderr
     assert len(second.stderr.strip().splitlines()) == 1
