@@ -1,7 +1,7 @@
 """Where a search's state lives, and who can reach it.
 
 With a cloud --storage (s3://, gs://, file://...) Tune keeps its part there, but ours -- search.json,
-mlflow.json, trials.parquet and the Optuna sqlite study -- is written on the head, in
+mlflow.json, trials.parquet, scheduler.jsonl and the Optuna sqlite study -- is written on the head, in
 ./drn-results/<name>/. A copy goes to <storage>/<name>/drn-state/ when the search starts and each time
 a trial ends, so that `--resume NAME --storage URI` on a new head fetches it first. An RDB
 --optuna-storage (postgresql://...) is shared already: there is no optuna.db to copy.
@@ -24,7 +24,8 @@ from .cloud import fetch, publish
 from .config import is_uri, local_store
 
 STATE_DIR = "drn-state"
-FILES = ("search.json", "mlflow.json", "trials.parquet")
+SCHEDULER_STATE = "scheduler.jsonl"   # the ASHAs' rungs (search/scheduler.py)
+FILES = ("search.json", "mlflow.json", "trials.parquet", SCHEDULER_STATE)
 STUDY = "optuna.db"        # the default study (--optuna-storage unset), beside them
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0")   # an MLflow server only the head reaches
 

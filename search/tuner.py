@@ -96,7 +96,8 @@ def make_tuner(cfg: SearchConfig, resume: bool, p):
     from ray.tune.schedulers import FIFOScheduler
 
     from .progress import Progress
-    from .scheduler import PerTargetASHA
+    from .scheduler import PerTargetASHA, restore_scheduler
+    from .state import SCHEDULER_STATE
     from ray.tune.search import ConcurrencyLimiter
 
     from .searcher import Extendable, OptunaSearcher
@@ -137,6 +138,8 @@ def make_tuner(cfg: SearchConfig, resume: bool, p):
                        else tc.search_alg)
             tc.search_alg, tc.num_samples = Extendable(limited, cfg.num_samples), cfg.num_samples
             tc.max_concurrent_trials = None   # the limiter is inside the generator
+            if isinstance(tc.scheduler, PerTargetASHA):   # its rungs, from their JSON (tuner.pkl has the start's)
+                restore_scheduler(tc.scheduler, cfg.results_dir / SCHEDULER_STATE)
         return tuner
     searcher = OptunaSearcher(p.space, cfg.targets, cfg.name, cfg.study_storage, cfg.tolerance,
                               cfg.total_epochs, cfg.cost_key, cfg.seed, dataset=cfg.dataset,
@@ -144,6 +147,7 @@ def make_tuner(cfg: SearchConfig, resume: bool, p):
     # auto = asha: one ASHA per target, a trial competes only with its own budget's trials, the feasible
     # ones first, and stops only when it trails by more than the val split's noise (search/scheduler.py)
     scheduler = (PerTargetASHA(cfg.targets, tolerance=cfg.tolerance, cost_key=cfg.cost_key,
+                               state_path=str(cfg.results_dir / SCHEDULER_STATE),
                                time_attr="training_iteration", max_t=cfg.total_epochs,
                                grace_period=cfg.grace_period or max(1, cfg.total_epochs // 4),
                                reduction_factor=cfg.reduction_factor)

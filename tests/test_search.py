@@ -126,6 +126,10 @@ def test_resume_after_an_interrupt_keeps_finished_trials_and_counts_none_twice(t
             assert r["tune_trial_id"] == finished[r["trial"]]["tune_trial_id"]
     for n, epochs in tune_epochs(tmp_path / "r").items():
         assert epochs == [1, 2], (n, epochs)      # an interrupted trial went on from its checkpoint
+    # ASHA's rungs (JSON) kept the trials that ended before the interrupt: tuner.pkl has the start's
+    rungs = {d["target"]: d for d in map(json.loads, (tmp_path / "r" / "scheduler.jsonl").read_text().splitlines())}
+    recorded = {t: set(rungs[t]["brackets"][0][0]["recorded"]) for t in ("50%", "70%")}
+    assert recorded == {t: {r["tune_trial_id"] for r in after if r["target"] == t} for t in ("50%", "70%")}
     db = f"sqlite:///{tmp_path / 'r' / 'optuna.db'}"
     assert sorted(optuna.get_all_study_names(db)) == ["r@50%", "r@70%"]
     for target in ("50%", "70%"):                 # each study holds its own target's trials, two each

@@ -247,7 +247,7 @@ def test_tpe_of_one_target_sees_only_that_targets_trials(tmp_path, monkeypatch):
     assert {name for name, _, n in seen if n >= 10} == {"m@30%", "m@60%"}     # TPE modelled each alone
 
 
-def test_per_target_asha_compares_a_trial_only_with_its_own_budget():
+def test_per_target_asha_compares_a_trial_only_with_its_own_budget(tmp_path):
     from types import SimpleNamespace
 
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
@@ -266,6 +266,7 @@ def test_per_target_asha_compares_a_trial_only_with_its_own_budget():
     steps = [("b1", "B", 0.90), ("b2", "B", 0.92), ("b3", "B", 0.91),
              ("a1", "A", 0.30), ("a2", "A", 0.32), ("a3", "A", 0.85), ("a4", "A", 0.90), ("a5", "A", 0.20)]
     per, one = make(PerTargetASHA, ["A", "B"]), make(ASHAScheduler)
+    per.state_path = str(tmp_path / "scheduler.jsonl")          # rewritten at every change
     decisions = {}
     for sched in (per, one):
         for tid, target, acc in steps:
@@ -278,7 +279,13 @@ def test_per_target_asha_compares_a_trial_only_with_its_own_budget():
     # per target: A's weak trials go on (B's do not count), and the weak one among strong A trials stops
     assert [decisions[True, t] for t, _, _ in steps] == [GO] * 7 + [STOP]
     assert set(per.schedulers["A"]._trial_info) == {"a1", "a2", "a3", "a4", "a5"}
-    clone = pickle.loads(pickle.dumps(per))                      # Tuner.restore unpickles it
+    lines = [json.loads(line) for line in (tmp_path / "scheduler.jsonl").read_text().splitlines()]
+    assert [d["target"] for d in lines] == ["A", "B"]              # plain data, a line per target, no pickle
+    assert lines[0]["trials"] == dict.fromkeys(["a1", "a2", "a3", "a4", "a5"], 0) and lines[0]["num_stopped"] == 1
+    saved = per.state()
+    clone = make(PerTargetASHA, ["A", "B"])                      # a restored tuner's: empty rungs
+    clone.restore(str(tmp_path / "scheduler.jsonl"))
+    assert clone.state() == saved
     per.on_trial_complete(None, trial("a1", "A"), {"training_iteration": 1, "accuracy": 0.30})
     per.on_trial_remove(None, trial("b1", "B"))
     assert "a1" not in per.schedulers["A"]._trial_info and "b1" not in per.schedulers["B"]._trial_info
@@ -287,6 +294,9 @@ def test_per_target_asha_compares_a_trial_only_with_its_own_budget():
     clone.on_trial_add(None, t)
     assert clone.on_trial_result(None, t, {"training_iteration": 1, "accuracy": 0.25}) == STOP
     assert clone.metric == "accuracy" and "target B" in clone.debug_string()
+    with pytest.raises(ValueError, match="target 'A'"):          # another schedule's state does not fit
+        other = PerTargetASHA(["A"], time_attr="training_iteration", max_t=4, grace_period=1, brackets=2)
+        other.set_state(saved)
 
 
 def test_searcher_with_several_studies_saves_and_restores(tmp_path):
