@@ -10,6 +10,7 @@ every run back: calls, errors, and values lost (logged with success but not read
 import argparse
 import json
 import multiprocessing as mp
+import os
 import socket
 import statistics
 import subprocess
@@ -29,7 +30,8 @@ def serve(folder: Path) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                              "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
                              "--artifacts-destination", str(folder / "artifacts")],
-                            cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})   # as cluster.yaml
     uri = f"http://127.0.0.1:{port}"
     for _ in range(360):
         try:

@@ -92,6 +92,12 @@ def interrupt_search(args: list[str], after: str, cwd=None, pause: float = 0.0) 
     return proc.returncode, "".join(seen) + err
 
 
+def mlflow_server_env(**extra: str) -> dict:
+    """An MLflow server's environment, as cluster.yaml's head starts it: without MLflow 3's job runner
+    (eight huey consumers, ~2 GB, for GenAI jobs that tracking never asks for)."""
+    return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **extra}
+
+
 def start_mlflow(folder: Path, port: int) -> subprocess.Popen:
     """A real `mlflow server` on 127.0.0.1:`port` (its store, artifacts and log in `folder`), answering."""
     uri = f"http://127.0.0.1:{port}"
@@ -99,7 +105,7 @@ def start_mlflow(folder: Path, port: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                              "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
                              "--artifacts-destination", str(folder / "artifacts")],
-                            cwd=folder, stdout=subprocess.DEVNULL, stderr=log)
+                            cwd=folder, stdout=subprocess.DEVNULL, stderr=log, env=mlflow_server_env())
     log.close()
     deadline = time.time() + 180
     while True:

@@ -11,7 +11,6 @@ import contextlib
 import copy
 import fnmatch
 import json
-import os
 import re
 import shlex
 import socket
@@ -338,10 +337,11 @@ def free_port() -> int:
 def auth_server(folder: Path, user: str, password: str):
     """cluster/basic_auth.ini under a real `mlflow server --app-name basic-auth`, as the head runs it;
     yields its URI."""
+    from conftest import mlflow_server_env
     port = free_port()
-    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ROOT / "cluster" / "basic_auth.ini"),
-           "MLFLOW_AUTH_ADMIN_USERNAME": user, "MLFLOW_AUTH_ADMIN_PASSWORD": password,
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret"}
+    env = mlflow_server_env(MLFLOW_AUTH_CONFIG_PATH=str(ROOT / "cluster" / "basic_auth.ini"),
+                            MLFLOW_AUTH_ADMIN_USERNAME=user, MLFLOW_AUTH_ADMIN_PASSWORD=password,
+                            MLFLOW_FLASK_SERVER_SECRET_KEY="test-secret")
     for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         env.pop(k, None)
     log = open(folder / "server.log", "w")
