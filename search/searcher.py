@@ -75,13 +75,14 @@ def search_trial(t: optuna.trial.FrozenTrial) -> int:
 
 
 # Sec. 4.1's margins and loss weights: drn-train's defaults
-PAPER = ("d_c", "d_d", "lam", "alpha")
+PAPER = ("d_c", "d_d", "lam", "alpha", "lr")
 
 
 def paper_values(dataset: str | None) -> dict[str, float]:
-    """d_c 0.2, d_d 0.5, lam and alpha 0.2 (0.4 on Tiny-ImageNet); the margins only without a dataset."""
+    """d_c 0.2, d_d 0.5, lam and alpha 0.2 (0.4 on Tiny-ImageNet), lr 0.1 (Sec. 4.1); the margins and
+    the lr only without a dataset."""
     if dataset is None:
-        return {k: TrainConfig.__dataclass_fields__[k].default for k in ("d_c", "d_d")}
+        return {k: TrainConfig.__dataclass_fields__[k].default for k in ("d_c", "d_d", "lr")}
     cfg = TrainConfig(dataset=dataset)
     return {k: getattr(cfg, k) for k in PAPER}
 
@@ -92,7 +93,7 @@ def _holds(p: Param, value) -> bool:
 
 def paper_trial(space: Space, dataset: str | None) -> dict:
     """The paper's values of the space's sampled parameters, where their ranges hold them; the rest
-    (a value out of range, a parameter the paper does not set, like lr) is the sampler's."""
+    (a value out of range, a parameter the paper does not set, like beta) is the sampler's."""
     values = paper_values(dataset)
     return {p.name: values[p.name] for p in space.params if p.name in values and _holds(p, values[p.name])}
 

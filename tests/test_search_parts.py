@@ -29,14 +29,15 @@ def test_pareto_front_on_hand_made_points():
 
 # ----------------------------------------------------------------------------- spaces
 
-@pytest.mark.parametrize("name", ["default", "wide"])
-def test_shipped_spaces_load_around_the_paper_values(name):
+@pytest.mark.parametrize("name,sampled", [("default", {"lr"}), ("wide", {"d_c", "d_d", "lam", "alpha", "lr"})])
+def test_shipped_spaces_load_around_the_paper_values(name, sampled):
     space = load_space(SPACES_DIR / f"{name}.yaml")
     d = space.distributions()
-    paper = {"d_c": 0.2, "d_d": 0.5, "lam": 0.2, "alpha": 0.2}
-    for k, v in paper.items():
-        assert d[k].low < v < d[k].high
-    assert isinstance(d["lam"], optuna.distributions.FloatDistribution) and d["lam"].log
+    paper = {"d_c": 0.2, "d_d": 0.5, "lam": 0.2, "alpha": 0.2, "lr": 0.1}
+    assert sampled <= set(d) and not set(paper) - sampled & set(d)
+    for k in sampled:
+        assert d[k].low < paper[k] < d[k].high
+    assert isinstance(d["lr"], optuna.distributions.FloatDistribution) and d["lr"].log
 
 
 def test_space_with_every_kind_and_a_fixed_value(tmp_path):
@@ -112,7 +113,7 @@ def test_search_config_rejects_bad_input(kw, message):
 
 @pytest.fixture
 def searcher(tmp_path):
-    space = load_space(SPACES_DIR / "default.yaml")
+    space = load_space(SPACES_DIR / "wide.yaml")   # the margins and weights: several parameters to ask
     return OptunaSearcher(space, ["50%"], "s", f"sqlite:///{tmp_path / 'optuna.db'}", tolerance=0.02,
                           total_epochs=3, seed=0)
 
@@ -353,13 +354,15 @@ def test_the_first_trial_of_each_study_runs_the_paper_values(tmp_path):
                  "d_d: {type: float, low: 0.6, high: 1.0}\n"          # the paper's 0.5 is out of range
                  "lam: {type: float, low: 0.05, high: 0.8, log: true}\n"
                  "alpha: {type: categorical, choices: [0.1, 0.4]}\n"  # 0.4 on Tiny-ImageNet only
-                 "lr: {type: float, low: 0.02, high: 0.2, log: true}\n")  # no paper value: sampled
+                 "lr: {type: float, low: 0.02, high: 0.2, log: true}\n"
+                 "beta: {type: float, low: 2.0, high: 10.0}\n")       # no paper value: sampled
     space = load_space(f)
-    assert paper_trial(space, "cifar10") == {"d_c": 0.2, "lam": 0.2}
-    assert paper_trial(space, "tinyimagenet") == {"d_c": 0.2, "lam": 0.4, "alpha": 0.4}
-    assert paper_trial(space, None) == {"d_c": 0.2}                 # the margins do not depend on the data
-    assert paper_trial(load_space(SPACES_DIR / "default.yaml"), "cifar10") == {
-        "d_c": 0.2, "d_d": 0.5, "lam": 0.2, "alpha": 0.2}
+    assert paper_trial(space, "cifar10") == {"d_c": 0.2, "lam": 0.2, "lr": 0.1}
+    assert paper_trial(space, "tinyimagenet") == {"d_c": 0.2, "lam": 0.4, "alpha": 0.4, "lr": 0.1}
+    assert paper_trial(space, None) == {"d_c": 0.2, "lr": 0.1}      # the margins do not depend on the data
+    assert paper_trial(load_space(SPACES_DIR / "default.yaml"), "cifar10") == {"lr": 0.1}
+    assert paper_trial(load_space(SPACES_DIR / "wide.yaml"), "cifar10") == {
+        "d_c": 0.2, "d_d": 0.5, "lam": 0.2, "alpha": 0.2, "lr": 0.1}
 
     db = f"sqlite:///{tmp_path / 'o.db'}"
     s = OptunaSearcher(space, ["30%", "60%"], "m", db, 0.02, 2, dataset="tinyimagenet")
@@ -367,8 +370,8 @@ def test_the_first_trial_of_each_study_runs_the_paper_values(tmp_path):
     first = [s.suggest(str(i)) for i in range(4)]
     assert [c["target"] for c in first] == ["60%", "30%", "30%", "60%"]
     for c in first[:2]:                                             # each study's first trial
-        assert (c["d_c"], c["lam"], c["alpha"]) == (0.2, 0.4, 0.4)
-        assert 0.6 <= c["d_d"] <= 1.0 and 0.02 <= c["lr"] <= 0.2 and c["optuna_trial"] in (0, 1)
+        assert (c["d_c"], c["lam"], c["alpha"], c["lr"]) == (0.2, 0.4, 0.4, 0.1)
+        assert 0.6 <= c["d_d"] <= 1.0 and 2.0 <= c["beta"] <= 10.0 and c["optuna_trial"] in (0, 1)
     assert all(c["d_c"] != 0.2 for c in first[2:])                   # then the sampler's
     s.save(str(tmp_path / "state.json"))
     clone = pickle.loads(pickled)                                   # resumed: not enqueued again
@@ -386,7 +389,7 @@ def test_trials_enqueued_before_the_search_come_first_numbered_from_0(tmp_path):
     study = optuna.create_study(study_name="q", storage=db, direction="maximize")
     for d_c in (0.1, 0.3):
         study.enqueue_trial({"d_c": d_c})
-    s = OptunaSearcher(load_space(SPACES_DIR / "default.yaml"), ["50%"], "q", db, 0.02, 2, dataset="cifar10")
+    s = OptunaSearcher(load_space(SPACES_DIR / "wide.yaml"), ["50%"], "q", db, 0.02, 2, dataset="cifar10")
     got = [s.suggest(str(i)) for i in range(3)]
     assert [c["optuna_trial"] for c in got] == [0, 1, 2]          # a waiting trial is not a trial yet
     assert [c["d_c"] for c in got[:2]] == [0.1, 0.3]

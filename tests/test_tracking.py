@@ -50,7 +50,7 @@ def test_one_parent_and_a_child_per_trial_with_per_epoch_metrics(tracked):
     for c in children:
         assert c.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert c.data.tags["state"] == "COMPLETE" and c.info.status == "FINISHED" and c.data.tags["target"] == "50%"
-        assert {"d_c", "d_d", "lam", "alpha"} <= set(c.data.params)
+        assert {"lr", "seed"} <= set(c.data.params)   # the default space's, and the trial's seed
         steps = [m.step for m in client.get_metric_history(c.info.run_id, "accuracy")]
         assert steps == [1, 2]
         for key in ("flops", "k", "mu", "loss_cls", "loss_cost"):
@@ -136,9 +136,12 @@ def test_an_experiment_name_taken_on_the_server_is_a_usage_error(tracked, server
 
 def new_search(storage: Path, name: str, **flags):
     from search import tracking
-    from search.config import SearchConfig
+    from search.config import SPACES_DIR, SearchConfig
+    space = storage / "margins.yaml"   # the paper's margins and weights: several parameters to track
+    space.write_text("\n".join(line for line in (SPACES_DIR / "wide.yaml").read_text().splitlines()
+                               if line.startswith(("d_c", "d_d", "lam", "alpha"))))
     cfg = SearchConfig.from_flags({"smoke_test": True, "backbone": "none", "storage": str(storage), "name": name,
-                                   "target_flops": ["50%"], **flags})
+                                   "target_flops": ["50%"], "space": str(space), **flags})
     uri, artifacts = tracking.check(cfg, cfg.results_dir)
     cfg.results_dir.mkdir(parents=True)
     cfg.save(cfg.results_dir / "search.json")
