@@ -51,6 +51,30 @@ def local_store(uri: str) -> Path | None:
     return None if ":" in uri or uri.startswith("databricks") else Path(uri)   # databricks: MLflow's hosted store
 
 
+DRIVERS = {"postgresql": "psycopg[binary]", "mysql": "mysqlclient"}   # what SQLAlchemy imports for a bare scheme
+
+
+def check_database_url(url: str) -> None:
+    """--optuna-storage: a URL SQLAlchemy parses, of a database kind it knows, whose driver imports here
+    (a missing one was a traceback at the first study, after the results dir was made)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+    try:
+        dialect = make_url(url).get_dialect()
+    except NoSuchModuleError:
+        raise UsageError(f"--optuna-storage {url}: not a database SQLAlchemy knows "
+                         f"(postgresql://, mysql://, sqlite:///...)") from None
+    except ArgumentError:
+        raise UsageError(f"--optuna-storage {url!r} is not a database URL (like postgresql://USER@HOST/DB)") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as e:
+        scheme = url.split(":", 1)[0]
+        hint = DRIVERS.get(scheme.split("+")[0], e.name)
+        raise UsageError(f"--optuna-storage {scheme}: its Python driver is not installed ({e.name}); "
+                         f"pip install '{hint}'") from None
+
+
 @dataclass
 class SearchConfig:
     target_flops: list[str] = field(default_factory=list)       # absolute (2e8) or share of full (40%)
@@ -98,6 +122,8 @@ class SearchConfig:
         from .secrets import strip_password   # before anything keeps a URI (search/secrets.py)
         for flag in ("optuna_storage", "mlflow_uri", "address", "storage"):
             setattr(self, flag, strip_password(f"--{flag.replace('_', '-')}", getattr(self, flag)))
+        if self.optuna_storage is not None:
+            check_database_url(self.optuna_storage)
         if self.smoke_test and not self.target_flops and not self.target_latency_ms:
             self.target_flops = list(SMOKE["target_flops"])
         if bool(self.target_flops) == bool(self.target_latency_ms):

@@ -1,7 +1,9 @@
 """drn-search end to end on a real local Ray cluster (tiny data, CPU): trials, ASHA -> PRUNED,
 Parquet, summary, resume after an interrupt of a two-target search (one Optuna study and one ASHA
 per target) (bad input: test_bad_input.py)."""
+import contextlib
 import json
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -227,24 +229,55 @@ def test_two_searches_started_at_once_on_one_cache_train_one_backbone(tiny_data,
     assert len(list((tmp_path / "backbones").glob("*/checkpoint.pt"))) == 1
 
 
+@contextlib.contextmanager
+def postgres_with_password(folder: Path, user: str, password: str):
+    """A real PostgreSQL (pgserver's, on a unix socket in `folder`) with a database `optuna` owned by
+    `user`, who must give `password` (scram); yields (the socket dir, a superuser URL of the database)."""
+    import pgserver   # a test dependency: PostgreSQL's binaries in a wheel
+    srv = pgserver.get_server(folder, cleanup_mode="stop")
+    try:
+        srv.psql(f"CREATE ROLE {user} LOGIN PASSWORD '{password}'; CREATE DATABASE optuna OWNER {user};")
+        hba = folder / "pg_hba.conf"
+        hba.write_text(f"local all {user} scram-sha-256\n" + hba.read_text())
+        srv.psql("SELECT pg_reload_conf();")
+        yield folder, f"postgresql://postgres@/optuna?host={folder}"
+    finally:
+        srv.cleanup()
+
+
 def test_a_password_in_a_uri_is_stored_and_shown_nowhere(tiny_data, tmp_path):
-    """A real search logging to a real MLflow server through http://USER:PASSWORD@...: the password is in
-    no file of the results, the MLflow server's store, Ray's session logs, nor the output."""
-    secret = "pw-Planted-7f3a9"
+    """A real search logging to a real MLflow server through http://USER:PASSWORD@... and keeping its
+    studies in a real PostgreSQL through postgresql://USER:PASSWORD@...: the passwords are in no file of
+    the results, the MLflow server's store, Ray's session logs, nor the output, and both logins worked."""
+    secret, pg_secret = "pw-Planted-7f3a9", "pg-Planted-2c81e"
     (tmp_path / "mlflow").mkdir()
     sessions = lambda: set(Path("/tmp/ray").glob("session_2*"))
     before = sessions()
-    with mlflow_server(tmp_path / "mlflow") as uri:
+    with mlflow_server(tmp_path / "mlflow") as uri, \
+            postgres_with_password(tmp_path / "pg", "drn", pg_secret) as (sock, admin):
         login = uri.replace("http://", f"http://alice:{secret}@")
-        proc = run_cli("drn-search", *search_args(tiny_data, tmp_path / "st", "p", "--num-samples", "1",
-                                                  "--mlflow-uri", login))
+        storage = f"postgresql://drn:{pg_secret}@/optuna?host={sock}"
+        env = {k: v for k, v in os.environ.items() if k != "PGPASSWORD"}
+        proc = subprocess.run([*cli_command("drn-search"), *search_args(
+            tiny_data, tmp_path / "st", "p", "--num-samples", "1", "--mlflow-uri", login,
+            "--optuna-storage", storage)], capture_output=True, text=True, env=env)
         assert proc.returncode in (0, 3), proc.stderr[-3000:]
         from mlflow import MlflowClient
         assert MlflowClient(uri).get_experiment_by_name("p") is not None   # the login reached the server
-    files = [f for root in (tmp_path, *(sessions() - before)) for f in root.rglob("*") if f.is_file()]
+        study = optuna.load_study(study_name="p", storage=admin)            # and the other reached PostgreSQL
+        assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE]
+        saved = json.loads((tmp_path / "st" / "p" / "search.json").read_text())["optuna_storage"]
+        assert saved == f"postgresql://drn@/optuna?host={sock}"
+        status = subprocess.run([*cli_command("drn-search"), "status", "p", "--storage", str(tmp_path / "st"),
+                                 "--json"], capture_output=True, text=True, env={**env, "PGPASSWORD": pg_secret})
+        assert status.returncode == 0 and json.loads(status.stdout)["ended"] == 1, status.stderr[-2000:]
+    # the database server's own files hold the role's verifier, not the password: they are its store
+    files = [f for root in (tmp_path, *(sessions() - before)) for f in root.rglob("*")
+             if f.is_file() and (tmp_path / "pg") not in f.parents]
     assert len(files) > 20
     assert [f for f in files if secret.encode() in f.read_bytes()] == []
-    assert secret not in proc.stdout + proc.stderr
+    assert [f for f in files if pg_secret.encode() in f.read_bytes()] == []
+    assert secret not in proc.stdout + proc.stderr and pg_secret not in proc.stdout + proc.stderr
     assert json.loads((tmp_path / "st" / "p" / "search.json").read_text())["mlflow_uri"] == uri
     refused = run_cli("drn-search", *search_args(tiny_data, tmp_path / "st", "q", "--optuna-storage",
                                                  f"sqlite://alice:{secret}@/x.db"))
