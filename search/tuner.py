@@ -152,12 +152,15 @@ def make_tuner(cfg: SearchConfig, resume: bool, p):
                                grace_period=cfg.grace_period or max(1, cfg.total_epochs // 4),
                                reduction_factor=cfg.reduction_factor)
                  if cfg.scheduler in ("asha", "auto") else FIFOScheduler())
+    # reuse_actors: a trial after the first on a worker skips the new process, its imports and MLflow's
+    # package scan (BENCHMARKS.md, "Worker reuse"); a trial that does not end within Tune's 2 s gets a
+    # fresh worker, so nothing of a stopped trial runs on beside the next
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, metric="accuracy", mode="max",
                                     num_samples=cfg.num_samples,
                                     max_concurrent_trials=cfg.max_concurrent,
-                                    trial_dirname_creator=_trial_dirname),
+                                    trial_dirname_creator=_trial_dirname, reuse_actors=True),
         run_config=tune.RunConfig(
             name=cfg.name, storage_path=cfg.storage, verbose=0, callbacks=[progress],
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),

@@ -398,7 +398,10 @@ def test_trials_enqueued_before_the_search_come_first_numbered_from_0(tmp_path):
 
 def test_concurrent_trials_spread_out_by_the_constant_liar(tmp_path):
     import copy
-    space = load_space(SPACES_DIR / "default.yaml")
+    f = tmp_path / "margins.yaml"   # the paper's margins and weights: four parameters to spread over
+    f.write_text("\n".join(line for line in (SPACES_DIR / "wide.yaml").read_text().splitlines()
+                           if line.startswith(("d_c", "d_d", "lam", "alpha"))))
+    space = load_space(f)
     s = OptunaSearcher(space, ["50%"], "s", f"sqlite:///{tmp_path / 'o.db'}", 0.5, 2, seed=3)
     for i in range(12):                                             # past TPE's 10 random start-up trials
         s.suggest(str(i))
