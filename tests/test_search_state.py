@@ -29,7 +29,7 @@ BASE = ["--target-flops", "50%", "--arch", "resnet8", "--dataset", "synthetic", 
 # ----------------------------------------------------------------------------- static baselines
 
 @pytest.mark.parametrize("space", [
-    "wide",                                                                   # the DRN's margins and weights
+    "d_c: {type: float, low: 0.05, high: 0.5}\nlam: {type: float, low: 0.05, high: 0.8}\n",  # margins, weights
     "beta: {type: float, low: 2.0, high: 8.0}\nlr: 0.05\nrouter_hidden: 16\n",  # a used one only fixed
 ])
 def test_a_static_routing_with_a_space_of_router_parameters_is_refused(tmp_path, capsys, space):
