@@ -327,7 +327,7 @@ def test_a_resume_from_a_stale_copy_keeps_the_trials_that_ended_after_it(tiny_da
     assert sorted(after) == [0, 1] and {r["state"] for r in after.values()} == {"COMPLETE"}, after
     for n in (0, 1):                                  # as they ended, from Tune's record
         assert after[n]["accuracy"] == before[n]["accuracy"] and after[n]["tune_trial_id"] == before[n]["tune_trial_id"]
-        assert after[n]["d_c"] == pytest.approx(before[n]["d_c"]) and after[n]["feasible"] == before[n]["feasible"]
+        assert after[n]["lr"] == pytest.approx(before[n]["lr"]) and after[n]["feasible"] == before[n]["feasible"]
     assert "trial 0 (target 50%) started" not in resumed.stderr and "lost when the driver" not in resumed.stdout
 
 
