@@ -92,6 +92,16 @@ def interrupt_search(args: list[str], after: str, cwd=None, pause: float = 0.0) 
     return proc.returncode, "".join(seen) + err
 
 
+def margins_space(folder: Path) -> Path:
+    """A space of the paper's margins and loss weights alone (d_c, d_d, lam, alpha, as spaces/wide.yaml
+    has them): several parameters for the tests of the searcher's and the tracking's mechanics."""
+    from search.config import SPACES_DIR
+    f = folder / "margins.yaml"
+    f.write_text("\n".join(line for line in (SPACES_DIR / "wide.yaml").read_text().splitlines()
+                           if line.startswith(("d_c", "d_d", "lam", "alpha"))))
+    return f
+
+
 def mlflow_server_env(**extra: str) -> dict:
     """An MLflow server's environment, as cluster.yaml's head starts it: without MLflow 3's job runner
     (eight huey consumers, ~2 GB, for GenAI jobs that tracking never asks for)."""

@@ -398,10 +398,8 @@ def test_trials_enqueued_before_the_search_come_first_numbered_from_0(tmp_path):
 
 def test_concurrent_trials_spread_out_by_the_constant_liar(tmp_path):
     import copy
-    f = tmp_path / "margins.yaml"   # the paper's margins and weights: four parameters to spread over
-    f.write_text("\n".join(line for line in (SPACES_DIR / "wide.yaml").read_text().splitlines()
-                           if line.startswith(("d_c", "d_d", "lam", "alpha"))))
-    space = load_space(f)
+    from conftest import margins_space
+    space = load_space(margins_space(tmp_path))   # four parameters to spread over
     s = OptunaSearcher(space, ["50%"], "s", f"sqlite:///{tmp_path / 'o.db'}", 0.5, 2, seed=3)
     for i in range(12):                                             # past TPE's 10 random start-up trials
         s.suggest(str(i))

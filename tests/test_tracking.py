@@ -136,10 +136,9 @@ def test_an_experiment_name_taken_on_the_server_is_a_usage_error(tracked, server
 
 def new_search(storage: Path, name: str, **flags):
     from search import tracking
-    from search.config import SPACES_DIR, SearchConfig
-    space = storage / "margins.yaml"   # the paper's margins and weights: several parameters to track
-    space.write_text("\n".join(line for line in (SPACES_DIR / "wide.yaml").read_text().splitlines()
-                               if line.startswith(("d_c", "d_d", "lam", "alpha"))))
+    from search.config import SearchConfig
+    from conftest import margins_space
+    space = margins_space(storage)   # several parameters to track
     cfg = SearchConfig.from_flags({"smoke_test": True, "backbone": "none", "storage": str(storage), "name": name,
                                    "target_flops": ["50%"], "space": str(space), **flags})
     uri, artifacts = tracking.check(cfg, cfg.results_dir)
