@@ -76,6 +76,38 @@ def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([*cmd, *rest], capture_output=True, text=True, cwd=cwd, timeout=900)
 
 
+def search_args(data: Path, storage: Path, name: str, *extra: str) -> list[str]:
+    """drn-search's flags for a small real search: ResNet-8 on an ImageFolder tree, 2 epochs from scratch."""
+    return ["--target-flops", "50%", "--arch", "resnet8", "--dataset", "imagefolder", "--data-dir", str(data),
+            "--epochs", "2", "--finetune-epochs", "0", "--backbone", "none", "--batch-size", "12",
+            "--storage", str(storage), "--name", name, *extra]
+
+
+def ray_sessions() -> set[Path]:
+    """Ray's session folders on this machine: a test's own are those that appear while it runs (with
+    those of the tests running beside it, which hold none of its secrets)."""
+    return set(Path("/tmp/ray").glob("session_2*"))
+
+
+def files_holding(secret: str, *roots: Path) -> tuple[int, list[Path]]:
+    """How many files there are under `roots`, and those whose bytes hold `secret`. A file gone by the
+    time it is read (a Ray session of a test beside this one, cleaning up) holds nothing."""
+    seen, holding = 0, []
+    for root in roots:
+        for folder, _, names in os.walk(root):
+            for n in names:
+                f = Path(folder) / n
+                try:
+                    data = f.read_bytes() if f.is_file() else None
+                except OSError:
+                    continue
+                if data is not None:
+                    seen += 1
+                    if secret.encode() in data:
+                        holding.append(f)
+    return seen, holding
+
+
 def interrupt_search(args: list[str], after: str, cwd=None, pause: float = 0.0) -> tuple[int, str]:
     """Run drn-search with `args`, Ctrl-C once a stderr line holds `after` (and `pause` seconds more):
     its exit code and everything it wrote to stderr."""

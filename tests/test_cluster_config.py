@@ -401,11 +401,10 @@ def test_trials_log_as_a_user_of_their_search_alone_and_the_admin_password_is_st
     pytest.importorskip("flask_wtf", reason="MLflow's auth app needs mlflow[auth] (the image has it)")
     from mlflow import MlflowClient
     from mlflow.server.auth.client import AuthServiceClient
-    from conftest import run_cli
+    from conftest import files_holding, ray_sessions, run_cli
     password = "admin-pw-Planted-91c2"
     (tmp_path / "server").mkdir()
-    sessions = lambda: set(Path("/tmp/ray").glob("session_2*"))
-    before = sessions()
+    before = ray_sessions()
     with auth_server(tmp_path / "server", "admin", password) as uri:
         monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
         monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
@@ -424,9 +423,8 @@ def test_trials_log_as_a_user_of_their_search_alone_and_the_admin_password_is_st
         other = client.create_experiment("another-search")
         assert auth.get_user_permission(name, "experiment", exp).permission == "EDIT"
         assert auth.get_user_permission(name, "experiment", other).permission == "READ"   # the server's default
-    files = [f for root in (tmp_path / "st", *(sessions() - before)) for f in root.rglob("*") if f.is_file()]
-    assert len(files) > 20
-    assert [f for f in files if password.encode() in f.read_bytes()] == []
+    seen, holding = files_holding(password, tmp_path / "st", *(ray_sessions() - before))
+    assert seen > 20 and holding == [], holding
     assert password not in proc.stdout + proc.stderr
 
 
