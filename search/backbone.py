@@ -14,8 +14,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -123,29 +121,6 @@ def cache_lock(folder: Path, log):
         yield
 
 
-@contextlib.contextmanager
-def interrupt_noted():
-    """Ctrl-C (or SIGTERM, handed on as SIGINT) while the driver waits on the backbone's task, noted before
-    the KeyboardInterrupt is raised: the wait ends at its next poll even if that exception is lost inside a
-    blocking Ray call (which turns it into a status), as Tune's fit() notes it with a flag of its own.
-    Yields: has it come? An ignored SIGINT (SIG_IGN) stays ignored."""
-    before = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or not callable(before):
-        yield lambda: False
-        return
-    noted = []
-
-    def note(signum, frame):
-        noted.append(signum)
-        before(signum, frame)   # Python's default: raises KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, note)
-    try:
-        yield lambda: bool(noted)
-    finally:
-        signal.signal(signal.SIGINT, before)
-
-
 def ensure_backbone(cfg: SearchConfig, data, cpus: float, gpus: float, log) -> tuple[Path, dict, str]:
     """The cached backbone of this search, trained now if it is not cached yet (going on from the epoch
     where a stopped training left it); and which of the two."""
@@ -173,15 +148,12 @@ def _ensure(cfg: SearchConfig, data, cpus: float, gpus: float, log) -> tuple[Pat
     partial = f"{uri.rsplit('/', 1)[0]}/{PARTIAL}" if uri else str(path.with_name(PARTIAL))
     ref = task.remote(tc.to_dict(), data, queue, max(1, int(cpus)), partial)
     t0 = time.time()
-    with interrupt_noted() as interrupted:
-        while True:
-            done, _ = ray.wait([ref], timeout=2.0)
-            while not queue.empty():
-                log(f"backbone: {queue.get()}")
-            if interrupted():
-                raise KeyboardInterrupt
-            if done:
-                break
+    while True:
+        done, _ = ray.wait([ref], timeout=2.0)
+        while not queue.empty():
+            log(f"backbone: {queue.get()}")
+        if done:
+            break
     ckpt = ray.get(ref)
     ckpt["history"][-1]["backbone_seconds"] = time.time() - t0
     path.parent.mkdir(parents=True, exist_ok=True)

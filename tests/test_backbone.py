@@ -85,33 +85,6 @@ def test_a_cloud_storage_keeps_a_copy_that_a_new_head_fetches(tmp_path, monkeypa
     assert ckpt["model"]["stem.0.weight"].equal(torch.load(local, weights_only=True)["model"]["stem.0.weight"])
 
 
-def test_an_interrupt_lost_on_its_way_is_still_noted_and_an_ignored_one_stays_ignored():
-    import os
-    import signal
-    import time
-    from search.backbone import interrupt_noted
-    before = signal.getsignal(signal.SIGINT)
-    with interrupt_noted() as interrupted:
-        assert not interrupted()
-        try:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)                  # the handler runs here, in the main thread
-            raise AssertionError("no KeyboardInterrupt")
-        except KeyboardInterrupt:
-            pass                           # swallowed, as a blocking call may
-        assert interrupted()
-    assert signal.getsignal(signal.SIGINT) is before
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # e.g. a search started with nohup ... &
-    try:
-        with interrupt_noted() as interrupted:
-            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.2)
-            assert not interrupted()
-    finally:
-        signal.signal(signal.SIGINT, before)
-
-
 # ----------------------------------------------------------------------------- real searches
 
 @pytest.mark.slow
