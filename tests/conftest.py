@@ -111,8 +111,11 @@ def files_holding(secret: str, *roots: Path) -> tuple[int, list[Path]]:
 def interrupt_search(args: list[str], after: str, cwd=None, pause: float = 0.0) -> tuple[int, str]:
     """Run drn-search with `args`, Ctrl-C once a stderr line holds `after` (and `pause` seconds more):
     its exit code and everything it wrote to stderr."""
+    # SIGINT as a terminal gives it: a runner started in the background (`cmd &`) ignores SIGINT, its
+    # children inherit that, and Python then installs no KeyboardInterrupt handler of its own
     proc = subprocess.Popen([*cli_command("drn-search"), *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen, deadline = [], time.time() + 600
     for line in proc.stderr:
         seen.append(line)
